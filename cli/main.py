@@ -1,0 +1,113 @@
+"""``spectral-analyze``: a thin command line over the library.
+
+Each command parses its arguments, calls one library function and prints.
+Errors from bad input become one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+import spectral_analyzer as sa
+from spectral_analyzer.errors import SpectralAnalyzerError
+from spectral_analyzer.store import DEFAULT_CHUNK_SIZE
+
+STORE_ENV = "SPECTRAL_ANALYZER_STORE"
+DEFAULT_STORE = "spectral.zarr"
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpectralAnalyzerError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(sa.__version__, prog_name="spectral-analyze")
+def main() -> None:
+    """Spectral edge analysis of training checkpoints."""
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+@main.command()
+@click.argument("ckpt_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("-o", "--output", "store", envvar=STORE_ENV, default=DEFAULT_STORE, show_default=True,
+              help=f"Store to create or append to (env {STORE_ENV}).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
+              show_default=True, help="Elements per chunk of a delta row.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose name matches (repeatable).")
+@click.option("--metrics", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="CSV / JSONL with a step column, or trainer_state.json.")
+@click.option("--steps", default=None, metavar="S0,S1,...",
+              help="Steps of the checkpoints in name order, when names hold none.")
+@click.option("--strip-prefix", multiple=True, metavar="PREFIX",
+              help="Tensor-name prefixes to strip [default: module. and _orig_mod.].")
+@click.option("--overwrite", is_flag=True, help="Replace whatever is at the output path.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_prefix, overwrite, progress):
+    """Ingest a folder of checkpoints into a store of parameter deltas."""
+    try:
+        step_list = [int(s) for s in steps.split(",")] if steps else None
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of integers: {steps}", param_hint="--steps")
+    options = {"strip_prefix": strip_prefix} if strip_prefix else {}
+    run = sa.ingest(
+        ckpt_dir, store, chunk_size=chunk_size, include=include, exclude=exclude, metrics=metrics,
+        steps=step_list, overwrite=overwrite, progress=progress, **options,
+    )
+    steps_ = run.checkpoint_steps
+    click.echo(
+        f"{run.path}: {run.n_deltas} deltas over steps {steps_[0]}..{steps_[-1]}, "
+        f"p = {run.n_params:,} in {run.tensors.sizes['tensor']} tensors"
+    )
+    for message in run.warnings:
+        click.echo(f"warning: {message}", err=True)
+
+
+@main.command()
+@click.argument("store", required=False, envvar=STORE_ENV, default=DEFAULT_STORE)
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+def info(store, show_tensors):
+    """Describe a store: steps, parameters, tensors, size, metrics, warnings."""
+    run = sa.open_run(store)
+    steps = run.checkpoint_steps
+    tensors = run.tensors
+    metrics = run.metrics
+    dtypes = sorted(set(tensors["dtype"].values.tolist()))
+    rows = [
+        ("store", f"{run.path} (format {run.store.attrs['format_version']})"),
+        ("checkpoints", f"{steps.size}, steps {steps[0]}..{steps[-1]}" if steps.size else "none"),
+        ("deltas", f"{run.n_deltas}"),
+        ("params", f"{run.n_params:,} in {tensors.sizes['tensor']} tensors ({', '.join(dtypes)})"),
+        ("on disk", _human_bytes(run.store.size_on_disk())),
+        (
+            "metrics",
+            f"{', '.join(metrics.data_vars)} ({metrics.sizes['step']} steps)" if metrics.data_vars else "none",
+        ),
+        ("warnings", str(len(run.warnings)) if run.warnings else "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    for message in run.warnings:
+        click.echo(f"warning: {message}")
+    if show_tensors:
+        names = tensors["tensor"].values
+        nw = max(len(n) for n in names)
+        for name in names:
+            t = tensors.sel(tensor=name)
+            click.echo(f"  {name:<{nw}}  {str(t['shape'].values):>14}  {str(t['dtype'].values):>9}  "
+                       f"offset {int(t['offset'])}")

@@ -1,0 +1,43 @@
+"""spectral-analyzer: spectral edge analysis of training trajectories.
+
+>>> import spectral_analyzer as sa
+>>> run = sa.ingest("ckpts/", "run.zarr")    # doctest: +SKIP
+>>> run = sa.open_run("run.zarr")            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .errors import (
+    CheckpointError,
+    DuplicateCheckpointWarning,
+    InconsistentCheckpointsError,
+    NoCheckpointsError,
+    NonFiniteError,
+    SpectralAnalyzerError,
+    StepError,
+    StoreError,
+    StoreExistsError,
+    StoreVersionError,
+    UnsafeCheckpointError,
+)
+from .ingest import ingest
+from .run import Run, open_run
+
+__all__ = [
+    "CheckpointError",
+    "DuplicateCheckpointWarning",
+    "InconsistentCheckpointsError",
+    "NoCheckpointsError",
+    "NonFiniteError",
+    "Run",
+    "SpectralAnalyzerError",
+    "StepError",
+    "StoreError",
+    "StoreExistsError",
+    "StoreVersionError",
+    "UnsafeCheckpointError",
+    "__version__",
+    "ingest",
+    "open_run",
+]

@@ -1,0 +1,92 @@
+"""Checkpoint folders in, a store of float32 parameter deltas out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..store import DEFAULT_CHUNK_SIZE
+from .pipeline import ingest_store
+
+if TYPE_CHECKING:
+    from ..run import Run
+
+__all__ = ["ingest"]
+
+
+def ingest(
+    src: str | os.PathLike,
+    store: str | os.PathLike = "spectral.zarr",
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    strip_prefix: Sequence[str] = ("module.", "_orig_mod."),
+    lightning_prefix: str | None = "model.",
+    metrics: str | os.PathLike | None = None,
+    steps: Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Run:
+    """Ingest a folder of checkpoints into a Zarr store of parameter deltas.
+
+    Row i of ``deltas`` is ``d_i = float32(theta_i - theta_{i-1})``, labelled
+    by the end step ``s_i``; ``base`` holds ``theta_0``. Into an existing store
+    of the same run, only checkpoints after its last step are appended (cost
+    O(k p) for k new checkpoints); an interrupted ingest run again resumes.
+
+    Parameters
+    ----------
+    src : path
+        Folder of checkpoints (any layout listed in
+        :mod:`spectral_analyzer.ingest.discover`).
+    store : path
+        The store to create or append to.
+    chunk_size : int
+        Elements per chunk of a delta row (default 4M: 16 MiB).
+    include, exclude : sequence of str
+        Globs on canonical tensor names.
+    strip_prefix : sequence of str
+        Name prefixes removed, repeatedly, from every tensor name.
+    lightning_prefix : str or None
+        Prefix removed from Lightning ``.ckpt`` keys when all keys have it.
+    metrics : path, optional
+        A CSV / JSONL file with a ``step`` column, or a ``trainer_state.json``;
+        by default the newest ``trainer_state.json`` of an HF Trainer run.
+    steps : sequence of int, optional
+        Steps of the checkpoints in natural name order, when names hold none.
+    overwrite : bool
+        Replace a store of a different run (or any other content) at *store*.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Run
+
+    Memory: about two copies of the largest tensor plus four chunk buffers.
+
+    Examples
+    --------
+    >>> import spectral_analyzer as sa
+    >>> run = sa.ingest("fixtures/layouts/hf_trainer", "/tmp/hf.zarr", overwrite=True)
+    >>> run.n_params
+    1224
+    """
+    from ..run import open_run
+
+    path = ingest_store(
+        src,
+        store,
+        chunk_size=chunk_size,
+        include=include,
+        exclude=exclude,
+        strip_prefix=strip_prefix,
+        lightning_prefix=lightning_prefix,
+        metrics=metrics,
+        steps=steps,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    return open_run(path)

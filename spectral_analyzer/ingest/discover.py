@@ -1,0 +1,156 @@
+"""Find the checkpoints in a folder and the training step of each.
+
+Layouts, detected automatically:
+
+* one file per checkpoint: ``*.safetensors``, ``*.pt`` / ``*.pth`` / ``*.bin``
+  state dicts, Lightning ``*.ckpt``; where a safetensors file and a pickle
+  share a stem, the safetensors file is used;
+* one folder per checkpoint (HF Trainer ``checkpoint-<step>/``): a
+  ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
+  or ``pytorch_model.bin`` (and its index). Optimizer, scheduler, RNG and
+  training-argument pickles are never treated as checkpoints. Weight files at
+  the top of such a folder with no step in their name (the Trainer's final
+  copy of the model) are left out.
+
+Steps come from the file or folder name (``step=1200``, ``checkpoint-500``,
+else the last number in the name), else from a ``step`` / ``global_step``
+stored in the file, else they must be given.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NoCheckpointsError, StepError
+from .readers import shard_files
+
+__all__ = ["Checkpoint", "discover", "natural_key", "order_by_step", "step_from_name"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+NOT_WEIGHTS = (
+    "optimizer*",
+    "scheduler*",
+    "scaler*",
+    "rng_state*",
+    "training_args*",
+    "*.index.json",
+    "trainer_state*",
+)
+_STEP_WORD = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[=_\-]?(\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+")
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint: its files, the name its step is read from, and its step."""
+
+    label: str  # path shown in messages
+    files: tuple[Path, ...]
+    step: int | None
+
+
+def step_from_name(name: str) -> int | None:
+    match = _STEP_WORD.findall(name)
+    if match:
+        return int(match[-1])
+    numbers = _NUMBER.findall(name)
+    return int(numbers[-1]) if numbers else None
+
+
+def _is_weight_file(path: Path) -> bool:
+    return (
+        path.is_file()
+        and path.suffix in WEIGHT_SUFFIXES
+        and not any(fnmatch.fnmatchcase(path.name, g) for g in NOT_WEIGHTS)
+    )
+
+
+def _folder_files(folder: Path) -> tuple[Path, ...] | None:
+    """The weight files of a one-checkpoint folder, safetensors first."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).is_file():
+            shards = shard_files(folder / index_name)
+            if index_name.startswith("model.safetensors") or not (folder / "model.safetensors").is_file():
+                return tuple(shards)
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin"):
+        if (folder / name).is_file():
+            return (folder / name,)
+    files = sorted((f for f in folder.iterdir() if _is_weight_file(f)), key=lambda f: natural_key(f.name))
+    safetensors = [f for f in files if f.suffix == ".safetensors"]
+    if safetensors:
+        return tuple(safetensors)
+    return tuple(files) if len(files) == 1 else None
+
+
+def _top_level_files(folder: Path) -> list[Path]:
+    by_stem: dict[str, Path] = {}
+    for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name)):
+        if not _is_weight_file(f):
+            continue
+        current = by_stem.get(f.stem)
+        if current is None or f.suffix == ".safetensors":
+            by_stem[f.stem] = f
+    return list(by_stem.values())
+
+
+def discover(src: str | Path, steps: Sequence[int] | None = None) -> list[Checkpoint]:
+    """List the checkpoints under *src*, in order of natural name.
+
+    Steps are those found in names; ``None`` where a name has none (the
+    reader then looks inside the file). Explicit *steps* are assigned in
+    natural name order and must increase.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise NoCheckpointsError(f"{src}: not a folder of checkpoints")
+    found: list[Checkpoint] = []
+    subdirs = sorted((d for d in src.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name))
+    for d in subdirs:
+        if _NUMBER.search(d.name) is None:
+            continue
+        files = _folder_files(d)
+        if files:
+            found.append(Checkpoint(str(d), files, step_from_name(d.name)))
+    for f in _top_level_files(src):
+        step = step_from_name(f.stem)
+        if found and step is None:
+            continue  # the final model beside checkpoint-<step>/ folders
+        found.append(Checkpoint(str(f), (f,), step))
+    if not found:
+        raise NoCheckpointsError(
+            f"{src}: no checkpoints found (looked for {', '.join('*' + s for s in WEIGHT_SUFFIXES)} "
+            "files and checkpoint-<step>/ folders)"
+        )
+    found.sort(key=lambda c: natural_key(Path(c.label).name))
+    if steps is not None:
+        steps = [int(s) for s in steps]
+        if len(steps) != len(found):
+            raise StepError(f"{src}: {len(steps)} steps given for {len(found)} checkpoints")
+        found = [Checkpoint(c.label, c.files, s) for c, s in zip(found, steps)]
+        for a, b in zip(found, found[1:]):
+            if b.step <= a.step:
+                raise StepError(f"steps given are not increasing: {a.step} ({a.label}) then {b.step} ({b.label})")
+    return found
+
+
+def order_by_step(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
+    """Sort by step, refusing missing and duplicate steps with the files named."""
+    for c in checkpoints:
+        if c.step is None:
+            raise StepError(
+                f"{c.label}: no step in its name or contents; name files by step or pass steps explicitly"
+            )
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.step == b.step:
+            raise StepError(f"duplicate step {a.step}: {a.label} and {b.label}")
+    return ordered

@@ -1,0 +1,435 @@
+"""Streaming ingest: checkpoints -> float32 delta rows in the store.
+
+Tensor by tensor, in the manifest's canonical order: load a tensor from the
+previous and the current checkpoint, upcast (bf16/fp16 -> float32), subtract,
+and stream the result into chunk-sized buffers written by a small thread
+pool. Peak memory is about two copies of the largest tensor plus the write
+buffers, whatever the model's size. A row is committed (one atomic metadata
+write) only after its data and step are written; a killed ingest run again
+resumes after the last commit and ends bit-identical to an uninterrupted one.
+Bad input found part-way leaves an existing store exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..errors import (
+    DuplicateCheckpointWarning,
+    InconsistentCheckpointsError,
+    NonFiniteError,
+    StepError,
+    StoreExistsError,
+)
+from ..store import DEFAULT_CHUNK_SIZE, Store, TensorEntry
+from .discover import Checkpoint, discover, natural_key, order_by_step
+from .metrics import find_trainer_state, read_metrics
+from .readers import CheckpointReader, KeyOptions, TensorInfo, open_checkpoint
+
+__all__ = ["ingest_store"]
+
+_HASH_BLOCK = 8 * 1024 * 1024
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _same_file(path: Path, recorded: dict[str, Any]) -> bool:
+    """Whether *path* holds what was ingested (size and mtime, else sha256)."""
+    st = path.stat()
+    if st.st_size != recorded["size"]:
+        return False
+    if st.st_mtime_ns == recorded["mtime_ns"]:
+        return True
+    return _sha256(path) == recorded["sha256"]
+
+
+@dataclass
+class _Planned:
+    checkpoint: Checkpoint
+    step: int
+    tensors: dict[str, TensorInfo]
+
+
+def _preflight(checkpoints: Sequence[Checkpoint], keys: KeyOptions) -> list[_Planned]:
+    """Open every checkpoint's header: steps, tensor names, shapes, dtypes."""
+    planned = []
+    for c in checkpoints:
+        reader = open_checkpoint(c.files, c.label, keys)
+        step = c.step if c.step is not None else reader.step_hint
+        planned.append(_Planned(Checkpoint(c.label, c.files, step), step, reader.tensors))
+    by_checkpoint = {id(p.checkpoint): p for p in planned}
+    ordered = order_by_step([p.checkpoint for p in planned])
+    return [by_checkpoint[id(c)] for c in ordered]
+
+
+def _check_consistent(reference: dict[str, tuple], ref_label: str, other: _Planned) -> None:
+    here = {n: t.shape for n, t in other.tensors.items()}
+    for name in sorted(reference, key=natural_key):
+        if name not in here:
+            raise InconsistentCheckpointsError(
+                f"tensor '{name}' is in {ref_label} but missing from {other.checkpoint.label}"
+            )
+        if tuple(reference[name]) != tuple(here[name]):
+            raise InconsistentCheckpointsError(
+                f"tensor '{name}' has shape {tuple(reference[name])} in {ref_label} "
+                f"but {tuple(here[name])} in {other.checkpoint.label}"
+            )
+    for name in sorted(here, key=natural_key):
+        if name not in reference:
+            raise InconsistentCheckpointsError(
+                f"tensor '{name}' appears in {other.checkpoint.label} but not in {ref_label}"
+            )
+
+
+def _manifest(tensors: dict[str, TensorInfo]) -> list[TensorEntry]:
+    entries, offset = [], 0
+    for name in sorted(tensors, key=natural_key):
+        t = tensors[name]
+        entries.append(TensorEntry(name, offset, t.size, t.shape, str(t.dtype).removeprefix("torch.")))
+        offset += t.size
+    return entries
+
+
+class _Writer:
+    """Writes whole chunks on a few threads, with a bound on buffers in flight."""
+
+    def __init__(self, store: Store, threads: int = 2, in_flight: int = 4):
+        self.store = store
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="spectral-write")
+        self.slots = threading.BoundedSemaphore(in_flight)
+        self.futures: list[Future] = []
+
+    def submit(self, name: str, row: int | None, start: int, data: np.ndarray) -> None:
+        self.slots.acquire()
+
+        def work():
+            try:
+                self.store.write_chunk(name, row, start, data)
+            finally:
+                self.slots.release()
+
+        self.futures.append(self.pool.submit(work))
+
+    def wait(self) -> None:
+        futures, self.futures = self.futures, []
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _ChunkedRow:
+    """Assembles one flat row from tensor pieces and hands out whole chunks."""
+
+    def __init__(self, chunk: int, n_params: int, emit: Callable[[int, np.ndarray], None]):
+        self.chunk, self.n_params, self.emit = chunk, n_params, emit
+        self.start = 0
+        self.fill = 0
+        self.buf = np.empty(min(chunk, n_params), dtype=np.float32)
+
+    def add(self, flat: np.ndarray) -> None:
+        pos = 0
+        while pos < flat.size:
+            take = min(self.buf.size - self.fill, flat.size - pos)
+            self.buf[self.fill : self.fill + take] = flat[pos : pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == self.buf.size:
+                self.emit(self.start, self.buf)
+                self.start += self.fill
+                self.fill = 0
+                remaining = self.n_params - self.start
+                self.buf = np.empty(min(self.chunk, remaining), dtype=np.float32) if remaining else self.buf
+
+
+class _StoredTheta:
+    """Theta at the store's last commit, read from ``last_theta`` tensor by tensor."""
+
+    def __init__(self, store: Store, slot: int):
+        self.array = store.array("last_theta")
+        self.slot = slot
+        self.entries = {t.name: t for t in store.manifest}
+        self.label = f"{store.path} (last_theta)"
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.entries[name]
+        flat = self.array[self.slot, t.offset : t.offset + t.size]
+        return torch.from_numpy(np.asarray(flat)).reshape(t.shape)
+
+
+def _check_finite(t: torch.Tensor, name: str, label: str, step: int) -> None:
+    if not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"tensor '{name}' at step {step} ({label}) holds {n_bad} NaN/Inf values")
+
+
+def _delta(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(torch.promote_types(cur.dtype, prev.dtype), torch.float32)
+    return (cur.to(dtype) - prev.to(dtype)).to(torch.float32)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="ingest", leave=False)
+
+
+def _prepare_target(path: Path, overwrite: bool) -> tuple[Store | None, Path]:
+    """The existing store (or None) and where to write."""
+    if Store.exists(path):
+        if overwrite:
+            return None, path.with_name(path.name + ".overwrite-partial")
+        return Store.open(path, mode="r+"), path
+    if path.exists() and (path.is_file() or any(path.iterdir())):
+        if overwrite:
+            return None, path.with_name(path.name + ".overwrite-partial")
+        raise StoreExistsError(f"{path}: exists and is not a spectral-analyzer store; pass overwrite to replace it")
+    return None, path
+
+
+def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:
+    """Check that *planned* continues the run in *store*; return the new checkpoints."""
+    stored = {t.name: t.shape for t in store.manifest}
+    wanted = {t.name: t.shape for t in manifest}
+    if stored != wanted:
+        missing = sorted(set(stored) - set(wanted), key=natural_key)
+        extra = sorted(set(wanted) - set(stored), key=natural_key)
+        reshaped = sorted((n for n in set(stored) & set(wanted) if stored[n] != wanted[n]), key=natural_key)
+        what = (
+            f"tensor '{missing[0]}' is in the store but not in the checkpoints" if missing
+            else f"tensor '{extra[0]}' is in the checkpoints but not in the store" if extra
+            else f"tensor '{reshaped[0]}' has shape {tuple(stored[reshaped[0]])} in the store "
+            f"but {tuple(wanted[reshaped[0]])} in the checkpoints"
+        )
+        raise StoreExistsError(f"{store.path}: holds a different run ({what}); pass overwrite to replace it")
+    sources = {s["step"]: s for s in store.sources}
+    last = max(sources) if sources else None
+    new = []
+    for p in planned:
+        if last is not None and p.step <= last:
+            if p.step not in sources:
+                raise StepError(
+                    f"{p.checkpoint.label}: step {p.step} is before the store's last step {last} "
+                    "but not in the store; steps must increase"
+                )
+            recorded = sources[p.step]["files"]
+            if len(recorded) != len(p.checkpoint.files) or not all(
+                _same_file(f, r) for f, r in zip(p.checkpoint.files, recorded)
+            ):
+                raise StoreExistsError(
+                    f"{store.path}: holds a different run (the checkpoint at step {p.step}, "
+                    f"{p.checkpoint.label}, differs from the one ingested); pass overwrite to replace it"
+                )
+        else:
+            new.append(p)
+    return new
+
+
+def ingest_store(
+    src: str | os.PathLike,
+    store: str | os.PathLike,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    strip_prefix: Sequence[str] = ("module.", "_orig_mod."),
+    lightning_prefix: str | None = "model.",
+    metrics: str | os.PathLike | None = None,
+    steps: Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Ingest the checkpoints under *src* into the store at *store*; see :func:`spectral_analyzer.ingest`."""
+    src, path = Path(src), Path(store)
+    keys = KeyOptions(tuple(strip_prefix), lightning_prefix, tuple(include), tuple(exclude))
+    planned = _preflight(discover(src, steps), keys)
+    first = {n: t.shape for n, t in planned[0].tensors.items()}
+    for p in planned[1:]:
+        _check_consistent(first, planned[0].checkpoint.label, p)
+    manifest = _manifest(planned[0].tensors)
+    metrics_path = Path(metrics) if metrics is not None else find_trainer_state(
+        src, [p.checkpoint.label for p in planned]
+    )
+    metric_table = read_metrics(metrics_path) if metrics_path is not None else None
+
+    existing, target = _prepare_target(path, overwrite)
+    if existing is not None:
+        new = _match_existing(existing, manifest, planned)
+        st = existing
+    else:
+        new = planned
+        if target.exists() and target != path:
+            shutil.rmtree(target)
+        options = {
+            "chunk_size": chunk_size,
+            "include": list(include),
+            "exclude": list(exclude),
+            "strip_prefix": list(strip_prefix),
+            "lightning_prefix": lightning_prefix,
+        }
+        provenance = {
+            "source": str(src.resolve()),
+            "options": options,
+            "versions": {
+                "spectral_analyzer": __version__,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+                "zarr": __import__("zarr").__version__,
+                "safetensors": __import__("safetensors").__version__,
+            },
+        }
+        st = Store.create(target, manifest, chunk_size, {"provenance": provenance})
+    snapshot = st.attrs
+    created = existing is None
+    try:
+        _write_rows(st, planned, new, keys, progress)
+        if metric_table is not None:
+            st.write_metrics(*metric_table)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and not created:
+            raise  # committed rows stay; running again resumes after them
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            st.restore(snapshot)
+        raise
+    if target != path:  # overwrite: swap the finished store in
+        old = path.with_name(path.name + ".overwrite-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(target, path)
+        shutil.rmtree(old)
+    return path
+
+
+def _write_rows(
+    st: Store, planned: list[_Planned], new: list[_Planned], keys: KeyOptions, progress: bool
+) -> None:
+    manifest = st.manifest
+    record = st.commit_record
+    sources = list(st.sources)
+    found_warnings = list(st.attrs.get("warnings", []))
+    if not new:
+        return
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="spectral-hash")
+    writer = _Writer(st)
+    bar = _progress(progress, 4 * st.n_params * (len(new) + (record is None)))
+    try:
+        hashes = [
+            [hasher.submit(_sha256, f) for f in p.checkpoint.files] for p in new
+        ]
+
+        def source_entry(i: int) -> dict[str, Any]:
+            p = new[i]
+            files = []
+            for f, h in zip(p.checkpoint.files, hashes[i]):
+                files.append({**_fingerprint(f), "sha256": h.result()})
+            return {"step": p.step, "label": p.checkpoint.label, "files": files}
+
+        start = 0
+        if record is None:  # a new store: the first checkpoint is the base
+            base = new[0]
+            reader = open_checkpoint(base.checkpoint.files, base.checkpoint.label, keys)
+            row = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("base", None, s, b))
+            last = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("last_theta", 0, s, b))
+            for t in manifest:
+                x = reader.read(t.name)
+                _check_finite(x, t.name, base.checkpoint.label, base.step)
+                flat = x.to(torch.float32).reshape(-1).numpy()
+                row.add(flat)
+                last.add(flat)
+                if bar is not None:
+                    bar.update(4 * t.size)
+            writer.wait()
+            sources = [source_entry(0)]
+            record = {"n_deltas": 0, "last_slot": 0, "last_step": base.step}
+            st.commit(commit=record, sources=sources, base_step=base.step)
+            start = 1
+        if start >= len(new):
+            return
+        n0 = record["n_deltas"]
+        last_step = sources[-1]["step"]
+        prev_planned = next((p for p in planned if p.step == last_step), None)
+        if prev_planned is not None:
+            prev: Any = open_checkpoint(prev_planned.checkpoint.files, prev_planned.checkpoint.label, keys)
+            prev_label = prev_planned.checkpoint.label
+        elif record["last_step"] == last_step:
+            prev, prev_label = _StoredTheta(st, record["last_slot"]), f"{st.path} at step {last_step}"
+        else:
+            raise StepError(
+                f"{st.path}: cannot append: the checkpoint at the store's last step {last_step} is not in "
+                "the folder and the store's copy of it was not committed; ingest from a folder holding it"
+            )
+        st.reserve_rows(n0 + len(new) - start)
+        for k, i in enumerate(range(start, len(new))):
+            cur = new[i]
+            reader = open_checkpoint(cur.checkpoint.files, cur.checkpoint.label, keys)
+            r = n0 + k
+            final = i == len(new) - 1
+            slot = 1 - record["last_slot"]
+            row = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b, r=r: writer.submit("deltas", r, s, b))
+            last = (
+                _ChunkedRow(st.chunk_size, st.n_params, lambda s, b, q=slot: writer.submit("last_theta", q, s, b))
+                if final
+                else None
+            )
+            nonzero = False
+            for t in manifest:
+                b = reader.read(t.name)
+                _check_finite(b, t.name, cur.checkpoint.label, cur.step)
+                d = _delta(b, prev.read(t.name)).reshape(-1).numpy()
+                if not nonzero:
+                    nonzero = bool(np.any(d))
+                row.add(d)
+                if last is not None:
+                    last.add(b.to(torch.float32).reshape(-1).numpy())
+                if bar is not None:
+                    bar.update(4 * t.size)
+            writer.wait()
+            st.write_step(r, cur.step)
+            sources.append(source_entry(i))
+            if not nonzero:
+                message = (
+                    f"checkpoints at steps {sources[-2]['step']} ({prev_label}) and {cur.step} "
+                    f"({cur.checkpoint.label}) have identical contents"
+                )
+                warnings.warn(message, DuplicateCheckpointWarning, stacklevel=3)
+                found_warnings.append(message)
+            if final:
+                record = {"n_deltas": r + 1, "last_slot": slot, "last_step": cur.step}
+            else:
+                record = {**record, "n_deltas": r + 1}
+            st.commit(commit=record, sources=sources, warnings=found_warnings)
+            prev, prev_label = reader, cur.checkpoint.label
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        hasher.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,120 @@
+"""A training run as stored: steps, tensors, deltas and metrics as xarray objects."""
+
+from __future__ import annotations
+
+import os
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .store import Store
+
+__all__ = ["Run", "open_run"]
+
+
+class Run:
+    """One ingested training run.
+
+    Attributes are read from the store's commit record, so only committed
+    deltas are ever visible.
+
+    Examples
+    --------
+    >>> import spectral_analyzer as sa
+    >>> run = sa.open_run("spectral.zarr")        # doctest: +SKIP
+    >>> run.deltas.sel(step=run.steps[-1])        # doctest: +SKIP
+    """
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    @property
+    def path(self) -> str:
+        return self._store.path
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def steps(self) -> np.ndarray:
+        """End step of each delta, shape (n_deltas,)."""
+        return self._store.steps
+
+    @property
+    def checkpoint_steps(self) -> np.ndarray:
+        """Step of every checkpoint, the base included, shape (n_deltas + 1,)."""
+        return self._store.checkpoint_steps
+
+    @property
+    def n_deltas(self) -> int:
+        return self._store.n_deltas
+
+    @property
+    def n_params(self) -> int:
+        """Length p of the flattened parameter vector."""
+        return self._store.n_params
+
+    @property
+    def tensors(self) -> xr.Dataset:
+        """The tensor manifest: name, offset, size, shape and source dtype along ``tensor``."""
+        manifest = self._store.manifest
+        return xr.Dataset(
+            {
+                "offset": ("tensor", np.array([t.offset for t in manifest], dtype=np.int64)),
+                "size": ("tensor", np.array([t.size for t in manifest], dtype=np.int64)),
+                "shape": ("tensor", np.array(["x".join(map(str, t.shape)) or "scalar" for t in manifest])),
+                "dtype": ("tensor", np.array([t.dtype for t in manifest])),
+            },
+            coords={"tensor": [t.name for t in manifest]},
+        )
+
+    @property
+    def metrics(self) -> xr.Dataset:
+        """Logged series (loss, accuracy, learning rate...) indexed by ``step``."""
+        steps, series = self._store.read_metrics()
+        return xr.Dataset({k: ("step", v) for k, v in series.items()}, coords={"step": steps})
+
+    @property
+    def deltas(self) -> xr.DataArray:
+        """Lazy (dask) float32 deltas, dims (step, param), committed rows only."""
+        arr = da.from_zarr(self._store.array("deltas"))[: self.n_deltas]
+        return xr.DataArray(arr, dims=("step", "param"), coords={"step": self.steps}, name="deltas")
+
+    @property
+    def base(self) -> xr.DataArray:
+        """theta at the first checkpoint (float32), dim ``param``."""
+        return xr.DataArray(da.from_zarr(self._store.array("base")), dims=("param",), name="base")
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._store.attrs.get("warnings", []))
+
+    @property
+    def provenance(self) -> dict:
+        attrs = self._store.attrs
+        return {"provenance": attrs.get("provenance", {}), "sources": self._store.sources}
+
+    def __repr__(self) -> str:
+        steps = self.checkpoint_steps
+        span = f"steps {steps[0]}..{steps[-1]}" if steps.size else "no checkpoints"
+        return (
+            f"<Run {self.path}: {self.n_deltas} deltas, {span}, "
+            f"p={self.n_params:,}, {len(self._store.manifest)} tensors>"
+        )
+
+
+def open_run(store: str | os.PathLike = "spectral.zarr") -> Run:
+    """Open an ingested run.
+
+    Parameters
+    ----------
+    store : path
+        The store written by :func:`spectral_analyzer.ingest`.
+
+    Returns
+    -------
+    Run
+    """
+    return Run(Store.open(store))

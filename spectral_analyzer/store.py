@@ -1,0 +1,291 @@
+"""The run store: one Zarr v3 group per training run.
+
+This is the only module that touches Zarr. Layout::
+
+    run.zarr/
+      deltas      float32 (delta, param)  chunks (1, C), crc32c-checked
+      base        float32 (param,)        theta at the first checkpoint
+      last_theta  float32 (slot, param)   theta at the last committed checkpoint
+      step        int64   (delta,)        end step of each delta
+      metrics/    step-indexed float64 series, coordinate ``step``
+
+Root attributes hold the format version, the tensor manifest, the sources of
+every checkpoint (size, mtime, sha256) and the commit record. A delta row
+counts only once the commit record says so: the array shape grows before any
+data is written, and an all-zero chunk is legitimately absent, so neither
+shape nor chunk presence says anything about progress.
+
+``last_theta`` has two slots so that appending never needs the older
+checkpoint files (HF Trainer deletes them): an ingest writes the newest theta
+into the slot the commit record does not point at, then flips it in the same
+attribute write that commits the row.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from .errors import StoreError, StoreExistsError, StoreVersionError
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Store",
+    "TensorEntry",
+]
+
+FORMAT_NAME = "spectral-analyzer"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024  # elements per chunk of a delta row (16 MiB)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's slice of the flattened parameter vector."""
+
+    name: str
+    offset: int
+    size: int
+    shape: tuple[int, ...]
+    dtype: str  # dtype in the source checkpoint, e.g. "bfloat16"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TensorEntry:
+        return cls(d["name"], int(d["offset"]), int(d["size"]), tuple(d["shape"]), d["dtype"])
+
+
+def _data_array(group: zarr.Group, name: str, shape, chunks, dims) -> None:
+    group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype="float32",
+        fill_value=0.0,
+        compressors=[Crc32cCodec()],
+        dimension_names=dims,
+    )
+
+
+class Store:
+    """A run's Zarr group, with the commit protocol of the ingest.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The root group, opened without consolidated metadata.
+    path : str
+        Where it lives, for messages.
+    """
+
+    def __init__(self, group: zarr.Group, path: str):
+        self.group = group
+        self.path = path
+
+    # -- opening and creating -------------------------------------------------
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether *path* holds a Zarr group written by this package."""
+        try:
+            group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            return False
+        return group.attrs.get("format") == FORMAT_NAME
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> Store:
+        """Open an existing store, refusing unknown format versions."""
+        path = str(path)
+        if not Path(path).exists():
+            raise StoreError(f"{path}: no store here (run `spectral-analyze ingest CKPT_DIR -o {path}` first)")
+        try:
+            group = zarr.open_group(path, mode=mode, use_consolidated=False)
+        except Exception as exc:  # zarr raises several types for a non-group path
+            raise StoreError(f"{path}: not a spectral-analyzer store ({exc})") from None
+        attrs = group.attrs.asdict()
+        if attrs.get("format") != FORMAT_NAME:
+            raise StoreError(f"{path}: not a spectral-analyzer store (no '{FORMAT_NAME}' format attribute)")
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreVersionError(
+                f"{path}: store format version {version!r} is not one this version of "
+                f"spectral-analyzer reads (it reads version {FORMAT_VERSION}); upgrade the package"
+            )
+        return cls(group, path)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        manifest: Sequence[TensorEntry],
+        chunk_size: int,
+        attrs: Mapping[str, Any],
+    ) -> Store:
+        """Create an empty store: arrays sized for no deltas, no commit yet."""
+        path = str(path)
+        n_params = sum(t.size for t in manifest)
+        if n_params == 0:
+            raise StoreError(f"{path}: the checkpoints hold no floating-point tensors to store")
+        chunk = min(int(chunk_size), n_params)
+        group = zarr.open_group(path, mode="w", use_consolidated=False)
+        _data_array(group, "deltas", (0, n_params), (1, chunk), ("delta", "param"))
+        _data_array(group, "base", (n_params,), (chunk,), ("param",))
+        _data_array(group, "last_theta", (2, n_params), (1, chunk), ("slot", "param"))
+        group.create_array(
+            "step", shape=(0,), chunks=(65536,), dtype="int64", fill_value=-1, dimension_names=("delta",)
+        )
+        group.attrs.put(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "n_params": n_params,
+                "chunk_size": chunk,
+                "tensors": [t.to_json() for t in manifest],
+                "commit": None,
+                "sources": [],
+                "warnings": [],
+                **attrs,
+            }
+        )
+        return cls(group, path)
+
+    @staticmethod
+    def remove(path: str | os.PathLike) -> None:
+        shutil.rmtree(path, ignore_errors=False)
+
+    # -- what is committed ----------------------------------------------------
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.group.attrs.asdict()
+
+    @property
+    def commit_record(self) -> dict[str, Any] | None:
+        """``{"n_deltas", "last_slot", "last_step"}`` or None before the base is committed."""
+        return self.attrs.get("commit")
+
+    @property
+    def n_deltas(self) -> int:
+        record = self.commit_record
+        return 0 if record is None else int(record["n_deltas"])
+
+    @property
+    def n_params(self) -> int:
+        return int(self.attrs["n_params"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.attrs["chunk_size"])
+
+    @property
+    def manifest(self) -> list[TensorEntry]:
+        return [TensorEntry.from_json(t) for t in self.attrs["tensors"]]
+
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        """One entry per committed checkpoint, base first: ``{"step", "files"}``."""
+        record = self.commit_record
+        if record is None:
+            return []
+        return self.attrs["sources"][: int(record["n_deltas"]) + 1]
+
+    @property
+    def checkpoint_steps(self) -> np.ndarray:
+        return np.array([s["step"] for s in self.sources], dtype=np.int64)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """End step of each committed delta."""
+        return np.asarray(self.group["step"][: self.n_deltas], dtype=np.int64)
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def chunk_bounds(self) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of each parameter chunk."""
+        c, p = self.chunk_size, self.n_params
+        for start in range(0, p, c):
+            yield start, min(start + c, p)
+
+    # -- writing --------------------------------------------------------------
+
+    def reserve_rows(self, n_rows: int) -> None:
+        """Size ``deltas`` and ``step`` for *n_rows* rows (data follows, commit after)."""
+        self.group["deltas"].resize((n_rows, self.n_params))
+        self.group["step"].resize((n_rows,))
+
+    def write_chunk(self, name: str, row: int | None, start: int, data: np.ndarray) -> None:
+        """Write one whole chunk of array *name* (row ``None`` for the 1-D ``base``)."""
+        arr = self.group[name]
+        if row is None:
+            arr[start : start + data.shape[0]] = data
+        else:
+            arr[row, start : start + data.shape[0]] = data
+
+    def write_step(self, row: int, step: int) -> None:
+        self.group["step"][row] = step
+
+    def commit(self, **updates: Any) -> None:
+        """Update root attributes in one atomic write of the group's metadata."""
+        attrs = self.attrs
+        attrs.update(updates)
+        self.group.attrs.put(attrs)
+
+    def restore(self, attrs: Mapping[str, Any]) -> None:
+        """Return to a snapshot of the attributes, dropping rows it did not commit."""
+        n = 0 if attrs.get("commit") is None else int(attrs["commit"]["n_deltas"])
+        self.reserve_rows(n)
+        self.group.attrs.put(dict(attrs))
+
+    # -- metrics --------------------------------------------------------------
+
+    def write_metrics(self, steps: np.ndarray, series: Mapping[str, np.ndarray]) -> None:
+        """Replace the ``metrics`` group with step-indexed float64 series."""
+        if "metrics" in self.group:
+            del self.group["metrics"]
+        metrics = self.group.create_group("metrics")
+        metrics.create_array(
+            "step", data=np.asarray(steps, dtype=np.int64), dimension_names=("step",)
+        )
+        names = {}
+        for name, values in series.items():
+            key = name.replace("/", ".")
+            names[key] = name
+            metrics.create_array(
+                key, data=np.asarray(values, dtype=np.float64), dimension_names=("step",), fill_value=np.nan
+            )
+        metrics.attrs.put({"names": names})
+
+    def read_metrics(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if "metrics" not in self.group:
+            return np.zeros(0, dtype=np.int64), {}
+        metrics = self.group["metrics"]
+        steps = np.asarray(metrics["step"][:], dtype=np.int64)
+        names = metrics.attrs.get("names", {})
+        series = {names.get(k, k): np.asarray(metrics[k][:]) for k in sorted(names)}
+        return steps, series
+
+    # -- reading --------------------------------------------------------------
+
+    def size_on_disk(self) -> int:
+        """Bytes under the store's folder."""
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            for f in files:
+                total += os.path.getsize(os.path.join(root, f))
+        return total
