@@ -24,7 +24,6 @@ attribute write that commits the row.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,15 +141,12 @@ class Store:
         if n_params == 0:
             raise StoreError(f"{path}: the checkpoints hold no floating-point tensors to store")
         chunk = min(int(chunk_size), n_params)
-        group = zarr.open_group(path, mode="w", use_consolidated=False)
-        _data_array(group, "deltas", (0, n_params), (1, chunk), ("delta", "param"))
-        _data_array(group, "base", (n_params,), (chunk,), ("param",))
-        _data_array(group, "last_theta", (2, n_params), (1, chunk), ("slot", "param"))
-        group.create_array(
-            "step", shape=(0,), chunks=(65536,), dtype="int64", fill_value=-1, dimension_names=("delta",)
-        )
-        group.attrs.put(
-            {
+        # The attributes go in with the group, in one write: a store killed
+        # while its arrays are being made is still recognisable (and has no commit).
+        group = zarr.create_group(
+            path,
+            overwrite=True,
+            attributes={
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
                 "n_params": n_params,
@@ -160,13 +156,15 @@ class Store:
                 "sources": [],
                 "warnings": [],
                 **attrs,
-            }
+            },
+        )
+        _data_array(group, "deltas", (0, n_params), (1, chunk), ("delta", "param"))
+        _data_array(group, "base", (n_params,), (chunk,), ("param",))
+        _data_array(group, "last_theta", (2, n_params), (1, chunk), ("slot", "param"))
+        group.create_array(
+            "step", shape=(0,), chunks=(4096,), dtype="int64", fill_value=-1, dimension_names=("delta",)
         )
         return cls(group, path)
-
-    @staticmethod
-    def remove(path: str | os.PathLike) -> None:
-        shutil.rmtree(path, ignore_errors=False)
 
     # -- what is committed ----------------------------------------------------
 
@@ -249,6 +247,9 @@ class Store:
     def restore(self, attrs: Mapping[str, Any]) -> None:
         """Return to a snapshot of the attributes, dropping rows it did not commit."""
         n = 0 if attrs.get("commit") is None else int(attrs["commit"]["n_deltas"])
+        step = self.group["step"]
+        if step.shape[0] > n:  # a step chunk holds several rows: clear the ones going
+            step[n:] = step.fill_value
         self.reserve_rows(n)
         self.group.attrs.put(dict(attrs))
 

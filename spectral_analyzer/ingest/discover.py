@@ -120,9 +120,10 @@ def discover(src: str | Path, steps: Sequence[int] | None = None) -> list[Checkp
         files = _folder_files(d)
         if files:
             found.append(Checkpoint(str(d), files, step_from_name(d.name)))
+    has_folders = bool(found)
     for f in _top_level_files(src):
         step = step_from_name(f.stem)
-        if found and step is None:
+        if has_folders and step is None:
             continue  # the final model beside checkpoint-<step>/ folders
         found.append(Checkpoint(str(f), (f,), step))
     if not found:

@@ -206,7 +206,10 @@ def _prepare_target(path: Path, overwrite: bool) -> tuple[Store | None, Path]:
     if Store.exists(path):
         if overwrite:
             return None, path.with_name(path.name + ".overwrite-partial")
-        return Store.open(path, mode="r+"), path
+        store = Store.open(path, mode="r+")
+        if store.commit_record is None:
+            return None, path  # an ingest killed before its base was committed: start again
+        return store, path
     if path.exists() and (path.is_file() or any(path.iterdir())):
         if overwrite:
             return None, path.with_name(path.name + ".overwrite-partial")

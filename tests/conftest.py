@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+LAYOUTS = ["hf_trainer", "hf_sharded", "hf_bin", "plain_pt", "lightning"]
+
+
+def natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def load_state(files: list[Path]) -> dict[str, torch.Tensor]:
+    """An independent loader: whole files, plain prefix handling."""
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            state.update(load_file(str(f)))
+            continue
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+        if "state_dict" in obj:
+            obj = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
+        state.update({k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def flat_theta(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [state[k].reshape(-1) for k in sorted(state, key=natural)]
+
+
+def expected_deltas(checkpoints: list[list[Path]]) -> np.ndarray:
+    """float32(theta_i - theta_{i-1}) computed tensor by tensor from the sources."""
+    thetas = [flat_theta(load_state(files)) for files in checkpoints]
+    rows = []
+    for prev, cur in zip(thetas, thetas[1:]):
+        rows.append(torch.cat([(c.float() - p.float()) for c, p in zip(cur, prev)]).numpy())
+    return np.stack(rows)
+
+
+def layout_checkpoints(name: str) -> list[list[Path]]:
+    root = FIXTURES / "layouts" / name
+    if name in ("plain_pt", "lightning"):
+        files = sorted((f for f in root.iterdir()), key=lambda f: int(re.findall(r"\d+", f.stem)[-1]))
+        return [[f] for f in files]
+    out = []
+    for d in sorted(root.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1])):
+        shards = sorted(d.glob("model-*.safetensors"))
+        out.append(shards or [p for p in (d / "model.safetensors", d / "pytorch_model.bin") if p.exists()][:1])
+    return out
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Every file under *path*, by content hash."""
+    if not path.exists():
+        return {}
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
+
+
+def write_run(folder: Path, n: int, sizes: dict[str, tuple[int, ...]], seed: int = 0, step0: int = 0,
+              every: int = 10, scale: float = 1e-2) -> list[Path]:
+    """A synthetic run of *n* safetensors checkpoints: a random walk."""
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: torch.randn(s, generator=gen) for k, s in sizes.items()}
+    paths = []
+    for i in range(n):
+        if i:
+            state = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+        path = folder / f"step_{step0 + every * i}.safetensors"
+        save_file(state, str(path))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def hf_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "hf"
+    shutil.copytree(FIXTURES / "layouts" / "hf_trainer", dst)
+    return dst
