@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from conftest import FIXTURES
+
+import spectral_analyzer as sa
+from spectral_analyzer.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_ingest_then_info_with_default_store(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SPECTRAL_ANALYZER_STORE", raising=False)
+    result = runner.invoke(main, ["ingest", str(FIXTURES / "layouts" / "hf_trainer"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "spectral.zarr: 3 deltas over steps 0..30, p = 1,051 in 15 tensors" in result.output
+    assert (tmp_path / "spectral.zarr").is_dir()
+    result = runner.invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(None, 1) for line in result.output.splitlines() if line and not line.startswith(" "))
+    assert lines["checkpoints"] == "4, steps 0..30"
+    assert lines["deltas"] == "3"
+    assert lines["params"].startswith("1,051 in 15 tensors")
+    assert "eval_loss" in lines["metrics"]
+    assert lines["warnings"] == "none"
+
+
+def test_store_from_environment(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECTRAL_ANALYZER_STORE", str(tmp_path / "env.zarr"))
+    result = runner.invoke(main, ["ingest", str(FIXTURES / "layouts" / "plain_pt"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert sa.open_run(tmp_path / "env.zarr").n_deltas == 3
+    result = runner.invoke(main, ["info", "--tensors"])
+    assert result.exit_code == 0
+    assert "layers.0.0.weight" in result.output and "24x8" in result.output
+
+
+def test_ingest_options(runner, tmp_path):
+    store = tmp_path / "r.zarr"
+    result = runner.invoke(
+        main,
+        ["ingest", str(FIXTURES / "layouts" / "plain_pt"), "-o", str(store), "--include", "layers.*",
+         "--exclude", "*.bias", "--chunk-size", "100", "--metrics", str(FIXTURES / "grokking" / "wd1" / "metrics.csv"),
+         "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    run = sa.open_run(store)
+    assert run.store.chunk_size == 100
+    assert run.tensors.sizes["tensor"] == 4
+    assert "test_acc" in run.metrics
+
+
+def test_strip_prefix_option(runner, tmp_path):
+    store = tmp_path / "r.zarr"
+    result = runner.invoke(
+        main, ["ingest", str(FIXTURES / "layouts" / "plain_pt"), "-o", str(store), "--strip-prefix", "module.layers.",
+               "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "0.0.weight" in sa.open_run(store).tensors["tensor"].values
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ingest", "{empty}", "-o", "{tmp}/r.zarr"], "error: {empty}: no checkpoints found"),
+        (["info", "{tmp}/missing.zarr"], "error: {tmp}/missing.zarr: no store here"),
+        (["ingest", str(FIXTURES / "layouts" / "hf_trainer"), "-o", "{tmp}/r.zarr", "--steps", "1,2"],
+         "error: " + str(FIXTURES / "layouts" / "hf_trainer") + ": 2 steps given for 4 checkpoints"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code(runner, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    fill = {"empty": str(tmp_path / "empty"), "tmp": str(tmp_path)}
+    result = runner.invoke(main, [a.format(**fill) for a in args])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(message.format(**fill))
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_different_run_refused_then_overwritten(runner, tmp_path):
+    store = str(tmp_path / "r.zarr")
+    assert runner.invoke(main, ["ingest", str(FIXTURES / "layouts" / "hf_trainer"), "-o", store]).exit_code == 0
+    result = runner.invoke(main, ["ingest", str(FIXTURES / "planted"), "-o", store, "--no-progress"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "holds a different run" in result.output
+    result = runner.invoke(main, ["ingest", str(FIXTURES / "planted"), "-o", store, "--overwrite", "--no-progress"])
+    assert result.exit_code == 0, result.output
+
+
+def test_installed_command_exits_nonzero_without_traceback(tmp_path):
+    exe = shutil.which("spectral-analyze")
+    cmd = [exe] if exe else [sys.executable, "-m", "spectral_analyzer.cli"]
+    proc = subprocess.run([*cmd, "info", str(tmp_path / "nope.zarr")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.zarr'}: no store here "
+                                                f"(run `spectral-analyze ingest CKPT_DIR -o {tmp_path / 'nope.zarr'}` first)"]
+    assert "Traceback" not in proc.stderr
