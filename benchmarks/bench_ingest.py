@@ -328,8 +328,11 @@ def main() -> None:
     ratio = ing["wall_s"] / floor
     figures = {
         "date": datetime.date.today().isoformat(),
-        "machine": {"cpus": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
+            "python": platform.python_version(),
+        },
         "checkpoints": n,
         "params": p,
         "checkpoint_bytes": ckpt_bytes,

@@ -370,6 +370,7 @@ def _write_rows(
                 last.add(flat)
                 if bar is not None:
                     bar.update(4 * t.size)
+            del reader, x, flat
             writer.wait()
             sources = [source_entry(0)]
             record = {"n_deltas": 0, "last_slot": 0, "last_step": base.step}

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import pickle
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -122,26 +124,67 @@ def _add(reader: CheckpointReader, raw: str, info_shape, dtype, loader, keys: Ke
     reader._loaders[name] = loader
 
 
+def _safetensors_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Start of the data section and each tensor's byte span in it.
+
+    Called after ``safe_open`` has validated the header (size limit, offsets,
+    byte spans against the file size).
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    spans = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+    return 8 + n, spans
+
+
+def _read_span(path: Path, start: int, stop: int) -> np.ndarray:
+    """Bytes [start, stop) of *path* into a fresh buffer with positioned reads.
+
+    Reading instead of memory-mapping keeps the checkpoint's pages out of this
+    process's resident set: only the tensor being processed is in memory.
+    """
+    buf = np.empty(stop - start, dtype=np.uint8)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < buf.size:
+            got = os.preadv(fd, [view[pos : pos + _MAX_READ]], start + pos)
+            if got == 0:
+                raise CheckpointError(f"{path}: truncated (ends before byte {stop})")
+            pos += got
+    finally:
+        os.close(fd)
+    return buf
+
+
+_MAX_READ = 1 << 30
+
+
 def _read_safetensors(files: Sequence[Path], label: str, keys: KeyOptions) -> CheckpointReader:
     reader = CheckpointReader(label, {})
     for path in files:
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            metadata = handle.metadata() or {}
-            entries = [(k, handle.get_slice(k)) for k in handle.keys()]
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {}
+                entries = [(k, handle.get_slice(k)) for k in handle.keys()]
+                entries = [(k, sl.get_dtype(), sl.get_shape()) for k, sl in entries]
+            data_start, spans = _safetensors_offsets(path)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file ({_one_line(exc)})") from None
         for step_key in ("step", "global_step"):
             if step_key in metadata and metadata[step_key].isdigit():
                 reader.step_hint = int(metadata[step_key])
-        for key, sl in entries:
-            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-            _add(reader, key, sl.get_shape(), dtype, _safetensors_loader(handle, key), keys, str(path))
+        for key, dtype_name, shape in entries:
+            dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+            begin, end = spans[key]
+            loader = _span_loader(path, data_start + begin, data_start + end, dtype)
+            _add(reader, key, shape, dtype, loader, keys, str(path))
     return reader
 
 
-def _safetensors_loader(handle, key: str):
-    return lambda: handle.get_tensor(key)
+def _span_loader(path: Path, start: int, stop: int, dtype: torch.dtype | None):
+    return lambda: torch.from_numpy(_read_span(path, start, stop)).view(dtype)
 
 
 def _torch_load(path: Path):
