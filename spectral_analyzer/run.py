@@ -8,6 +8,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from .gram.build import DEFAULT_MAX_LAG, build_band
+from .spectra import compute_spectra
 from .store import Store
 
 __all__ = ["Run", "open_run"]
@@ -86,6 +88,72 @@ class Run:
     def base(self) -> xr.DataArray:
         """theta at the first checkpoint (float32), dim ``param``."""
         return xr.DataArray(da.from_zarr(self._store.array("base")), dims=("param",), name="base")
+
+    def band(self, max_lag: int = DEFAULT_MAX_LAG, **options) -> xr.DataArray:
+        """The per-tensor band ``b_T[i, l] = <d_i[T], d_{i-l}[T]>`` (tensor, step, lag), float64.
+
+        Built in one pass over the deltas on first use and cached in the
+        store; later calls (any window W <= L, any subset) read no delta.
+        Options: ``device``, ``scheduler``, ``progress``, ``memory_limit``.
+        """
+        band, lag = build_band(self._store, max_lag, **options)
+        return xr.DataArray(
+            band,
+            dims=("tensor", "step", "lag"),
+            coords={"tensor": [t.name for t in self._store.manifest], "step": self.steps, "lag": np.arange(lag + 1)},
+            name="band",
+        )
+
+    def spectra(
+        self,
+        window: int = 10,
+        *,
+        params: str | list[str] | None = None,
+        group_by: str | None = None,
+        center: bool = False,
+        stride: int = 1,
+        **options,
+    ) -> xr.Dataset:
+        """Spectra of every window of *window* consecutive deltas.
+
+        For the window ending at delta i, G_i = X_i X_i^T is read off the
+        cached band, and its eigenvalues give ``sigma``, ``lambda``, ``ratio``
+        (mode), and per window ``k_star``, ``gap_ratio`` (R), ``gap``,
+        ``k95``, ``k_star_weighted``, ``p_value`` (against Wishart noise of
+        the same W and p, sampled by Bartlett), ``nu``, ``d_crit``, ``margin``
+        (the BBP check), with ``null_q95`` the noise floor of R.
+
+        Parameters
+        ----------
+        window : int
+            W >= 2, at most the number of deltas.
+        params : glob or list of globs, optional
+            Only the tensors whose names match.
+        group_by : {"tensor", "layer", "module"}, optional
+            One spectrum per group, along a ``group`` dim.
+        center : bool
+            Use H G H, H = I - 11^T / W.
+        stride : int
+            Distance between the ends of consecutive windows.
+        **options
+            ``max_lag``, ``null_draws``, ``device``, ``scheduler``,
+            ``progress``, ``cache``.
+
+        Returns
+        -------
+        xarray.Dataset
+            coords ``step`` (end step of the window's last delta), ``mode``
+            (1..W) and ``group`` when grouped.
+
+        Examples
+        --------
+        >>> ds = run.spectra(window=10)                        # doctest: +SKIP
+        >>> ds.k_star.to_series().value_counts()               # doctest: +SKIP
+        >>> run.spectra(window=10, group_by="layer").gap_ratio # doctest: +SKIP
+        """
+        return compute_spectra(
+            self._store, window, params=params, group_by=group_by, center=center, stride=stride, **options
+        )
 
     @property
     def warnings(self) -> list[str]:

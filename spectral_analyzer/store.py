@@ -95,6 +95,12 @@ class Store:
         self.group = group
         self.path = path
 
+    def _writable(self) -> zarr.Group:
+        """The group opened for writing (caches are written into read-only opened stores too)."""
+        if self.group.read_only:
+            self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+        return self.group
+
     # -- opening and creating -------------------------------------------------
 
     @staticmethod
@@ -282,6 +288,67 @@ class Store:
         return steps, series
 
     # -- reading --------------------------------------------------------------
+
+    def read_delta_row(self, row: int, start: int, stop: int) -> np.ndarray:
+        """float32 ``deltas[row, start:stop]`` (one chunk when aligned)."""
+        return np.asarray(self.group["deltas"][row, start:stop])
+
+    # -- the band cache ---------------------------------------------------------
+
+    def band_info(self) -> dict[str, Any] | None:
+        """``{"max_lag", "n_rows", "steps"}`` of the cached band, or None."""
+        if "gram" not in self.group:
+            return None
+        gram = self.group["gram"]
+        attrs = gram.attrs.asdict()
+        n = int(attrs.get("n_rows", 0))
+        return {"max_lag": int(attrs["max_lag"]), "n_rows": n, "steps": np.asarray(gram["step"][:n])}
+
+    def read_band(self) -> np.ndarray:
+        """The cached per-tensor band, float64 (tensor, delta, lag), committed rows."""
+        gram = self.group["gram"]
+        n = int(gram.attrs["n_rows"])
+        return np.asarray(gram["band"][:, :n, :])
+
+    def write_band(self, rows: np.ndarray, start: int, max_lag: int, steps: np.ndarray, meta: Mapping[str, Any]) -> None:
+        """Write band rows ``start..`` (a fresh cache when ``start == 0``), then commit them."""
+        n_tensors, n_new, n_lags = rows.shape
+        group = self._writable()
+        if start == 0:
+            if "gram" in group:
+                del group["gram"]
+            gram = group.create_group("gram")
+            gram.create_array(
+                "band", shape=(n_tensors, 0, n_lags), chunks=(min(n_tensors, 256), 256, n_lags), dtype="float64",
+                fill_value=np.nan, compressors=[Crc32cCodec()], dimension_names=("tensor", "delta", "lag"),
+            )
+            gram.create_array("step", shape=(0,), chunks=(4096,), dtype="int64", fill_value=-1,
+                              dimension_names=("delta",))
+            gram.attrs.put({"max_lag": max_lag, "n_rows": 0, **meta})
+        gram = group["gram"]
+        n = start + n_new
+        gram["band"].resize((n_tensors, n, n_lags))
+        gram["step"].resize((n,))
+        gram["band"][:, start:n, :] = rows
+        gram["step"][start:n] = steps[start:n]
+        gram.attrs.put({**gram.attrs.asdict(), "n_rows": n, **meta})
+
+    # -- cached results ---------------------------------------------------------
+
+    def read_result(self, name: str):
+        """A cached analysis Dataset, or None."""
+        import xarray as xr
+
+        if "results" not in self.group or name not in self.group["results"]:
+            return None
+        return xr.open_zarr(self.path, group=f"results/{name}", consolidated=False).load()
+
+    def write_result(self, name: str, ds) -> None:
+        """Cache an analysis Dataset under ``results/<name>`` (replacing it)."""
+        group = self._writable()
+        if "results" not in group:
+            group.create_group("results")
+        ds.to_zarr(self.path, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
 
     def size_on_disk(self) -> int:
         """Bytes under the store's folder."""

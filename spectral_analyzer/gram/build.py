@@ -1,0 +1,260 @@
+"""The band builder: one streaming pass over the deltas, scheduled with Dask.
+
+A task per parameter chunk (and per tile of rows when there are few chunks)
+reads its column range of the delta rows one row at a time, keeps the last L
+rows as a halo, and computes the per-tensor band of each block of new rows
+with :func:`~spectral_analyzer.gram.kernel.band_rows` (torch, float64
+accumulation). Task results are tree-summed per tensor. The band is cached in
+the store and extended, not rebuilt, when deltas are appended.
+
+Memory: each task holds ``(L + BLOCK_ROWS)`` rows of one chunk in float32;
+the local scheduler runs as many tasks at once as ``memory_limit`` allows (at
+most one per core), so peak memory does not depend on p.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+
+import dask
+import numpy as np
+import torch
+from dask.callbacks import Callback
+
+from .._version import __version__
+from ..errors import StoreError
+from ..store import Store
+from .kernel import COL_BLOCK, band_rows
+
+__all__ = ["BLOCK_ROWS", "DEFAULT_MAX_LAG", "build_band", "resolve_device"]
+
+BLOCK_ROWS = 8  # new rows per kernel call
+DEFAULT_MAX_LAG = 16
+DEFAULT_MEMORY_LIMIT = 1 << 30  # bytes of delta rows held by running tasks at once
+_MERGE_FAN_IN = 8
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is cuda when a GPU is visible, else cpu."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@lru_cache(maxsize=8)
+def _open(path: str, version: int) -> Store:
+    # one open per worker and store state; `version` (rows committed) keys the cache
+    return Store.open(path)
+
+
+def _band_task(
+    path: str,
+    version: int,
+    start: int,
+    stop: int,
+    segments: tuple[tuple[int, int, int], ...],
+    r0: int,
+    r1: int,
+    max_lag: int,
+    device: str,
+) -> dict[tuple[int, int], np.ndarray]:
+    """Band rows r0..r1-1 of the tensor pieces in columns [start, stop)."""
+    store = _open(path, version)
+    halo: deque[torch.Tensor] = deque(maxlen=max_lag)
+    for r in range(max(0, r0 - max_lag), r0):
+        halo.append(torch.from_numpy(store.read_delta_row(r, start, stop)))
+    local = [(a - start, b - start) for _, a, b in segments]
+    parts = []
+    for k0 in range(r0, r1, BLOCK_ROWS):
+        new = [torch.from_numpy(store.read_delta_row(r, start, stop)) for r in range(k0, min(r1, k0 + BLOCK_ROWS))]
+        parts.append(band_rows(list(halo) + new, len(new), local, max_lag, device=device))
+        halo.extend(new)
+    rows = np.concatenate(parts, axis=1)
+    return {(t, r0): rows[s] for s, (t, _, _) in enumerate(segments)}
+
+
+def _merge(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = value if key not in out else out[key] + value
+    return out
+
+
+def _tree_sum(parts: list):
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(_merge, pure=True)(*parts[i : i + _MERGE_FAN_IN]) for i in range(0, len(parts), _MERGE_FAN_IN)
+        ]
+    return parts[0]
+
+
+def _chunk_segments(store: Store) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+    """Each parameter chunk with the (tensor index, start, stop) pieces inside it."""
+    manifest = store.manifest
+    out = []
+    t = 0
+    for start, stop in store.chunk_bounds():
+        while manifest[t].offset + manifest[t].size <= start:
+            t += 1
+        pieces, u = [], t
+        while u < len(manifest) and manifest[u].offset < stop:
+            a = max(start, manifest[u].offset)
+            b = min(stop, manifest[u].offset + manifest[u].size)
+            if b > a:
+                pieces.append((u, a, b))
+            u += 1
+        out.append((start, stop, tuple(pieces)))
+    return out
+
+
+def _row_tiles(r0: int, r1: int, n_chunks: int, workers: int, max_lag: int) -> list[tuple[int, int]]:
+    """Split rows into tiles only when there are too few chunks to keep workers busy."""
+    n = r1 - r0
+    want = max(1, -(-2 * workers // n_chunks))
+    size = max(-(-n // want), 4 * max(max_lag, BLOCK_ROWS))
+    return [(a, min(a + size, r1)) for a in range(r0, r1, size)]
+
+
+class _TaskProgress(Callback):
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        name = key[0] if isinstance(key, tuple) else key
+        if str(name).startswith("_band_task"):
+            self.bar.update(1)
+
+
+@contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compute_rows(
+    store: Store,
+    max_lag: int,
+    r0: int,
+    r1: int,
+    device: torch.device,
+    scheduler,
+    memory_limit: int,
+    progress: bool,
+) -> np.ndarray:
+    chunks = _chunk_segments(store)
+    per_task = (max_lag + BLOCK_ROWS) * store.chunk_size * 4 + (max_lag + BLOCK_ROWS) * COL_BLOCK * 8
+    cores = os.cpu_count() or 1
+    workers = max(1, min(cores, memory_limit // per_task))
+    tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
+    version = store.n_deltas
+    tasks = [
+        dask.delayed(_band_task, pure=True)(store.path, version, a, b, segs, t0, t1, max_lag, str(device))
+        for a, b, segs in chunks
+        for t0, t1 in tiles
+    ]
+    total = _tree_sum(tasks)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), desc="band", unit="task", leave=False)
+    try:
+        if scheduler is None:
+            callbacks = [_TaskProgress(bar)] if bar is not None else []
+            with _torch_threads(1 if workers > 1 else cores), dask.config.set(callbacks=callbacks):
+                (parts,) = dask.compute(total, scheduler="threads", num_workers=workers)
+        else:
+            (parts,) = dask.compute(total, scheduler=scheduler)
+            if bar is not None:
+                bar.update(len(tasks))
+    finally:
+        if bar is not None:
+            bar.close()
+    n_tensors = len(store.manifest)
+    out = np.zeros((n_tensors, r1 - r0, max_lag + 1))
+    for (t, t0), rows in parts.items():
+        out[t, t0 - r0 : t0 - r0 + rows.shape[0]] += rows
+    lags = np.arange(max_lag + 1)
+    rows_idx = np.arange(r0, r1)
+    out[:, lags[None, :] > rows_idx[:, None]] = np.nan  # no delta i - l before the first
+    return out
+
+
+def _client(scheduler):
+    if scheduler is None or not isinstance(scheduler, str):
+        return scheduler, None
+    from distributed import Client
+
+    client = Client(scheduler, set_as_default=False)
+    return client, client
+
+
+def build_band(
+    store: Store,
+    max_lag: int = DEFAULT_MAX_LAG,
+    *,
+    device: str | torch.device = "auto",
+    scheduler=None,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    progress: bool = False,
+) -> tuple[np.ndarray, int]:
+    """The per-tensor band ``b_T[i, l] = <d_i[T], d_{i-l}[T]>``, computing only what is not cached.
+
+    Parameters
+    ----------
+    store : Store
+    max_lag : int
+        L, the largest lag needed; a cached band with a larger L is reused.
+    device : "auto", "cpu", "cuda" or a torch device
+    scheduler : None, a dask.distributed address or Client
+        None runs Dask's local threaded scheduler.
+    memory_limit : int
+        Bytes of delta rows that running tasks may hold at once (local scheduler).
+    progress : bool
+
+    Returns
+    -------
+    band : numpy.ndarray, float64, shape (n_tensors, n_deltas, L + 1)
+        NaN where ``i - l < 0``.
+    max_lag : int
+        The L of the returned band (>= the one asked for).
+
+    Cost: one read of the deltas not yet in the cache (plus L halo rows per
+    task), ``~2 (L + 8)`` flops per element read.
+    """
+    if max_lag < 1:
+        raise ValueError(f"max_lag must be >= 1, got {max_lag}")
+    n = store.n_deltas
+    if n == 0:
+        raise StoreError(f"{store.path}: holds no deltas yet (ingest at least two checkpoints)")
+    steps = store.steps
+    info = store.band_info()
+    start = 0
+    if info is not None and info["max_lag"] >= max_lag and np.array_equal(info["steps"], steps[: info["n_rows"]]):
+        start, max_lag = min(info["n_rows"], n), info["max_lag"]
+    if start < n:
+        dev = resolve_device(device)
+        client, owned = _client(scheduler)
+        try:
+            rows = _compute_rows(store, max_lag, start, n, dev, client, memory_limit, progress)
+        finally:
+            if owned is not None:
+                owned.close()
+        meta = {"precision": "float64", "version": __version__}
+        store.write_band(rows, start, max_lag, steps, meta)
+    return store.read_band(), max_lag
+
+
+def band_of(band: np.ndarray, tensors: Sequence[int]) -> np.ndarray:
+    """The band of a set of tensors: the sum of their bands, shape (n_deltas, L + 1)."""
+    return band[list(tensors)].sum(axis=0)

@@ -1,0 +1,148 @@
+"""Windowed spectra of a run as labelled xarray Datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from dask.base import tokenize
+
+from .._version import __version__
+from ..errors import SpectralAnalyzerError
+from ..gram.build import DEFAULT_MAX_LAG, build_band
+from ..groups import group_tensors, select_tensors
+from ..store import Store
+from .kernel import bbp, spectral_quantities, window_grams, wishart_max_ratio
+
+__all__ = ["WindowError", "compute_spectra"]
+
+NULL_SEED = 20240601
+
+
+class WindowError(SpectralAnalyzerError):
+    """A window does not fit the run (too few deltas, W < 2)."""
+
+
+def check_window(store: Store, window: int, stride: int = 1) -> None:
+    if window < 2:
+        raise WindowError(f"window must be at least 2, got {window}")
+    if stride < 1:
+        raise WindowError(f"stride must be at least 1, got {stride}")
+    n = store.n_deltas
+    if n < window:
+        steps = store.steps
+        span = f" (steps {steps[0]}..{steps[-1]})" if n else ""
+        raise WindowError(f"{store.path}: window {window} needs at least {window} deltas; the store has {n}{span}")
+
+
+def _group_spectra(band: np.ndarray, p: int, window: int, stride: int, center: bool, draws: int):
+    ends, grams = window_grams(band, window, stride, center)
+    q = spectral_quantities(grams, center)
+    q.update(bbp(q["lambda"], p, center))
+    null = wishart_max_ratio(window, p, draws, seed=NULL_SEED, center=center)
+    q95 = float(np.quantile(null, 0.95)) if np.isfinite(null).any() else np.nan
+    r = q["gap_ratio"]
+    with np.errstate(invalid="ignore"):
+        exceed = (null[None, :] >= r[:, None]).sum(axis=1)
+    q["p_value"] = np.where(np.isnan(r), np.nan, (1 + exceed) / (1 + draws))
+    q["null_q95"] = q95
+    return ends, q
+
+
+def compute_spectra(
+    store: Store,
+    window: int = 10,
+    *,
+    params: str | list[str] | None = None,
+    group_by: str | None = None,
+    center: bool = False,
+    stride: int = 1,
+    max_lag: int | None = None,
+    null_draws: int = 4000,
+    device: str = "auto",
+    scheduler=None,
+    progress: bool = False,
+    cache: bool = True,
+) -> xr.Dataset:
+    """Spectra of every window of *window* consecutive deltas; see :meth:`Run.spectra`."""
+    check_window(store, window, stride)
+    steps = store.steps
+    key = tokenize("spectra", window, params, group_by, center, stride, null_draws, steps.tolist(), __version__)
+    name = f"spectra-{key[:20]}"
+    if cache:
+        cached = store.read_result(name)
+        if cached is not None:
+            return cached
+    band, lag = build_band(
+        store, max(max_lag or DEFAULT_MAX_LAG, window), device=device, scheduler=scheduler, progress=progress
+    )
+    manifest = store.manifest
+    names = [t.name for t in manifest]
+    picked = select_tensors(names, params)
+    groups = group_tensors(names, picked, group_by) if group_by else {"all": picked}
+    results = {}
+    for label, members in groups.items():
+        p = sum(manifest[i].size for i in members)
+        results[label] = _group_spectra(band[members].sum(axis=0), p, window, stride, center, null_draws)
+        results[label][1]["n_params"] = p
+    ends = next(iter(results.values()))[0]
+    per_mode = ("sigma", "lambda", "ratio")
+    per_step = ("k_star", "gap_ratio", "gap", "k95", "k_star_weighted", "p_value", "nu", "d_crit", "margin")
+    scalars = ("null_q95", "n_params")
+    labels = list(results)
+
+    def stack(var):
+        values = np.stack([np.asarray(results[g][1][var]) for g in labels])
+        return values if group_by else values[0]
+
+    gdim = ("group",) if group_by else ()
+    data = {v: (gdim + ("step", "mode"), stack(v)) for v in per_mode}
+    data.update({v: (gdim + ("step",), stack(v)) for v in per_step})
+    data.update({v: (gdim, stack(v)) for v in scalars})
+    coords = {"step": steps[ends], "mode": np.arange(1, window + 1)}
+    if group_by:
+        coords["group"] = labels
+    ds = xr.Dataset(data, coords=coords)
+    ds["max_ratio"] = ds["gap_ratio"]
+    ds.attrs = {
+        "window": window,
+        "stride": stride,
+        "center": int(center),
+        "params": params if isinstance(params, str) else ",".join(params or []),
+        "group_by": group_by or "",
+        "max_lag": lag,
+        "precision": "float64",
+        "null_draws": null_draws,
+        "spectral_analyzer_version": __version__,
+    }
+    _describe(ds)
+    if cache:
+        try:
+            store.write_result(name, ds)
+        except OSError:
+            pass  # a read-only store: results are just not cached
+    return ds
+
+
+_DESCRIPTIONS = {
+    "sigma": "singular values sigma_j = sqrt(lambda_j) of the window's delta matrix",
+    "lambda": "eigenvalues of the window Gram G = X X^T, descending",
+    "ratio": "sigma_j / sigma_{j+1} (NaN for the last mode)",
+    "k_star": "argmax_j ratio_j, 1-based (0: undefined)",
+    "gap_ratio": "R = ratio at k*",
+    "gap": "sigma_{k*} - sigma_{k*+1}",
+    "k95": "smallest k with 95% of sum(lambda) in the top k",
+    "k_star_weighted": "argmax_j (sigma_j / sum sigma) ratio_j",
+    "p_value": "P(max ratio of Wishart_W(p, I) noise >= R)",
+    "null_q95": "95% quantile of the max ratio under isotropic noise (floor of significance)",
+    "nu": "BBP noise level sqrt(mean(lambda_j, j > W/2) / p)",
+    "d_crit": "BBP threshold nu (p (W-1))^(1/4)",
+    "margin": "sigma_W / d_crit",
+    "n_params": "parameters in the subset or group",
+    "max_ratio": "max_j ratio_j (= gap_ratio)",
+}
+
+
+def _describe(ds: xr.Dataset) -> None:
+    for name, text in _DESCRIPTIONS.items():
+        if name in ds:
+            ds[name].attrs["description"] = text
