@@ -9,9 +9,11 @@ from __future__ import annotations
 import sys
 
 import click
+import numpy as np
 
 import spectral_analyzer as sa
 from spectral_analyzer.errors import SpectralAnalyzerError
+from spectral_analyzer.export import export
 from spectral_analyzer.store import DEFAULT_CHUNK_SIZE
 
 STORE_ENV = "SPECTRAL_ANALYZER_STORE"
@@ -115,3 +117,61 @@ def info(store, show_tensors):
             t = tensors.sel(tensor=name)
             click.echo(f"  {name:<{nw}}  {str(t['shape'].values):>14}  {str(t['dtype'].values):>9}  "
                        f"offset {int(t['offset'])}")
+
+
+def _format(x) -> str:
+    if isinstance(x, float):
+        return "nan" if x != x else ("inf" if x == float("inf") else f"{x:.4g}")
+    return str(x)
+
+
+def _print_table(ds, n_sigma: int = 4) -> None:
+    """step, k*, R, gap, sigma_1..sigma_4 (and group when grouped)."""
+    groups = list(ds["group"].values) if "group" in ds.dims else [None]
+    n_sigma = min(n_sigma, ds.sizes["mode"])
+    header = (["group"] if groups[0] is not None else []) + ["step", "k*", "R", "gap"] + [
+        f"sigma_{j}" for j in range(1, n_sigma + 1)
+    ]
+    rows = []
+    for g in groups:
+        part = ds.sel(group=g) if g is not None else ds
+        for i, step in enumerate(part["step"].values):
+            row = [str(g)] if g is not None else []
+            row += [str(int(step)), str(int(part["k_star"].values[i])), _format(float(part["gap_ratio"].values[i])),
+                    _format(float(part["gap"].values[i]))]
+            row += [_format(float(v)) for v in part["sigma"].values[i, :n_sigma]]
+            rows.append(row)
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
+    click.echo("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        click.echo("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+@main.command()
+@click.argument("store", required=False, envvar=STORE_ENV, default=DEFAULT_STORE)
+@click.option("-w", "--window", type=click.IntRange(min=2), default=10, show_default=True, help="Window W in deltas.")
+@click.option("--params", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
+@click.option("--group-by", type=click.Choice(["tensor", "layer", "module"]), default=None,
+              help="One spectrum per group.")
+@click.option("--center", is_flag=True, help="Mean-centre each window (H G H).")
+@click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-lag", type=click.IntRange(min=1), default=None,
+              help="Lags L of the band to build (default max(16, W)).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask.distributed scheduler address.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def spectra(store, window, params, group_by, center, stride, max_lag, device, scheduler, output, overwrite, progress):
+    """Windowed spectra: k*, gap ratio R, gap and singular values per step."""
+    run = sa.open_run(store)
+    ds = run.spectra(
+        window=window, params=list(params) or None, group_by=group_by, center=center, stride=stride,
+        max_lag=max_lag, device=device, scheduler=scheduler, progress=progress,
+    )
+    _print_table(ds)
+    click.echo(f"noise floor of R (Wishart 95% quantile, W={window}): "
+               + ", ".join(_format(float(v)) for v in np.atleast_1d(ds["null_q95"].values)))
+    if output:
+        export(ds, output, overwrite=overwrite)
+        click.echo(f"wrote {output}")

@@ -341,14 +341,20 @@ class Store:
 
         if "results" not in self.group or name not in self.group["results"]:
             return None
-        return xr.open_zarr(self.path, group=f"results/{name}", consolidated=False).load()
+        ds = xr.open_zarr(self.path, group=f"results/{name}", consolidated=False).load()
+        strings = ds.attrs.pop("string_coords", {})
+        return ds.assign_coords({k: (k, np.array(v, dtype=str)) for k, v in strings.items()})
 
     def write_result(self, name: str, ds) -> None:
         """Cache an analysis Dataset under ``results/<name>`` (replacing it)."""
         group = self._writable()
         if "results" not in group:
             group.create_group("results")
-        ds.to_zarr(self.path, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
+        # Zarr v3 has no specified string dtype: string coordinates travel as an attribute.
+        strings = {k: [str(x) for x in ds[k].values] for k in ds.coords if ds[k].dtype.kind in "US"}
+        out = ds.drop_vars(list(strings))
+        out.attrs = {**ds.attrs, "string_coords": strings}
+        out.to_zarr(self.path, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
 
     def size_on_disk(self) -> int:
         """Bytes under the store's folder."""

@@ -108,3 +108,45 @@ def test_installed_command_exits_nonzero_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.zarr'}: no store here "
                                                 f"(run `spectral-analyze ingest CKPT_DIR -o {tmp_path / 'nope.zarr'}` first)"]
     assert "Traceback" not in proc.stderr
+
+
+def test_spectra_table_and_exports(runner, tmp_path, monkeypatch):
+    import json
+
+    import xarray as xr
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SPECTRAL_ANALYZER_STORE", raising=False)
+    assert runner.invoke(main, ["ingest", str(FIXTURES / "planted"), "--no-progress"]).exit_code == 0
+    result = runner.invoke(main, ["spectra", "--window", "10", "--no-progress", "-o", "s.nc"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["step", "k*", "R", "gap", "sigma_1", "sigma_2", "sigma_3", "sigma_4"]
+    first = lines[1].split()
+    assert first[0] == "1000" and first[1] == "3" and first[4] == "6.708"
+    assert len(lines) == 1 + 15 + 2
+    nc = xr.open_dataset(tmp_path / "s.nc")
+    assert nc["sigma"].shape == (15, 10) and int(nc["k_star"][0]) == 3
+    nc.close()
+    result = runner.invoke(main, ["spectra", "-w", "5", "--group-by", "layer", "--no-progress", "-o", "s.csv"])
+    assert result.exit_code == 0, result.output
+    header = (tmp_path / "s.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["step", "group", "k_star"] and "sigma_5" in header
+    result = runner.invoke(main, ["spectra", "-w", "5", "--params", "head.*", "--no-progress", "-o", "s.json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["attrs"]["params"] == "head.*" and len(data["records"]) == 20
+    again = runner.invoke(main, ["spectra", "-w", "5", "--no-progress", "-o", "s.json"])
+    assert again.exit_code == 1 and "s.json: exists" in again.output
+
+
+def test_spectra_errors(runner, tmp_path):
+    store = str(tmp_path / "r.zarr")
+    assert runner.invoke(main, ["ingest", str(FIXTURES / "layouts" / "hf_trainer"), "-o", store]).exit_code == 0
+    result = runner.invoke(main, ["spectra", store, "--window", "8"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: {store}: window 8 needs at least 8 deltas; the store has 3 (steps 10..30)"
+    ]
+    result = runner.invoke(main, ["spectra", store, "--window", "2", "-o", str(tmp_path / "x.parquet")])
+    assert result.exit_code == 1 and "unknown output format '.parquet'" in result.output

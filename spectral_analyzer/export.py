@@ -1,0 +1,94 @@
+"""Writing result Datasets to .nc, .csv or .json, chosen by extension."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .errors import SpectralAnalyzerError
+
+__all__ = ["ExportError", "export", "table"]
+
+FORMATS = (".nc", ".csv", ".json")
+
+
+class ExportError(SpectralAnalyzerError):
+    """An output path with an unknown extension, or one that exists."""
+
+
+def table(ds: xr.Dataset) -> list[dict]:
+    """One record per step (and group): every per-step variable, then
+    per-mode variables spread as ``sigma_1 .. sigma_W``."""
+    groups = list(ds["group"].values) if "group" in ds.dims else [None]
+    modes = ds["mode"].values if "mode" in ds.dims else []
+    records = []
+    for g in groups:
+        part = ds.sel(group=g) if g is not None else ds
+        for i, step in enumerate(part["step"].values):
+            row: dict = {"step": int(step)}
+            if g is not None:
+                row["group"] = str(g)
+            for name, var in part.data_vars.items():
+                if var.dims == ("step",):
+                    row[name] = _plain(var.values[i])
+                elif var.dims == ():
+                    row[name] = _plain(var.values)
+            for name, var in part.data_vars.items():
+                if var.dims == ("step", "mode"):
+                    for j, m in enumerate(modes):
+                        row[f"{name}_{int(m)}"] = _plain(var.values[i, j])
+            records.append(row)
+    return records
+
+
+def _plain(x):
+    x = x.item() if hasattr(x, "item") else x
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
+    """netCDF3 (scipy engine) has no int64 and no booleans."""
+    out = ds.copy()
+    for name in list(out.variables):
+        v = out[name]
+        if v.dtype == np.int64:
+            small = v.size == 0 or (np.abs(v.values).max() < 2**31)
+            out[name] = v.astype(np.int32 if small else np.float64)
+        elif v.dtype == bool:
+            out[name] = v.astype(np.int8)
+    out.attrs = {k: (int(v) if isinstance(v, bool) else v) for k, v in out.attrs.items()}
+    return out
+
+
+def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write *ds* to *path* as netCDF (.nc), CSV (.csv) or JSON (.json).
+
+    CSV and JSON hold :func:`table`'s records (JSON adds the attributes).
+    An existing file is replaced only with ``overwrite``.
+    """
+    path = Path(path)
+    if path.suffix not in FORMATS:
+        raise ExportError(f"{path}: unknown output format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path}: exists; pass overwrite to replace it")
+    if path.suffix == ".nc":
+        _netcdf_ready(ds).to_netcdf(path, engine="scipy")
+    elif path.suffix == ".csv":
+        import csv
+
+        records = table(ds)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["step"])
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+        path.write_text(json.dumps({"attrs": attrs, "records": table(ds)}, indent=1))
+    return path

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES, write_run
+
+import spectral_analyzer as sa
+from spectral_analyzer.gram import build
+from spectral_analyzer.gram.kernel import band_rows
+from spectral_analyzer.store import Store
+
+ODD = {"a.w": (37, 29), "b": (101,), "layers.2.c": (13, 7, 3), "layers.10.d": (211,), "z": (5,)}
+
+
+def dense_band(x: np.ndarray, segments, max_lag: int) -> np.ndarray:
+    """(n_segments, n, L + 1) by plain float64 dot products."""
+    n = x.shape[0]
+    out = np.full((len(segments), n, max_lag + 1), np.nan)
+    for s, (a, b) in enumerate(segments):
+        for i in range(n):
+            for l in range(min(i, max_lag) + 1):
+                out[s, i, l] = x[i, a:b] @ x[i - l, a:b]
+    return out
+
+
+def test_kernel_matches_dense():
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(1000, generator=gen) for _ in range(9)]
+    x = torch.stack(rows).double().numpy()
+    segs = [(0, 7), (7, 700), (700, 1000)]
+    got = band_rows(rows, 5, segs, 4, col_block=64)
+    want = dense_band(x, segs, 4)[:, 4:]
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [50, 333, 10_000])
+def test_band_matches_dense_per_tensor(tmp_path, chunk):
+    write_run(tmp_path / "src", 40, ODD, seed=2)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr", chunk_size=chunk)
+    band = run.band(max_lag=6)
+    x = run.deltas.values.astype(np.float64)
+    t = run.tensors
+    segs = [(int(o), int(o + s)) for o, s in zip(t["offset"].values, t["size"].values)]
+    want = dense_band(x, segs, 6)
+    assert band.dims == ("tensor", "step", "lag")
+    np.testing.assert_allclose(band.values, want, rtol=1e-12, atol=1e-12 * np.nanmax(np.abs(want)))
+    assert np.array_equal(np.isnan(band.values), np.isnan(want))
+
+
+def test_row_tiles_with_halo(tmp_path):
+    """Few chunks and many rows: rows are split into tiles that re-read an L-row halo."""
+    write_run(tmp_path / "src", 90, {"w": (300,)}, seed=4)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr")
+    tiles = build._row_tiles(0, 89, n_chunks=1, workers=2, max_lag=5)
+    assert len(tiles) > 1
+    band = run.band(max_lag=5).values[0]
+    x = run.deltas.values.astype(np.float64)
+    np.testing.assert_allclose(band, dense_band(x, [(0, 300)], 5)[0], rtol=1e-12)
+
+
+def test_second_call_reads_no_delta(tmp_path, monkeypatch):
+    run = sa.ingest(FIXTURES / "planted", tmp_path / "r.zarr", chunk_size=4096)
+    first = run.spectra(window=10)
+    run.band(max_lag=16)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a delta was read")
+
+    monkeypatch.setattr(Store, "read_delta_row", no_reads)
+    run = sa.open_run(tmp_path / "r.zarr")
+    assert run.spectra(window=10).identical(first)
+    for window in (2, 5, 16):  # any W <= L, from the cached band
+        run.spectra(window=window, cache=False)
+    run.spectra(window=7, params="blocks.*", group_by="layer")
+
+
+def test_append_computes_only_new_band_rows(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    paths = write_run(src, 30, ODD, seed=8)
+    for p in paths[20:]:
+        p.rename(tmp_path / p.name)
+    run = sa.ingest(src, tmp_path / "r.zarr", chunk_size=500)
+    run.band(max_lag=4)
+    for p in paths[20:]:
+        (tmp_path / p.name).rename(p)
+    run = sa.ingest(src, tmp_path / "r.zarr")
+    read_rows, new_rows = [], []
+    real_read, real_kernel = Store.read_delta_row, build.band_rows
+    monkeypatch.setattr(Store, "read_delta_row", lambda self, r, a, b: read_rows.append(r) or real_read(self, r, a, b))
+    monkeypatch.setattr(build, "band_rows", lambda rows, n_new, *a, **k: new_rows.append(n_new) or real_kernel(rows, n_new, *a, **k))
+    band = run.band(max_lag=4).values
+    n_chunks = -(-run.n_params // 500)
+    assert sum(new_rows) == 10 * n_chunks  # the 10 new rows, in every chunk
+    assert min(read_rows) == 19 - 4 and max(read_rows) == 28  # rows 19..28 are new; 15..18 the halo
+    fresh = sa.ingest(src, tmp_path / "fresh.zarr", chunk_size=500).band(max_lag=4).values
+    np.testing.assert_allclose(band, fresh, rtol=1e-13)
+
+
+def test_larger_lag_rebuilds(tmp_path):
+    run = sa.ingest(FIXTURES / "layouts" / "hf_trainer", tmp_path / "r.zarr")
+    assert run.band(max_lag=1).sizes["lag"] == 2
+    assert run.band(max_lag=3).sizes["lag"] == 4
+    assert run.band(max_lag=2).sizes["lag"] == 4  # the cached L=3 band serves L=2
+
+
+def test_frozen_tensor_band_is_zero(tmp_path):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    frozen = torch.randn(64, generator=gen)
+    for i in range(6):
+        save_file({"frozen": frozen, "live": torch.randn(50, generator=gen)}, str(src / f"s_{i}.safetensors"))
+    run = sa.ingest(src, tmp_path / "r.zarr", chunk_size=32)
+    band = run.band(max_lag=3).sel(tensor="frozen").values
+    assert np.all(band[~np.isnan(band)] == 0)
