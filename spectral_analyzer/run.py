@@ -8,6 +8,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from .dynamics import compute_dynamics
+from .dynamics.coupling import correlate
 from .gram.build import DEFAULT_MAX_LAG, build_band
 from .spectra import compute_spectra
 from .store import Store
@@ -154,6 +156,62 @@ class Run:
         return compute_spectra(
             self._store, window, params=params, group_by=group_by, center=center, stride=stride, **options
         )
+
+    def dynamics(self, window: int = 10, **options) -> xr.Dataset:
+        """How the spectrum moves from one window to the next, from the cached band alone.
+
+        For each window i with a predecessor (step = end step of delta i):
+
+        * ``alpha`` (step, mode): Davis-Kahan stability
+          ``clip(1 - C ||dC_i||_F / dlambda_j, 0, 1)`` with the exact norm of the
+          rank-two update ``dC_i = d_i d_i^T - d_{i-W} d_{i-W}^T`` (``dC_norm``);
+          ``alpha_halves``: ``|<v_j^(1), v_j^(2)>|`` between the window's halves.
+        * ``overlap`` (step, mode_prev, mode): ``<v_j(i-1), v_k(i)>``;
+          ``rotation`` = arccos |O_jj|; ``tracked_from`` the previous mode each mode
+          continues (best overlap, through level crossings) and
+          ``rotation_tracked``; ``principal_angle`` (step, k) between the top-k
+          subspaces.
+        * flow: ``lambda_change`` observed, ``flow_entering`` - ``flow_exiting`` =
+          ``flow_first`` (Hellmann-Feynman), ``flow_second`` = ``flow_repulsion`` +
+          ``flow_outside`` (the rest of R^p), ``flow_residual``; ``gap_change``;
+          ``adiabatic`` A = ||dC||_F / (eta g^2) with eta = ``lr``.
+        * ``energy`` (step, mode, group): share of mode j carried by each group.
+        * events along ``event`` (``event_step``, ``event_kind``, ``event_mode``,
+          ``event_value``) and ``phase`` (rise / plateau / collapse) of R(t).
+
+        Parameters
+        ----------
+        window : int
+        **options
+            ``params`` (globs), ``group_by`` ("module", "layer" or "tensor") for
+            the energy, ``constant`` (C, default 1), ``lr`` (else the metrics'
+            learning rate), ``top_k`` (3), ``tau`` (1.2), ``factor`` (relative
+            collapse, off by default), ``persistence`` (2 windows),
+            ``phase_fraction`` (0.8), ``max_lag``, ``device``, ``scheduler``,
+            ``progress``, ``cache``.
+
+        Examples
+        --------
+        >>> dyn = run.dynamics(window=10, factor=2.0)            # doctest: +SKIP
+        >>> sa.events_table(dyn)                                 # doctest: +SKIP
+        """
+        return compute_dynamics(self._store, window, **options)
+
+    def correlate(self, metric: str, window: int = 10, **options) -> xr.Dataset:
+        """Lagged correlation of the gap ratio (and each ratio_j) with a logged metric.
+
+        ``r(l) = corr(x_t, y_{t+l})`` of the detrended series, l in windows
+        (l > 0: the spectrum leads); options ``max_lag`` (10), ``detrend``
+        ("linear", "cubic" or "none") and ``params``. See
+        :func:`spectral_analyzer.dynamics.coupling.correlate`.
+
+        Examples
+        --------
+        >>> run.correlate("eval_loss", window=10, max_lag=10).best_lag   # doctest: +SKIP
+        """
+        spectra = self.spectra(window=window, params=options.pop("params", None))
+        return correlate(spectra, self.metrics, metric, max_lag=options.pop("max_lag", 10),
+                         detrend_kind=options.pop("detrend", "linear"), **options)
 
     @property
     def warnings(self) -> list[str]:

@@ -94,11 +94,13 @@ class Store:
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
         self.path = path
+        self._arrays: dict[str, zarr.Array] = {}
 
     def _writable(self) -> zarr.Group:
         """The group opened for writing (caches are written into read-only opened stores too)."""
         if self.group.read_only:
             self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+            self._arrays.clear()
         return self.group
 
     # -- opening and creating -------------------------------------------------
@@ -215,10 +217,13 @@ class Store:
     @property
     def steps(self) -> np.ndarray:
         """End step of each committed delta."""
-        return np.asarray(self.group["step"][: self.n_deltas], dtype=np.int64)
+        return np.asarray(self.array("step")[: self.n_deltas], dtype=np.int64)
 
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        """A top-level array, opened once (its metadata is read once per Store)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def chunk_bounds(self) -> Iterator[tuple[int, int]]:
         """``(start, stop)`` of each parameter chunk."""
@@ -230,19 +235,19 @@ class Store:
 
     def reserve_rows(self, n_rows: int) -> None:
         """Size ``deltas`` and ``step`` for *n_rows* rows (data follows, commit after)."""
-        self.group["deltas"].resize((n_rows, self.n_params))
-        self.group["step"].resize((n_rows,))
+        self.array("deltas").resize((n_rows, self.n_params))
+        self.array("step").resize((n_rows,))
 
     def write_chunk(self, name: str, row: int | None, start: int, data: np.ndarray) -> None:
         """Write one whole chunk of array *name* (row ``None`` for the 1-D ``base``)."""
-        arr = self.group[name]
+        arr = self.array(name)
         if row is None:
             arr[start : start + data.shape[0]] = data
         else:
             arr[row, start : start + data.shape[0]] = data
 
     def write_step(self, row: int, step: int) -> None:
-        self.group["step"][row] = step
+        self.array("step")[row] = step
 
     def commit(self, **updates: Any) -> None:
         """Update root attributes in one atomic write of the group's metadata."""
@@ -253,7 +258,7 @@ class Store:
     def restore(self, attrs: Mapping[str, Any]) -> None:
         """Return to a snapshot of the attributes, dropping rows it did not commit."""
         n = 0 if attrs.get("commit") is None else int(attrs["commit"]["n_deltas"])
-        step = self.group["step"]
+        step = self.array("step")
         if step.shape[0] > n:  # a step chunk holds several rows: clear the ones going
             step[n:] = step.fill_value
         self.reserve_rows(n)
@@ -291,7 +296,7 @@ class Store:
 
     def read_delta_row(self, row: int, start: int, stop: int) -> np.ndarray:
         """float32 ``deltas[row, start:stop]`` (one chunk when aligned)."""
-        return np.asarray(self.group["deltas"][row, start:stop])
+        return np.asarray(self.array("deltas")[row, start:stop])
 
     # -- the band cache ---------------------------------------------------------
 
@@ -342,18 +347,28 @@ class Store:
         if "results" not in self.group or name not in self.group["results"]:
             return None
         ds = xr.open_zarr(self.path, group=f"results/{name}", consolidated=False).load()
-        strings = ds.attrs.pop("string_coords", {})
-        return ds.assign_coords({k: (k, np.array(v, dtype=str)) for k, v in strings.items()})
+        strings = ds.attrs.pop("string_variables", {})
+        for key, v in strings.items():
+            values = (v["dims"], np.array(v["values"], dtype=str))
+            if v["coord"]:
+                ds = ds.assign_coords({key: values})
+            else:
+                ds[key] = values
+        return ds
 
     def write_result(self, name: str, ds) -> None:
         """Cache an analysis Dataset under ``results/<name>`` (replacing it)."""
         group = self._writable()
         if "results" not in group:
             group.create_group("results")
-        # Zarr v3 has no specified string dtype: string coordinates travel as an attribute.
-        strings = {k: [str(x) for x in ds[k].values] for k in ds.coords if ds[k].dtype.kind in "US"}
+        # Zarr v3 has no specified string dtype: string variables travel as an attribute.
+        strings = {
+            k: {"dims": list(ds[k].dims), "values": [str(x) for x in ds[k].values], "coord": k in ds.coords}
+            for k in ds.variables
+            if ds[k].dtype.kind in "USO"
+        }
         out = ds.drop_vars(list(strings))
-        out.attrs = {**ds.attrs, "string_coords": strings}
+        out.attrs = {**ds.attrs, "string_variables": strings}
         out.to_zarr(self.path, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
 
     def size_on_disk(self) -> int:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Sequence
-from contextlib import contextmanager
-from functools import lru_cache
 
 import dask
 import numpy as np
 import torch
+from dask.base import tokenize
 from dask.callbacks import Callback
 
 from .._version import __version__
@@ -45,15 +44,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-@lru_cache(maxsize=8)
-def _open(path: str, version: int) -> Store:
-    # one open per worker and store state; `version` (rows committed) keys the cache
-    return Store.open(path)
-
-
 def _band_task(
     path: str,
-    version: int,
     start: int,
     stop: int,
     segments: tuple[tuple[int, int, int], ...],
@@ -61,9 +53,12 @@ def _band_task(
     r1: int,
     max_lag: int,
     device: str,
+    threads: int,
 ) -> dict[tuple[int, int], np.ndarray]:
     """Band rows r0..r1-1 of the tensor pieces in columns [start, stop)."""
-    store = _open(path, version)
+    # torch's intra-op thread count is per OS thread (OpenMP): set it in the worker's own thread.
+    torch.set_num_threads(threads)
+    store = Store.open(path)
     halo: deque[torch.Tensor] = deque(maxlen=max_lag)
     for r in range(max(0, r0 - max_lag), r0):
         halo.append(torch.from_numpy(store.read_delta_row(r, start, stop)))
@@ -131,16 +126,6 @@ class _TaskProgress(Callback):
             self.bar.update(1)
 
 
-@contextmanager
-def _torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _compute_rows(
     store: Store,
     max_lag: int,
@@ -156,9 +141,14 @@ def _compute_rows(
     cores = os.cpu_count() or 1
     workers = max(1, min(cores, memory_limit // per_task))
     tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
-    version = store.n_deltas
+    threads = 1 if workers > 1 or scheduler is not None else cores
+    path = os.path.abspath(store.path)  # workers may run elsewhere
+    identity = (store.attrs["sources"][: store.n_deltas + 1], store.chunk_size)  # names the tasks
     tasks = [
-        dask.delayed(_band_task, pure=True)(store.path, version, a, b, segs, t0, t1, max_lag, str(device))
+        dask.delayed(_band_task)(
+            path, a, b, segs, t0, t1, max_lag, str(device), threads,
+            dask_key_name=f"_band_task-{tokenize(identity, a, t0, t1, max_lag)}",
+        )
         for a, b, segs in chunks
         for t0, t1 in tiles
     ]
@@ -171,7 +161,7 @@ def _compute_rows(
     try:
         if scheduler is None:
             callbacks = [_TaskProgress(bar)] if bar is not None else []
-            with _torch_threads(1 if workers > 1 else cores), dask.config.set(callbacks=callbacks):
+            with dask.config.set(callbacks=callbacks):
                 (parts,) = dask.compute(total, scheduler="threads", num_workers=workers)
         else:
             (parts,) = dask.compute(total, scheduler=scheduler)

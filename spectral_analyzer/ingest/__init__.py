@@ -72,7 +72,7 @@ def ingest(
     >>> import spectral_analyzer as sa
     >>> run = sa.ingest("fixtures/layouts/hf_trainer", "/tmp/hf.zarr", overwrite=True)
     >>> run.n_params
-    1224
+    1051
     """
     from ..run import open_run
 

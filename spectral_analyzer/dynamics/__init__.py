@@ -1,0 +1,168 @@
+"""Dynamics of the spectrum from the cached band: stability, rotation, flow, energy, events."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from dask.base import tokenize
+
+from .._version import __version__
+from ..gram.build import DEFAULT_MAX_LAG, build_band
+from ..groups import group_tensors, select_tensors
+from ..spectra import WindowError, check_window
+from ..spectra.kernel import spectral_quantities, window_grams
+from ..store import Store
+from .events import detect_events, phases
+from .kernel import eig_desc, flow_terms, halves_overlap, mode_energy, overlap_matrix, rank_two_norm, stability, track_modes
+
+__all__ = ["compute_dynamics", "learning_rate_at"]
+
+LR_NAMES = ("learning_rate", "lr")
+
+
+def learning_rate_at(store: Store, steps: np.ndarray) -> tuple[np.ndarray, str]:
+    """The logged learning rate in force at each step (last value logged at or before it)."""
+    logged_steps, series = store.read_metrics()
+    for name in LR_NAMES:
+        if name in series:
+            values = series[name]
+            ok = np.isfinite(values)
+            s, v = logged_steps[ok], values[ok]
+            idx = np.searchsorted(s, steps, side="right") - 1
+            return np.where(idx >= 0, v[np.maximum(idx, 0)], np.nan), f"metrics:{name}"
+    return np.full(steps.shape, np.nan), ""
+
+
+def compute_dynamics(
+    store: Store,
+    window: int = 10,
+    *,
+    params: str | list[str] | None = None,
+    group_by: str = "module",
+    constant: float = 1.0,
+    lr: float | None = None,
+    top_k: int = 3,
+    tau: float = 1.2,
+    factor: float | None = None,
+    persistence: int = 2,
+    phase_fraction: float = 0.8,
+    max_lag: int | None = None,
+    device: str = "auto",
+    scheduler=None,
+    progress: bool = False,
+    cache: bool = True,
+) -> xr.Dataset:
+    """Stability, rotation, flow, energy and events; see :meth:`Run.dynamics`."""
+    check_window(store, window)
+    if store.n_deltas < window + 1:
+        raise WindowError(
+            f"{store.path}: dynamics with window {window} compare consecutive windows and need at least "
+            f"{window + 1} deltas; the store has {store.n_deltas}"
+        )
+    steps = store.steps
+    options = (window, params, group_by, constant, lr, top_k, tau, factor, persistence, phase_fraction)
+    name = f"dynamics-{tokenize('dynamics', options, steps.tolist(), __version__)[:20]}"
+    if cache and (cached := store.read_result(name)) is not None:
+        return cached
+    band, lag = build_band(
+        store, max(max_lag or DEFAULT_MAX_LAG, window), device=device, scheduler=scheduler, progress=progress
+    )
+    manifest = store.manifest
+    names = [t.name for t in manifest]
+    picked = select_tensors(names, params)
+    w = window
+    ends, ext = window_grams(band[picked].sum(axis=0), w + 1)  # d_{i-W} .. d_i
+    lam_p, u_p = eig_desc(ext[:, :w, :w])
+    lam_c, u_c = eig_desc(ext[:, 1:, 1:])
+    overlap = overlap_matrix(u_p, lam_p, ext[:, :w, 1:], u_c, lam_c)
+    tracked = track_modes(overlap)
+    n = ends.size
+    abs_diag = np.abs(np.diagonal(overlap, axis1=1, axis2=2))
+    abs_tracked = np.abs(overlap[np.arange(n)[:, None], tracked, np.arange(w)[None, :]])
+    k = min(top_k, w)
+    cosines = np.linalg.svd(np.nan_to_num(overlap[:, :k, :k]), compute_uv=False)
+    n_in, n_out, c = ext[:, w, w], ext[:, 0, 0], ext[:, 0, w]
+    dc_norm = rank_two_norm(n_in, n_out, c)
+    flow = flow_terms(lam_p, u_p, ext[:, :w, w], ext[:, :w, 0], n_in, n_out, c)
+    observed = lam_c - lam_p
+    cur = spectral_quantities(ext[:, 1:, 1:])
+    prev = spectral_quantities(ext[:, :w, :w])
+    step = steps[ends]
+    if lr is not None:
+        eta, lr_source = np.full(n, float(lr)), "given"
+    else:
+        eta, lr_source = learning_rate_at(store, step)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adiabatic = dc_norm / (eta * cur["gap"] ** 2)
+
+    groups = group_tensors(names, picked, group_by)
+    partial = np.stack([window_grams(band[m].sum(axis=0), w + 1)[1][:, 1:, 1:] for m in groups.values()])
+    energy = np.moveaxis(mode_energy(u_c, lam_c, partial), 0, -1)
+
+    # Events and phases over every window of the R series (the first window included).
+    all_ends, grams = window_grams(band[picked].sum(axis=0), w)
+    series = spectral_quantities(grams)
+    found = detect_events(series["gap_ratio"], series["k_star"], tau=tau, factor=factor, persistence=persistence)
+    phase = phases(series["gap_ratio"], phase_fraction)
+
+    sm = ("step", "mode")
+    ds = xr.Dataset(
+        {
+            "lambda": (sm, lam_c),
+            "k_star": ("step", cur["k_star"]),
+            "gap_ratio": ("step", cur["gap_ratio"]),
+            "gap": ("step", cur["gap"]),
+            "alpha": (sm, stability(lam_c, dc_norm, constant)),
+            "alpha_halves": (sm, halves_overlap(ext[:, 1:, 1:])),
+            "overlap": (("step", "mode_prev", "mode"), overlap),
+            "rotation": (sm, np.arccos(np.clip(abs_diag, 0.0, 1.0))),
+            "tracked_from": (sm, tracked + 1),
+            "rotation_tracked": (sm, np.arccos(np.clip(abs_tracked, 0.0, 1.0))),
+            "principal_angle": (("step", "k"), np.arccos(np.clip(cosines, 0.0, 1.0))),
+            "dC_norm": ("step", dc_norm),
+            "lambda_change": (sm, observed),
+            "flow_entering": (sm, flow["entering"]),
+            "flow_exiting": (sm, flow["exiting"]),
+            "flow_first": (sm, flow["first"]),
+            "flow_repulsion": (sm, flow["repulsion"]),
+            "flow_outside": (sm, flow["outside"]),
+            "flow_second": (sm, flow["second"]),
+            "flow_residual": (sm, observed - flow["first"] - flow["second"]),
+            "gap_change": ("step", cur["gap"] - prev["gap"]),
+            "lr": ("step", eta),
+            "adiabatic": ("step", adiabatic),
+            "energy": (("step", "mode", "group"), energy),
+            "phase": ("step", phase[1:]),
+            "event_step": ("event", np.array([steps[all_ends[t]] for t, *_ in found], dtype=np.int64)),
+            "event_kind": ("event", np.array([e[1] for e in found], dtype=str)),
+            "event_mode": ("event", np.array([e[2] for e in found], dtype=np.int64)),
+            "event_value": ("event", np.array([e[3] for e in found], dtype=np.float64)),
+        },
+        coords={
+            "step": step,
+            "mode": np.arange(1, w + 1),
+            "mode_prev": np.arange(1, w + 1),
+            "k": np.arange(1, k + 1),
+            "group": list(groups),
+        },
+    )
+    ds.attrs = {
+        "window": w,
+        "params": params if isinstance(params, str) else ",".join(params or []),
+        "group_by": group_by,
+        "constant": constant,
+        "lr_source": lr_source,
+        "tau": tau,
+        "factor": np.nan if factor is None else factor,
+        "persistence": persistence,
+        "phase_fraction": phase_fraction,
+        "max_lag": lag,
+        "precision": "float64",
+        "spectral_analyzer_version": __version__,
+    }
+    if cache:
+        try:
+            store.write_result(name, ds)
+        except OSError:
+            pass
+    return ds

@@ -1,0 +1,110 @@
+"""Coupling of the spectrum to training metrics: lagged correlations."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from ..errors import SpectralAnalyzerError
+
+__all__ = ["MetricError", "correlate", "detrend", "lagged_correlation"]
+
+DETRENDS = {"none": None, "linear": 1, "cubic": 3}
+
+
+class MetricError(SpectralAnalyzerError):
+    """A metric is not logged, or not at enough steps."""
+
+
+def detrend(y: np.ndarray, t: np.ndarray, kind: str = "linear") -> np.ndarray:
+    """Residual of a least-squares polynomial fit in t (NaN kept)."""
+    deg = DETRENDS[kind]
+    ok = np.isfinite(y)
+    if deg is None or ok.sum() <= deg + 1:
+        return y - np.nanmean(y) if ok.any() else y
+    x = (t - t[ok].mean()) / (np.ptp(t[ok]) or 1.0)
+    coef = np.polyfit(x[ok], y[ok], deg)
+    return y - np.polyval(coef, x)
+
+
+def lagged_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray:
+    """``r(l) = corr(x_t, y_{t+l})`` for l = -max_lag..max_lag over the pairs where both are finite.
+
+    l > 0 pairs x with later y: the first series leads.
+    """
+    n = x.size
+    out = np.full(2 * max_lag + 1, np.nan)
+    for i, lag in enumerate(range(-max_lag, max_lag + 1)):
+        a = x[max(0, -lag) : n - max(0, lag)]
+        b = y[max(0, lag) : n - max(0, -lag)]
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() < 3:
+            continue
+        a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+        denom = np.sqrt((a @ a) * (b @ b))
+        if denom > 0:
+            out[i] = (a @ b) / denom
+    return out
+
+
+def correlate(
+    spectra: xr.Dataset,
+    metrics: xr.Dataset,
+    metric: str,
+    *,
+    max_lag: int = 10,
+    detrend_kind: str = "linear",
+) -> xr.Dataset:
+    """Lagged correlation of ``gap_ratio`` and each ``ratio_j`` with a logged metric.
+
+    The metric is interpolated (linearly, within its logged range) at the
+    spectra's steps; both series are detrended (``"none"``, ``"linear"`` or
+    ``"cubic"``); ``r(l) = corr(x_t, y_{t+l})`` in windows, l > 0 meaning the
+    spectrum leads.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``r`` (series, lag), ``best_lag`` and ``best_r`` (series: the lag of
+        largest |r|), and ``k_star_cross``: the j whose ratio_j correlates most
+        strongly with the metric.
+    """
+    if metric not in metrics:
+        logged = ", ".join(metrics.data_vars) or "none"
+        raise MetricError(f"metric {metric!r} is not logged (metrics: {logged})")
+    if detrend_kind not in DETRENDS:
+        raise MetricError(f"unknown detrend {detrend_kind!r}; choose one of {', '.join(DETRENDS)}")
+    if "group" in spectra.dims:
+        raise MetricError("correlate takes ungrouped spectra")
+    m = metrics[metric]
+    ok = np.isfinite(m.values)
+    if ok.sum() < 3:
+        raise MetricError(f"metric {metric!r} is logged at {int(ok.sum())} steps; correlation needs at least 3")
+    steps = spectra["step"].values.astype(float)
+    ms, mv = m["step"].values[ok].astype(float), m.values[ok]
+    y = np.interp(steps, ms, mv, left=np.nan, right=np.nan)
+    y = detrend(y, steps, detrend_kind)
+    names = ["gap_ratio"] + [f"ratio_{j}" for j in spectra["mode"].values[:-1]]
+    series = [spectra["gap_ratio"].values] + [spectra["ratio"].values[:, j] for j in range(len(names) - 1)]
+    r = []
+    for x in series:
+        x = np.where(np.isfinite(x), x, np.nan)
+        r.append(lagged_correlation(detrend(x, steps, detrend_kind), y, max_lag))
+    r = np.array(r)
+    score = np.where(np.isnan(r), -np.inf, np.abs(r))
+    best = np.argmax(score, axis=1)
+    best_r = r[np.arange(len(names)), best]
+    lags = np.arange(-max_lag, max_lag + 1)
+    ratio_best = np.where(np.isnan(best_r[1:]), -np.inf, np.abs(best_r[1:]))
+    ds = xr.Dataset(
+        {
+            "r": (("series", "lag"), r),
+            "best_lag": ("series", lags[best]),
+            "best_r": ("series", best_r),
+            "k_star_cross": ((), int(np.argmax(ratio_best)) + 1 if np.isfinite(ratio_best).any() else 0),
+        },
+        coords={"series": names, "lag": lags},
+    )
+    ds.attrs = {"metric": metric, "window": spectra.attrs.get("window"), "detrend": detrend_kind, "max_lag": max_lag,
+                "lag_unit": "windows (l > 0: the spectrum leads)"}
+    return ds
