@@ -13,7 +13,7 @@ import numpy as np
 
 import spectral_analyzer as sa
 from spectral_analyzer.errors import SpectralAnalyzerError
-from spectral_analyzer.export import export
+from spectral_analyzer.export import events_table, export
 from spectral_analyzer.store import DEFAULT_CHUNK_SIZE
 
 STORE_ENV = "SPECTRAL_ANALYZER_STORE"
@@ -120,6 +120,8 @@ def info(store, show_tensors):
 
 
 def _format(x) -> str:
+    if isinstance(x, str):
+        return x
     if isinstance(x, float):
         return "nan" if x != x else ("inf" if x == float("inf") else f"{x:.4g}")
     return str(x)
@@ -172,6 +174,58 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
     _print_table(ds)
     click.echo(f"noise floor of R (Wishart 95% quantile, W={window}): "
                + ", ".join(_format(float(v)) for v in np.atleast_1d(ds["null_q95"].values)))
+    if output:
+        export(ds, output, overwrite=overwrite)
+        click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("store", required=False, envvar=STORE_ENV, default=DEFAULT_STORE)
+@click.option("-w", "--window", type=click.IntRange(min=2), default=10, show_default=True, help="Window W in deltas.")
+@click.option("--params", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
+@click.option("--group-by", type=click.Choice(["tensor", "layer", "module"]), default="module", show_default=True,
+              help="Groups of the mode energy.")
+@click.option("--tau", type=float, default=1.2, show_default=True, help="Threshold on R for collapse / opening.")
+@click.option("--factor", type=float, default=None, help="Also report R falling below its running peak / FACTOR.")
+@click.option("--persistence", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Windows an event must hold for.")
+@click.option("--lr", type=float, default=None, help="Learning rate for the adiabatic parameter (default: metrics).")
+@click.option("--constant", type=float, default=1.0, show_default=True, help="C of the Davis-Kahan stability.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--scheduler", default=None, metavar="ADDRESS")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Export to .nc, .csv or .json (+ <stem>.events.csv|json).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, device, scheduler, output,
+             overwrite, progress):
+    """Stability, rotation, gap flow, mode energy and events of the spectrum."""
+    run = sa.open_run(store)
+    ds = run.dynamics(
+        window=window, params=list(params) or None, group_by=group_by, tau=tau, factor=factor,
+        persistence=persistence, lr=lr, constant=constant, device=device, scheduler=scheduler, progress=progress,
+    )
+    top = min(3, window)
+    header = ["step", "phase", "k*", "R", "dC", "A"] + [f"alpha_{j}" for j in range(1, top + 1)] + [
+        f"rot_{j}" for j in range(1, top + 1)
+    ]
+    rows = []
+    for t, step in enumerate(ds["step"].values):
+        rows.append(
+            [str(int(step)), str(ds["phase"].values[t]) or "-", str(int(ds["k_star"].values[t])),
+             _format(float(ds["gap_ratio"].values[t])), _format(float(ds["dC_norm"].values[t])),
+             _format(float(ds["adiabatic"].values[t]))]
+            + [_format(float(v)) for v in ds["alpha"].values[t, :top]]
+            + [_format(float(v)) for v in ds["rotation_tracked"].values[t, :top]]
+        )
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
+    click.echo("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        click.echo("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    events = events_table(ds)
+    click.echo(f"events ({len(events)}):" if events else "events: none")
+    for e in events:
+        click.echo(f"  step {e['step']:>8}  {e['kind']:<22} k*={e['mode']}  R={_format(e['value'])}")
     if output:
         export(ds, output, overwrite=overwrite)
         click.echo(f"wrote {output}")

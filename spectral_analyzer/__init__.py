@@ -21,6 +21,7 @@ from .errors import (
     StoreVersionError,
     UnsafeCheckpointError,
 )
+from .export import events_table, export
 from .ingest import ingest
 from .run import Run, open_run
 
@@ -38,6 +39,8 @@ __all__ = [
     "StoreVersionError",
     "UnsafeCheckpointError",
     "__version__",
+    "events_table",
+    "export",
     "ingest",
     "open_run",
 ]

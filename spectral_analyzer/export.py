@@ -12,7 +12,7 @@ import xarray as xr
 
 from .errors import SpectralAnalyzerError
 
-__all__ = ["ExportError", "export", "table"]
+__all__ = ["ExportError", "events_table", "export", "table"]
 
 FORMATS = (".nc", ".csv", ".json")
 
@@ -46,6 +46,29 @@ def table(ds: xr.Dataset) -> list[dict]:
     return records
 
 
+def events_table(ds: xr.Dataset) -> list[dict]:
+    """The events of a dynamics Dataset as records (step, kind, mode, value)."""
+    if "event" not in ds.dims:
+        return []
+    return [
+        {"step": int(s), "kind": str(k), "mode": int(m), "value": _plain(float(v))}
+        for s, k, m, v in zip(ds["event_step"].values, ds["event_kind"].values, ds["event_mode"].values,
+                              ds["event_value"].values)
+    ]
+
+
+def _write_records(records: list[dict], path: Path, attrs: dict | None = None) -> None:
+    if path.suffix == ".csv":
+        import csv
+
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["step"])
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        path.write_text(json.dumps({"attrs": attrs or {}, "records": records}, indent=1))
+
+
 def _plain(x):
     x = x.item() if hasattr(x, "item") else x
     if isinstance(x, float) and not math.isfinite(x):
@@ -70,7 +93,9 @@ def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
 def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write *ds* to *path* as netCDF (.nc), CSV (.csv) or JSON (.json).
 
-    CSV and JSON hold :func:`table`'s records (JSON adds the attributes).
+    CSV and JSON hold :func:`table`'s records (JSON adds the attributes); a
+    Dataset with events also gets ``<stem>.events.csv|json`` with
+    :func:`events_table`'s records (netCDF keeps them along its ``event`` dim).
     An existing file is replaced only with ``overwrite``.
     """
     path = Path(path)
@@ -80,15 +105,9 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
         raise ExportError(f"{path}: exists; pass overwrite to replace it")
     if path.suffix == ".nc":
         _netcdf_ready(ds).to_netcdf(path, engine="scipy")
-    elif path.suffix == ".csv":
-        import csv
-
-        records = table(ds)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["step"])
-            writer.writeheader()
-            writer.writerows(records)
-    else:
-        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
-        path.write_text(json.dumps({"attrs": attrs, "records": table(ds)}, indent=1))
+        return path
+    attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+    _write_records(table(ds), path, attrs)
+    if "event" in ds.dims:  # the events table beside the per-step table
+        _write_records(events_table(ds), path.with_name(f"{path.stem}.events{path.suffix}"), attrs)
     return path

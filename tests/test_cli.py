@@ -150,3 +150,28 @@ def test_spectra_errors(runner, tmp_path):
     ]
     result = runner.invoke(main, ["spectra", store, "--window", "2", "-o", str(tmp_path / "x.parquet")])
     assert result.exit_code == 1 and "unknown output format '.parquet'" in result.output
+
+
+def test_dynamics_prints_events_and_exports_both_tables(runner, tmp_path):
+    import json
+
+    import xarray as xr
+
+    store = str(tmp_path / "g.zarr")
+    assert runner.invoke(main, ["ingest", str(FIXTURES / "grokking" / "wd1"), "-o", store, "--no-progress"]).exit_code == 0
+    out = tmp_path / "dyn.csv"
+    result = runner.invoke(main, ["dynamics", store, "-w", "10", "--factor", "2", "--no-progress", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].split()[:6] == ["step", "phase", "k*", "R", "dC", "A"]
+    assert "events (4):" in result.output
+    assert "step     1160  gap_collapse_relative  k*=1  R=1.626" in result.output
+    events = (tmp_path / "dyn.events.csv").read_text().splitlines()
+    assert events[0] == "step,kind,mode,value" and events[1].startswith("1160,gap_collapse_relative,1,")
+    assert "alpha_1" in out.read_text().splitlines()[0]
+    result = runner.invoke(main, ["dynamics", store, "-w", "10", "--no-progress", "-o", str(tmp_path / "d.nc")])
+    assert result.exit_code == 0, result.output
+    nc = xr.open_dataset(tmp_path / "d.nc")
+    assert set(nc["event_kind"].values) == {"k_star_shift"} and nc["overlap"].dims == ("step", "mode_prev", "mode")
+    nc.close()
+    result = runner.invoke(main, ["dynamics", store, "-w", "10", "--no-progress", "-o", str(tmp_path / "d.json")])
+    assert json.loads((tmp_path / "d.events.json").read_text())["records"][0]["kind"] == "k_star_shift"
