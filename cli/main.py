@@ -10,6 +10,7 @@ import sys
 
 import click
 import numpy as np
+import xarray as xr
 
 import spectral_analyzer as sa
 from spectral_analyzer.errors import SpectralAnalyzerError
@@ -228,4 +229,63 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
         click.echo(f"  step {e['step']:>8}  {e['kind']:<22} k*={e['mode']}  R={_format(e['value'])}")
     if output:
         export(ds, output, overwrite=overwrite)
+        click.echo(f"wrote {output}")
+
+
+def _echo_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h) for k, h in enumerate(header)]
+    click.echo("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        click.echo("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+@main.command()
+@click.argument("store", required=False, envvar=STORE_ENV, default=DEFAULT_STORE)
+@click.option("--match", multiple=True, metavar="GLOB", help="Weights to decompose (repeatable) [default: all 2-D].")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Keep the top singular values.")
+@click.option("--heads", type=click.IntRange(min=1), default=None, help="Also split each matrix into head blocks.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
+@click.option("--overwrite", is_flag=True)
+def weights(store, match, top, heads, device, output, overwrite):
+    """Singular values of weight matrices at every checkpoint."""
+    run = sa.open_run(store)
+    ds = run.weight_spectra(list(match) or None, top=top, heads=heads, device=device)
+    rows = []
+    for name in ds["matrix"].values:
+        part = ds.sel(matrix=name)
+        for t, step in enumerate(ds["step"].values):
+            s = part["sigma"].values[t]
+            rows.append([str(int(step)), str(name), _format(float(s[0])),
+                         _format(float(s[1])) if s.size > 1 else "nan",
+                         _format(float(part["sigma_ratio_12"].values[t])), _format(float(part["g12"].values[t])),
+                         _format(float(part["g23"].values[t])), _format(float(part["stable_rank"].values[t]))])
+    _echo_table(["step", "matrix", "sigma_1", "sigma_2", "s1/s2", "g12", "g23", "stable_rank"], rows)
+    if output:
+        export(ds, output, overwrite=overwrite)
+        click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--metric", default="test_acc", show_default=True, help="The accuracy metric that defines grokking.")
+@click.option("--threshold", type=float, default=0.95, show_default=True)
+@click.option("-w", "--window", type=click.IntRange(min=3), default=10, show_default=True)
+@click.option("--wq", default=None, metavar="GLOB", help="The W_Q matrix [default: first q projection found].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
+@click.option("--overwrite", is_flag=True)
+def grokking(stores, metric, threshold, window, wq, output, overwrite):
+    """One summary row per run: did it grok, when, and what the spectrum did before."""
+    summaries = [sa.open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq) for s in stores]
+    header = ["store", "grokked", "grok_step", "g23_decline", "R_early", "R_grok", "k*", "WQ s1/s2 grok", "WQ s1/s2 end"]
+    rows = [
+        [s, "yes" if bool(g["grokked"]) else "no", str(int(g["grok_step"])) if bool(g["grokked"]) else "-",
+         _format(float(g["g23_decline"])), _format(float(g["R_early"])), _format(float(g["R_grok"])),
+         str(int(g["k_star_mode"])), _format(float(g["wq_sigma_ratio_grok"])), _format(float(g["wq_sigma_ratio_end"]))]
+        for s, g in zip(stores, summaries)
+    ]
+    _echo_table(header, rows)
+    if output:
+        table = xr.concat(summaries, dim="run", combine_attrs="drop_conflicts").assign_coords(run=list(stores))
+        export(table, output, overwrite=overwrite)
         click.echo(f"wrote {output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -21,28 +22,33 @@ class ExportError(SpectralAnalyzerError):
     """An output path with an unknown extension, or one that exists."""
 
 
+KEY_DIMS = ("run", "group", "matrix", "step")
+SPREAD_DIMS = ("mode", "rank")
+
+
 def table(ds: xr.Dataset) -> list[dict]:
-    """One record per step (and group): every per-step variable, then
-    per-mode variables spread as ``sigma_1 .. sigma_W``."""
-    groups = list(ds["group"].values) if "group" in ds.dims else [None]
-    modes = ds["mode"].values if "mode" in ds.dims else []
+    """One record per (run, group, matrix, step) present: every variable over those dims,
+    and variables with one more ``mode`` / ``rank`` dim spread as ``sigma_1 .. sigma_W``.
+    Variables over other dims (overlaps, events) are left to netCDF."""
+    keys = [d for d in KEY_DIMS if d in ds.dims]
     records = []
-    for g in groups:
-        part = ds.sel(group=g) if g is not None else ds
-        for i, step in enumerate(part["step"].values):
-            row: dict = {"step": int(step)}
-            if g is not None:
-                row["group"] = str(g)
-            for name, var in part.data_vars.items():
-                if var.dims == ("step",):
-                    row[name] = _plain(var.values[i])
-                elif var.dims == ():
-                    row[name] = _plain(var.values)
-            for name, var in part.data_vars.items():
-                if var.dims == ("step", "mode"):
-                    for j, m in enumerate(modes):
-                        row[f"{name}_{int(m)}"] = _plain(var.values[i, j])
-            records.append(row)
+    for combo in itertools.product(*(range(ds.sizes[d]) for d in keys)):
+        at = dict(zip(keys, combo))
+        row: dict = {d: _plain(ds[d].values[i]) for d, i in at.items()}
+        spread = []
+        for name, var in ds.data_vars.items():
+            if not set(var.dims) <= set(keys) | set(SPREAD_DIMS):
+                continue
+            extra = [d for d in var.dims if d not in keys]
+            value = var.isel({d: i for d, i in at.items() if d in var.dims})
+            if not extra:
+                row[name] = _plain(value.values)
+            elif len(extra) == 1:
+                spread.append((name, extra[0], value.values))
+        for name, dim, values in spread:
+            for j, label in enumerate(ds[dim].values):
+                row[f"{name}_{int(label)}"] = _plain(values[j])
+        records.append(row)
     return records
 
 

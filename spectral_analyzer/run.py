@@ -13,6 +13,7 @@ from .dynamics.coupling import correlate
 from .gram.build import DEFAULT_MAX_LAG, build_band
 from .spectra import compute_spectra
 from .store import Store
+from .weights import compute_grokking, compute_weight_spectra
 
 __all__ = ["Run", "open_run"]
 
@@ -212,6 +213,59 @@ class Run:
         spectra = self.spectra(window=window, params=options.pop("params", None))
         return correlate(spectra, self.metrics, metric, max_lag=options.pop("max_lag", 10),
                          detrend_kind=options.pop("detrend", "linear"), **options)
+
+    def weight_spectra(self, match: str | list[str] | None = None, **options) -> xr.Dataset:
+        """Singular values of 2-D weight matrices at every checkpoint.
+
+        Each selected weight is reconstructed as ``theta_i = base + sum_{k<=i} d_k``
+        with float64 accumulation and decomposed with torch (batched by shape).
+        A packed attention ``in_proj_weight`` becomes three matrices,
+        ``...in_proj_weight[q]``, ``[k]`` and ``[v]`` (nn.MultiheadAttention's
+        own row blocks). Memory: 8 bytes per selected parameter.
+
+        Parameters
+        ----------
+        match : glob or list of globs, optional
+            On tensor names or on the split matrix names; all 2-D weights by default.
+        **options
+            ``top`` (keep the top singular values), ``heads`` (row blocks per
+            head), ``device``, ``cache``.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``sigma`` (step, matrix, rank) and per (step, matrix)
+            ``sigma_ratio_12`` (sigma1/sigma2), ``g12``, ``g23``, ``stable_rank``
+            (||W||_F^2 / sigma1^2); ``step`` covers every checkpoint, base included.
+
+        Examples
+        --------
+        >>> run.weight_spectra("*in_proj_weight[q]").sigma_ratio_12   # doctest: +SKIP
+        """
+        return compute_weight_spectra(self._store, match, **options)
+
+    def grokking(
+        self, metric: str = "test_acc", threshold: float = 0.95, window: int = 10, **options
+    ) -> xr.Dataset:
+        """The grokking summary: did the run grok, when, and what the spectrum did before.
+
+        * ``grokked``, ``grok_step``: the first logged step where *metric*
+          reaches *threshold* (-1 if never).
+        * ``g23_decline``: the trajectory gap g23 = lambda_2 - lambda_3 at its
+          pre-grok peak (``g23_peak_step``) over g23 at the last window ending at
+          or before the grok step.
+        * ``R_early``: mean gap ratio over windows ending before the grok step
+          (over all windows for a run that never groks); ``R_grok``: R at the
+          grok step.
+        * ``k_star_mode``: the most frequent k*.
+        * ``wq_sigma_ratio_grok``, ``wq_sigma_ratio_end``: sigma1/sigma2 of W_Q
+          (the first of ``*q_proj.weight``, ``*in_proj_weight[q]``, ... or
+          ``wq=GLOB``) at grokking and at the last checkpoint.
+
+        Options: ``params`` (for the spectra), ``wq``, ``device``.
+        """
+        spectra = self.spectra(window=window, params=options.pop("params", None))
+        return compute_grokking(self._store, spectra, self.metrics, metric=metric, threshold=threshold, **options)
 
     @property
     def warnings(self) -> list[str]:

@@ -298,6 +298,10 @@ class Store:
         """float32 ``deltas[row, start:stop]`` (one chunk when aligned)."""
         return np.asarray(self.array("deltas")[row, start:stop])
 
+    def read_base(self, start: int, stop: int) -> np.ndarray:
+        """float32 ``base[start:stop]`` (theta at the first checkpoint)."""
+        return np.asarray(self.array("base")[start:stop])
+
     # -- the band cache ---------------------------------------------------------
 
     def band_info(self) -> dict[str, Any] | None:

@@ -131,7 +131,7 @@ def test_spectra_table_and_exports(runner, tmp_path, monkeypatch):
     result = runner.invoke(main, ["spectra", "-w", "5", "--group-by", "layer", "--no-progress", "-o", "s.csv"])
     assert result.exit_code == 0, result.output
     header = (tmp_path / "s.csv").read_text().splitlines()[0].split(",")
-    assert header[:3] == ["step", "group", "k_star"] and "sigma_5" in header
+    assert header[:3] == ["group", "step", "k_star"] and "sigma_5" in header
     result = runner.invoke(main, ["spectra", "-w", "5", "--params", "head.*", "--no-progress", "-o", "s.json"])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "s.json").read_text())

@@ -1,0 +1,212 @@
+"""Weight-matrix spectra over training and the grokking summary."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+from dask.base import tokenize
+
+from .._version import __version__
+from ..dynamics.coupling import MetricError
+from ..gram.build import resolve_device
+from ..groups import SelectionError
+from ..ingest.discover import natural_key
+from ..store import Store, TensorEntry
+from .kernel import matrix_stats, singular_values, split_heads, split_packed
+
+__all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra"]
+
+WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.weight", "*attn.q.weight")
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    """Exact name, glob, or glob with ``[`` taken literally (``*in_proj_weight[q]``)."""
+    return any(
+        name == g or fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, g.replace("[", "[[]")) for g in globs
+    )
+
+
+def _select(manifest: list[TensorEntry], match, heads: int | None) -> list[tuple[TensorEntry, list[str]]]:
+    """2-D tensors to reconstruct, each with the names of the matrices taken from it."""
+    globs = None if match is None else ([match] if isinstance(match, str) else list(match))
+    picked = []
+    for t in manifest:
+        if len(t.shape) != 2:
+            continue
+        parts = [n for n, _ in split_packed(t.name, np.empty(t.shape, dtype=np.bool_))]
+        if globs is not None and not _matches(t.name, globs):
+            parts = [n for n in parts if _matches(n, globs)]
+        if parts:
+            picked.append((t, parts))
+    if not picked:
+        shown = ", ".join(t.name for t in manifest if len(t.shape) == 2)[:200] or "none"
+        raise SelectionError(f"no 2-D weight matches {globs!r} (2-D weights: {shown})")
+    return picked
+
+
+def _spans(picked: list[tuple[TensorEntry, list[str]]], chunk: int) -> list[tuple[int, int, list[int]]]:
+    """Merge tensors that share a chunk into one read span: (start, stop, picked indices)."""
+    spans: list[tuple[int, int, list[int]]] = []
+    for i, (t, _) in enumerate(picked):
+        a, b = t.offset, t.offset + t.size
+        if spans and a // chunk <= (spans[-1][1] - 1) // chunk:
+            s = spans[-1]
+            spans[-1] = (s[0], max(s[1], b), s[2] + [i])
+        else:
+            spans.append((a, b, [i]))
+    return spans
+
+
+def compute_weight_spectra(
+    store: Store,
+    match: str | Sequence[str] | None = None,
+    *,
+    top: int | None = None,
+    heads: int | None = None,
+    device: str = "auto",
+    cache: bool = True,
+) -> xr.Dataset:
+    """Singular values of 2-D weights at every checkpoint; see :meth:`Run.weight_spectra`."""
+    steps = store.checkpoint_steps
+    name = f"weights-{tokenize('weights', match, top, heads, steps.tolist(), __version__)[:20]}"
+    if cache and (cached := store.read_result(name)) is not None:
+        return cached
+    manifest = sorted(store.manifest, key=lambda t: t.offset)
+    picked = _select(manifest, match, heads)
+    dev = resolve_device(device)
+    theta = [store.read_base(t.offset, t.offset + t.size).astype(np.float64) for t, _ in picked]
+    spans = _spans(picked, store.chunk_size)
+    sigmas: list[list[np.ndarray]] = []
+    names: list[str] | None = None
+    for row in range(-1, store.n_deltas):
+        if row >= 0:  # theta_i = theta_{i-1} + d_i, accumulated in float64
+            for a, b, members in spans:
+                d = store.read_delta_row(row, a, b)
+                for i in members:
+                    t = picked[i][0]
+                    theta[i] += d[t.offset - a : t.offset - a + t.size]
+        mats: list[tuple[str, np.ndarray]] = []
+        for (t, parts), flat in zip(picked, theta):
+            for part_name, m in split_packed(t.name, flat.reshape(t.shape)):
+                if part_name in parts:
+                    mats.extend(split_heads(part_name, m, heads) if heads else [(part_name, m)])
+        names = [n for n, _ in mats]
+        sigmas.append(singular_values([m for _, m in mats], dev))
+    assert names is not None
+    rank = max(s.size for s in sigmas[0])
+    keep = min(rank, top) if top else rank
+    sigma = np.full((len(steps), len(names), rank), np.nan)
+    for k, row in enumerate(sigmas):
+        for j, s in enumerate(row):
+            sigma[k, j, : s.size] = s
+    stats = matrix_stats(sigma)
+    ds = xr.Dataset(
+        {
+            "sigma": (("step", "matrix", "rank"), sigma[..., :keep]),
+            **{k: (("step", "matrix"), v) for k, v in stats.items()},
+        },
+        coords={"step": steps, "matrix": names, "rank": np.arange(1, keep + 1)},
+    )
+    ds.attrs = {
+        "match": match if isinstance(match, str) else ",".join(match or []),
+        "top": top or 0,
+        "heads": heads or 0,
+        "precision": "float64",
+        "reconstruction": "theta_i = base + sum_{k<=i} d_k, float64 accumulation of float32 deltas",
+        "spectral_analyzer_version": __version__,
+    }
+    ds["sigma"].attrs["description"] = "singular values, descending"
+    ds["sigma_ratio_12"].attrs["description"] = "sigma_1 / sigma_2"
+    ds["stable_rank"].attrs["description"] = "||W||_F^2 / sigma_1^2"
+    if cache:
+        try:
+            store.write_result(name, ds)
+        except OSError:
+            pass
+    return ds
+
+
+def _find_wq(store: Store, wq: str | None) -> str | None:
+    names = []
+    for t in store.manifest:
+        if len(t.shape) == 2:
+            names += [n for n, _ in split_packed(t.name, np.empty(t.shape, dtype=np.bool_))]
+    names.sort(key=natural_key)
+    globs = [wq] if wq else list(WQ_PATTERNS)
+    hits = [n for n in names if _matches(n, globs)]
+    if wq and not hits:
+        raise SelectionError(f"no weight matrix matches {wq!r}")
+    return hits[0] if hits else None
+
+
+def compute_grokking(
+    store: Store,
+    spectra: xr.Dataset,
+    metrics: xr.Dataset,
+    *,
+    metric: str = "test_acc",
+    threshold: float = 0.95,
+    wq: str | None = None,
+    device: str = "auto",
+) -> xr.Dataset:
+    """The grokking summary of a run; see :meth:`Run.grokking`."""
+    if metric not in metrics:
+        raise MetricError(f"{store.path}: metric {metric!r} is not logged (metrics: {', '.join(metrics.data_vars) or 'none'})")
+    m = metrics[metric]
+    reached = np.flatnonzero(np.nan_to_num(m.values, nan=-np.inf) >= threshold)
+    grokked = reached.size > 0
+    grok_step = int(m["step"].values[reached[0]]) if grokked else -1
+    steps = spectra["step"].values
+    r = spectra["gap_ratio"].values
+    lam = spectra["lambda"].values
+    g23 = lam[:, 1] - lam[:, 2] if lam.shape[1] > 2 else np.full(steps.size, np.nan)
+    if grokked:
+        at = np.flatnonzero(steps <= grok_step)
+        early = steps < grok_step
+        if at.size:
+            last = at[-1]
+            peak = int(np.nanargmax(g23[: last + 1]))
+            decline, peak_step, r_grok = g23[peak] / g23[last], int(steps[peak]), r[last]
+        else:
+            decline, peak_step, r_grok = np.nan, -1, np.nan
+        r_early = float(np.nanmean(r[early])) if early.any() else np.nan
+    else:
+        decline, peak_step, r_grok = np.nan, -1, np.nan
+        r_early = float(np.nanmean(r))
+    k = spectra["k_star"].values
+    k = k[k > 0]
+    k_mode = int(np.bincount(k).argmax()) if k.size else 0
+    wq_name = _find_wq(store, wq)
+    wq_grok = wq_end = np.nan
+    if wq_name is not None:
+        ws = compute_weight_spectra(store, wq_name, device=device)
+        ratio = ws["sigma_ratio_12"].sel(matrix=wq_name)
+        wq_end = float(ratio.values[-1])
+        if grokked:
+            before = ratio.sel(step=slice(None, grok_step))
+            wq_grok = float(before.values[-1]) if before.size else np.nan
+    ds = xr.Dataset(
+        {
+            "grokked": ((), grokked),
+            "grok_step": ((), grok_step),
+            "g23_decline": ((), float(decline)),
+            "g23_peak_step": ((), peak_step),
+            "R_early": ((), r_early),
+            "R_grok": ((), float(r_grok)),
+            "k_star_mode": ((), k_mode),
+            "wq_sigma_ratio_grok": ((), wq_grok),
+            "wq_sigma_ratio_end": ((), wq_end),
+        }
+    )
+    ds.attrs = {
+        "metric": metric,
+        "threshold": threshold,
+        "window": spectra.attrs.get("window"),
+        "wq": wq_name or "",
+        "store": store.path,
+        "spectral_analyzer_version": __version__,
+    }
+    return ds
