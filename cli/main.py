@@ -58,21 +58,24 @@ def _human_bytes(n: float) -> str:
               help="Steps of the checkpoints in name order, when names hold none.")
 @click.option("--strip-prefix", multiple=True, metavar="PREFIX",
               help="Tensor-name prefixes to strip [default: module. and _orig_mod.].")
+@click.option("--weights", "weight_globs", multiple=True, metavar="GLOB",
+              help="Record singular values of these 2-D weights while reading (repeatable).")
 @click.option("--lightning-prefix", default="model.", show_default=True,
               help="Prefix stripped from Lightning .ckpt keys when every key has it ('' to keep).")
 @click.option("--overwrite", is_flag=True, help="Replace whatever is at the output path.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_prefix, lightning_prefix,
-           overwrite, progress):
+def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_prefix, weight_globs,
+           lightning_prefix, overwrite, progress):
     """Ingest a folder of checkpoints into a store of parameter deltas."""
     try:
         step_list = [int(s) for s in steps.split(",")] if steps else None
     except ValueError:
-        raise click.BadParameter(f"not a comma-separated list of integers: {steps}", param_hint="--steps")
+        raise click.BadParameter(f"not a comma-separated list of integers: {steps}", param_hint="--steps") from None
     options = {"strip_prefix": strip_prefix} if strip_prefix else {}
     run = sa.ingest(
         ckpt_dir, store, chunk_size=chunk_size, include=include, exclude=exclude, metrics=metrics,
-        steps=step_list, lightning_prefix=lightning_prefix or None, overwrite=overwrite, progress=progress,
+        steps=step_list, weights=list(weight_globs) or None, lightning_prefix=lightning_prefix or None,
+        overwrite=overwrite, progress=progress,
         **options,
     )
     steps_ = run.checkpoint_steps

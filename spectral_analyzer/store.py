@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .errors import StoreError, StoreExistsError, StoreVersionError
+from .errors import StoreError, StoreVersionError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -237,6 +237,9 @@ class Store:
         """Size ``deltas`` and ``step`` for *n_rows* rows (data follows, commit after)."""
         self.array("deltas").resize((n_rows, self.n_params))
         self.array("step").resize((n_rows,))
+        if "weights" in self.group:
+            sigma = self.group["weights"]["sigma"]
+            sigma.resize((n_rows + 1, *sigma.shape[1:]))
 
     def write_chunk(self, name: str, row: int | None, start: int, data: np.ndarray) -> None:
         """Write one whole chunk of array *name* (row ``None`` for the 1-D ``base``)."""
@@ -263,6 +266,36 @@ class Store:
             step[n:] = step.fill_value
         self.reserve_rows(n)
         self.group.attrs.put(dict(attrs))
+
+    # -- weight spectra recorded at ingest -------------------------------------
+
+    def create_weight_record(self, match: Sequence[str], matrices: Sequence[str], rank: int) -> None:
+        """``weights/sigma`` float64 (checkpoint, matrix, rank), one chunk per checkpoint."""
+        weights = self.group.create_group("weights")
+        weights.create_array(
+            "sigma", shape=(0, len(matrices), rank), chunks=(1, len(matrices), rank), dtype="float64",
+            fill_value=np.nan, compressors=[Crc32cCodec()], dimension_names=("checkpoint", "matrix", "rank"),
+        )
+        weights.attrs.put({"match": list(match), "matrices": list(matrices)})
+
+    def weight_record(self) -> tuple[list[str], list[str], int] | None:
+        """``(match, matrices, rank)`` of the weight spectra recorded at ingest, or None."""
+        if "weights" not in self.group:
+            return None
+        weights = self.group["weights"]
+        attrs = weights.attrs
+        return list(attrs["match"]), list(attrs["matrices"]), int(weights["sigma"].shape[-1])
+
+    def write_weight_row(self, index: int, sigma: np.ndarray) -> None:
+        """Singular values of checkpoint *index* (0 = base), before its commit."""
+        array = self.group["weights"]["sigma"]
+        if array.shape[0] <= index:
+            array.resize((index + 1, *array.shape[1:]))
+        array[index] = sigma
+
+    def read_weight_record(self) -> np.ndarray:
+        """Recorded singular values of the committed checkpoints (checkpoint, matrix, rank)."""
+        return np.asarray(self.group["weights"]["sigma"][: self.n_deltas + 1])
 
     # -- metrics --------------------------------------------------------------
 

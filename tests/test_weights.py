@@ -141,3 +141,49 @@ def test_cli_weights_and_grokking(runs, tmp_path):
     assert bad.exit_code == 1 and bad.output.startswith("error: no 2-D weight matches")
     bad = runner.invoke(main, ["grokking", runs["wd1"].path, "--metric", "val_acc"])
     assert bad.exit_code == 1 and "metric 'val_acc' is not logged" in bad.output
+
+
+def test_recorded_at_ingest_are_the_source_singular_values(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = sorted((FIXTURES / "grokking" / "wd1").glob("*.safetensors"), key=lambda f: natural(f.name))
+    for f in files[:30]:
+        (src / f.name).symlink_to(f)
+    run = sa.ingest(src, tmp_path / "r.zarr", weights=[WQ, "unembed.weight"])
+    for f in files[30:]:  # appended rows record theirs too
+        (src / f.name).symlink_to(f)
+    run = sa.ingest(src, tmp_path / "r.zarr")
+    ws = run.weight_spectra([WQ, "unembed.weight"])
+    assert ws.attrs["source"] == "recorded at ingest from the source tensors"
+    for k, (_, state) in enumerate(source_weights("wd1")):
+        want_q = np.linalg.svd(state["layers.0.attn.in_proj_weight"].double().numpy()[:32], compute_uv=False)
+        want_u = np.linalg.svd(state["unembed.weight"].double().numpy(), compute_uv=False)
+        # two backward-stable SVDs (torch, LAPACK) of the same matrix agree to ~eps sigma_1
+        np.testing.assert_allclose(ws["sigma"].sel(matrix=WQ).values[k], want_q, rtol=1e-12, atol=1e-13 * want_q[0])
+        got_u = ws["sigma"].sel(matrix="unembed.weight").values[k, : want_u.size]
+        np.testing.assert_allclose(got_u, want_u, rtol=1e-12, atol=1e-13 * want_u[0])
+    # matrices that were not recorded are rebuilt from the deltas
+    assert run.weight_spectra("embed.weight").attrs["source"].startswith("theta_i = base")
+    with pytest.raises(sa.StoreError, match="recorded for"):
+        sa.ingest(src, tmp_path / "r.zarr", weights=["*mlp*"])
+
+
+def test_recorded_weights_roll_back_with_bad_input(tmp_path):
+    from conftest import snapshot
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = sorted((FIXTURES / "grokking" / "wd1").glob("*.safetensors"), key=lambda f: natural(f.name))
+    for f in files[:5]:
+        (src / f.name).symlink_to(f)
+    sa.ingest(src, tmp_path / "r.zarr", weights=WQ)
+    before = snapshot(tmp_path / "r.zarr")
+    (src / files[5].name).symlink_to(files[5])
+    state = load_file(str(files[6]))
+    state["norm.weight"][0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(state, str(src / files[6].name))
+    with pytest.raises(sa.NonFiniteError):
+        sa.ingest(src, tmp_path / "r.zarr")
+    assert snapshot(tmp_path / "r.zarr") == before

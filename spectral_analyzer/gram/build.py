@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Sequence
 
 import dask
 import numpy as np
@@ -243,8 +242,3 @@ def build_band(
         meta = {"precision": "float64", "version": __version__}
         store.write_band(rows, start, max_lag, steps, meta)
     return store.read_band(), max_lag
-
-
-def band_of(band: np.ndarray, tensors: Sequence[int]) -> np.ndarray:
-    """The band of a set of tensors: the sum of their bands, shape (n_deltas, L + 1)."""
-    return band[list(tensors)].sum(axis=0)

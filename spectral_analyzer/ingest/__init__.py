@@ -26,6 +26,7 @@ def ingest(
     lightning_prefix: str | None = "model.",
     metrics: str | os.PathLike | None = None,
     steps: Sequence[int] | None = None,
+    weights: str | Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Run:
@@ -56,6 +57,12 @@ def ingest(
         by default the newest ``trainer_state.json`` of an HF Trainer run.
     steps : sequence of int, optional
         Steps of the checkpoints in natural name order, when names hold none.
+    weights : glob or sequence of globs, optional
+        Record the singular values of the matching 2-D weights (packed
+        ``in_proj_weight`` split into q, k, v) from the source tensors while
+        they are read, for runs too large to reconstruct later;
+        :meth:`Run.weight_spectra` then reads them from the store. Chosen
+        when the store is created.
     overwrite : bool
         Replace a store of a different run (or any other content) at *store*.
     progress : bool
@@ -86,6 +93,7 @@ def ingest(
         lightning_prefix=lightning_prefix,
         metrics=metrics,
         steps=steps,
+        weights=weights,
         overwrite=overwrite,
         progress=progress,
     )

@@ -32,12 +32,15 @@ from ..errors import (
     InconsistentCheckpointsError,
     NonFiniteError,
     StepError,
+    StoreError,
     StoreExistsError,
 )
 from ..store import DEFAULT_CHUNK_SIZE, Store, TensorEntry
 from .discover import Checkpoint, discover, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
-from .readers import CheckpointReader, KeyOptions, TensorInfo, open_checkpoint
+from ..weights import matrices_of, select_weights
+from ..weights.kernel import singular_values
+from .readers import KeyOptions, TensorInfo, open_checkpoint
 
 __all__ = ["ingest_store"]
 
@@ -182,6 +185,35 @@ class _StoredTheta:
         return torch.from_numpy(np.asarray(flat)).reshape(t.shape)
 
 
+class _WeightRecorder:
+    """Singular values of the selected source matrices of one checkpoint, written before its commit."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        record = store.weight_record()
+        self.picked = {} if record is None else {t.name: (t, parts) for t, parts in select_weights(store.manifest, record[0])}
+        self.matrices = [] if record is None else record[1]
+        self.rank = 0 if record is None else record[2]
+        self.values: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.picked:
+            t, parts = self.picked[name]
+            mats = matrices_of([(t, parts)], [tensor.to(torch.float64).reshape(-1).numpy()])
+            for (matrix, _), s in zip(mats, singular_values([m for _, m in mats])):
+                self.values[matrix] = s
+
+    def write(self, index: int) -> None:
+        if not self.matrices:
+            return
+        out = np.full((len(self.matrices), self.rank), np.nan)
+        for j, matrix in enumerate(self.matrices):
+            s = self.values[matrix]
+            out[j, : s.size] = s
+        self.store.write_weight_row(index, out)
+        self.values = {}
+
+
 def _check_finite(t: torch.Tensor, name: str, label: str, step: int) -> None:
     if not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
@@ -266,6 +298,7 @@ def ingest_store(
     lightning_prefix: str | None = "model.",
     metrics: str | os.PathLike | None = None,
     steps: Sequence[int] | None = None,
+    weights: str | Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -283,9 +316,16 @@ def ingest_store(
     metric_table = read_metrics(metrics_path) if metrics_path is not None else None
 
     existing, target = _prepare_target(path, overwrite)
+    match = None if weights is None else ([weights] if isinstance(weights, str) else list(weights))
     if existing is not None:
         new = _match_existing(existing, manifest, planned)
         st = existing
+        recorded = st.weight_record()
+        if match is not None and (recorded is None or recorded[0] != match):
+            raise StoreError(
+                f"{path}: weight spectra are recorded for {recorded[0] if recorded else 'no'} matrices, not "
+                f"{match}; the choice is made when the store is created (pass overwrite to start again)"
+            )
     else:
         new = planned
         if target.exists() and target != path:
@@ -296,6 +336,7 @@ def ingest_store(
             "exclude": list(exclude),
             "strip_prefix": list(strip_prefix),
             "lightning_prefix": lightning_prefix,
+            "weights": match,
         }
         provenance = {
             "source": str(src.resolve()),
@@ -309,6 +350,11 @@ def ingest_store(
             },
         }
         st = Store.create(target, manifest, chunk_size, {"provenance": provenance})
+        if match is not None:
+            picked = select_weights(manifest, match)
+            names = [n for n, _ in matrices_of(picked, [np.zeros(t.size) for t, _ in picked])]
+            rank = max(min(m.shape) for _, m in matrices_of(picked, [np.zeros(t.size) for t, _ in picked]))
+            st.create_weight_record(match, names, rank)
     snapshot = st.attrs
     created = existing is None
     try:
@@ -343,6 +389,7 @@ def _write_rows(
         return
     hasher = ThreadPoolExecutor(1, thread_name_prefix="spectral-hash")
     writer = _Writer(st)
+    recorder = _WeightRecorder(st)
     bar = _progress(progress, 4 * st.n_params * (len(new) + (record is None)))
     try:
         hashes = [
@@ -368,10 +415,12 @@ def _write_rows(
                 flat = x.to(torch.float32).reshape(-1).numpy()
                 row.add(flat)
                 last.add(flat)
+                recorder.add(t.name, x)
                 if bar is not None:
                     bar.update(4 * t.size)
             del reader, x, flat
             writer.wait()
+            recorder.write(0)
             sources = [source_entry(0)]
             record = {"n_deltas": 0, "last_slot": 0, "last_step": base.step}
             st.commit(commit=record, sources=sources, base_step=base.step)
@@ -414,9 +463,11 @@ def _write_rows(
                 row.add(d)
                 if last is not None:
                     last.add(b.to(torch.float32).reshape(-1).numpy())
+                recorder.add(t.name, b)
                 if bar is not None:
                     bar.update(4 * t.size)
             writer.wait()
+            recorder.write(r + 1)
             st.write_step(r, cur.step)
             sources.append(source_entry(i))
             if not nonzero:

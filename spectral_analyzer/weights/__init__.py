@@ -17,7 +17,7 @@ from ..ingest.discover import natural_key
 from ..store import Store, TensorEntry
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
 
-__all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra"]
+__all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra", "select_weights"]
 
 WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.weight", "*attn.q.weight")
 
@@ -29,7 +29,7 @@ def _matches(name: str, globs: Sequence[str]) -> bool:
     )
 
 
-def _select(manifest: list[TensorEntry], match, heads: int | None) -> list[tuple[TensorEntry, list[str]]]:
+def select_weights(manifest: Sequence[TensorEntry], match) -> list[tuple[TensorEntry, list[str]]]:
     """2-D tensors to reconstruct, each with the names of the matrices taken from it."""
     globs = None if match is None else ([match] if isinstance(match, str) else list(match))
     picked = []
@@ -75,33 +75,16 @@ def compute_weight_spectra(
     if cache and (cached := store.read_result(name)) is not None:
         return cached
     manifest = sorted(store.manifest, key=lambda t: t.offset)
-    picked = _select(manifest, match, heads)
-    dev = resolve_device(device)
-    theta = [store.read_base(t.offset, t.offset + t.size).astype(np.float64) for t, _ in picked]
-    spans = _spans(picked, store.chunk_size)
-    sigmas: list[list[np.ndarray]] = []
-    names: list[str] | None = None
-    for row in range(-1, store.n_deltas):
-        if row >= 0:  # theta_i = theta_{i-1} + d_i, accumulated in float64
-            for a, b, members in spans:
-                d = store.read_delta_row(row, a, b)
-                for i in members:
-                    t = picked[i][0]
-                    theta[i] += d[t.offset - a : t.offset - a + t.size]
-        mats: list[tuple[str, np.ndarray]] = []
-        for (t, parts), flat in zip(picked, theta):
-            for part_name, m in split_packed(t.name, flat.reshape(t.shape)):
-                if part_name in parts:
-                    mats.extend(split_heads(part_name, m, heads) if heads else [(part_name, m)])
-        names = [n for n, _ in mats]
-        sigmas.append(singular_values([m for _, m in mats], dev))
-    assert names is not None
-    rank = max(s.size for s in sigmas[0])
+    picked = select_weights(manifest, match)
+    recorded = _from_record(store, picked, heads)
+    if recorded is not None:
+        names, sigma = recorded
+        source = "recorded at ingest from the source tensors"
+    else:
+        names, sigma = _reconstruct(store, picked, heads, device)
+        source = "theta_i = base + sum_{k<=i} d_k, float64 accumulation of float32 deltas"
+    rank = sigma.shape[-1]
     keep = min(rank, top) if top else rank
-    sigma = np.full((len(steps), len(names), rank), np.nan)
-    for k, row in enumerate(sigmas):
-        for j, s in enumerate(row):
-            sigma[k, j, : s.size] = s
     stats = matrix_stats(sigma)
     ds = xr.Dataset(
         {
@@ -115,7 +98,7 @@ def compute_weight_spectra(
         "top": top or 0,
         "heads": heads or 0,
         "precision": "float64",
-        "reconstruction": "theta_i = base + sum_{k<=i} d_k, float64 accumulation of float32 deltas",
+        "source": source,
         "spectral_analyzer_version": __version__,
     }
     ds["sigma"].attrs["description"] = "singular values, descending"
@@ -127,6 +110,55 @@ def compute_weight_spectra(
         except OSError:
             pass
     return ds
+
+
+def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np.ndarray] | None:
+    """The recorded singular values of the picked matrices, if the ingest recorded them all."""
+    record = store.weight_record()
+    if record is None or heads:
+        return None
+    _, matrices, _ = record
+    wanted = [n for _, parts in picked for n in parts]
+    if not set(wanted) <= set(matrices):
+        return None
+    sigma = store.read_weight_record()[:, [matrices.index(n) for n in wanted], :]
+    width = int(np.max(np.sum(np.isfinite(sigma[0]), axis=-1)))
+    return wanted, sigma[..., :width]
+
+
+def _reconstruct(store: Store, picked, heads: int | None, device: str) -> tuple[list[str], np.ndarray]:
+    """Singular values of the picked matrices rebuilt from base + deltas at every checkpoint."""
+    dev = resolve_device(device)
+    theta = [store.read_base(t.offset, t.offset + t.size).astype(np.float64) for t, _ in picked]
+    spans = _spans(picked, store.chunk_size)
+    sigmas: list[list[np.ndarray]] = []
+    names: list[str] = []
+    for row in range(-1, store.n_deltas):
+        if row >= 0:  # theta_i = theta_{i-1} + d_i, accumulated in float64
+            for a, b, members in spans:
+                d = store.read_delta_row(row, a, b)
+                for i in members:
+                    t = picked[i][0]
+                    theta[i] += d[t.offset - a : t.offset - a + t.size]
+        mats = matrices_of(picked, theta, heads)
+        names = [n for n, _ in mats]
+        sigmas.append(singular_values([m for _, m in mats], dev))
+    rank = max(s.size for s in sigmas[0])
+    sigma = np.full((len(sigmas), len(names), rank), np.nan)
+    for k, row_values in enumerate(sigmas):
+        for j, s in enumerate(row_values):
+            sigma[k, j, : s.size] = s
+    return names, sigma
+
+
+def matrices_of(picked, flats, heads: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """The named matrices of the picked tensors, given each tensor's flat values."""
+    mats: list[tuple[str, np.ndarray]] = []
+    for (t, parts), flat in zip(picked, flats):
+        for part_name, m in split_packed(t.name, flat.reshape(t.shape)):
+            if part_name in parts:
+                mats.extend(split_heads(part_name, m, heads) if heads else [(part_name, m)])
+    return mats
 
 
 def _find_wq(store: Store, wq: str | None) -> str | None:
