@@ -292,3 +292,34 @@ def grokking(stores, metric, threshold, window, wq, output, overwrite):
         table = xr.concat(summaries, dim="run", combine_attrs="drop_conflicts").assign_coords(run=list(stores))
         export(table, output, overwrite=overwrite)
         click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("store", required=False, envvar=STORE_ENV, default=DEFAULT_STORE)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="report.html", show_default=True)
+@click.option("-w", "--window", type=click.IntRange(min=3), default=10, show_default=True)
+@click.option("--metric", default=None, help="Metric drawn beside the gap ratio [default: accuracy or loss].")
+@click.option("--overwrite", is_flag=True)
+def report(store, output, window, metric, overwrite):
+    """One self-contained HTML page with every plot and the summary tables."""
+    from spectral_analyzer.report import write_report
+
+    path = write_report(sa.open_run(store), output, window=window, metric=metric, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="spectral-demo", show_default=True,
+              help="A new folder for the store, the exports and the report.")
+@click.option("--source", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Checkpoint folder [default: the shipped grokking fixture].")
+@click.option("-w", "--window", type=click.IntRange(min=3), default=10, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def demo(output, source, window, overwrite):
+    """The whole pipeline on the shipped grokking run: ingest to report."""
+    from spectral_analyzer.demo import run_demo
+
+    paths = run_demo(output, source=source, window=window, overwrite=overwrite)
+    for name, path in paths.items():
+        click.echo(f"{name:<9} {path}")
+    click.echo(f"open {paths['report']} in a browser")

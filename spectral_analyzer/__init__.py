@@ -22,6 +22,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .export import events_table, export
+from . import plot  # registers the ds.spectral accessor
 from .ingest import ingest
 from .run import Run, open_run
 

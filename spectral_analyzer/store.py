@@ -24,11 +24,13 @@ attribute write that commits the row.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
@@ -95,6 +97,7 @@ class Store:
         self.group = group
         self.path = path
         self._arrays: dict[str, zarr.Array] = {}
+        self._direct: str | None = None
 
     def _writable(self) -> zarr.Group:
         """The group opened for writing (caches are written into read-only opened stores too)."""
@@ -192,11 +195,11 @@ class Store:
 
     @property
     def n_params(self) -> int:
-        return int(self.attrs["n_params"])
+        return int(self.group.attrs["n_params"])
 
     @property
     def chunk_size(self) -> int:
-        return int(self.attrs["chunk_size"])
+        return int(self.group.attrs["chunk_size"])
 
     @property
     def manifest(self) -> list[TensorEntry]:
@@ -330,6 +333,61 @@ class Store:
     def read_delta_row(self, row: int, start: int, stop: int) -> np.ndarray:
         """float32 ``deltas[row, start:stop]`` (one chunk when aligned)."""
         return np.asarray(self.array("deltas")[row, start:stop])
+
+    def read_delta_chunk(self, row: int, start: int, out: np.ndarray) -> None:
+        """Read the chunk of ``deltas`` at (row, start) into *out* (float32, its length).
+
+        On a local store the chunk file is read straight into *out* and its
+        crc32c checked, with no intermediate buffers: Zarr's own read path
+        costs more than the disk here. Elsewhere Zarr reads it.
+        """
+        direct = self._direct_chunks()
+        if direct is None:
+            out[:] = self.read_delta_row(row, start, start + out.size)
+            return
+        j = start // self.chunk_size
+        path = os.path.join(direct, str(row), str(j))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            out[:] = 0.0  # a chunk equal to the fill value is not written
+            return
+        crc = np.empty(4, dtype=np.uint8)
+        full = self.chunk_size  # chunks on disk are whole, the last one padded
+        try:
+            if out.size == full:
+                got = os.preadv(fd, [out.view(np.uint8), crc], 0)
+            else:
+                tmp = np.empty(full * 4, dtype=np.uint8)
+                got = os.preadv(fd, [out.view(np.uint8), tmp[out.size * 4 :], crc], 0)
+                tmp[: out.size * 4] = out.view(np.uint8)
+        finally:
+            os.close(fd)
+        if got != full * 4 + 4:
+            raise StoreError(f"{self.path}: chunk {row}/{j} of deltas is truncated ({got} bytes)")
+        data = out.view(np.uint8) if out.size == full else tmp
+        if google_crc32c.value(data) != int.from_bytes(crc.tobytes(), "little"):
+            raise StoreError(
+                f"{self.path}: chunk {row}/{j} of deltas (the delta ending at step {int(self.array('step')[row])}) "
+                "fails its crc32c check: the file is corrupted"
+            )
+
+    def _direct_chunks(self) -> str | None:
+        """The folder of the delta chunk files when they can be read directly."""
+        if self._direct is None:
+            arr = self.array("deltas")
+            meta = arr.metadata
+            codecs = tuple(type(c).__name__ for c in meta.codecs)
+            ok = (
+                isinstance(self.group.store, zarr.storage.LocalStore)
+                and codecs == ("BytesCodec", "Crc32cCodec")
+                and getattr(meta.codecs[0], "endian", None) is not None
+                and meta.codecs[0].endian.value == sys.byteorder
+                and getattr(meta.chunk_key_encoding, "name", "") == "default"
+                and meta.chunk_key_encoding.separator == "/"
+            )
+            self._direct = os.path.join(str(self.group.store.root), "deltas", "c") if ok else ""
+        return self._direct or None
 
     def read_base(self, start: int, stop: int) -> np.ndarray:
         """float32 ``base[start:stop]`` (theta at the first checkpoint)."""

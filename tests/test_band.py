@@ -25,13 +25,19 @@ def dense_band(x: np.ndarray, segments, max_lag: int) -> np.ndarray:
 
 
 def test_kernel_matches_dense():
+    """Rows 0..8 of x held in a ring of 9 slots in shuffled physical order; rows 4..8 are new."""
     gen = torch.Generator().manual_seed(0)
-    rows = [torch.randn(1000, generator=gen) for _ in range(9)]
-    x = torch.stack(rows).double().numpy()
+    x = torch.randn(9, 1000, generator=gen)
+    perm = np.array([3, 7, 0, 8, 1, 5, 2, 6, 4])  # physical slot -> logical row
+    ring = x[perm].clone()
+    logical = perm.copy()
+    new = [int(np.flatnonzero(perm == i)[0]) for i in range(4, 9)]
     segs = [(0, 7), (7, 700), (700, 1000)]
-    got = band_rows(rows, 5, segs, 4, col_block=64)
-    want = dense_band(x, segs, 4)[:, 4:]
+    got = band_rows(ring, new, logical, segs, 4, col_block=64)
+    want = dense_band(x.double().numpy(), segs, 4)[:, 4:]
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=0)
+    logical[perm == 0] = -1  # an empty slot gives NaN
+    assert np.isnan(band_rows(ring, new, logical, segs, 4)[:, 0, 4]).all()
 
 
 @pytest.mark.parametrize("chunk", [50, 333, 10_000])
@@ -68,6 +74,7 @@ def test_second_call_reads_no_delta(tmp_path, monkeypatch):
         raise AssertionError("a delta was read")
 
     monkeypatch.setattr(Store, "read_delta_row", no_reads)
+    monkeypatch.setattr(Store, "read_delta_chunk", no_reads)
     run = sa.open_run(tmp_path / "r.zarr")
     assert run.spectra(window=10).identical(first)
     for window in (2, 5, 16):  # any W <= L, from the cached band
@@ -86,9 +93,9 @@ def test_append_computes_only_new_band_rows(tmp_path, monkeypatch):
         (tmp_path / p.name).rename(p)
     run = sa.ingest(src, tmp_path / "r.zarr")
     read_rows, new_rows = [], []
-    real_read, real_kernel = Store.read_delta_row, build.band_rows
-    monkeypatch.setattr(Store, "read_delta_row", lambda self, r, a, b: read_rows.append(r) or real_read(self, r, a, b))
-    monkeypatch.setattr(build, "band_rows", lambda rows, n_new, *a, **k: new_rows.append(n_new) or real_kernel(rows, n_new, *a, **k))
+    real_read, real_kernel = Store.read_delta_chunk, build.band_rows
+    monkeypatch.setattr(Store, "read_delta_chunk", lambda self, r, a, out: read_rows.append(r) or real_read(self, r, a, out))
+    monkeypatch.setattr(build, "band_rows", lambda ring, new, *a, **k: new_rows.append(len(new)) or real_kernel(ring, new, *a, **k))
     band = run.band(max_lag=4).values
     n_chunks = -(-run.n_params // 500)
     assert sum(new_rows) == 10 * n_chunks  # the 10 new rows, in every chunk

@@ -15,7 +15,6 @@ most one per core), so peak memory does not depend on p.
 from __future__ import annotations
 
 import os
-from collections import deque
 
 import dask
 import numpy as np
@@ -54,19 +53,35 @@ def _band_task(
     device: str,
     threads: int,
 ) -> dict[tuple[int, int], np.ndarray]:
-    """Band rows r0..r1-1 of the tensor pieces in columns [start, stop)."""
+    """Band rows r0..r1-1 of the tensor pieces in columns [start, stop).
+
+    Rows are read straight into a circular buffer of L + BLOCK_ROWS rows: the
+    last L rows are the halo of each new block.
+    """
     # torch's intra-op thread count is per OS thread (OpenMP): set it in the worker's own thread.
     torch.set_num_threads(threads)
     store = Store.open(path)
-    halo: deque[torch.Tensor] = deque(maxlen=max_lag)
+    n_slots = max_lag + BLOCK_ROWS
+    ring = np.zeros((n_slots, stop - start), dtype=np.float32)
+    ring_t = torch.from_numpy(ring)
+    logical = np.full(n_slots, -1)
+    slot = 0
+
+    def load(row: int) -> int:
+        nonlocal slot
+        here = slot
+        store.read_delta_chunk(row, start, ring[here])
+        logical[here] = row
+        slot = (slot + 1) % n_slots
+        return here
+
     for r in range(max(0, r0 - max_lag), r0):
-        halo.append(torch.from_numpy(store.read_delta_row(r, start, stop)))
+        load(r)
     local = [(a - start, b - start) for _, a, b in segments]
     parts = []
     for k0 in range(r0, r1, BLOCK_ROWS):
-        new = [torch.from_numpy(store.read_delta_row(r, start, stop)) for r in range(k0, min(r1, k0 + BLOCK_ROWS))]
-        parts.append(band_rows(list(halo) + new, len(new), local, max_lag, device=device))
-        halo.extend(new)
+        new = [load(r) for r in range(k0, min(r1, k0 + BLOCK_ROWS))]
+        parts.append(band_rows(ring_t, new, logical, local, max_lag, device=device))
     rows = np.concatenate(parts, axis=1)
     return {(t, r0): rows[s] for s, (t, _, _) in enumerate(segments)}
 

@@ -17,61 +17,62 @@ COL_BLOCK = 32768  # columns converted to float64 at a time (fits in cache)
 
 
 def band_rows(
-    rows: Sequence[torch.Tensor],
-    n_new: int,
+    ring: torch.Tensor,
+    new: Sequence[int],
+    logical: np.ndarray,
     segments: Sequence[tuple[int, int]],
     max_lag: int,
     *,
     device: torch.device | str = "cpu",
     col_block: int = COL_BLOCK,
 ) -> np.ndarray:
-    """Band entries of the last *n_new* rows against the rows before them.
+    """Band entries of the new rows against every row held in a ring buffer.
 
-    ``out[s, r, l] = <x_r[seg_s], x_{r-l}[seg_s]>`` for the new rows r and lags
-    ``l = 0..max_lag``, accumulated in float64; NaN where row ``r - l`` is not
-    among *rows*.
+    ``out[s, r, l] = <x_i[seg_s], x_{i-l}[seg_s]>`` for the r-th new row
+    (logical index i) and lags ``l = 0..max_lag``, accumulated in float64; NaN
+    where row ``i - l`` is not in the ring.
 
     Parameters
     ----------
-    rows : sequence of 1-D float32 tensors, all of length C
-        ``h`` halo rows (``h <= max_lag``) followed by the ``n_new`` new rows.
-    n_new : int
+    ring : float32 tensor (R, C)
+        Delta rows in any physical order (a circular buffer).
+    new : sequence of int
+        Physical rows of the new deltas.
+    logical : int array (R,)
+        Logical (delta) index of each physical row, -1 for an empty slot.
     segments : sequence of (start, stop)
-        Column ranges (one per tensor piece in this chunk).
+        Column ranges, one per tensor piece.
     max_lag : int
         L.
 
     Returns
     -------
-    numpy.ndarray, float64, shape (len(segments), n_new, max_lag + 1)
+    numpy.ndarray, float64, shape (len(segments), len(new), max_lag + 1)
 
-    Cost: ``2 n_new (h + n_new) C`` flops; memory ``(h + n_new) * col_block * 8``
-    bytes beyond the inputs.
+    Cost: ``2 len(new) R C`` flops; one float32 -> float64 conversion of the
+    ring per call, ``col_block`` columns at a time (``R * col_block * 8`` bytes).
 
     Examples
     --------
-    >>> x = [torch.ones(4), 2 * torch.ones(4)]
-    >>> band_rows(x, 1, [(0, 4)], 1)[0]
+    >>> ring = torch.stack([torch.ones(4), 2 * torch.ones(4)])
+    >>> band_rows(ring, [1], np.array([0, 1]), [(0, 4)], 1)[0]
     array([[16.,  8.]])
     """
-    h = len(rows) - n_new
-    if h < 0 or h > max_lag:
-        raise ValueError(f"band_rows: need 0 <= halo <= max_lag, got {h} halo rows for L={max_lag}")
-    n_rows = len(rows)
-    out = np.full((len(segments), n_new, max_lag + 1), np.nan)
+    n_rows = ring.shape[0]
+    new_idx = torch.as_tensor(list(new), dtype=torch.long, device=device)
+    out = np.full((len(segments), len(new), max_lag + 1), np.nan)
+    # entries (r, q) of the product that are band entries, and their lags
+    lag = logical[np.asarray(new)][:, None] - logical[None, :]
+    take = (lag >= 0) & (lag <= max_lag) & (logical[None, :] >= 0)
+    r_idx, q_idx = np.nonzero(take)
+    lags = lag[r_idx, q_idx]
     buf = torch.empty((n_rows, col_block), dtype=torch.float64, device=device)
-    # gather[r, l] = column of the product block holding <x_r, x_{r-l}>
-    r_idx = np.arange(n_new)[:, None]
-    cols = h + r_idx - np.arange(max_lag + 1)[None, :]
-    valid = cols >= 0
     for s, (start, stop) in enumerate(segments):
-        acc = torch.zeros((n_new, n_rows), dtype=torch.float64, device=device)
+        acc = torch.zeros((len(new), n_rows), dtype=torch.float64, device=device)
         for a in range(start, stop, col_block):
             b = min(a + col_block, stop)
             y = buf[:, : b - a]
-            for j, row in enumerate(rows):
-                y[j].copy_(row[a:b])
-            acc += y[h:] @ y.T
-        prod = acc.cpu().numpy()
-        out[s][valid] = prod[np.broadcast_to(r_idx, cols.shape)[valid], cols[valid]]
+            y.copy_(ring[:, a:b])
+            acc += y.index_select(0, new_idx) @ y.T
+        out[s, r_idx, lags] = acc.cpu().numpy()[r_idx, q_idx]
     return out

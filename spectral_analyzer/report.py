@@ -1,0 +1,121 @@
+"""One self-contained HTML page: every plot embedded, with the summary tables."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import plot
+from ._version import __version__
+from .export import events_table
+from .weights import _find_wq
+
+__all__ = ["ACCURACY_METRICS", "write_report"]
+
+ACCURACY_METRICS = ("test_acc", "eval_accuracy", "eval_acc", "val_acc", "test_accuracy", "accuracy")
+LOSS_METRICS = ("test_loss", "eval_loss", "val_loss", "loss", "train_loss")
+
+
+def _png(draw, width: float = 9.0, height: float = 3.6) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    draw(fig.subplots())
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(x):
+        if isinstance(x, (float, np.floating)):
+            x = float(x)
+            return "nan" if np.isnan(x) else f"{x:.4g}"
+        return html.escape(str(x))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _first(names, candidates):
+    return next((c for c in candidates if c in names), None)
+
+
+def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write ``output`` (HTML) with the spectra, dynamics, weight spectra and summaries of *run*.
+
+    Figures: sigma_j(t) (log), ratios with k* and events, the gap ratio with a
+    metric on a second axis, alpha per mode, the mode-1 energy by module, and
+    W_Q's sigma1/sigma2 when the model has a query projection. Tables: the
+    run, the events, the grokking summary (when an accuracy metric is
+    logged) and the spectra every few windows.
+    """
+    from .export import ExportError
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output}: exists; pass overwrite to replace it")
+    spectra = run.spectra(window=window)
+    dyn = run.dynamics(window=window) if run.n_deltas > window else None
+    metrics = run.metrics
+    names = list(metrics.data_vars)
+    accuracy = _first(names, ACCURACY_METRICS)
+    shown = metric or accuracy or _first(names, LOSS_METRICS)
+    wq = _find_wq(run.store, None)
+    figures = [
+        ("Singular values of the window", _png(lambda ax: plot.plot_sigma(spectra, ax=ax))),
+        ("Ratios, k* and events", _png(lambda ax: plot.plot_ratios(spectra, events=dyn, ax=ax))),
+        ("Gap ratio" + (f" and {shown}" if shown else ""),
+         _png(lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics, metric=shown, ax=ax))),
+    ]
+    if dyn is not None:
+        figures.append(("Stability per mode", _png(lambda ax: plot.plot_alpha(dyn, ax=ax))))
+        figures.append(("Mode 1 energy by module", _png(lambda ax: plot.plot_energy(dyn, mode=1, ax=ax))))
+    if wq is not None:
+        ws = run.weight_spectra(wq)
+        figures.append((f"{wq}: sigma1 / sigma2", _png(lambda ax: plot.plot_weight_ratio(ws, ax=ax))))
+    steps = run.checkpoint_steps
+    parts = [
+        f"<h1>spectral-analyzer report</h1><p>{html.escape(run.path)} &middot; version {__version__}</p>",
+        "<h2>Run</h2>",
+        _table(["checkpoints", "steps", "deltas", "parameters", "tensors", "window", "metrics"],
+               [[steps.size, f"{steps[0]}..{steps[-1]}", run.n_deltas, f"{run.n_params:,}",
+                 run.tensors.sizes["tensor"], window, ", ".join(names) or "none"]]),
+    ]
+    if accuracy is not None:
+        g = run.grokking(metric=accuracy, window=window)
+        parts += ["<h2>Grokking</h2>", _table(
+            ["metric", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at grok",
+             "W_Q s1/s2 at end"],
+            [[accuracy, "yes" if bool(g["grokked"]) else "no", int(g["grok_step"]) if bool(g["grokked"]) else "-",
+              float(g["g23_decline"]), float(g["R_early"]), float(g["R_grok"]), int(g["k_star_mode"]),
+              float(g["wq_sigma_ratio_grok"]), float(g["wq_sigma_ratio_end"])]])]
+    if dyn is not None:
+        events = events_table(dyn)
+        parts += ["<h2>Events</h2>", _table(["step", "kind", "k*", "R"],
+                                            [[e["step"], e["kind"], e["mode"], e["value"]] for e in events])
+                  if events else "<p>none</p>"]
+    for title, data in figures:
+        parts.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    every = max(1, spectra.sizes["step"] // 20)
+    rows = [[int(s), int(k), float(r), float(gp), float(s1)] for s, k, r, gp, s1 in zip(
+        spectra["step"].values, spectra["k_star"].values, spectra["gap_ratio"].values, spectra["gap"].values,
+        spectra["sigma"].values[:, 0])][::every]
+    parts += [f"<h2>Spectra (every {every} window{'s' if every > 1 else ''})</h2>",
+              _table(["step", "k*", "R", "gap", "sigma_1"], rows)]
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "figure{margin:1.5em 0}img{max-width:100%}figcaption{font-size:13px;color:#555}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>spectral-analyzer report</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    output.write_text(page)
+    return output

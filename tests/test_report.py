@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+from conftest import FIXTURES
+
+import spectral_analyzer as sa
+from spectral_analyzer.cli import main
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _image(data: bytes) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(io.BytesIO(data), format="png")
+
+
+def _not_blank(img: np.ndarray) -> bool:
+    rgb = img[..., :3]
+    return float((rgb < 0.9).mean()) > 0.01 and float(rgb.std()) > 0.05
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(main, ["demo", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_demo_writes_everything(demo):
+    for name in ("run.zarr", "spectra.nc", "dynamics.nc", "dynamics.csv", "dynamics.events.csv", "weights.nc",
+                 "grokking.csv", "report.html"):
+        assert (demo / name).exists(), name
+    grok = (demo / "grokking.csv").read_text().splitlines()
+    assert grok[1].split(",")[1:3] == ["True", "1400"]
+    ws = xr.open_dataset(demo / "weights.nc")
+    assert list(ws["matrix"].values) == ["layers.0.attn.in_proj_weight[q]"]
+    ws.close()
+    again = CliRunner().invoke(main, ["demo", "-o", str(demo)])
+    assert again.exit_code == 1 and "exists and is not empty" in again.output
+
+
+def test_report_embeds_every_plot(demo):
+    page = (demo / "report.html").read_text()
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    titles = [t for t, _ in images]
+    assert titles[:3] == ["Singular values of the window", "Ratios, k* and events", "Gap ratio and test_acc"]
+    assert "Stability per mode" in titles and "Mode 1 energy by module" in titles
+    assert any("in_proj_weight[q]" in t for t in titles)
+    for title, data in images:
+        assert _not_blank(_image(base64.b64decode(data))), title
+    assert "<h2>Grokking</h2>" in page and "<h2>Events</h2>" in page
+    assert "http" not in page.split("<body>")[1]  # self-contained
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(demo, tmp_path):
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,4200", f"--screenshot={shot}",
+         (demo / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    img = _image(shot.read_bytes())
+    assert img.shape[0] == 4200 and img.shape[1] == 1000
+    # the page is drawn: six plots stacked down the page, none of the bands blank
+    bands = np.array_split(img[600:3600], 6)
+    assert all(_not_blank(b) for b in bands)
+
+
+def test_report_command(tmp_path):
+    store = tmp_path / "r.zarr"
+    sa.ingest(FIXTURES / "planted", store)
+    result = CliRunner().invoke(main, ["report", str(store), "-o", str(tmp_path / "r.html"), "-w", "8"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<img ") == 5  # no query projection in the planted run
+    again = CliRunner().invoke(main, ["report", str(store), "-o", str(tmp_path / "r.html")])
+    assert again.exit_code == 1 and "exists" in again.output
+
+
+def test_accessor_plots(demo):
+    from matplotlib.figure import Figure
+
+    run = sa.open_run(demo / "run.zarr")
+    spectra = run.spectra(window=10)
+    dyn = run.dynamics(window=10)
+    for draw in (spectra.spectral.plot_sigma, spectra.spectral.plot_ratios, spectra.spectral.plot_gap_ratio,
+                 dyn.spectral.plot_alpha, dyn.spectral.plot_energy):
+        ax = Figure().subplots()
+        assert draw(ax=ax) is ax and ax.has_data()
