@@ -44,4 +44,5 @@ __all__ = [
     "export",
     "ingest",
     "open_run",
+    "plot",
 ]
