@@ -6,7 +6,9 @@ Errors from bad input become one line on stderr and exit code 1.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 import numpy as np
@@ -323,3 +325,31 @@ def demo(output, source, window, overwrite):
     for name, path in paths.items():
         click.echo(f"{name:<9} {path}")
     click.echo(f"open {paths['report']} in a browser")
+
+
+@main.command("train-example")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--task", type=click.Choice(["modular", "dyck"]), default="modular", show_default=True)
+@click.option("--operation", type=click.Choice(["add", "sub", "mul", "sq"]), default="add", show_default=True,
+              help="Modular task: a+b, a-b, a*b or a^2+b^2 mod p.")
+@click.option("--p", "modulus", type=click.IntRange(min=2), default=97, show_default=True)
+@click.option("--weight-decay", type=float, default=1.0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="[default: 6000 modular, 3000 dyck]")
+@click.option("--every", type=click.IntRange(min=1), default=100, show_default=True, help="Checkpoint interval.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def train_example(output, task, operation, modulus, weight_decay, steps, every, seed, progress):
+    """Train a grokking example and save HF-Trainer-style checkpoints into OUTPUT."""
+    from spectral_analyzer import examples
+
+    if task == "modular":
+        config = examples.ModularConfig(p=modulus, operation=operation, weight_decay=weight_decay,
+                                        steps=steps or 6000, every=every, seed=seed)
+        examples.train_modular(output, config, progress=progress)
+    else:
+        config = examples.DyckConfig(weight_decay=weight_decay, steps=steps or 3000, every=every, seed=seed)
+        examples.train_dyck(output, config, progress=progress)
+    state = sorted(Path(output).glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))[-1]
+    last = json.loads((state / "trainer_state.json").read_text())["log_history"][-1]
+    click.echo(f"{output}: {config.steps // every + 1} checkpoints; final train_acc {last['train_acc']:.3f}, "
+               f"test_acc {last['test_acc']:.3f}")
