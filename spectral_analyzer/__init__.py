@@ -24,6 +24,7 @@ from .errors import (
 from .export import events_table, export
 from . import plot  # registers the ds.spectral accessor
 from .ingest import ingest
+from .ingest.recorder import Recorder
 from .run import Run, open_run
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "InconsistentCheckpointsError",
     "NoCheckpointsError",
     "NonFiniteError",
+    "Recorder",
     "Run",
     "SpectralAnalyzerError",
     "StepError",

@@ -358,7 +358,7 @@ def ingest_store(
     snapshot = st.attrs
     created = existing is None
     try:
-        _write_rows(st, planned, new, keys, progress)
+        _write_rows(st, planned, new, lambda p: open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys), progress)
         if metric_table is not None:
             st.write_metrics(*metric_table)
     except BaseException as exc:
@@ -379,8 +379,19 @@ def ingest_store(
 
 
 def _write_rows(
-    st: Store, planned: list[_Planned], new: list[_Planned], keys: KeyOptions, progress: bool
+    st: Store,
+    planned: list[_Planned],
+    new: list[_Planned],
+    open_reader: Callable[[_Planned], Any],
+    progress: bool,
+    prev_reader: Any = None,
 ) -> None:
+    """Write the base (for a new store) and one committed row per checkpoint in *new*.
+
+    *open_reader* gives a checkpoint's reader; the previous theta comes from
+    *prev_reader*, else the folder's checkpoint at the store's last step,
+    else the store's own copy of it.
+    """
     manifest = st.manifest
     record = st.commit_record
     sources = list(st.sources)
@@ -406,7 +417,7 @@ def _write_rows(
         start = 0
         if record is None:  # a new store: the first checkpoint is the base
             base = new[0]
-            reader = open_checkpoint(base.checkpoint.files, base.checkpoint.label, keys)
+            reader = open_reader(base)
             row = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("base", None, s, b))
             last = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("last_theta", 0, s, b))
             for t in manifest:
@@ -430,8 +441,11 @@ def _write_rows(
         n0 = record["n_deltas"]
         last_step = sources[-1]["step"]
         prev_planned = next((p for p in planned if p.step == last_step), None)
-        if prev_planned is not None:
-            prev: Any = open_checkpoint(prev_planned.checkpoint.files, prev_planned.checkpoint.label, keys)
+        if prev_reader is not None:
+            prev: Any = prev_reader
+            prev_label = prev_reader.label
+        elif prev_planned is not None:
+            prev = open_reader(prev_planned)
             prev_label = prev_planned.checkpoint.label
         elif record["last_step"] == last_step:
             prev, prev_label = _StoredTheta(st, record["last_slot"]), f"{st.path} at step {last_step}"
@@ -443,7 +457,7 @@ def _write_rows(
         st.reserve_rows(n0 + len(new) - start)
         for k, i in enumerate(range(start, len(new))):
             cur = new[i]
-            reader = open_checkpoint(cur.checkpoint.files, cur.checkpoint.label, keys)
+            reader = open_reader(cur)
             r = n0 + k
             final = i == len(new) - 1
             slot = 1 - record["last_slot"]

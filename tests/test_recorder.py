@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spectral_analyzer as sa
+
+
+def _train(recorder, ckpt_dir, steps=60, every=5, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    if recorder is not None:
+        recorder.model = model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(64, 12), torch.randint(4, (64,))
+    for step in range(steps + 1):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if step % every == 0:
+            save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(ckpt_dir / f"s_{step}.safetensors"))
+        if recorder is not None:
+            recorder.step(step, loss=loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_recorder_matches_ingesting_saved_checkpoints(tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    rec = sa.Recorder(tmp_path / "live.zarr", torch.nn.Linear(1, 1), every=5, chunk_size=100)
+    _train(rec, tmp_path / "ckpts")
+    live = sa.open_run(tmp_path / "live.zarr")
+    saved = sa.ingest(tmp_path / "ckpts", tmp_path / "saved.zarr", chunk_size=100)
+    assert list(live.checkpoint_steps) == list(saved.checkpoint_steps) == list(range(0, 61, 5))
+    assert np.array_equal(live.deltas.values.view(np.uint32), saved.deltas.values.view(np.uint32))
+    assert np.array_equal(live.base.values, saved.base.values)
+    assert list(live.metrics["step"].values) == list(range(61))  # logged at every call
+    a = live.spectra(window=5)
+    b = saved.spectra(window=5)
+    np.testing.assert_allclose(a["sigma"].values, b["sigma"].values, rtol=1e-12)
+
+
+def test_recording_extends_the_band_incrementally(tmp_path, monkeypatch):
+    (tmp_path / "ckpts").mkdir()
+    torch.manual_seed(1)
+    model = torch.nn.Linear(30, 30)
+    rec = sa.Recorder(tmp_path / "live.zarr", model, chunk_size=200)
+    for step in range(12):
+        with torch.no_grad():
+            model.weight.add_(0.01 * torch.randn_like(model.weight))
+        rec.step(step)
+    run = sa.open_run(tmp_path / "live.zarr")
+    run.band(max_lag=4)
+    for step in range(12, 14):
+        with torch.no_grad():
+            model.weight.add_(0.01 * torch.randn_like(model.weight))
+        rec.step(step)
+    from spectral_analyzer.gram import build
+
+    computed = []
+    real = build.band_rows
+    monkeypatch.setattr(build, "band_rows", lambda ring, new, *a, **k: computed.append(len(new)) or real(ring, new, *a, **k))
+    band = sa.open_run(tmp_path / "live.zarr").band(max_lag=4)
+    assert band.sizes["step"] == 13
+    n_chunks = -(-(30 * 30 + 30) // 200)
+    assert sum(computed) == 2 * n_chunks  # two new rows in every chunk, nothing recomputed
+
+
+def test_recorder_refuses_going_back_and_other_models(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    rec = sa.Recorder(tmp_path / "r.zarr", model)
+    rec.record(10)
+    with torch.no_grad():
+        model.bias.add_(0.5)
+    rec.record(20)
+    with pytest.raises(sa.StepError, match="step 15 is not after the store's last step 20"):
+        rec.record(15)
+    other = sa.Recorder(tmp_path / "r.zarr", torch.nn.Linear(3, 4))
+    with pytest.raises(sa.InconsistentCheckpointsError, match=r"'bias' has shape \(3,\) in .*r.zarr but \(4,\)"):
+        other.record(30)
+    # a new process appends to the same store from the store's own last theta
+    again = sa.Recorder(tmp_path / "r.zarr", model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    again.record(30)
+    run = sa.open_run(tmp_path / "r.zarr")
+    assert list(run.checkpoint_steps) == [10, 20, 30]
+    assert np.allclose(run.deltas.values[-1][3:], 1.0) and not run.deltas.values[-1][:3].any()  # bias, then weight
