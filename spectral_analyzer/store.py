@@ -332,7 +332,24 @@ class Store:
 
     def read_delta_row(self, row: int, start: int, stop: int) -> np.ndarray:
         """float32 ``deltas[row, start:stop]`` (one chunk when aligned)."""
-        return np.asarray(self.array("deltas")[row, start:stop])
+        try:
+            return np.asarray(self.array("deltas")[row, start:stop])
+        except ValueError as exc:
+            if "checksum" not in str(exc):
+                raise
+            c = self.chunk_size
+            for j in range(start // c, (stop - 1) // c + 1):  # which chunk of the span
+                try:
+                    self.array("deltas")[row, j * c]
+                except ValueError:
+                    raise self._corrupt(row, str(j)) from None
+            raise
+
+    def _corrupt(self, row: int, chunk: str) -> StoreError:
+        return StoreError(
+            f"{self.path}: chunk {row}/{chunk} of deltas (the delta ending at step {int(self.array('step')[row])}) "
+            "fails its crc32c check: the file is corrupted"
+        )
 
     def read_delta_chunk(self, row: int, start: int, out: np.ndarray) -> None:
         """Read the chunk of ``deltas`` at (row, start) into *out* (float32, its length).
@@ -367,10 +384,7 @@ class Store:
             raise StoreError(f"{self.path}: chunk {row}/{j} of deltas is truncated ({got} bytes)")
         data = out.view(np.uint8) if out.size == full else tmp
         if google_crc32c.value(data) != int.from_bytes(crc.tobytes(), "little"):
-            raise StoreError(
-                f"{self.path}: chunk {row}/{j} of deltas (the delta ending at step {int(self.array('step')[row])}) "
-                "fails its crc32c check: the file is corrupted"
-            )
+            raise self._corrupt(row, str(j))
 
     def _direct_chunks(self) -> str | None:
         """The folder of the delta chunk files when they can be read directly."""
