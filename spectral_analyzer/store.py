@@ -465,6 +465,13 @@ class Store:
                 ds[key] = values
         return ds
 
+    def cache_result(self, name: str, ds) -> None:
+        """:meth:`write_result`, skipped where the store cannot be written (read-only media)."""
+        try:
+            self.write_result(name, ds)
+        except OSError:
+            pass
+
     def write_result(self, name: str, ds) -> None:
         """Cache an analysis Dataset under ``results/<name>`` (replacing it)."""
         group = self._writable()

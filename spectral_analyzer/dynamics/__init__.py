@@ -161,8 +161,5 @@ def compute_dynamics(
         "spectral_analyzer_version": __version__,
     }
     if cache:
-        try:
-            store.write_result(name, ds)
-        except OSError:
-            pass
+        store.cache_result(name, ds)
     return ds

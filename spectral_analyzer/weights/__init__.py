@@ -105,10 +105,7 @@ def compute_weight_spectra(
     ds["sigma_ratio_12"].attrs["description"] = "sigma_1 / sigma_2"
     ds["stable_rank"].attrs["description"] = "||W||_F^2 / sigma_1^2"
     if cache:
-        try:
-            store.write_result(name, ds)
-        except OSError:
-            pass
+        store.cache_result(name, ds)
     return ds
 
 
