@@ -40,7 +40,9 @@ def main(paths: list[str]) -> None:
         def mark(step):
             if step is None:
                 return "-"
-            return f"{step}" + ("" if grok is None else (" (before)" if step < grok else " (after)"))
+            if grok is None:
+                return f"{step}"
+            return f"{step} " + ("(before)" if step < grok else "(at)" if step == grok else "(after)")
 
         row = [path.split("/")[-1].removesuffix(".zarr"), "yes" if grok is not None else "no",
                str(grok) if grok is not None else "-", f"{float(g['g23_decline']):.2f}", f"{float(g['R_early']):.2f}",
