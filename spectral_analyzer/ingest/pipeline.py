@@ -350,19 +350,18 @@ def ingest_store(
             },
         }
         st = Store.create(target, manifest, chunk_size, {"provenance": provenance})
-        if match is not None:
-            picked = select_weights(manifest, match)
-            names = [n for n, _ in matrices_of(picked, [np.zeros(t.size) for t, _ in picked])]
-            rank = max(min(m.shape) for _, m in matrices_of(picked, [np.zeros(t.size) for t, _ in picked]))
-            st.create_weight_record(match, names, rank)
     snapshot = st.attrs
     created = existing is None
     try:
+        if created and match is not None:
+            picked = select_weights(manifest, match)
+            shapes = [(n, m.shape) for n, m in matrices_of(picked, [np.empty(t.size, dtype=np.bool_) for t, _ in picked])]
+            st.create_weight_record(match, [n for n, _ in shapes], max(min(s) for _, s in shapes))
         _write_rows(st, planned, new, lambda p: open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys), progress)
         if metric_table is not None:
             st.write_metrics(*metric_table)
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) and not created:
+        if isinstance(exc, KeyboardInterrupt):
             raise  # committed rows stay; running again resumes after them
         if created:
             shutil.rmtree(target, ignore_errors=True)
