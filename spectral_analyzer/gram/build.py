@@ -81,6 +81,8 @@ def _band_task(
     parts = []
     for k0 in range(r0, r1, BLOCK_ROWS):
         new = [load(r) for r in range(k0, min(r1, k0 + BLOCK_ROWS))]
+        # the disk reads the next block while this one is computed
+        store.prefetch_delta_chunks(range(k0 + BLOCK_ROWS, min(r1, k0 + 2 * BLOCK_ROWS)), start)
         parts.append(band_rows(ring_t, new, logical, local, max_lag, device=device))
     rows = np.concatenate(parts, axis=1)
     return {(t, r0): rows[s] for s, (t, _, _) in enumerate(segments)}
@@ -140,6 +142,18 @@ class _TaskProgress(Callback):
             self.bar.update(1)
 
 
+def local_workers(chunk_size: int, max_lag: int, memory_limit: int) -> tuple[int, int]:
+    """Tasks run at once by the local scheduler, and torch threads per task.
+
+    A task holds ``L + BLOCK_ROWS`` float32 rows of one chunk plus a float64
+    column block of them; as many run as *memory_limit* allows, at most one per core.
+    """
+    per_task = (max_lag + BLOCK_ROWS) * chunk_size * 4 + (max_lag + BLOCK_ROWS) * COL_BLOCK * 8
+    cores = os.cpu_count() or 1
+    workers = max(1, min(cores, memory_limit // per_task))
+    return workers, 1 if workers > 1 else cores
+
+
 def _compute_rows(
     store: Store,
     max_lag: int,
@@ -151,11 +165,10 @@ def _compute_rows(
     progress: bool,
 ) -> np.ndarray:
     chunks = _chunk_segments(store)
-    per_task = (max_lag + BLOCK_ROWS) * store.chunk_size * 4 + (max_lag + BLOCK_ROWS) * COL_BLOCK * 8
-    cores = os.cpu_count() or 1
-    workers = max(1, min(cores, memory_limit // per_task))
+    workers, threads = local_workers(store.chunk_size, max_lag, memory_limit)
     tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
-    threads = 1 if workers > 1 or scheduler is not None else cores
+    if scheduler is not None:
+        threads = 1
     path = os.path.abspath(store.path)  # workers may run elsewhere
     identity = (store.attrs["sources"][: store.n_deltas + 1], store.chunk_size)  # names the tasks
     tasks = [

@@ -59,7 +59,10 @@ def band_rows(
     array([[16.,  8.]])
     """
     n_rows = ring.shape[0]
-    new_idx = torch.as_tensor(list(new), dtype=torch.long, device=device)
+    new = list(new)
+    # the new rows' slots are contiguous unless the block wraps round the ring: a view, not a gather
+    contiguous = new == list(range(new[0], new[0] + len(new)))
+    new_idx = torch.as_tensor(new, dtype=torch.long, device=device)
     out = np.full((len(segments), len(new), max_lag + 1), np.nan)
     # entries (r, q) of the product that are band entries, and their lags
     lag = logical[np.asarray(new)][:, None] - logical[None, :]
@@ -73,6 +76,7 @@ def band_rows(
             b = min(a + col_block, stop)
             y = buf[:, : b - a]
             y.copy_(ring[:, a:b])
-            acc += y.index_select(0, new_idx) @ y.T
+            fresh = y[new[0] : new[0] + len(new)] if contiguous else y.index_select(0, new_idx)
+            acc += fresh @ y.T
         out[s, r_idx, lags] = acc.cpu().numpy()[r_idx, q_idx]
     return out
