@@ -7,9 +7,8 @@ import xarray as xr
 from dask.base import tokenize
 
 from .._version import __version__
-from ..gram.build import DEFAULT_MAX_LAG, build_band
-from ..groups import group_tensors, select_tensors
-from ..spectra import WindowError, check_window
+from ..groups import group_tensors
+from ..spectra import WindowError, band_for, check_window
 from ..spectra.kernel import spectral_quantities, window_grams
 from ..store import Store
 from .events import detect_events, phases
@@ -64,12 +63,7 @@ def compute_dynamics(
     name = f"dynamics-{tokenize('dynamics', options, steps.tolist(), __version__)[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
-    band, lag = build_band(
-        store, max(max_lag or DEFAULT_MAX_LAG, window), device=device, scheduler=scheduler, progress=progress
-    )
-    manifest = store.manifest
-    names = [t.name for t in manifest]
-    picked = select_tensors(names, params)
+    band, lag, _, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
     w = window
     ends, ext = window_grams(band[picked].sum(axis=0), w + 1)  # d_{i-W} .. d_i
     lam_p, u_p = eig_desc(ext[:, :w, :w])

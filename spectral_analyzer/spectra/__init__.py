@@ -34,6 +34,16 @@ def check_window(store: Store, window: int, stride: int = 1) -> None:
         raise WindowError(f"{store.path}: window {window} needs at least {window} deltas; the store has {n}{span}")
 
 
+def band_for(store: Store, window: int, params, max_lag, device, scheduler, progress):
+    """The cached per-tensor band with L >= max(max_lag, window), the manifest and the picked tensors."""
+    band, lag = build_band(
+        store, max(max_lag or DEFAULT_MAX_LAG, window), device=device, scheduler=scheduler, progress=progress
+    )
+    manifest = store.manifest
+    names = [t.name for t in manifest]
+    return band, lag, manifest, names, select_tensors(names, params)
+
+
 def _group_spectra(band: np.ndarray, p: int, window: int, stride: int, center: bool, draws: int):
     ends, grams = window_grams(band, window, stride, center)
     q = spectral_quantities(grams, center)
@@ -72,12 +82,7 @@ def compute_spectra(
         cached = store.read_result(name)
         if cached is not None:
             return cached
-    band, lag = build_band(
-        store, max(max_lag or DEFAULT_MAX_LAG, window), device=device, scheduler=scheduler, progress=progress
-    )
-    manifest = store.manifest
-    names = [t.name for t in manifest]
-    picked = select_tensors(names, params)
+    band, lag, manifest, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
     groups = group_tensors(names, picked, group_by) if group_by else {"all": picked}
     results = {}
     for label, members in groups.items():
