@@ -199,7 +199,7 @@ def _torch_load(path: Path):
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{path}: refused to unpickle: torch.load(weights_only=True) found objects other than "
-            f"tensors and plain containers ({_one_line(exc)})"
+            f"tensors and plain containers ({_one_line(exc)}); save model.state_dict() or safetensors instead"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         raise CheckpointError(f"{path}: unreadable or truncated torch checkpoint ({_one_line(exc)})") from None
