@@ -102,7 +102,7 @@ def test_empty_folder(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
-@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "pickle-opcode"])
 def test_truncated_or_corrupt_file(store_and_snapshot, fmt, damage):
     hf, store, before = store_and_snapshot
     d = _new_checkpoint(hf, 40, lambda s: s)
@@ -114,7 +114,9 @@ def test_truncated_or_corrupt_file(store_and_snapshot, fmt, damage):
     else:
         path = d / "model.safetensors"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    # b"b" is a lone pickle BUILD opcode: the unpickler fails on its empty stack (IndexError)
+    damaged = {"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "pickle-opcode": b"b"}
+    path.write_bytes(damaged[damage])
     with pytest.raises(sa.CheckpointError, match=str(path)):
         sa.ingest(hf, store)
     _assert_unchanged(store, before)

@@ -12,6 +12,7 @@ import fnmatch
 import json
 import os
 import pickle
+import struct
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -201,7 +202,9 @@ def _torch_load(path: Path):
             f"{path}: refused to unpickle: torch.load(weights_only=True) found objects other than "
             f"tensors and plain containers ({_one_line(exc)}); save model.state_dict() or safetensors instead"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, LookupError, struct.error,
+            AttributeError, TypeError) as exc:
+        # bytes that are not a checkpoint can fail anywhere in the unpickler (IndexError: its stack)
         raise CheckpointError(f"{path}: unreadable or truncated torch checkpoint ({_one_line(exc)})") from None
 
 
