@@ -7,6 +7,7 @@ Errors from bad input become one line on stderr and exit code 1.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from spectral_analyzer.export import events_table, export
 from spectral_analyzer.store import DEFAULT_CHUNK_SIZE
 
 STORE_ENV = "SPECTRAL_ANALYZER_STORE"
+STORAGE_OPTIONS_ENV = "SPECTRAL_ANALYZER_STORAGE_OPTIONS"
 DEFAULT_STORE = "spectral.zarr"
 
 
@@ -32,10 +34,46 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+def _storage_options(ctx, param, values) -> dict:
+    """``KEY=VALUE`` pairs (VALUE parsed as JSON when it is JSON) over the JSON of the environment variable."""
+    env = os.environ.get(STORAGE_OPTIONS_ENV)
+    try:
+        options = json.loads(env) if env else {}
+    except json.JSONDecodeError:
+        raise click.BadParameter(f"{STORAGE_OPTIONS_ENV} is not a JSON object: {env}") from None
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"not KEY=VALUE: {item}", param_hint="--storage-option")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(sa.__version__, prog_name="spectral-analyze")
-def main() -> None:
-    """Spectral edge analysis of training checkpoints."""
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              callback=_storage_options, expose_value=True,
+              help=f"fsspec option for a store given as a URL, e.g. endpoint_url=http://host:9000 "
+                   f"(repeatable; env {STORAGE_OPTIONS_ENV} takes a JSON object).")
+@click.pass_context
+def main(ctx: click.Context, storage_options: dict) -> None:
+    """Spectral edge analysis of training checkpoints.
+
+    A store is a folder or an fsspec URL (s3://bucket/run.zarr, gs://...).
+    """
+    ctx.obj = {"storage_options": storage_options or None}
+
+
+def _storage() -> dict | None:
+    """The storage options given to the command group."""
+    return (click.get_current_context().find_root().obj or {}).get("storage_options")
+
+
+def _open_run(store: str) -> sa.Run:
+    return sa.open_run(store, storage_options=_storage())
 
 
 def _human_bytes(n: float) -> str:
@@ -78,6 +116,7 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
         ckpt_dir, store, chunk_size=chunk_size, include=include, exclude=exclude, metrics=metrics,
         steps=step_list, weights=list(weight_globs) or None, lightning_prefix=lightning_prefix or None,
         overwrite=overwrite, progress=progress,
+        storage_options=_storage(),
         **options,
     )
     steps_ = run.checkpoint_steps
@@ -94,7 +133,7 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
 def info(store, show_tensors):
     """Describe a store: steps, parameters, tensors, size, metrics, warnings."""
-    run = sa.open_run(store)
+    run = _open_run(store)
     steps = run.checkpoint_steps
     tensors = run.tensors
     metrics = run.metrics
@@ -172,7 +211,7 @@ def _print_table(ds, n_sigma: int = 4) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def spectra(store, window, params, group_by, center, stride, max_lag, device, scheduler, output, overwrite, progress):
     """Windowed spectra: k*, gap ratio R, gap and singular values per step."""
-    run = sa.open_run(store)
+    run = _open_run(store)
     ds = run.spectra(
         window=window, params=list(params) or None, group_by=group_by, center=center, stride=stride,
         max_lag=max_lag, device=device, scheduler=scheduler, progress=progress,
@@ -206,7 +245,7 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
 def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, device, scheduler, output,
              overwrite, progress):
     """Stability, rotation, gap flow, mode energy and events of the spectrum."""
-    run = sa.open_run(store)
+    run = _open_run(store)
     ds = run.dynamics(
         window=window, params=list(params) or None, group_by=group_by, tau=tau, factor=factor,
         persistence=persistence, lr=lr, constant=constant, device=device, scheduler=scheduler, progress=progress,
@@ -254,7 +293,7 @@ def _echo_table(header: list[str], rows: list[list[str]]) -> None:
 @click.option("--overwrite", is_flag=True)
 def weights(store, match, top, heads, device, output, overwrite):
     """Singular values of weight matrices at every checkpoint."""
-    run = sa.open_run(store)
+    run = _open_run(store)
     ds = run.weight_spectra(list(match) or None, top=top, heads=heads, device=device)
     rows = []
     for name in ds["matrix"].values:
@@ -281,7 +320,7 @@ def weights(store, match, top, heads, device, output, overwrite):
 @click.option("--overwrite", is_flag=True)
 def grokking(stores, metric, threshold, window, wq, output, overwrite):
     """One summary row per run: did it grok, when, and what the spectrum did before."""
-    summaries = [sa.open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq) for s in stores]
+    summaries = [_open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq) for s in stores]
     header = ["store", "grokked", "grok_step", "g23_decline", "R_early", "R_grok", "k*", "WQ s1/s2 grok", "WQ s1/s2 end"]
     rows = [
         [s, "yes" if bool(g["grokked"]) else "no", str(int(g["grok_step"])) if bool(g["grokked"]) else "-",
@@ -306,7 +345,7 @@ def report(store, output, window, metric, overwrite):
     """One self-contained HTML page with every plot and the summary tables."""
     from spectral_analyzer.report import write_report
 
-    path = write_report(sa.open_run(store), output, window=window, metric=metric, overwrite=overwrite)
+    path = write_report(_open_run(store), output, window=window, metric=metric, overwrite=overwrite)
     click.echo(f"wrote {path}")
 
 

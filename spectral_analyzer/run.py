@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -31,8 +33,15 @@ class Run:
     >>> run.deltas.sel(step=run.steps[-1])        # doctest: +SKIP
     """
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, client=None):
         self._store = store
+        self.client = client
+
+    def _options(self, options: dict) -> dict:
+        """*options* with the run's dask.distributed client as the default scheduler."""
+        if self.client is not None:
+            options.setdefault("scheduler", self.client)
+        return options
 
     @property
     def path(self) -> str:
@@ -99,7 +108,7 @@ class Run:
         store; later calls (any window W <= L, any subset) read no delta.
         Options: ``device``, ``scheduler``, ``progress``, ``memory_limit``.
         """
-        band, lag = build_band(self._store, max_lag, **options)
+        band, lag = build_band(self._store, max_lag, **self._options(options))
         return xr.DataArray(
             band,
             dims=("tensor", "step", "lag"),
@@ -155,7 +164,8 @@ class Run:
         >>> run.spectra(window=10, group_by="layer").gap_ratio # doctest: +SKIP
         """
         return compute_spectra(
-            self._store, window, params=params, group_by=group_by, center=center, stride=stride, **options
+            self._store, window, params=params, group_by=group_by, center=center, stride=stride,
+            **self._options(options),
         )
 
     def dynamics(self, window: int = 10, **options) -> xr.Dataset:
@@ -196,7 +206,7 @@ class Run:
         >>> dyn = run.dynamics(window=10, factor=2.0)            # doctest: +SKIP
         >>> sa.events_table(dyn)                                 # doctest: +SKIP
         """
-        return compute_dynamics(self._store, window, **options)
+        return compute_dynamics(self._store, window, **self._options(options))
 
     def correlate(self, metric: str, window: int = 10, **options) -> xr.Dataset:
         """Lagged correlation of the gap ratio (and each ratio_j) with a logged metric.
@@ -285,16 +295,31 @@ class Run:
         )
 
 
-def open_run(store: str | os.PathLike = "spectral.zarr") -> Run:
+def open_run(
+    store: str | os.PathLike = "spectral.zarr",
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    client=None,
+) -> Run:
     """Open an ingested run.
 
     Parameters
     ----------
-    store : path
-        The store written by :func:`spectral_analyzer.ingest`.
+    store : path or URL
+        The store written by :func:`spectral_analyzer.ingest`: a folder or an
+        fsspec URL (``s3://bucket/run.zarr``).
+    storage_options : dict, optional
+        Options of the fsspec filesystem of a URL (credentials, ``endpoint_url``).
+    client : dask.distributed.Client or scheduler address, optional
+        Where the band is built (default: local threads); a ``scheduler``
+        option of a call overrides it.
 
     Returns
     -------
     Run
+
+    Examples
+    --------
+    >>> run = sa.open_run("s3://bucket/run.zarr", client=Client("tcp://head:8786"))  # doctest: +SKIP
     """
-    return Run(Store.open(store))
+    return Run(Store.open(store, storage_options=storage_options), client=client)

@@ -9,6 +9,10 @@ This is the only module that touches Zarr. Layout::
       step        int64   (delta,)        end step of each delta
       metrics/    step-indexed float64 series, coordinate ``step``
 
+A store is a local folder or an fsspec URL (``s3://bucket/run.zarr``,
+``gs://...``, ``memory://...``) opened with the filesystem's
+``storage_options``; everything below works the same on both.
+
 Root attributes hold the format version, the tensor manifest, the sources of
 every checkpoint (size, mtime, sha256) and the commit record. A delta row
 counts only once the commit record says so: the array shape grows before any
@@ -24,7 +28,9 @@ attribute write that commits the row.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +49,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Store",
     "TensorEntry",
+    "is_url",
 ]
 
 FORMAT_NAME = "spectral-analyzer"
@@ -70,6 +77,27 @@ class TensorEntry:
         return cls(d["name"], int(d["offset"]), int(d["size"]), tuple(d["shape"]), d["dtype"])
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether *path* is an fsspec URL of a remote filesystem (``file://`` counts as local)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def _local(path: str | os.PathLike) -> str:
+    text = str(path)
+    return text.removeprefix("file://")
+
+
+def _filesystem(path: str, storage_options: Mapping[str, Any] | None):
+    """``(fsspec filesystem, path inside it)`` of a URL."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    except ImportError as exc:  # the protocol's package (s3fs, gcsfs, ...) is not installed
+        raise StoreError(f"{path}: {exc}") from None
+
+
 def _data_array(group: zarr.Group, name: str, shape, chunks, dims) -> None:
     group.create_array(
         name,
@@ -90,41 +118,107 @@ class Store:
     group : zarr.Group
         The root group, opened without consolidated metadata.
     path : str
-        Where it lives, for messages.
+        Where it lives: a local path or an fsspec URL.
+    storage_options : dict, optional
+        The fsspec filesystem's options for a URL (credentials, endpoint).
     """
 
-    def __init__(self, group: zarr.Group, path: str):
+    def __init__(self, group: zarr.Group, path: str, storage_options: Mapping[str, Any] | None = None):
         self.group = group
         self.path = path
+        self.storage_options = dict(storage_options) if storage_options else None
         self._arrays: dict[str, zarr.Array] = {}
         self._direct: str | None = None
+        self._ahead: _ReadAhead | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return is_url(self.path)
 
     def _writable(self) -> zarr.Group:
         """The group opened for writing (caches are written into read-only opened stores too)."""
         if self.group.read_only:
-            self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+            self.group = _open_group(self.path, "r+", self.storage_options)
             self._arrays.clear()
         return self.group
+
+    # -- the location ---------------------------------------------------------
+
+    @staticmethod
+    def occupied(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
+        """Whether anything (a file, a non-empty folder or prefix) is at *path*."""
+        if not is_url(path):
+            p = Path(_local(path))
+            return p.exists() and (p.is_file() or any(p.iterdir()))
+        fs, root = _filesystem(str(path), storage_options)
+        try:
+            return bool(fs.isfile(root) or fs.ls(root, detail=False))
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def remove(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
+        """Delete whatever is at *path* (nothing there is fine)."""
+        if not is_url(path):
+            p = Path(_local(path))
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+            return
+        fs, root = _filesystem(str(path), storage_options)
+        try:
+            fs.rm(root, recursive=True)
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(root)
+
+    @staticmethod
+    def replace(src: str | os.PathLike, dst: str | os.PathLike,
+                storage_options: Mapping[str, Any] | None = None) -> None:
+        """Put the store at *src* in the place of the one at *dst*.
+
+        Locally a rename, atomic per step. Object stores have no rename: the
+        new store is copied object by object (server side) before the old one
+        is deleted, so an interruption leaves one of the two complete.
+        """
+        if not is_url(dst):
+            src, dst = _local(src), _local(dst)
+            old = dst.rstrip("/") + ".overwrite-old"
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.exists(dst):
+                os.replace(dst, old)
+            os.replace(src, dst)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        fs, src_root = _filesystem(str(src), storage_options)
+        _, dst_root = _filesystem(str(dst), storage_options)
+        Store.remove(dst, storage_options)
+        fs.copy(src_root, dst_root, recursive=True)
+        Store.remove(src, storage_options)
+        fs.invalidate_cache()
 
     # -- opening and creating -------------------------------------------------
 
     @staticmethod
-    def exists(path: str | os.PathLike) -> bool:
+    def exists(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
         """Whether *path* holds a Zarr group written by this package."""
         try:
-            group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+            group = _open_group(str(path), "r", storage_options)
         except Exception:  # zarr raises several types (missing path, an array, bad metadata): not a store
             return False
         return group.attrs.get("format") == FORMAT_NAME
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> Store:
+    def open(
+        cls, path: str | os.PathLike, mode: str = "r", storage_options: Mapping[str, Any] | None = None
+    ) -> Store:
         """Open an existing store, refusing unknown format versions."""
         path = str(path)
-        if not Path(path).exists():
+        if not Store.occupied(path, storage_options):
             raise StoreError(f"{path}: no store here (run `spectral-analyze ingest CKPT_DIR -o {path}` first)")
         try:
-            group = zarr.open_group(path, mode=mode, use_consolidated=False)
+            group = _open_group(path, mode, storage_options)
         except Exception as exc:  # zarr raises several types for a non-group path
             raise StoreError(f"{path}: not a spectral-analyzer store ({exc})") from None
         attrs = group.attrs.asdict()
@@ -136,7 +230,7 @@ class Store:
                 f"{path}: store format version {version!r} is not one this version of "
                 f"spectral-analyzer reads (it reads version {FORMAT_VERSION}); upgrade the package"
             )
-        return cls(group, path)
+        return cls(group, path, storage_options)
 
     @classmethod
     def create(
@@ -145,6 +239,7 @@ class Store:
         manifest: Sequence[TensorEntry],
         chunk_size: int,
         attrs: Mapping[str, Any],
+        storage_options: Mapping[str, Any] | None = None,
     ) -> Store:
         """Create an empty store: arrays sized for no deltas, no commit yet."""
         path = str(path)
@@ -155,7 +250,7 @@ class Store:
         # The attributes go in with the group, in one write: a store killed
         # while its arrays are being made is still recognisable (and has no commit).
         group = zarr.create_group(
-            path,
+            _store_like(path, "w", storage_options),
             overwrite=True,
             attributes={
                 "format": FORMAT_NAME,
@@ -175,7 +270,7 @@ class Store:
         group.create_array(
             "step", shape=(0,), chunks=(4096,), dtype="int64", fill_value=-1, dimension_names=("delta",)
         )
-        return cls(group, path)
+        return cls(group, path, storage_options)
 
     # -- what is committed ----------------------------------------------------
 
@@ -360,6 +455,15 @@ class Store:
         """
         direct = self._direct_chunks()
         if direct is None:
+            ahead = self._ahead
+            if ahead is not None and ahead.start == start and row in ahead.rows:
+                block = ahead.result()
+                if block is not None:
+                    out[:] = block[row - ahead.rows.start]
+                    if row == ahead.rows[-1]:
+                        self._ahead = None
+                    return
+                self._ahead = None  # the read failed: read again below, for the error's message
             out[:] = self.read_delta_row(row, start, start + out.size)
             return
         j = start // self.chunk_size
@@ -387,9 +491,20 @@ class Store:
             raise self._corrupt(row, str(j))
 
     def prefetch_delta_chunks(self, rows: range, start: int) -> None:
-        """Ask the OS to start reading these chunks now (``posix_fadvise(WILLNEED)``), costing no memory."""
+        """Start reading these chunks (consecutive rows, one column chunk) now.
+
+        Locally the OS is asked to (``posix_fadvise(WILLNEED)``), costing no
+        memory. From object storage, whose latency is per request, the rows'
+        chunks are fetched concurrently in the background into one block
+        (``len(rows)`` chunks of memory) that :meth:`read_delta_chunk` then serves.
+        """
         direct = self._direct_chunks()
-        if direct is None or not hasattr(os, "posix_fadvise"):
+        if direct is None:
+            if self.is_remote and len(rows):
+                stop = min(start + self.chunk_size, self.n_params)
+                self._ahead = _ReadAhead(self.array("deltas"), rows, start, stop)
+            return
+        if not hasattr(os, "posix_fadvise"):
             return
         j = start // self.chunk_size
         for row in rows:
@@ -471,7 +586,7 @@ class Store:
 
         if "results" not in self.group or name not in self.group["results"]:
             return None
-        ds = xr.open_zarr(self.path, group=f"results/{name}", consolidated=False).load()
+        ds = xr.open_zarr(self.group.store, group=f"results/{name}", consolidated=False).load()
         strings = ds.attrs.pop("string_variables", {})
         for key, v in strings.items():
             values = (v["dims"], np.array(v["values"], dtype=str))
@@ -501,12 +616,49 @@ class Store:
         }
         out = ds.drop_vars(list(strings))
         out.attrs = {**ds.attrs, "string_variables": strings}
-        out.to_zarr(self.path, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
+        out.to_zarr(group.store, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
 
     def size_on_disk(self) -> int:
-        """Bytes under the store's folder."""
+        """Bytes under the store's folder (or URL prefix)."""
+        if self.is_remote:
+            fs, root = _filesystem(self.path, self.storage_options)
+            return int(fs.du(root, total=True))
         total = 0
-        for root, _dirs, files in os.walk(self.path):
+        for root, _dirs, files in os.walk(_local(self.path)):
             for f in files:
                 total += os.path.getsize(os.path.join(root, f))
         return total
+
+
+class _ReadAhead:
+    """``deltas[rows, start:stop]`` read in a background thread (Zarr fetches the chunks concurrently)."""
+
+    def __init__(self, array: zarr.Array, rows: range, start: int, stop: int):
+        self.rows, self.start = rows, start
+        self._block: np.ndarray | None = None
+        self._thread = threading.Thread(target=self._read, args=(array, stop), daemon=True)
+        self._thread.start()
+
+    def _read(self, array: zarr.Array, stop: int) -> None:
+        try:
+            self._block = np.asarray(array[self.rows.start : self.rows.stop, self.start : stop])
+        except Exception:  # noqa: BLE001 -- any failure: the caller reads the chunk again and reports it
+            self._block = None
+
+    def result(self) -> np.ndarray | None:
+        self._thread.join()
+        return self._block
+
+
+def _store_like(path: str, mode: str, storage_options: Mapping[str, Any] | None):
+    """What zarr opens: a local path as is, a URL as an fsspec store with its options."""
+    if not is_url(path):
+        return _local(path)
+    try:
+        return zarr.storage.FsspecStore.from_url(path, storage_options=dict(storage_options or {}), read_only=mode == "r")
+    except ImportError as exc:  # the protocol's package (s3fs, gcsfs, ...) is not installed
+        raise StoreError(f"{path}: {exc}") from None
+
+
+def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    return zarr.open_group(_store_like(path, mode, storage_options), mode=mode, use_consolidated=False)

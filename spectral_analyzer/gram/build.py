@@ -44,6 +44,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def _band_task(
     path: str,
+    storage_options: dict | None,
     start: int,
     stop: int,
     segments: tuple[tuple[int, int, int], ...],
@@ -60,7 +61,7 @@ def _band_task(
     """
     # torch's intra-op thread count is per OS thread (OpenMP): set it in the worker's own thread.
     torch.set_num_threads(threads)
-    store = Store.open(path)
+    store = Store.open(path, storage_options=storage_options)
     n_slots = max_lag + BLOCK_ROWS
     ring = np.zeros((n_slots, stop - start), dtype=np.float32)
     ring_t = torch.from_numpy(ring)
@@ -169,11 +170,11 @@ def _compute_rows(
     tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
     if scheduler is not None:
         threads = 1
-    path = os.path.abspath(store.path)  # workers may run elsewhere
+    path = store.path if store.is_remote else os.path.abspath(store.path)  # workers may run elsewhere
     identity = (store.attrs["sources"][: store.n_deltas + 1], store.chunk_size)  # names the tasks
     tasks = [
         dask.delayed(_band_task)(
-            path, a, b, segs, t0, t1, max_lag, str(device), threads,
+            path, store.storage_options, a, b, segs, t0, t1, max_lag, str(device), threads,
             dask_key_name=f"_band_task-{tokenize(identity, a, t0, t1, max_lag)}",
         )
         for a, b, segs in chunks

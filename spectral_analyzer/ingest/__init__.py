@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..store import DEFAULT_CHUNK_SIZE
 from .pipeline import ingest_store
@@ -29,6 +29,7 @@ def ingest(
     weights: str | Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Run:
     """Ingest a folder of checkpoints into a Zarr store of parameter deltas.
 
@@ -42,8 +43,9 @@ def ingest(
     src : path
         Folder of checkpoints (any layout listed in
         :mod:`spectral_analyzer.ingest.discover`).
-    store : path
-        The store to create or append to.
+    store : path or URL
+        The store to create or append to: a folder, or an fsspec URL such
+        as ``s3://bucket/run.zarr`` (with *storage_options*).
     chunk_size : int
         Elements per chunk of a delta row (default 4M: 16 MiB).
     include, exclude : sequence of str
@@ -67,6 +69,9 @@ def ingest(
         Replace a store of a different run (or any other content) at *store*.
     progress : bool
         Show a progress bar.
+    storage_options : dict, optional
+        Options of the fsspec filesystem of a URL *store* (``key``,
+        ``secret``, ``endpoint_url``, ...).
 
     Returns
     -------
@@ -96,5 +101,6 @@ def ingest(
         weights=weights,
         overwrite=overwrite,
         progress=progress,
+        storage_options=storage_options,
     )
-    return open_run(path)
+    return open_run(path, storage_options=storage_options)

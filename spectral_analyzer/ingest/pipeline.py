@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,18 +232,19 @@ def _progress(enabled: bool, total: int):
     return tqdm(total=total, unit="B", unit_scale=True, desc="ingest", leave=False)
 
 
-def _prepare_target(path: Path, overwrite: bool) -> tuple[Store | None, Path]:
+def _prepare_target(path: str, overwrite: bool, storage_options) -> tuple[Store | None, str]:
     """The existing store (or None) and where to write."""
-    if Store.exists(path):
+    beside = path.rstrip("/") + ".overwrite-partial"
+    if Store.exists(path, storage_options):
         if overwrite:
-            return None, path.with_name(path.name + ".overwrite-partial")
-        store = Store.open(path, mode="r+")
+            return None, beside
+        store = Store.open(path, mode="r+", storage_options=storage_options)
         if store.commit_record is None:
             return None, path  # an ingest killed before its base was committed: start again
         return store, path
-    if path.exists() and (path.is_file() or any(path.iterdir())):
+    if Store.occupied(path, storage_options):
         if overwrite:
-            return None, path.with_name(path.name + ".overwrite-partial")
+            return None, beside
         raise StoreExistsError(f"{path}: exists and is not a spectral-analyzer store; pass overwrite to replace it")
     return None, path
 
@@ -301,9 +301,10 @@ def ingest_store(
     weights: str | Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
     """Ingest the checkpoints under *src* into the store at *store*; see :func:`spectral_analyzer.ingest`."""
-    src, path = Path(src), Path(store)
+    src, path = Path(src), str(store)
     keys = KeyOptions(tuple(strip_prefix), lightning_prefix, tuple(include), tuple(exclude))
     planned = _preflight(discover(src, steps), keys)
     first = {n: t.shape for n, t in planned[0].tensors.items()}
@@ -315,7 +316,7 @@ def ingest_store(
     )
     metric_table = read_metrics(metrics_path) if metrics_path is not None else None
 
-    existing, target = _prepare_target(path, overwrite)
+    existing, target = _prepare_target(path, overwrite, storage_options)
     match = None if weights is None else ([weights] if isinstance(weights, str) else list(weights))
     if existing is not None:
         new = _match_existing(existing, manifest, planned)
@@ -328,8 +329,8 @@ def ingest_store(
             )
     else:
         new = planned
-        if target.exists() and target != path:
-            shutil.rmtree(target)
+        if target != path:
+            Store.remove(target, storage_options)
         options = {
             "chunk_size": chunk_size,
             "include": list(include),
@@ -349,7 +350,7 @@ def ingest_store(
                 "safetensors": __import__("safetensors").__version__,
             },
         }
-        st = Store.create(target, manifest, chunk_size, {"provenance": provenance})
+        st = Store.create(target, manifest, chunk_size, {"provenance": provenance}, storage_options)
     snapshot = st.attrs
     created = existing is None
     try:
@@ -364,16 +365,12 @@ def ingest_store(
         if isinstance(exc, KeyboardInterrupt):
             raise  # committed rows stay; running again resumes after them
         if created:
-            shutil.rmtree(target, ignore_errors=True)
+            Store.remove(target, storage_options)
         else:
             st.restore(snapshot)
         raise
     if target != path:  # overwrite: swap the finished store in
-        old = path.with_name(path.name + ".overwrite-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(target, path)
-        shutil.rmtree(old)
+        Store.replace(target, path, storage_options)
     return path
 
 

@@ -13,8 +13,8 @@ band and spectra extend incrementally at O(p) per new delta.
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +34,8 @@ class Recorder:
 
     Parameters
     ----------
-    store : path
-        Created on the first record (refused if it holds something else,
+    store : path or URL
+        A folder or an fsspec URL (with *storage_options*). Created on the first record (refused if it holds something else,
         unless ``overwrite``); an existing store of the same model is appended to.
     model : torch.nn.Module
         Its floating-point ``state_dict`` entries are recorded, names
@@ -44,6 +44,8 @@ class Recorder:
         ``step(s)`` records when ``s % every == 0``.
     include, exclude : globs on tensor names
     chunk_size : int
+    storage_options : dict, optional
+        Options of the fsspec filesystem of a URL store.
 
     Memory: one copy of the recorded tensors (the previous snapshot), so each
     delta is the exact difference of two snapshots.
@@ -59,6 +61,7 @@ class Recorder:
         exclude: Sequence[str] = (),
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -68,6 +71,7 @@ class Recorder:
         self.keys = KeyOptions(include=tuple(include), exclude=tuple(exclude))
         self.chunk_size = chunk_size
         self.overwrite = overwrite
+        self.storage_options = storage_options
         self._previous: CheckpointReader | None = None
         self._metrics: dict[int, dict[str, float]] = {}
 
@@ -91,20 +95,22 @@ class Recorder:
         """Snapshot the model now and commit the delta from the previous snapshot."""
         reader = self._snapshot(step)
         planned = _Planned(Checkpoint(reader.label, (), int(step)), int(step), reader.tensors)
-        if Store.exists(self.path) and not (self.overwrite and self._previous is None):
-            store = Store.open(self.path, mode="r+")
+        options = self.storage_options
+        if Store.exists(self.path, options) and not (self.overwrite and self._previous is None):
+            store = Store.open(self.path, mode="r+", storage_options=options)
             _check_consistent({t.name: t.shape for t in store.manifest}, self.path, planned)
             last = int(store.checkpoint_steps[-1]) if store.commit_record is not None else None
             if last is not None and step <= last:
                 raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
         else:
-            if os.path.exists(self.path) and os.listdir(self.path) and not self.overwrite:
+            if Store.occupied(self.path, options) and not self.overwrite:
                 raise StoreExistsError(f"{self.path}: exists and is not a store of this model; pass overwrite")
-            if os.path.exists(self.path):
-                shutil.rmtree(self.path)
+            Store.remove(self.path, options)
             provenance = {"source": "recorder", "options": {"chunk_size": self.chunk_size},
                           "versions": {"spectral_analyzer": __version__, "torch": torch.__version__}}
-            store = Store.create(self.path, _manifest(reader.tensors), self.chunk_size, {"provenance": provenance})
+            store = Store.create(
+                self.path, _manifest(reader.tensors), self.chunk_size, {"provenance": provenance}, options
+            )
         _write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._previous)
         self._previous = reader
         if self._metrics:
