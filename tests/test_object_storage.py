@@ -208,3 +208,11 @@ def test_band_on_cluster_workers_reading_from_s3(s3, tmp_path):
     ran = {t["worker"] for t in stream.data if "_band_task" in str(t["key"])}
     assert ran and ran <= workers  # worker processes read the chunks from the bucket
     assert np.array_equal(remote, local, equal_nan=True)
+
+
+def test_a_missing_bucket_is_one_line_naming_the_store(s3, tmp_path):
+    options, _ = s3
+    with pytest.raises(sa.StoreError, match=r"^s3://absent/r\.zarr: cannot write the store \(.*bucket does not exist\)$"):
+        sa.ingest(FIXTURES / "layouts" / "hf_trainer", "s3://absent/r.zarr", storage_options=options)
+    with pytest.raises(sa.StoreError, match="no store here"):
+        sa.open_run("s3://absent/r.zarr", storage_options=options)

@@ -350,7 +350,11 @@ def ingest_store(
                 "safetensors": __import__("safetensors").__version__,
             },
         }
-        st = Store.create(target, manifest, chunk_size, {"provenance": provenance}, storage_options)
+        try:
+            st = Store.create(target, manifest, chunk_size, {"provenance": provenance}, storage_options)
+        except OSError as exc:  # a missing bucket, no permission, a full disk
+            _discard(target, storage_options)
+            raise _unwritable(target, exc) from None
     snapshot = st.attrs
     created = existing is None
     try:
@@ -365,13 +369,30 @@ def ingest_store(
         if isinstance(exc, KeyboardInterrupt):
             raise  # committed rows stay; running again resumes after them
         if created:
-            Store.remove(target, storage_options)
+            _discard(target, storage_options)
         else:
             st.restore(snapshot)
+        if isinstance(exc, OSError):
+            raise _unwritable(target, exc) from None
         raise
     if target != path:  # overwrite: swap the finished store in
-        Store.replace(target, path, storage_options)
+        try:
+            Store.replace(target, path, storage_options)
+        except OSError as exc:
+            raise _unwritable(path, exc) from None
     return path
+
+
+def _unwritable(path: str, exc: OSError) -> StoreError:
+    return StoreError(f"{path}: cannot write the store ({' '.join(str(exc).split())})")
+
+
+def _discard(path: str, storage_options) -> None:
+    """Remove a store this ingest created, when it can (the error that led here is the one to report)."""
+    try:
+        Store.remove(path, storage_options)
+    except OSError:
+        pass
 
 
 def _write_rows(
