@@ -218,7 +218,7 @@ def kernel_floor(store_path: Path, n_chunks: int, max_lag: int, repeats: int) ->
     def task(chunk: tuple, n_threads: int) -> dict:
         torch.set_num_threads(n_threads)  # per OS thread: in the worker's own thread, as the build does
         start, stop, segs = chunk
-        args = {"path": str(store_path), "version": n, "start": start, "stop": stop, "segments": segs,
+        args = {"path": str(store_path), "storage_options": None, "version": n, "start": start, "stop": stop, "segments": segs,
                 "r0": 0, "r1": n, "max_lag": max_lag, "device": "cpu", "threads": n_threads}
         return build._band_task(**{k: v for k, v in args.items() if k in params})
 

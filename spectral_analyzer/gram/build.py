@@ -1,20 +1,23 @@
 """The band builder: one streaming pass over the deltas, scheduled with Dask.
 
 A task per parameter chunk (and per tile of rows when there are few chunks)
-reads its column range of the delta rows one row at a time, keeps the last L
-rows as a halo, and computes the per-tensor band of each block of new rows
-with :func:`~spectral_analyzer.gram.kernel.band_rows` (torch, float64
+reads its column range of the delta rows a block of rows at a time into a
+ring on the computing device (:mod:`~spectral_analyzer.gram.ring`), keeps the
+last L rows as a halo, and computes the per-tensor band of each block of new
+rows with :func:`~spectral_analyzer.gram.kernel.band_rows` (torch, float64
 accumulation). Task results are tree-summed per tensor. The band is cached in
 the store and extended, not rebuilt, when deltas are appended.
 
-Memory: each task holds ``(L + BLOCK_ROWS)`` rows of one chunk in float32;
-the local scheduler runs as many tasks at once as ``memory_limit`` allows (at
-most one per core), so peak memory does not depend on p.
+Memory: each task holds ``(L + BLOCK_ROWS)`` rows of one chunk in float32 (on
+cuda in device memory, with two pinned blocks of ``BLOCK_ROWS`` rows on the
+host); the local scheduler runs as many tasks at once as ``memory_limit``
+allows (at most one per core), so peak memory does not depend on p.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 
 import dask
 import numpy as np
@@ -25,7 +28,8 @@ from dask.callbacks import Callback
 from .._version import __version__
 from ..errors import StoreError
 from ..store import Store
-from .kernel import COL_BLOCK, band_rows
+from .kernel import COL_BLOCK, DEVICE_COL_BLOCK, band_rows
+from .ring import HostRing, StagedRing
 
 __all__ = ["BLOCK_ROWS", "DEFAULT_MAX_LAG", "build_band", "resolve_device"]
 
@@ -56,37 +60,53 @@ def _band_task(
 ) -> dict[tuple[int, int], np.ndarray]:
     """Band rows r0..r1-1 of the tensor pieces in columns [start, stop).
 
-    Rows are read straight into a circular buffer of L + BLOCK_ROWS rows: the
-    last L rows are the halo of each new block.
+    Rows go into a ring of L + BLOCK_ROWS rows on the device (a
+    :class:`~spectral_analyzer.gram.ring.HostRing` on cpu, a
+    :class:`~spectral_analyzer.gram.ring.StagedRing` elsewhere): the last L
+    rows are the halo of each new block.
     """
     # torch's intra-op thread count is per OS thread (OpenMP): set it in the worker's own thread.
     torch.set_num_threads(threads)
     store = Store.open(path, storage_options=storage_options)
-    n_slots = max_lag + BLOCK_ROWS
-    ring = np.zeros((n_slots, stop - start), dtype=np.float32)
-    ring_t = torch.from_numpy(ring)
-    logical = np.full(n_slots, -1)
-    slot = 0
-
-    def load(row: int) -> int:
-        nonlocal slot
-        here = slot
-        store.read_delta_chunk(row, start, ring[here])
-        logical[here] = row
-        slot = (slot + 1) % n_slots
-        return here
-
-    for r in range(max(0, r0 - max_lag), r0):
-        load(r)
-    local = [(a - start, b - start) for _, a, b in segments]
-    parts = []
-    for k0 in range(r0, r1, BLOCK_ROWS):
-        new = [load(r) for r in range(k0, min(r1, k0 + BLOCK_ROWS))]
-        # the disk reads the next block while this one is computed
-        store.prefetch_delta_chunks(range(k0 + BLOCK_ROWS, min(r1, k0 + 2 * BLOCK_ROWS)), start)
-        parts.append(band_rows(ring_t, new, logical, local, max_lag, device=device))
-    rows = np.concatenate(parts, axis=1)
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        ring = HostRing(store, start, stop, max_lag, BLOCK_ROWS)
+    else:
+        ring = StagedRing(store, start, stop, max_lag, BLOCK_ROWS, dev)
+    rows = _ring_band(ring, [(a - start, b - start) for _, a, b in segments], r0, r1, max_lag)
     return {(t, r0): rows[s] for s, (t, _, _) in enumerate(segments)}
+
+
+def _ring_band(
+    ring: HostRing | StagedRing, segments: list[tuple[int, int]], r0: int, r1: int, max_lag: int
+) -> np.ndarray:
+    """Band rows r0..r1-1 of *segments* (columns of the ring's chunk), through *ring*.
+
+    The L rows before r0 land first, then the rows r0..r1-1, BLOCK_ROWS at a
+    time. Block k is computed once it and ``ring.ahead`` blocks after it have
+    landed (on cuda: their copies are queued), and each landing stages the
+    block after it, so the disk, the copy engine and the kernel work on three
+    consecutive blocks at once.
+    """
+    halo = range(max(0, r0 - max_lag), r0)
+    blocks = [halo[i : i + BLOCK_ROWS] for i in range(0, len(halo), BLOCK_ROWS)]
+    blocks += [range(k, min(r1, k + BLOCK_ROWS)) for k in range(r0, r1, BLOCK_ROWS)]
+    later = [*blocks, range(0), range(0)]  # nothing to stage after the last block
+    parts = []
+    landed: deque[list[int]] = deque()
+    ring.stage(later[0], later[1])
+    with ring.computing():
+        for k, rows in enumerate(blocks):
+            while len(landed) <= ring.ahead and k + len(landed) < len(blocks):
+                j = k + len(landed)
+                landed.append(ring.land(blocks[j]))
+                ring.stage(later[j + 1], later[j + 2])
+            new = landed.popleft()
+            ring.ready()
+            if rows.start >= r0:
+                parts.append(band_rows(ring.rows, new, ring.logical, segments, max_lag))
+                ring.release()
+    return np.concatenate(parts, axis=1)
 
 
 def _merge(*parts: dict) -> dict:
@@ -143,15 +163,27 @@ class _TaskProgress(Callback):
             self.bar.update(1)
 
 
-def local_workers(chunk_size: int, max_lag: int, memory_limit: int) -> tuple[int, int]:
+def local_workers(
+    chunk_size: int, max_lag: int, memory_limit: int, device: str | torch.device = "cpu"
+) -> tuple[int, int]:
     """Tasks run at once by the local scheduler, and torch threads per task.
 
-    A task holds ``L + BLOCK_ROWS`` float32 rows of one chunk plus a float64
-    column block of them; as many run as *memory_limit* allows, at most one per core.
+    On cpu a task holds ``L + BLOCK_ROWS`` float32 rows of one chunk plus a
+    float64 column block of them. On cuda those live in device memory, and the
+    task holds two pinned staging blocks of ``BLOCK_ROWS`` rows on the host.
+    As many tasks run as *memory_limit* allows of host memory (and half the
+    free device memory allows, on cuda), at most one per core.
     """
-    per_task = (max_lag + BLOCK_ROWS) * chunk_size * 4 + (max_lag + BLOCK_ROWS) * COL_BLOCK * 8
+    dev = torch.device(device)
+    ring = (max_lag + BLOCK_ROWS) * chunk_size * 4
     cores = os.cpu_count() or 1
-    workers = max(1, min(cores, memory_limit // per_task))
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        on_device = ring + BLOCK_ROWS * chunk_size * 4 + (max_lag + 2 * BLOCK_ROWS) * DEVICE_COL_BLOCK * 8
+        workers = min(memory_limit // (2 * BLOCK_ROWS * chunk_size * 4), free // 2 // on_device)
+    else:
+        workers = memory_limit // (ring + (max_lag + BLOCK_ROWS) * COL_BLOCK * 8)
+    workers = max(1, min(cores, workers))
     return workers, 1 if workers > 1 else cores
 
 
@@ -166,7 +198,7 @@ def _compute_rows(
     progress: bool,
 ) -> np.ndarray:
     chunks = _chunk_segments(store)
-    workers, threads = local_workers(store.chunk_size, max_lag, memory_limit)
+    workers, threads = local_workers(store.chunk_size, max_lag, memory_limit, device)
     tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
     if scheduler is not None:
         threads = 1

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["COL_BLOCK", "band_rows"]
+__all__ = ["COL_BLOCK", "DEVICE_COL_BLOCK", "band_rows"]
 
-COL_BLOCK = 32768  # columns converted to float64 at a time (fits in cache)
+COL_BLOCK = 32768  # columns converted to float64 at a time on cpu (fits in cache)
+DEVICE_COL_BLOCK = 1 << 20  # the same on a gpu, where fewer, larger kernels are faster
 
 
 def band_rows(
@@ -23,8 +24,7 @@ def band_rows(
     segments: Sequence[tuple[int, int]],
     max_lag: int,
     *,
-    device: torch.device | str = "cpu",
-    col_block: int = COL_BLOCK,
+    col_block: int | None = None,
 ) -> np.ndarray:
     """Band entries of the new rows against every row held in a ring buffer.
 
@@ -35,7 +35,9 @@ def band_rows(
     Parameters
     ----------
     ring : float32 tensor (R, C)
-        Delta rows in any physical order (a circular buffer).
+        Delta rows in any physical order (a circular buffer), on the device
+        that computes: the products run on ``ring.device``, in its current
+        stream, and only the band entries come back to the host.
     new : sequence of int
         Physical rows of the new deltas.
     logical : int array (R,)
@@ -44,6 +46,9 @@ def band_rows(
         Column ranges, one per tensor piece.
     max_lag : int
         L.
+    col_block : int, optional
+        Columns converted to float64 at a time: :data:`COL_BLOCK` on cpu,
+        :data:`DEVICE_COL_BLOCK` elsewhere.
 
     Returns
     -------
@@ -58,25 +63,30 @@ def band_rows(
     >>> band_rows(ring, [1], np.array([0, 1]), [(0, 4)], 1)[0]
     array([[16.,  8.]])
     """
+    device = ring.device
+    if col_block is None:
+        col_block = COL_BLOCK if device.type == "cpu" else DEVICE_COL_BLOCK
     n_rows = ring.shape[0]
     new = list(new)
     # the new rows' slots are contiguous unless the block wraps round the ring: a view, not a gather
     contiguous = new == list(range(new[0], new[0] + len(new)))
-    new_idx = torch.as_tensor(new, dtype=torch.long, device=device)
-    out = np.full((len(segments), len(new), max_lag + 1), np.nan)
+    new_idx = None if contiguous else torch.as_tensor(new, dtype=torch.long, device=device)
     # entries (r, q) of the product that are band entries, and their lags
     lag = logical[np.asarray(new)][:, None] - logical[None, :]
     take = (lag >= 0) & (lag <= max_lag) & (logical[None, :] >= 0)
     r_idx, q_idx = np.nonzero(take)
     lags = lag[r_idx, q_idx]
-    buf = torch.empty((n_rows, col_block), dtype=torch.float64, device=device)
+    width = min(col_block, max((b - a for a, b in segments), default=1))
+    buf = torch.empty((n_rows, width), dtype=torch.float64, device=device)
+    products = torch.zeros((len(segments), len(new), n_rows), dtype=torch.float64, device=device)
     for s, (start, stop) in enumerate(segments):
-        acc = torch.zeros((len(new), n_rows), dtype=torch.float64, device=device)
+        acc = products[s]
         for a in range(start, stop, col_block):
             b = min(a + col_block, stop)
             y = buf[:, : b - a]
             y.copy_(ring[:, a:b])
             fresh = y[new[0] : new[0] + len(new)] if contiguous else y.index_select(0, new_idx)
             acc += fresh @ y.T
-        out[s, r_idx, lags] = acc.cpu().numpy()[r_idx, q_idx]
+    out = np.full((len(segments), len(new), max_lag + 1), np.nan)
+    out[:, r_idx, lags] = products.cpu().numpy()[:, r_idx, q_idx]  # one transfer per call
     return out

@@ -1,0 +1,251 @@
+"""The staged band path: a ring on the device filled through double-buffered host staging.
+
+On cpu the staged ring's stream and event operations do nothing, so these
+tests run its bookkeeping everywhere; the ones marked ``cuda`` compare the
+device to the cpu where a GPU is visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_run
+from test_band import ODD
+
+import spectral_analyzer as sa
+from spectral_analyzer.gram import build
+from spectral_analyzer.gram.kernel import band_rows
+from spectral_analyzer.gram.ring import HostRing, StagedRing
+from spectral_analyzer.store import Store
+
+CPU = torch.device("cpu")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a cuda device")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """39 deltas of the odd-sized tensors, in chunks that cut tensors (333) and in one chunk (2000)."""
+    root = tmp_path_factory.mktemp("gpu_path")
+    write_run(root / "src", 40, ODD, seed=11)
+    return {c: sa.ingest(root / "src", root / f"r{c}.zarr", chunk_size=c) for c in (333, 2000)}
+
+
+@pytest.fixture(scope="module")
+def x(runs) -> np.ndarray:
+    """The deltas of every store in *runs*, float64."""
+    return runs[333].deltas.values.astype(np.float64)
+
+
+def ring_band(store: Store, chunk, r0: int, r1: int, max_lag: int, device: torch.device | None):
+    """Band rows r0..r1-1 of one chunk's pieces: a HostRing when *device* is None, else a StagedRing there."""
+    start, stop, pieces = chunk
+    if device is None:
+        ring = HostRing(store, start, stop, max_lag, build.BLOCK_ROWS)
+    else:
+        ring = StagedRing(store, start, stop, max_lag, build.BLOCK_ROWS, device)
+    return build._ring_band(ring, [(a - start, b - start) for _, a, b in pieces], r0, r1, max_lag)
+
+
+def reference(x: np.ndarray, chunk, r0: int, r1: int, max_lag: int) -> np.ndarray:
+    """Plain float64 ``<x_i[piece], x_{i-l}[piece]>`` for the chunk's pieces, rows r0..r1-1."""
+    out = np.full((len(chunk[2]), x.shape[0], max_lag + 1), np.nan)
+    for lag in range(max_lag + 1):
+        products = x[lag:] * x[: x.shape[0] - lag]
+        for s, (_, a, b) in enumerate(chunk[2]):
+            out[s, lag:, lag] = products[:, a:b].sum(axis=1)
+    return out[:, r0:r1]
+
+
+def close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-12) -> None:
+    """Equal to *rtol* relative to the largest entry, with NaN in the same places."""
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.nanmax(np.abs(want)))
+
+
+@pytest.mark.parametrize("chunk_size", [333, 2000])
+@pytest.mark.parametrize("max_lag", [3, 8, 13])
+@pytest.mark.parametrize("rows", [(0, 39), (17, 30), (38, 39)])
+def test_staged_ring_on_cpu_equals_host_ring(runs, x, chunk_size, max_lag, rows):
+    """Blocks wrap round the ring when L is not a multiple of 8; the staged ring, which lands a block ahead,
+    holds 8 rows more, so its products have another shape and may round differently (within 1e-12)."""
+    run = runs[chunk_size]
+    store = Store.open(run.path)
+    r0, r1 = rows
+    for chunk in build._chunk_segments(store):
+        host = ring_band(store, chunk, r0, r1, max_lag, None)
+        staged = ring_band(store, chunk, r0, r1, max_lag, CPU)
+        close(staged, host)
+        close(staged, reference(x, chunk, r0, r1, max_lag))
+
+
+def build_rows(store: Store, max_lag: int, device: torch.device) -> np.ndarray:
+    """Every band row of *store*, computed (the cached band is neither read nor written)."""
+    return build._compute_rows(store, max_lag, 0, store.n_deltas, device, None, build.DEFAULT_MEMORY_LIMIT, False)
+
+
+def test_build_through_staged_ring_on_cpu(runs, monkeypatch):
+    """The whole build (row tiles with halos, several chunks, the dask tree sum) with every task staging its rows."""
+    store = Store.open(runs[333].path)
+    monkeypatch.setattr(build, "_row_tiles", lambda r0, r1, *a: [(r0, 11), (11, 30), (30, r1)])
+    want = build_rows(store, 5, CPU)
+
+    def staged(store, start, stop, max_lag, block_rows):
+        return StagedRing(store, start, stop, max_lag, block_rows, CPU)
+
+    monkeypatch.setattr(build, "HostRing", staged)
+    close(build_rows(store, 5, CPU), want)
+
+
+def test_staged_ring_on_cpu_requests_no_pinned_memory(runs):
+    """Pinned buffers only stage rows for a cuda ring, even where cuda is available."""
+    store = Store.open(runs[333].path)
+    ring = StagedRing(store, 0, 333, 4, build.BLOCK_ROWS, CPU)
+    assert not any(buf.is_pinned() for buf in ring._staging)
+    assert ring.rows.device == CPU
+
+
+class _Event:
+    def __init__(self):
+        self.version = 0  # times recorded
+        self.synced = 0  # the version the host has waited for
+
+    def record(self, stream=None):
+        self.version += 1
+
+    def synchronize(self):
+        self.synced = self.version
+
+
+class _Stream:
+    def __init__(self):
+        self.waited: dict[_Event, int] = {}
+
+    def wait_event(self, event):
+        self.waited[event] = event.version
+
+
+class _Device:
+    """Streams and events that run nothing and remember what waited for what."""
+
+    Event = _Event
+    Stream = _Stream
+
+    def __init__(self):
+        self.current = None
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        before, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = before
+
+
+def test_staged_ring_orders_reads_copies_and_kernel(runs, x, monkeypatch):
+    """What makes the overlap safe on a GPU, and what makes it an overlap, at every step of a task with L = 5:
+
+    a staging buffer is refilled only after the host waited for its last copy;
+    the kernel of block k runs on the compute stream after that stream waited
+    for block k's copy, while block k + 1's copy is already queued (it is not
+    waited for); a copy into the ring is issued after the copy stream waited
+    for the last kernel issued, and never overwrites a row a later kernel reads.
+    """
+    fake = _Device()
+    monkeypatch.setattr(torch, "get_device_module", lambda device=None: fake)
+    run = runs[333]
+    store = Store.open(run.path)
+    start, stop, pieces = build._chunk_segments(store)[1]
+    max_lag, r0, r1 = 5, 12, 39
+    ring = StagedRing(store, start, stop, max_lag, build.BLOCK_ROWS, CPU)
+    copies: list[tuple[_Event, int]] = []  # (event, version) recorded by each block's copy, in block order
+    calls = {"reads": 0, "kernels": 0}
+
+    real_read = Store.read_delta_chunk
+
+    def read(self, row, a, out):
+        for buf, event in zip(ring._host, ring._copied):
+            if np.shares_memory(out, buf):
+                assert event.synced == event.version, "staging buffer refilled before its copy finished"
+        calls["reads"] += 1
+        return real_read(self, row, a, out)
+
+    def kernel(rows, new, logical, *args, **kwargs):
+        block = 1 + calls["kernels"]  # block 0 is the halo
+        assert fake.current is ring._compute_stream
+        event, version = copies[block]
+        assert ring._compute_stream.waited.get(event, 0) >= version, "kernel ran before its block's copy landed"
+        if block + 1 < n_blocks:
+            assert len(copies) == block + 2, "the next block's copy is not queued while this block computes"
+            after, after_version = copies[block + 1]
+            assert ring._compute_stream.waited.get(after, 0) < after_version, "the kernel waits for the next copy"
+        first = r0 + (block - 1) * build.BLOCK_ROWS
+        held = set(logical[logical >= 0].tolist())
+        assert set(range(max(0, first - max_lag), logical[new].max() + 1)) <= held, "a row it needs was overwritten"
+        calls["kernels"] += 1
+        return band_rows(rows, new, logical, *args, **kwargs)
+
+    real_record = _Event.record
+
+    def record(event, stream=None):
+        if any(event is e for e in ring._copied):
+            assert stream is ring._copy_stream
+            computed = ring._computed
+            assert computed.version == 1 + calls["kernels"], "the kernel's read of the ring was not recorded"
+            assert ring._copy_stream.waited.get(computed) == computed.version, "copy issued before the kernel's read"
+            copies.append((event, event.version + 1))
+        real_record(event, stream)
+
+    monkeypatch.setattr(Store, "read_delta_chunk", read)
+    monkeypatch.setattr(build, "band_rows", kernel)
+    monkeypatch.setattr(_Event, "record", record)
+    n_blocks = 1 + -(-(r1 - r0) // build.BLOCK_ROWS)  # the 5 halo rows, then blocks of 8
+    got = build._ring_band(ring, [(a - start, b - start) for _, a, b in pieces], r0, r1, max_lag)
+    assert calls == {"reads": r1 - (r0 - max_lag), "kernels": n_blocks - 1}
+    assert len(copies) == n_blocks
+    close(got, reference(x, (start, stop, pieces), r0, r1, max_lag))
+
+
+@cuda
+def test_kernel_on_cuda_equals_cpu():
+    gen = torch.Generator().manual_seed(3)
+    ring = torch.randn(21, 70_001, generator=gen)
+    logical = np.array([*range(29, 34), *range(13, 29)])  # rows 29..33 wrapped round to the front
+    segs = [(0, 5), (5, 40_000), (40_000, 70_001)]
+    want = band_rows(ring, [0, 1, 2, 3, 4], logical, segs, 13)
+    got = band_rows(ring.cuda(), [0, 1, 2, 3, 4], logical, segs, 13)
+    close(got, want)
+    got = band_rows(ring.cuda(), [19, 20, 0, 1], logical, segs, 13, col_block=4096)  # a block that wraps
+    close(got, band_rows(ring, [19, 20, 0, 1], logical, segs, 13))
+
+
+@cuda
+@pytest.mark.parametrize("max_lag", [3, 8, 13])
+def test_staged_ring_on_cuda_equals_cpu(runs, max_lag):
+    run = runs[333]
+    store = Store.open(run.path)
+    cuda_dev = torch.device("cuda")
+    for r0, r1 in [(0, 39), (17, 30)]:
+        for chunk in build._chunk_segments(store):
+            want = ring_band(store, chunk, r0, r1, max_lag, None)
+            close(ring_band(store, chunk, r0, r1, max_lag, cuda_dev), want)
+
+
+@cuda
+def test_staged_ring_on_cuda_pins_its_staging(runs):
+    store = Store.open(runs[333].path)
+    ring = StagedRing(store, 0, 333, 4, build.BLOCK_ROWS, torch.device("cuda"))
+    assert all(buf.is_pinned() for buf in ring._staging)
+    assert ring.rows.is_cuda
+
+
+@cuda
+def test_build_on_cuda_equals_cpu(runs):
+    for run in runs.values():
+        store = Store.open(run.path)
+        close(build_rows(store, 6, torch.device("cuda")), build_rows(store, 6, CPU))
+    workers, _ = build.local_workers(store.chunk_size, 6, build.DEFAULT_MEMORY_LIMIT, "cuda")
+    assert workers >= 1
