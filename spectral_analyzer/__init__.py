@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from ._version import __version__
 from .errors import (
     CheckpointError,
@@ -48,3 +50,20 @@ __all__ = [
     "open_run",
     "plot",
 ]
+
+# Callbacks for training libraries that are optional dependencies: imported on
+# first use, and left out of __all__ so that a star import does not need them.
+_CALLBACKS = {
+    "HFRecorderCallback": ".ingest.hf_callback",
+    "LightningRecorderCallback": ".ingest.lightning_callback",
+}
+
+
+def __getattr__(name: str):
+    if name in _CALLBACKS:
+        return getattr(importlib.import_module(_CALLBACKS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_CALLBACKS])

@@ -77,8 +77,7 @@ class Recorder:
 
     def step(self, step: int, **metrics: float) -> bool:
         """Record at multiples of ``every``; log *metrics* at every call. Returns whether it recorded."""
-        if metrics:
-            self._metrics.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
+        self.log(step, **metrics)
         if step % self.every:
             return False
         self.record(step)
@@ -86,7 +85,15 @@ class Recorder:
 
     def _snapshot(self, step: int) -> CheckpointReader:
         reader = CheckpointReader(f"{self.path} (recorded step {step})", {})
+        seen_storage: set[tuple] = set()
         for name, value in self.model.state_dict().items():
+            # Tied weights: the same storage under two names is one parameter, as the readers count it.
+            if value.is_floating_point() and value.numel() > 0:
+                ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                         tuple(value.stride()))
+                if ident in seen_storage:
+                    continue
+                seen_storage.add(ident)
             tensor = value.detach().to("cpu", copy=True)
             _add(reader, name, tensor.shape, tensor.dtype, tensor, self.keys, reader.label)
         return reader
@@ -113,8 +120,22 @@ class Recorder:
             )
         _write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._previous)
         self._previous = reader
-        if self._metrics:
-            steps = np.array(sorted(self._metrics), dtype=np.int64)
-            names = sorted({k for row in self._metrics.values() for k in row})
-            series = {n: np.array([self._metrics[s].get(n, np.nan) for s in steps]) for n in names}
-            store.write_metrics(steps, series)
+        self._write_metrics(store)
+
+    def log(self, step: int, **metrics: float) -> None:
+        """Keep *metrics* as logged at *step*; they are written with the next record, or by :meth:`flush`."""
+        if metrics:
+            self._metrics.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
+
+    def flush(self) -> None:
+        """Write the metrics logged so far into the store (those logged after the last record, at the end of training)."""
+        if self._metrics and Store.exists(self.path, self.storage_options):  # nothing recorded: nowhere to write
+            self._write_metrics(Store.open(self.path, mode="r+", storage_options=self.storage_options))
+
+    def _write_metrics(self, store: Store) -> None:
+        if not self._metrics:
+            return
+        steps = np.array(sorted(self._metrics), dtype=np.int64)
+        names = sorted({k for row in self._metrics.values() for k in row})
+        series = {n: np.array([self._metrics[s].get(n, np.nan) for s in steps]) for n in names}
+        store.write_metrics(steps, series)
