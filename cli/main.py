@@ -35,19 +35,30 @@ class _Group(click.Group):
 
 
 def _storage_options(ctx, param, values) -> dict:
-    """``KEY=VALUE`` pairs (VALUE parsed as JSON when it is JSON) over the JSON of the environment variable."""
+    """``KEY=VALUE`` pairs over the JSON object of the environment variable.
+
+    VALUE stays a string (a secret or a profile may look like a number)
+    unless it is true, false or a JSON object or list (``client_kwargs={...}``).
+    """
     env = os.environ.get(STORAGE_OPTIONS_ENV)
     try:
         options = json.loads(env) if env else {}
     except json.JSONDecodeError:
-        raise click.BadParameter(f"{STORAGE_OPTIONS_ENV} is not a JSON object: {env}") from None
+        options = None
+    if not isinstance(options, dict):
+        raise click.BadParameter(f"{STORAGE_OPTIONS_ENV} is not a JSON object: {env}")
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"not KEY=VALUE: {item}", param_hint="--storage-option")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
+        if value in ("true", "false"):
+            options[key] = value == "true"
+        elif value.startswith(("{", "[")):
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise click.BadParameter(f"{key}: not JSON: {value}", param_hint="--storage-option") from None
+        else:
             options[key] = value
     return options
 
@@ -56,8 +67,8 @@ def _storage_options(ctx, param, values) -> dict:
 @click.version_option(sa.__version__, prog_name="spectral-analyze")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               callback=_storage_options, expose_value=True,
-              help=f"fsspec option for a store given as a URL, e.g. endpoint_url=http://host:9000 "
-                   f"(repeatable; env {STORAGE_OPTIONS_ENV} takes a JSON object).")
+              help=f"fsspec option for a store given as a URL, e.g. endpoint_url=http://host:9000 or "
+                   f"anon=true (repeatable; env {STORAGE_OPTIONS_ENV} takes a JSON object).")
 @click.pass_context
 def main(ctx: click.Context, storage_options: dict) -> None:
     """Spectral edge analysis of training checkpoints.

@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from ._version import __version__
 from .errors import (
     CheckpointError,
     DuplicateCheckpointWarning,
+    RecordingWarning,
     InconsistentCheckpointsError,
     NoCheckpointsError,
     NonFiniteError,
@@ -32,6 +34,7 @@ from .run import Run, open_run
 __all__ = [
     "CheckpointError",
     "DuplicateCheckpointWarning",
+    "RecordingWarning",
     "InconsistentCheckpointsError",
     "NoCheckpointsError",
     "NonFiniteError",
@@ -54,16 +57,18 @@ __all__ = [
 # Callbacks for training libraries that are optional dependencies: imported on
 # first use, and left out of __all__ so that a star import does not need them.
 _CALLBACKS = {
-    "HFRecorderCallback": ".ingest.hf_callback",
-    "LightningRecorderCallback": ".ingest.lightning_callback",
+    "HFRecorderCallback": (".ingest.hf_callback", "transformers"),
+    "LightningRecorderCallback": (".ingest.lightning_callback", "lightning"),
 }
 
 
 def __getattr__(name: str):
     if name in _CALLBACKS:
-        return getattr(importlib.import_module(_CALLBACKS[name], __name__), name)
+        return getattr(importlib.import_module(_CALLBACKS[name][0], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_CALLBACKS])
+    # only the callbacks whose library is installed: dir() feeds help() and inspect, which must not raise
+    usable = [name for name, (_, lib) in _CALLBACKS.items() if importlib.util.find_spec(lib) is not None]
+    return sorted([*globals(), *usable])

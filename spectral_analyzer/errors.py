@@ -14,6 +14,7 @@ __all__ = [
     "StoreVersionError",
     "StoreExistsError",
     "DuplicateCheckpointWarning",
+    "RecordingWarning",
 ]
 
 
@@ -59,3 +60,7 @@ class StoreExistsError(StoreError):
 
 class DuplicateCheckpointWarning(UserWarning):
     """Two consecutive checkpoints have identical contents (an all-zero delta)."""
+
+
+class RecordingWarning(UserWarning):
+    """Live recording went on after training resumed before the store's last step."""

@@ -89,13 +89,25 @@ def _local(path: str | os.PathLike) -> str:
 
 
 def _filesystem(path: str, storage_options: Mapping[str, Any] | None):
-    """``(fsspec filesystem, path inside it)`` of a URL."""
+    """``(fsspec filesystem, path inside it)`` of a URL; a bucket itself is refused."""
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
     except ImportError as exc:  # the protocol's package (s3fs, gcsfs, ...) is not installed
         raise StoreError(f"{path}: {exc}") from None
+    if fs.root_marker == "" and "/" not in root.strip("/"):
+        # object stores: creating or replacing a store there would create or delete the bucket
+        raise StoreError(f"{path}: a store needs a name inside the bucket, e.g. {path.rstrip('/')}/run.zarr")
+    return fs, root
+
+
+_NOT_A_STORE = (FileNotFoundError, NotADirectoryError, ValueError)  # zarr's not-found and bad-metadata errors
+
+
+def _unreachable(path: str, exc: BaseException) -> StoreError:
+    """A store that could not be read or listed: credentials, permissions, the network."""
+    return StoreError(f"{path}: cannot access the store ({type(exc).__name__}: {' '.join(str(exc).split())})")
 
 
 def _data_array(group: zarr.Group, name: str, shape, chunks, dims) -> None:
@@ -125,7 +137,7 @@ class Store:
 
     def __init__(self, group: zarr.Group, path: str, storage_options: Mapping[str, Any] | None = None):
         self.group = group
-        self.path = path
+        self.path = path if is_url(path) else _local(path)
         self.storage_options = dict(storage_options) if storage_options else None
         self._arrays: dict[str, zarr.Array] = {}
         self._direct: str | None = None
@@ -147,14 +159,19 @@ class Store:
     @staticmethod
     def occupied(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
         """Whether anything (a file, a non-empty folder or prefix) is at *path*."""
-        if not is_url(path):
-            p = Path(_local(path))
-            return p.exists() and (p.is_file() or any(p.iterdir()))
-        fs, root = _filesystem(str(path), storage_options)
         try:
-            return bool(fs.isfile(root) or fs.ls(root, detail=False))
-        except FileNotFoundError:
-            return False
+            if not is_url(path):
+                p = Path(_local(path))
+                return p.exists() and (p.is_file() or any(p.iterdir()))
+            fs, root = _filesystem(str(path), storage_options)
+            try:
+                return bool(fs.isfile(root) or fs.ls(root, detail=False))
+            except FileNotFoundError:
+                return False
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- fsspec backends raise their own types (botocore's)
+            raise _unreachable(str(path), exc) from None
 
     @staticmethod
     def remove(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -179,8 +196,12 @@ class Store:
         """Put the store at *src* in the place of the one at *dst*.
 
         Locally a rename, atomic per step. Object stores have no rename: the
-        new store is copied object by object (server side) before the old one
-        is deleted, so an interruption leaves one of the two complete.
+        old store's root metadata goes first (what is left of it is no longer
+        a store), then the rest of it; the new store is copied object by
+        object (server side, O(store size) requests), its root metadata (the
+        commit record) last, once every other object is there; then the
+        copy at *src* is deleted. Interrupted, *src* is still complete and
+        *dst* is either the new store or not a store at all.
         """
         if not is_url(dst):
             src, dst = _local(src), _local(dst)
@@ -193,20 +214,30 @@ class Store:
             return
         fs, src_root = _filesystem(str(src), storage_options)
         _, dst_root = _filesystem(str(dst), storage_options)
+        src_root, dst_root = src_root.rstrip("/"), dst_root.rstrip("/")
+        try:
+            fs.rm_file(f"{dst_root}/zarr.json")
+        except FileNotFoundError:
+            pass
         Store.remove(dst, storage_options)
-        fs.copy(src_root, dst_root, recursive=True)
+        objects = [p for p in fs.find(src_root) if p != f"{src_root}/zarr.json"]
+        targets = [dst_root + p[len(src_root):] for p in objects]
+        fs.copy(objects, targets, on_error="raise")
+        fs.copy(f"{src_root}/zarr.json", f"{dst_root}/zarr.json", on_error="raise")
         Store.remove(src, storage_options)
         fs.invalidate_cache()
-
-    # -- opening and creating -------------------------------------------------
 
     @staticmethod
     def exists(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
         """Whether *path* holds a Zarr group written by this package."""
         try:
             group = _open_group(str(path), "r", storage_options)
-        except Exception:  # zarr raises several types (missing path, an array, bad metadata): not a store
+        except _NOT_A_STORE:  # nothing there, an array, other files, bad metadata
             return False
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- no credentials, no permission, no network: not "no store"
+            raise _unreachable(str(path), exc) from None
         return group.attrs.get("format") == FORMAT_NAME
 
     @classmethod
@@ -219,8 +250,12 @@ class Store:
             raise StoreError(f"{path}: no store here (run `spectral-analyze ingest CKPT_DIR -o {path}` first)")
         try:
             group = _open_group(path, mode, storage_options)
-        except Exception as exc:  # zarr raises several types for a non-group path
+        except _NOT_A_STORE as exc:  # zarr raises several types for a non-group path
             raise StoreError(f"{path}: not a spectral-analyzer store ({exc})") from None
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- credentials, permissions, the network
+            raise _unreachable(path, exc) from None
         attrs = group.attrs.asdict()
         if attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{path}: not a spectral-analyzer store (no '{FORMAT_NAME}' format attribute)")
@@ -364,6 +399,19 @@ class Store:
             step[n:] = step.fill_value
         self.reserve_rows(n)
         self.group.attrs.put(dict(attrs))
+
+    def truncate(self, n_deltas: int) -> None:
+        """Keep the first *n_deltas* committed rows (and their checkpoints) only.
+
+        ``last_theta`` then holds no committed checkpoint (its step is no
+        longer the last one), so an append needs the checkpoint at the new
+        last step, or a recorder's own snapshot of it.
+        """
+        attrs = self.attrs
+        record = attrs["commit"]
+        attrs["commit"] = {**record, "n_deltas": int(n_deltas)}
+        attrs["sources"] = attrs["sources"][: int(n_deltas) + 1]
+        self.restore(attrs)
 
     # -- weight spectra recorded at ingest -------------------------------------
 
@@ -654,6 +702,7 @@ def _store_like(path: str, mode: str, storage_options: Mapping[str, Any] | None)
     """What zarr opens: a local path as is, a URL as an fsspec store with its options."""
     if not is_url(path):
         return _local(path)
+    _filesystem(path, storage_options)  # refuses a bucket itself, names a missing backend package
     try:
         return zarr.storage.FsspecStore.from_url(path, storage_options=dict(storage_options or {}), read_only=mode == "r")
     except ImportError as exc:  # the protocol's package (s3fs, gcsfs, ...) is not installed

@@ -50,18 +50,17 @@ class _Classifier(torch.nn.Module):
 def _hf_args(out, **options):
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        save_only_model=True,
-        use_cpu=True,
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        **options,
-    )
+    defaults = {
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-2,
+        "save_only_model": True,
+        "use_cpu": True,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "remove_unused_columns": False,
+    }
+    return TrainingArguments(output_dir=str(out), **{**defaults, **options})
 
 
 def test_hf_callback_matches_the_trainers_checkpoints(tmp_path):
@@ -255,3 +254,28 @@ def test_a_missing_training_library_is_named(monkeypatch, name, modules, module)
 def test_other_names_are_still_attribute_errors():
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
         _ = sa.NoSuchThing
+
+
+def test_hf_callback_resumed_from_an_older_checkpoint_redoes_the_later_rows(tmp_path):
+    """HF Trainer resumed from checkpoint-10 after recording up to 20: rows after 10 are dropped and redone."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    x, y = _points(64, seed=0)
+    train = [{"x": x[i], "labels": y[i]} for i in range(64)]
+
+    def trainer(steps, callback):
+        torch.manual_seed(0)
+        args = _hf_args(tmp_path / "out", max_steps=steps, save_steps=10, logging_steps=5, seed=0,
+                        save_only_model=False)  # the optimizer and scheduler too, to resume from
+        return transformers.Trainer(model=_Classifier(), args=args, train_dataset=train, callbacks=[callback])
+
+    trainer(20, sa.HFRecorderCallback(tmp_path / "once.zarr", every=5, chunk_size=100)).train()
+    trainer(20, sa.HFRecorderCallback(tmp_path / "live.zarr", every=5, chunk_size=100)).train()
+    with pytest.warns(sa.RecordingWarning, match=r"resumed at step 10: dropping the 2 rows .*steps 15\.\.20"):
+        trainer(20, sa.HFRecorderCallback(tmp_path / "live.zarr", every=5, chunk_size=100)).train(
+            resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10")
+        )
+    live, once = sa.open_run(tmp_path / "live.zarr"), sa.open_run(tmp_path / "once.zarr")
+    assert list(live.checkpoint_steps) == [0, 5, 10, 15, 20]
+    _assert_same_run(live, once)  # the resumed training replays the same steps, bit for bit
+    assert list(live.metrics["step"].values) == list(once.metrics["step"].values)  # none lost, none doubled

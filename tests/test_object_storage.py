@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import FIXTURES, write_run
 
 import spectral_analyzer as sa
+from spectral_analyzer.store import Store
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -216,3 +217,89 @@ def test_a_missing_bucket_is_one_line_naming_the_store(s3, tmp_path):
         sa.ingest(FIXTURES / "layouts" / "hf_trainer", "s3://absent/r.zarr", storage_options=options)
     with pytest.raises(sa.StoreError, match="no store here"):
         sa.open_run("s3://absent/r.zarr", storage_options=options)
+
+
+def test_an_overwrite_interrupted_mid_copy_never_leaves_a_half_store(s3, tmp_path, monkeypatch):
+    """Object stores have no rename: the new store is copied into place, its commit record last."""
+    options, fs = s3
+    write_run(tmp_path / "a", 4, {"w": (30,)}, seed=5)
+    write_run(tmp_path / "b", 6, {"w": (30,)}, seed=6)
+    url = _url()
+    sa.ingest(tmp_path / "a", url, chunk_size=8, storage_options=options)
+    real = type(fs)._cp_file
+
+    async def flaky(self, path1, path2, **kwargs):
+        if path2.endswith("/deltas/c/3/1"):
+            raise ConnectionResetError("connection reset by peer")
+        return await real(self, path1, path2, **kwargs)
+
+    monkeypatch.setattr(type(fs), "_cp_file", flaky)
+    with pytest.raises(sa.StoreError, match=rf"^{url}: cannot write the store \(.*reset by peer\)$"):
+        sa.ingest(tmp_path / "b", url, chunk_size=8, overwrite=True, storage_options=options)
+    monkeypatch.setattr(type(fs), "_cp_file", real)
+    assert not Store.exists(url, options)  # not a store that reads row 3 as zeros
+    finished = sa.open_run(url + ".overwrite-partial", storage_options=options)  # the new store, complete
+    assert _same_bits(finished.deltas.values, sa.ingest(tmp_path / "b", tmp_path / "b.zarr", chunk_size=8).deltas.values)
+
+
+def test_a_glitch_reading_the_store_never_makes_the_recorder_start_again(s3, monkeypatch):
+    options, _ = s3
+    url = _url()
+    model = torch.nn.Linear(4, 3)
+    rec = sa.Recorder(url, model, chunk_size=8, overwrite=True, storage_options=options)
+    for step in range(3):
+        with torch.no_grad():
+            model.weight += 1.0
+        rec.record(step)
+    from spectral_analyzer import store as store_module
+
+    real = store_module._open_group
+    calls = {"n": 0}
+
+    def glitch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("Service Unavailable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_open_group", glitch)
+    with torch.no_grad():
+        model.weight += 1.0
+    with pytest.raises(sa.StoreError, match=rf"^{url}: cannot access the store \(ConnectionError: Service Unavailable\)$"):
+        rec.record(3)
+    rec.record(3)
+    assert list(sa.open_run(url, storage_options=options).checkpoint_steps) == [0, 1, 2, 3]
+
+
+def test_a_store_is_never_the_bucket_itself(s3):
+    options, fs = s3
+    fs.pipe_file("runs/keep.txt", b"unrelated")
+    with pytest.raises(sa.StoreError, match=r"^s3://runs: a store needs a name inside the bucket, e.g\. s3://runs/run\.zarr$"):
+        sa.ingest(FIXTURES / "layouts" / "hf_trainer", "s3://runs", storage_options=options)
+    with pytest.raises(sa.StoreError, match="a store needs a name inside the bucket"):
+        sa.Recorder("s3://runs/", torch.nn.Linear(2, 2), overwrite=True, storage_options=options).record(0)
+    assert fs.cat_file("runs/keep.txt") == b"unrelated"
+
+
+def test_analysis_with_read_only_access_computes_without_caching(s3, tmp_path, monkeypatch):
+    options, _ = s3
+    url = _url()
+    sa.ingest(WD1, url, storage_options=options)
+    want = sa.ingest(WD1, tmp_path / "l.zarr").band(max_lag=10).values
+
+    def denied(*args, **kwargs):
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(Store, "write_band", denied)
+    monkeypatch.setattr(Store, "write_result", denied)
+    run = sa.open_run(url, storage_options=options)
+    assert np.array_equal(run.band(max_lag=10).values, want, equal_nan=True)
+    assert run.spectra(window=10).sizes["mode"] == 10
+    assert run.store.band_info() is None  # nothing written
+
+
+def test_file_urls_are_local_stores(tmp_path):
+    url = f"file://{tmp_path}/r.zarr"
+    run = sa.ingest(FIXTURES / "layouts" / "hf_trainer", url)
+    assert run.path == f"{tmp_path}/r.zarr"
+    assert run.spectra(window=3).sizes["step"] == 1

@@ -88,3 +88,25 @@ def test_recorder_refuses_going_back_and_other_models(tmp_path):
     run = sa.open_run(tmp_path / "r.zarr")
     assert list(run.checkpoint_steps) == [10, 20, 30]
     assert np.allclose(run.deltas.values[-1][3:], 1.0) and not run.deltas.values[-1][:3].any()  # bias, then weight
+
+
+def test_resuming_between_recorded_steps_skips_to_after_the_store(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    rec = sa.Recorder(tmp_path / "r.zarr", model, every=5, chunk_size=4)
+    for step in range(0, 21, 5):
+        with torch.no_grad():
+            model.weight += 0.5
+        rec.step(step, loss=float(step))
+    before = sa.open_run(tmp_path / "r.zarr").deltas.values
+    again = sa.Recorder(tmp_path / "r.zarr", model, every=5, chunk_size=4)
+    with pytest.warns(sa.RecordingWarning, match=r"resumed at step 12, before the store's last step 20, which holds no row"):
+        again.resume(12)
+    for step in (15, 20, 25):
+        with torch.no_grad():
+            model.weight += 0.25
+        again.step(step, loss=-float(step))
+    run = sa.open_run(tmp_path / "r.zarr")
+    assert list(run.checkpoint_steps) == [0, 5, 10, 15, 20, 25]
+    assert np.array_equal(run.deltas.values[:4], before)
+    assert list(run.metrics["step"].values) == [0, 5, 10, 15, 20, 25]
+    assert run.metrics["loss"].sel(step=[10, 25]).values.tolist() == [10.0, -25.0]

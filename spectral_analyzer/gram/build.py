@@ -85,8 +85,9 @@ def _ring_band(
     The L rows before r0 land first, then the rows r0..r1-1, BLOCK_ROWS at a
     time. Block k is computed once it and ``ring.ahead`` blocks after it have
     landed (on cuda: their copies are queued), and each landing stages the
-    block after it, so the disk, the copy engine and the kernel work on three
-    consecutive blocks at once.
+    block after it: on cuda the copy of block k + 1 runs while the host reads
+    block k + 2 and then while block k is computed (the operating system
+    reading ahead the block after that).
     """
     halo = range(max(0, r0 - max_lag), r0)
     blocks = [halo[i : i + BLOCK_ROWS] for i in range(0, len(halo), BLOCK_ROWS)]
@@ -94,18 +95,21 @@ def _ring_band(
     later = [*blocks, range(0), range(0)]  # nothing to stage after the last block
     parts = []
     landed: deque[list[int]] = deque()
-    ring.stage(later[0], later[1])
-    with ring.computing():
-        for k, rows in enumerate(blocks):
-            while len(landed) <= ring.ahead and k + len(landed) < len(blocks):
-                j = k + len(landed)
-                landed.append(ring.land(blocks[j]))
-                ring.stage(later[j + 1], later[j + 2])
-            new = landed.popleft()
-            ring.ready()
-            if rows.start >= r0:
-                parts.append(band_rows(ring.rows, new, ring.logical, segments, max_lag))
-                ring.release()
+    try:
+        ring.stage(later[0], later[1])
+        with ring.computing():
+            for k, rows in enumerate(blocks):
+                while len(landed) <= ring.ahead and k + len(landed) < len(blocks):
+                    j = k + len(landed)
+                    landed.append(ring.land(blocks[j]))
+                    ring.stage(later[j + 1], later[j + 2])
+                new = landed.popleft()
+                ring.ready()
+                if rows.start >= r0:
+                    parts.append(band_rows(ring.rows, new, ring.logical, segments, max_lag))
+                    ring.release()
+    finally:
+        ring.drain()
     return np.concatenate(parts, axis=1)
 
 
@@ -164,25 +168,29 @@ class _TaskProgress(Callback):
 
 
 def local_workers(
-    chunk_size: int, max_lag: int, memory_limit: int, device: str | torch.device = "cpu"
+    chunk_size: int, max_lag: int, memory_limit: int, device: str | torch.device = "cpu", remote: bool = False
 ) -> tuple[int, int]:
     """Tasks run at once by the local scheduler, and torch threads per task.
 
     On cpu a task holds ``L + BLOCK_ROWS`` float32 rows of one chunk plus a
     float64 column block of them. On cuda those live in device memory, and the
     task holds two pinned staging blocks of ``BLOCK_ROWS`` rows on the host.
-    As many tasks run as *memory_limit* allows of host memory (and half the
-    free device memory allows, on cuda), at most one per core.
+    Reading from object storage adds the block of rows read ahead and Zarr's
+    decoded copy of it (*remote*). As many tasks run as *memory_limit* allows
+    of host memory (and half the free device memory allows, on cuda), at most
+    one per core.
     """
     dev = torch.device(device)
+    block = BLOCK_ROWS * chunk_size * 4
     ring = (max_lag + BLOCK_ROWS) * chunk_size * 4
+    ahead = 2 * block if remote else 0
     cores = os.cpu_count() or 1
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
-        on_device = ring + BLOCK_ROWS * chunk_size * 4 + (max_lag + 2 * BLOCK_ROWS) * DEVICE_COL_BLOCK * 8
-        workers = min(memory_limit // (2 * BLOCK_ROWS * chunk_size * 4), free // 2 // on_device)
+        on_device = ring + block + (max_lag + 2 * BLOCK_ROWS) * DEVICE_COL_BLOCK * 8
+        workers = min(memory_limit // (2 * block + ahead), free // 2 // on_device)
     else:
-        workers = memory_limit // (ring + (max_lag + BLOCK_ROWS) * COL_BLOCK * 8)
+        workers = memory_limit // (ring + (max_lag + BLOCK_ROWS) * COL_BLOCK * 8 + ahead)
     workers = max(1, min(cores, workers))
     return workers, 1 if workers > 1 else cores
 
@@ -198,12 +206,15 @@ def _compute_rows(
     progress: bool,
 ) -> np.ndarray:
     chunks = _chunk_segments(store)
-    workers, threads = local_workers(store.chunk_size, max_lag, memory_limit, device)
+    if scheduler is None:
+        workers, threads = local_workers(store.chunk_size, max_lag, memory_limit, device, store.is_remote)
+    else:  # the cluster's workers size themselves; only the number of row tiles depends on this
+        workers, threads = local_workers(store.chunk_size, max_lag, memory_limit)[0], 1
     tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
-    if scheduler is not None:
-        threads = 1
     path = store.path if store.is_remote else os.path.abspath(store.path)  # workers may run elsewhere
-    identity = (store.attrs["sources"][: store.n_deltas + 1], store.chunk_size)  # names the tasks
+    # names the tasks: the same rows of the same checkpoints, columns and chunking give the same band
+    attrs = store.attrs
+    identity = (attrs["sources"][: store.n_deltas + 1], attrs["tensors"], store.chunk_size)
     tasks = [
         dask.delayed(_band_task)(
             path, store.storage_options, a, b, segs, t0, t1, max_lag, str(device), threads,
@@ -297,9 +308,15 @@ def build_band(
         client, owned = _client(scheduler)
         try:
             rows = _compute_rows(store, max_lag, start, n, dev, client, memory_limit, progress)
+        except OSError as exc:  # the network, permissions (a corrupt chunk is a StoreError already)
+            raise StoreError(f"{store.path}: cannot read the deltas ({' '.join(str(exc).split())})") from None
         finally:
             if owned is not None:
                 owned.close()
         meta = {"precision": "float64", "version": __version__}
-        store.write_band(rows, start, max_lag, steps, meta)
+        try:
+            store.write_band(rows, start, max_lag, steps, meta)
+        except OSError:  # a store this user may read but not write (shared runs, read-only credentials)
+            cached = store.read_band()[:, :start] if start else rows[:, :0]
+            return np.concatenate([cached, rows], axis=1), max_lag
     return store.read_band(), max_lag

@@ -28,8 +28,8 @@ is copied, and nothing lands ahead (``ahead = 0``). :class:`StagedRing`
 (cuda; it also runs on cpu, where its stream and event operations do
 nothing) reads a staged block into one of two host buffers, pinned on cuda,
 and lands it with an asynchronous copy on a copy stream, one block ahead
-(``ahead = 1``): the copy of block k + 1 runs while block k is computed and
-the disk reads block k + 2. The compute stream waits for a block's copy only
+(``ahead = 1``): the copy of block k + 1 runs while the disk reads block
+k + 2 into the other buffer and while block k is computed. The compute stream waits for a block's copy only
 when that block is computed; a copy into the ring waits for the last kernel
 that read the slots it overwrites. Only the band entries come back from the device.
 """
@@ -108,6 +108,9 @@ class HostRing(_Ring):
     def release(self) -> None:
         pass
 
+    def drain(self) -> None:
+        pass
+
 
 class StagedRing(_Ring):
     """A ring on *device*, filled through two host staging buffers.
@@ -181,6 +184,11 @@ class StagedRing(_Ring):
 
     def release(self) -> None:
         self._computed.record(self._compute_stream)
+
+    def drain(self) -> None:
+        """Wait for every copy queued: none may write into the ring after it is freed (after an error too)."""
+        for event in self._copied:
+            event.synchronize()
 
 
 def _new_stream(device: torch.device):

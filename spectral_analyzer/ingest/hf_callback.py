@@ -28,6 +28,14 @@ from .recorder import Recorder
 __all__ = ["HFRecorderCallback"]
 
 
+def _zero3() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 class HFRecorderCallback(TrainerCallback):
     """Record the Trainer's model into *store* every *every* optimizer steps.
 
@@ -107,14 +115,25 @@ class HFRecorderCallback(TrainerCallback):
         }
         self.recorder: Recorder | None = None  # made on the main process when training starts
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not state.is_world_process_zero:
             return
+        if getattr(args, "fsdp", None) or _zero3():
+            raise ValueError("HFRecorderCallback: sharded models (FSDP, DeepSpeed ZeRO-3) are not supported")
+        if optimizer is not None and model is not None:
+            trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if trained and not any(id(p) in trained for p in model.parameters()):
+                raise ValueError(
+                    "HFRecorderCallback: the model the Trainer hands its callbacks is not the one it trains "
+                    "(Trainer(model_init=...) builds a new one); set trainer.callback_handler.model = trainer.model"
+                )
         if self.recorder is None:
             self.recorder = Recorder(self.store, model, every=self.every, **self._options)
         else:  # training again: the same store goes on
             self.recorder.model = model
-        if self.initial and state.global_step == 0:
+        if state.global_step > 0:  # resumed from a checkpoint: the store may hold later rows
+            self.recorder.resume(state.global_step)
+        elif self.initial:
             self.recorder.record(0)
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -145,13 +145,19 @@ class LightningRecorderCallback(Callback):
     def on_train_start(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or ("DeepSpeed" in strategy and getattr(trainer.strategy, "zero_stage_3", False)):
+            raise ValueError(f"LightningRecorderCallback: sharded models ({strategy}) are not supported")
         weights = _Unprefixed(pl_module, self.lightning_prefix)
         if self.recorder is None:
             self.recorder = Recorder(self.store, weights, every=self.every, **self._options)
         else:  # training again: the same store goes on
             self.recorder.model = weights
         self._seen = trainer.global_step
-        if self.initial and trainer.global_step == 0:
+        if trainer.global_step > 0:  # resumed from a checkpoint: the store may hold later rows
+            self.recorder.resume(trainer.global_step)
+            self._recorded = trainer.global_step  # in the store already, or not to be recorded again
+        elif self.initial:
             self._record(0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

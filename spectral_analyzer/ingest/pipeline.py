@@ -27,6 +27,7 @@ import torch
 
 from .._version import __version__
 from ..errors import (
+    CheckpointError,
     DuplicateCheckpointWarning,
     InconsistentCheckpointsError,
     NonFiniteError,
@@ -48,14 +49,20 @@ _HASH_BLOCK = 8 * 1024 * 1024
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)
+    except OSError as exc:  # e.g. deleted by the trainer's checkpoint rotation while being read
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return h.hexdigest()
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 

@@ -13,6 +13,7 @@ band and spectra extend incrementally at O(p) per new delta.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..errors import StepError, StoreExistsError
+from ..errors import RecordingWarning, StepError, StoreExistsError
 from ..store import DEFAULT_CHUNK_SIZE, Store
 from .discover import Checkpoint
 from .pipeline import _check_consistent, _manifest, _Planned, _write_rows
@@ -73,6 +74,7 @@ class Recorder:
         self.overwrite = overwrite
         self.storage_options = storage_options
         self._previous: CheckpointReader | None = None
+        self._skip_through: int | None = None  # after a resume: steps already in the store, not recorded again
         self._metrics: dict[int, dict[str, float]] = {}
 
     def step(self, step: int, **metrics: float) -> bool:
@@ -100,11 +102,18 @@ class Recorder:
 
     def record(self, step: int) -> None:
         """Snapshot the model now and commit the delta from the previous snapshot."""
+        if self._skip_through is not None:
+            if step <= self._skip_through:
+                return
+            self._skip_through = None
         reader = self._snapshot(step)
         planned = _Planned(Checkpoint(reader.label, (), int(step)), int(step), reader.tensors)
         options = self.storage_options
-        if Store.exists(self.path, options) and not (self.overwrite and self._previous is None):
+        # once this recorder has written a row the store is its own: never re-create it
+        if self._previous is not None or (Store.exists(self.path, options) and not self.overwrite):
             store = Store.open(self.path, mode="r+", storage_options=options)
+            if self._previous is None:
+                self._keep_stored_metrics(store, step)
             _check_consistent({t.name: t.shape for t in store.manifest}, self.path, planned)
             last = int(store.checkpoint_steps[-1]) if store.commit_record is not None else None
             if last is not None and step <= last:
@@ -121,6 +130,48 @@ class Recorder:
         _write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._previous)
         self._previous = reader
         self._write_metrics(store)
+
+    def _keep_stored_metrics(self, store: Store, before: int) -> None:
+        """Metrics already in a store this recorder goes on with (logged before *before*), so none are lost."""
+        steps, series = store.read_metrics()
+        for i, s in enumerate(steps.tolist()):
+            if s < before:
+                row = {k: float(v[i]) for k, v in series.items() if not np.isnan(v[i])}
+                self._metrics[s] = {**row, **self._metrics.get(s, {})}
+
+    def resume(self, step: int) -> None:
+        """Go on with the store after training resumed at *step*; the model holds that step's weights now.
+
+        Rows the store holds after *step* were recorded by the training being
+        redone (a trainer resumed from an older checkpoint). When the store
+        has a row at *step* itself, those later rows are dropped, with a
+        warning, and recording continues from the model as it is now, exactly.
+        Otherwise the store is left as it is, with a warning, and steps up to
+        its last one are not recorded again.
+        """
+        if self._previous is not None or not Store.exists(self.path, self.storage_options):
+            return
+        store = Store.open(self.path, mode="r+", storage_options=self.storage_options)
+        steps = store.checkpoint_steps.tolist()
+        if not steps or steps[-1] <= step:
+            return
+        if step in steps:
+            keep = steps.index(step)
+            warnings.warn(
+                f"{self.path}: training resumed at step {step}: dropping the {len(steps) - 1 - keep} rows recorded "
+                f"after it (steps {steps[keep + 1]}..{steps[-1]}), which that training redoes",
+                RecordingWarning, stacklevel=2,
+            )
+            store.truncate(keep)
+            self._keep_stored_metrics(store, step + 1)
+            self._previous = self._snapshot(step)
+        else:
+            warnings.warn(
+                f"{self.path}: training resumed at step {step}, before the store's last step {steps[-1]}, which "
+                f"holds no row at {step}: steps up to {steps[-1]} are not recorded again",
+                RecordingWarning, stacklevel=2,
+            )
+        self._skip_through = steps[-1] if step not in steps else None
 
     def log(self, step: int, **metrics: float) -> None:
         """Keep *metrics* as logged at *step*; they are written with the next record, or by :meth:`flush`."""
