@@ -235,3 +235,21 @@ def test_failed_overwrite_keeps_old_store(store_and_snapshot, tmp_path):
     with pytest.raises(sa.NonFiniteError, match="step 20"):
         sa.ingest(bad, store, overwrite=True)
     _assert_unchanged(store, before)
+
+
+def test_a_checkpoint_deleted_mid_ingest_is_named(tmp_path, hf_copy, monkeypatch):
+    """A trainer's checkpoint rotation can delete a folder while it is being ingested."""
+    from spectral_analyzer.ingest import pipeline
+
+    real = pipeline._sha256
+    gone = hf_copy / "checkpoint-20" / "model.safetensors"
+
+    def rotated(path):
+        if path == gone:
+            path.unlink()
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "_sha256", rotated)
+    with pytest.raises(sa.CheckpointError, match=rf"^{gone}: cannot read \(No such file or directory\)$"):
+        sa.ingest(hf_copy, tmp_path / "r.zarr")
+    assert not (tmp_path / "r.zarr").exists()

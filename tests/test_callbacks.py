@@ -279,3 +279,21 @@ def test_hf_callback_resumed_from_an_older_checkpoint_redoes_the_later_rows(tmp_
     assert list(live.checkpoint_steps) == [0, 5, 10, 15, 20]
     _assert_same_run(live, once)  # the resumed training replays the same steps, bit for bit
     assert list(live.metrics["step"].values) == list(once.metrics["step"].values)  # none lost, none doubled
+
+
+def test_callbacks_refuse_sharded_models(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("lightning")
+    hf = sa.HFRecorderCallback(tmp_path / "a.zarr", every=1)
+    state = transformers.TrainerState(is_world_process_zero=True, max_steps=2)
+    with pytest.raises(ValueError, match="sharded models"):
+        hf.on_train_begin(SimpleNamespace(fsdp="full_shard"), state, None, model=torch.nn.Linear(2, 2))
+
+    class FSDPStrategy:
+        pass
+
+    light = sa.LightningRecorderCallback(tmp_path / "b.zarr", every=1)
+    trainer = SimpleNamespace(is_global_zero=True, global_step=0, strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match=r"sharded models \(FSDPStrategy\)"):
+        light.on_train_start(trainer, torch.nn.Linear(2, 2))
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()

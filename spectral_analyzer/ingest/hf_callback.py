@@ -50,6 +50,11 @@ class HFRecorderCallback(TrainerCallback):
     ``epoch``, ``eval_*``, the final ``train_*`` summary) becomes the store's
     metrics at the step it was logged.
 
+    ``Trainer(model_init=...)`` is not supported: the Trainer hands its
+    callbacks the model made when it was created, not the one ``train()``
+    makes, so every row would be zero (each gives a
+    :class:`~spectral_analyzer.DuplicateCheckpointWarning`).
+
     In a distributed run only the main process (world rank 0) records; with
     data parallelism (DDP) every process holds the same weights. Sharded
     models (FSDP, DeepSpeed ZeRO-3) are not supported: their full state dict
@@ -115,18 +120,11 @@ class HFRecorderCallback(TrainerCallback):
         }
         self.recorder: Recorder | None = None  # made on the main process when training starts
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
             return
         if getattr(args, "fsdp", None) or _zero3():
             raise ValueError("HFRecorderCallback: sharded models (FSDP, DeepSpeed ZeRO-3) are not supported")
-        if optimizer is not None and model is not None:
-            trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if trained and not any(id(p) in trained for p in model.parameters()):
-                raise ValueError(
-                    "HFRecorderCallback: the model the Trainer hands its callbacks is not the one it trains "
-                    "(Trainer(model_init=...) builds a new one); set trainer.callback_handler.model = trainer.model"
-                )
         if self.recorder is None:
             self.recorder = Recorder(self.store, model, every=self.every, **self._options)
         else:  # training again: the same store goes on
