@@ -18,7 +18,9 @@ in the same run:
   checked against the kernel's band of the same columns);
 * the band build, ``sa.open_run(STORE).band(max_lag=L)`` in a child process:
   wall time of the call (timed in the child) and the child's peak RSS, first
-  with a cold page cache, then warm after deleting the cached band;
+  with a cold page cache, then warm after deleting the cached band; the child
+  then computes the spectra of every window of W = min(10, L) deltas off the
+  band (timed apart; the peak RSS includes them);
 * the build's peak RSS on a second store of about P/4 parameters (same
   rows; rounded up to whole chunks, at least one per parallel task), to show
   that peak memory does not grow with P.
@@ -79,7 +81,11 @@ run = sa.open_run(sys.argv[1])
 band = run.band(max_lag=int(sys.argv[2]))
 t2 = time.perf_counter()
 v = band.values
-print(json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "shape": list(v.shape),
+spectra = run.spectra(window=min(10, int(sys.argv[2])), cache=False)  # off the cached band, no delta read
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "spectra_s": t3 - t2,
+                  "windows": int(spectra.sizes["step"]), "k_star_mode": int(spectra.k_star.to_series().mode()[0]),
+                  "shape": list(v.shape),
                   "checksum": float(np.nansum(v)), "import_rss_kib": import_rss_kib,
                   "vm_hwm_kib": int(status()["VmHWM"].split()[0])}))
 """
@@ -426,6 +432,7 @@ def main() -> None:
         "data_bytes": data_bytes, "store_bytes": store_bytes,
         "build_cache": build_cache, "build_s": cold["build_s"], "build_wall_s": cold["wall_s"],
         "import_s": cold["import_s"], "build_gbps": store_bytes / cold["build_s"] / 1e9,
+        "spectra_s": cold["spectra_s"], "spectra_windows": cold["windows"],
         "warm_build_cache": warm_cache, "warm_build_s": warm["build_s"],
         "warm_build_gbps": store_bytes / warm["build_s"] / 1e9,
         "read_cache": read_cache, "read_s": read_s, "read_gbps": store_bytes / read_s / 1e9,
@@ -458,6 +465,8 @@ def main() -> None:
     print(f"band build             {f['build_s']:8.1f} s    {f['build_gbps']:.2f} GB/s ({build_cache}; "
           f"child wall {f['build_wall_s']:.1f} s with {f['import_s']:.1f} s import)")
     print(f"band build             {f['warm_build_s']:8.1f} s    {f['warm_build_gbps']:.2f} GB/s ({warm_cache})")
+    print(f"spectra                {f['spectra_s']:8.1f} s    ({cold['windows']} windows of W = {min(10, L)} off the "
+          f"cached band, in the same child: its peak RSS below includes them)")
     print(f"raw read               {read_s:8.1f} s    {f['read_gbps']:.2f} GB/s ({read_cache})")
     print(f"raw read               {warm_read_s:8.1f} s    {f['warm_read_gbps']:.2f} GB/s ({warm_read_cache})")
     print(f"kernel                 {kernel_s:8.1f} s    {f['kernel_gbps']:.2f} GB/s ({kern['workers']} tasks x "
