@@ -1,14 +1,19 @@
 """``spectral-analyze``: a thin command line over the library.
 
 Each command parses its arguments, calls one library function and prints.
-Errors from bad input become one line on stderr and exit code 1.
+Errors from bad input (the package's errors, OS errors on the paths given,
+bad usage) become one line on stderr, ``Error: ...``, and a non-zero exit
+code: 1, or 2 for bad usage as click has it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -16,22 +21,106 @@ import numpy as np
 import xarray as xr
 
 import spectral_analyzer as sa
-from spectral_analyzer.errors import SpectralAnalyzerError
-from spectral_analyzer.export import events_table, export
+from spectral_analyzer.errors import DeviceError, SchedulerError, SpectralAnalyzerError, printable
+from spectral_analyzer.export import check_output, events_table, export
 from spectral_analyzer.store import DEFAULT_CHUNK_SIZE
 
 STORE_ENV = "SPECTRAL_ANALYZER_STORE"
 STORAGE_OPTIONS_ENV = "SPECTRAL_ANALYZER_STORAGE_OPTIONS"
 DEFAULT_STORE = "spectral.zarr"
+SCHEDULER_TIMEOUT = 5.0  # seconds to reach a --scheduler before giving up (dask's default is 30)
+
+# click >= 8.2 raises this for a bare `spectral-analyze`, to print the help (not an error)
+_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 class _Group(click.Group):
+    """The command group; errors in parsing or running a command become one line (see :func:`_one_line_errors`)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
     def invoke(self, ctx: click.Context):
-        try:
+        with _one_line_errors(), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
             return super().invoke(ctx)
-        except SpectralAnalyzerError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+
+
+def _one_line_warnings(show):
+    """A ``warnings.showwarning`` that prints the package's warnings as ``warning: <one line>``, others by *show*."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if category.__module__ == "spectral_analyzer.errors":
+            click.echo(f"warning: {printable(str(message))}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """Report a user's error as ``Error: <one line>`` on stderr and exit, with no traceback."""
+    try:
+        yield
+    except _HELP:
+        raise
+    except click.ClickException as exc:  # bad usage: one line instead of click's usage block
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message()
+        if isinstance(exc, click.UsageError) and ctx is not None:
+            message = f"{message.rstrip('.')} (see '{ctx.command_path} --help')"
+        _fail(message, exc.exit_code)
+    except SpectralAnalyzerError as exc:
+        _fail(str(exc), 1)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise  # output piped into a closed reader (`| head`): click's own quiet exit
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    # printable: names from files may hold newlines or terminal escapes; the library
+    # says "pass overwrite" (its keyword), the command line has the --overwrite flag
+    click.echo(f"Error: {printable(message).replace('pass overwrite', 'pass --overwrite')}", err=True)
+    sys.exit(code)
+
+
+def _device(ctx, param, value: str) -> str:
+    """auto, cpu, cuda or cuda:N, refused here when torch cannot use it."""
+    import torch
+
+    if value == "auto":
+        return value
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {value!r}; use --device auto, cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("cuda requested but torch sees no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{value} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return value
+
+
+def _scheduler(ctx, param, address: str | None):
+    """A dask.distributed client of the scheduler at *address*, closed with the command."""
+    if address is None:
+        return None
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=SCHEDULER_TIMEOUT, set_as_default=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SchedulerError(
+            f"cannot reach the dask scheduler at {address} ({' '.join(str(exc).split())}); "
+            "check the address, or leave out --scheduler to compute here"
+        ) from None
+    ctx.call_on_close(client.close)
+    return client
 
 
 def _storage_options(ctx, param, values) -> dict:
@@ -114,9 +203,10 @@ def _human_bytes(n: float) -> str:
 @click.option("--lightning-prefix", default="model.", show_default=True,
               help="Prefix stripped from Lightning .ckpt keys when every key has it ('' to keep).")
 @click.option("--overwrite", is_flag=True, help="Replace whatever is at the output path.")
+@click.option("--wait", is_flag=True, help="Wait while another process writes the store, instead of failing.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_prefix, weight_globs,
-           lightning_prefix, overwrite, progress):
+           lightning_prefix, overwrite, wait, progress):
     """Ingest a folder of checkpoints into a store of parameter deltas."""
     try:
         step_list = [int(s) for s in steps.split(",")] if steps else None
@@ -126,7 +216,7 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
     run = sa.ingest(
         ckpt_dir, store, chunk_size=chunk_size, include=include, exclude=exclude, metrics=metrics,
         steps=step_list, weights=list(weight_globs) or None, lightning_prefix=lightning_prefix or None,
-        overwrite=overwrite, progress=progress,
+        overwrite=overwrite, progress=progress, wait=wait,
         storage_options=_storage(),
         **options,
     )
@@ -136,7 +226,7 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
         f"p = {run.n_params:,} in {run.tensors.sizes['tensor']} tensors"
     )
     for message in run.warnings:
-        click.echo(f"warning: {message}", err=True)
+        click.echo(f"warning: {printable(message)}", err=True)
 
 
 @main.command()
@@ -165,13 +255,13 @@ def info(store, show_tensors):
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
     for message in run.warnings:
-        click.echo(f"warning: {message}")
+        click.echo(f"warning: {printable(message)}")
     if show_tensors:
         names = tensors["tensor"].values
-        nw = max(len(n) for n in names)
+        nw = max(len(printable(n)) for n in names)
         for name in names:
             t = tensors.sel(tensor=name)
-            click.echo(f"  {name:<{nw}}  {str(t['shape'].values):>14}  {str(t['dtype'].values):>9}  "
+            click.echo(f"  {printable(name):<{nw}}  {str(t['shape'].values):>14}  {str(t['dtype'].values):>9}  "
                        f"offset {int(t['offset'])}")
 
 
@@ -194,7 +284,7 @@ def _print_table(ds, n_sigma: int = 4) -> None:
     for g in groups:
         part = ds.sel(group=g) if g is not None else ds
         for i, step in enumerate(part["step"].values):
-            row = [str(g)] if g is not None else []
+            row = [printable(str(g))] if g is not None else []
             row += [str(int(step)), str(int(part["k_star"].values[i])), _format(float(part["gap_ratio"].values[i])),
                     _format(float(part["gap"].values[i]))]
             row += [_format(float(v)) for v in part["sigma"].values[i, :n_sigma]]
@@ -215,13 +305,16 @@ def _print_table(ds, n_sigma: int = 4) -> None:
 @click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-lag", type=click.IntRange(min=1), default=None,
               help="Lags L of the band to build (default max(16, W)).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask.distributed scheduler address.")
+@click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu or cuda.")
+@click.option("--scheduler", default=None, metavar="ADDRESS", callback=_scheduler,
+              help="dask.distributed scheduler address.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def spectra(store, window, params, group_by, center, stride, max_lag, device, scheduler, output, overwrite, progress):
     """Windowed spectra: k*, gap ratio R, gap and singular values per step."""
+    if output:
+        check_output(output, overwrite=overwrite)
     run = _open_run(store)
     ds = run.spectra(
         window=window, params=list(params) or None, group_by=group_by, center=center, stride=stride,
@@ -247,8 +340,8 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
               help="Windows an event must hold for.")
 @click.option("--lr", type=float, default=None, help="Learning rate for the adiabatic parameter (default: metrics).")
 @click.option("--constant", type=float, default=1.0, show_default=True, help="C of the Davis-Kahan stability.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--scheduler", default=None, metavar="ADDRESS")
+@click.option("--device", default="auto", show_default=True, callback=_device)
+@click.option("--scheduler", default=None, metavar="ADDRESS", callback=_scheduler)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Export to .nc, .csv or .json (+ <stem>.events.csv|json).")
 @click.option("--overwrite", is_flag=True)
@@ -256,6 +349,8 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
 def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, device, scheduler, output,
              overwrite, progress):
     """Stability, rotation, gap flow, mode energy and events of the spectrum."""
+    if output:
+        check_output(output, overwrite=overwrite, events=True)
     run = _open_run(store)
     ds = run.dynamics(
         window=window, params=list(params) or None, group_by=group_by, tau=tau, factor=factor,
@@ -299,11 +394,13 @@ def _echo_table(header: list[str], rows: list[list[str]]) -> None:
 @click.option("--match", multiple=True, metavar="GLOB", help="Weights to decompose (repeatable) [default: all 2-D].")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Keep the top singular values.")
 @click.option("--heads", type=click.IntRange(min=1), default=None, help="Also split each matrix into head blocks.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=_device)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
 @click.option("--overwrite", is_flag=True)
 def weights(store, match, top, heads, device, output, overwrite):
     """Singular values of weight matrices at every checkpoint."""
+    if output:
+        check_output(output, overwrite=overwrite)
     run = _open_run(store)
     ds = run.weight_spectra(list(match) or None, top=top, heads=heads, device=device)
     rows = []
@@ -311,7 +408,7 @@ def weights(store, match, top, heads, device, output, overwrite):
         part = ds.sel(matrix=name)
         for t, step in enumerate(ds["step"].values):
             s = part["sigma"].values[t]
-            rows.append([str(int(step)), str(name), _format(float(s[0])),
+            rows.append([str(int(step)), printable(str(name)), _format(float(s[0])),
                          _format(float(s[1])) if s.size > 1 else "nan",
                          _format(float(part["sigma_ratio_12"].values[t])), _format(float(part["g12"].values[t])),
                          _format(float(part["g23"].values[t])), _format(float(part["stable_rank"].values[t]))])
@@ -331,6 +428,8 @@ def weights(store, match, top, heads, device, output, overwrite):
 @click.option("--overwrite", is_flag=True)
 def grokking(stores, metric, threshold, window, wq, output, overwrite):
     """One summary row per run: did it grok, when, and what the spectrum did before."""
+    if output:
+        check_output(output, overwrite=overwrite)
     summaries = [_open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq) for s in stores]
     header = ["store", "grokked", "grok_step", "g23_decline", "R_early", "R_grok", "k*", "WQ s1/s2 grok", "WQ s1/s2 end"]
     rows = [

@@ -1,4 +1,8 @@
-"""Exception types. Every message names the file, tensor, step or store at fault."""
+"""Exception and warning types of the package, one base class for the errors.
+
+Every message names the file, tensor, step or store at fault and what to do
+about it; :func:`printable` makes a message one safe line for a terminal.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,18 @@ __all__ = [
     "StoreError",
     "StoreVersionError",
     "StoreExistsError",
+    "StoreBusyError",
+    "WindowError",
+    "SelectionError",
+    "MetricError",
+    "MetricsError",
+    "ExportError",
+    "DeviceError",
+    "SchedulerError",
+    "CacheWarning",
     "DuplicateCheckpointWarning",
     "RecordingWarning",
+    "printable",
 ]
 
 
@@ -58,9 +72,58 @@ class StoreExistsError(StoreError):
     """The output path holds something else; overwriting it takes a flag."""
 
 
+class StoreBusyError(StoreError):
+    """Another process is writing the store."""
+
+
+class WindowError(SpectralAnalyzerError):
+    """A window does not fit the run (too few deltas, W < 2)."""
+
+
+class SelectionError(SpectralAnalyzerError):
+    """A parameter selection, grouping or head split matches nothing or does not fit."""
+
+
+class MetricError(SpectralAnalyzerError):
+    """A metric is not logged, or not at enough steps."""
+
+
+class MetricsError(SpectralAnalyzerError):
+    """A metrics file is unreadable or has no usable ``step`` column."""
+
+
+class ExportError(SpectralAnalyzerError):
+    """An output path with an unknown extension, one that exists, or one that cannot be written."""
+
+
+class DeviceError(SpectralAnalyzerError):
+    """The computing device asked for is unknown or not available."""
+
+
+class SchedulerError(SpectralAnalyzerError):
+    """The dask.distributed scheduler asked for cannot be reached."""
+
+
+class CacheWarning(UserWarning):
+    """A cached band or result could not be written; the numbers were computed and returned without caching."""
+
+
 class DuplicateCheckpointWarning(UserWarning):
     """Two consecutive checkpoints have identical contents (an all-zero delta)."""
 
 
 class RecordingWarning(UserWarning):
     """Live recording went on after training resumed before the store's last step."""
+
+
+def printable(text: str) -> str:
+    """*text* as one line of plain text: each non-printable character as its ``repr`` escape.
+
+    Names that come from files (tensor names, paths) may hold newlines or
+    terminal escape sequences; ``printable`` makes them visible instead of
+    letting them break a line or recolour a terminal.
+
+    >>> printable("layer\\n\\x1b[31mq")
+    'layer\\\\n\\\\x1b[31mq'
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

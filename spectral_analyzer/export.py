@@ -11,15 +11,11 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .errors import SpectralAnalyzerError
+from .errors import ExportError
 
-__all__ = ["ExportError", "events_table", "export", "table"]
+__all__ = ["ExportError", "check_output", "events_table", "export", "table"]
 
 FORMATS = (".nc", ".csv", ".json")
-
-
-class ExportError(SpectralAnalyzerError):
-    """An output path with an unknown extension, or one that exists."""
 
 
 KEY_DIMS = ("run", "group", "matrix", "step")
@@ -102,18 +98,50 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
     CSV and JSON hold :func:`table`'s records (JSON adds the attributes); a
     Dataset with events also gets ``<stem>.events.csv|json`` with
     :func:`events_table`'s records (netCDF keeps them along its ``event`` dim).
-    An existing file is replaced only with ``overwrite``.
+    An existing file (the events file included) is replaced only with
+    ``overwrite``; every target is checked before anything is written.
     """
     path = Path(path)
-    if path.suffix not in FORMATS:
-        raise ExportError(f"{path}: unknown output format {path.suffix!r}; use one of {', '.join(FORMATS)}")
-    if path.exists() and not overwrite:
-        raise ExportError(f"{path}: exists; pass overwrite to replace it")
-    if path.suffix == ".nc":
-        _netcdf_ready(ds).to_netcdf(path, engine="scipy")
-        return path
-    attrs = {k: _plain(v) for k, v in ds.attrs.items()}
-    _write_records(table(ds), path, attrs)
-    if "event" in ds.dims:  # the events table beside the per-step table
-        _write_records(events_table(ds), path.with_name(f"{path.stem}.events{path.suffix}"), attrs)
+    targets = check_output(path, overwrite=overwrite, events="event" in ds.dims)
+    try:
+        if path.suffix == ".nc":
+            _netcdf_ready(ds).to_netcdf(path, engine="scipy")
+            return path
+        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+        _write_records(table(ds), path, attrs)
+        if len(targets) > 1:  # the events table beside the per-step table
+            _write_records(events_table(ds), targets[1], attrs)
+    except OSError as exc:
+        raise ExportError(f"{exc.filename or path}: cannot write ({exc.strerror or exc})") from None
     return path
+
+
+def check_output(
+    path: str | os.PathLike, *, overwrite: bool = False, events: bool = False, formats: tuple[str, ...] | None = FORMATS
+) -> list[Path]:
+    """The files a write to *path* creates, refused before any work is done if it cannot go ahead.
+
+    Those are *path* and, for a CSV or JSON export of a Dataset with
+    *events*, ``<stem>.events<suffix>`` beside it. Refused: an extension not
+    in *formats* (None: any), a target that exists unless *overwrite*, a
+    target that is a folder, and a folder that does not exist.
+
+    Examples
+    --------
+    >>> check_output("dynamics.csv", events=True)  # doctest: +SKIP
+    [PosixPath('dynamics.csv'), PosixPath('dynamics.events.csv')]
+    """
+    path = Path(path)
+    if formats is not None and path.suffix not in formats:
+        raise ExportError(f"{path}: unknown output format {path.suffix!r}; use one of {', '.join(formats)}")
+    targets = [path]
+    if events and path.suffix != ".nc":  # netCDF keeps the events along its event dim
+        targets.append(path.with_name(f"{path.stem}.events{path.suffix}"))
+    for target in targets:
+        if target.is_dir():
+            raise ExportError(f"{target}: is a folder; give a file name")
+        if target.exists() and not overwrite:
+            raise ExportError(f"{target}: exists; pass overwrite to replace it")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path}: the folder {path.parent} does not exist; create it or choose another path")
+    return targets

@@ -6,7 +6,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 
-from .errors import SpectralAnalyzerError
+from .errors import SelectionError
 
 __all__ = ["GROUPINGS", "SelectionError", "group_tensors", "layer_of", "module_of", "select_tensors"]
 
@@ -27,10 +27,6 @@ _EMBEDDING = {
     "position_embeddings", "pos_embed", "pos", "token_embedding", "embed_positions",
 }
 _PARAM = {"weight", "bias", "in_proj_weight", "in_proj_bias"}
-
-
-class SelectionError(SpectralAnalyzerError):
-    """A parameter selection or grouping matches nothing or is unknown."""
 
 
 def select_tensors(names: Sequence[str], params: str | Sequence[str] | None) -> list[int]:

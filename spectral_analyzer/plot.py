@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from .errors import MetricError, SelectionError
+
 __all__ = [
     "SpectralAccessor",
     "plot_alpha",
@@ -33,6 +35,9 @@ def _axes(ax):
 
 def _one_group(ds: xr.Dataset, group) -> xr.Dataset:
     if "group" in ds.dims:
+        groups = [str(g) for g in ds["group"].values]
+        if group is not None and str(group) not in groups:
+            raise SelectionError(f"no group {group!r} in these spectra (groups: {', '.join(groups)})")
         return ds.sel(group=group if group is not None else ds["group"].values[0])
     return ds
 
@@ -87,6 +92,8 @@ def plot_ratios(ds: xr.Dataset, events: xr.Dataset | None = None, modes: int = 4
 
 def plot_gap_ratio(ds: xr.Dataset, metrics: xr.Dataset | None = None, metric: str | None = None, group=None, ax=None):
     """The gap ratio R(t), with a logged metric on a second axis."""
+    if metrics is not None and metric is not None and metric not in metrics:
+        raise MetricError(f"metric {metric!r} is not logged (metrics: {', '.join(metrics.data_vars) or 'none'})")
     ax = _axes(ax)
     ds = _one_group(ds, group)
     ax.plot(ds["step"].values, ds["gap_ratio"].values, color="tab:blue", lw=1.5, label="gap ratio R")
@@ -94,7 +101,7 @@ def plot_gap_ratio(ds: xr.Dataset, metrics: xr.Dataset | None = None, metric: st
         ax.axhline(float(ds["null_q95"]), color="tab:blue", ls=":", lw=1, label="noise floor (Wishart q95)")
     ax.set_xlabel("step")
     ax.set_ylabel("R", color="tab:blue")
-    if metrics is not None and metric is not None and metric in metrics:
+    if metrics is not None and metric is not None:
         other = ax.twinx()
         other.plot(metrics["step"].values, metrics[metric].values, color="tab:red", lw=1.2, label=metric)
         other.set_ylabel(metric, color="tab:red")
@@ -118,6 +125,9 @@ def plot_alpha(dyn: xr.Dataset, modes: int = 4, ax=None):
 
 def plot_energy(dyn: xr.Dataset, mode: int = 1, ax=None):
     """Heatmap of the share of mode *mode* carried by each group over time."""
+    modes = dyn["mode"].values
+    if mode not in modes:
+        raise SelectionError(f"no mode {mode} in these dynamics (modes {modes[0]}..{modes[-1]})")
     ax = _axes(ax)
     e = dyn["energy"].sel(mode=mode).transpose("group", "step").values
     steps = dyn["step"].values

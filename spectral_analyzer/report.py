@@ -12,7 +12,8 @@ import numpy as np
 
 from . import plot
 from ._version import __version__
-from .export import events_table
+from .errors import ExportError, MetricError
+from .export import check_output, events_table
 from .weights import _find_wq
 
 __all__ = ["ACCURACY_METRICS", "write_report"]
@@ -57,15 +58,14 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
     run, the events, the grokking summary (when an accuracy metric is
     logged) and the spectra every few windows.
     """
-    from .export import ExportError
-
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output}: exists; pass overwrite to replace it")
-    spectra = run.spectra(window=window)
-    dyn = run.dynamics(window=window) if run.n_deltas > window else None
+    check_output(output, overwrite=overwrite, formats=None)
     metrics = run.metrics
     names = list(metrics.data_vars)
+    if metric is not None and metric not in metrics:
+        raise MetricError(f"{run.path}: metric {metric!r} is not logged (metrics: {', '.join(names) or 'none'})")
+    spectra = run.spectra(window=window)
+    dyn = run.dynamics(window=window) if run.n_deltas > window else None
     accuracy = _first(names, ACCURACY_METRICS)
     shown = metric or accuracy or _first(names, LOSS_METRICS)
     wq = _find_wq(run.store, None)
@@ -117,5 +117,8 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
              "figure{margin:1.5em 0}img{max-width:100%}figcaption{font-size:13px;color:#555}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>spectral-analyzer report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    output.write_text(page)
+    try:
+        output.write_text(page)
+    except OSError as exc:
+        raise ExportError(f"{output}: cannot write the report ({exc.strerror or exc})") from None
     return output

@@ -72,10 +72,10 @@ def test_strip_prefix_option(runner, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["ingest", "{empty}", "-o", "{tmp}/r.zarr"], "error: {empty}: no checkpoints found"),
-        (["info", "{tmp}/missing.zarr"], "error: {tmp}/missing.zarr: no store here"),
+        (["ingest", "{empty}", "-o", "{tmp}/r.zarr"], "Error: {empty}: no checkpoints found"),
+        (["info", "{tmp}/missing.zarr"], "Error: {tmp}/missing.zarr: no store here"),
         (["ingest", str(FIXTURES / "layouts" / "hf_trainer"), "-o", "{tmp}/r.zarr", "--steps", "1,2"],
-         "error: " + str(FIXTURES / "layouts" / "hf_trainer") + ": 2 steps given for 4 checkpoints"),
+         "Error: " + str(FIXTURES / "layouts" / "hf_trainer") + ": 2 steps given for 4 checkpoints"),
     ],
 )
 def test_errors_are_one_line_with_exit_code(runner, tmp_path, args, message):
@@ -105,7 +105,7 @@ def test_installed_command_exits_nonzero_without_traceback(tmp_path):
     cmd = [exe] if exe else [sys.executable, "-m", "spectral_analyzer.cli"]
     proc = subprocess.run([*cmd, "info", str(tmp_path / "nope.zarr")], capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.zarr'}: no store here "
+    assert proc.stderr.strip().splitlines() == [f"Error: {tmp_path / 'nope.zarr'}: no store here "
                                                 f"(run `spectral-analyze ingest CKPT_DIR -o {tmp_path / 'nope.zarr'}` first)"]
     assert "Traceback" not in proc.stderr
 
@@ -146,7 +146,7 @@ def test_spectra_errors(runner, tmp_path):
     result = runner.invoke(main, ["spectra", store, "--window", "8"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"error: {store}: window 8 needs at least 8 deltas; the store has 3 (steps 10..30)"
+        f"Error: {store}: window 8 needs at least 8 deltas; the store has 3 (steps 10..30)"
     ]
     result = runner.invoke(main, ["spectra", store, "--window", "2", "-o", str(tmp_path / "x.parquet")])
     assert result.exit_code == 1 and "unknown output format '.parquet'" in result.output

@@ -188,7 +188,7 @@ def test_cli_ingest_and_spectra_on_s3(s3, tmp_path):
     missing = runner.invoke(main, [*flags, "info", "s3://runs/absent.zarr"])
     assert missing.exit_code == 1
     assert missing.output.strip().splitlines() == [
-        "error: s3://runs/absent.zarr: no store here (run `spectral-analyze ingest CKPT_DIR -o s3://runs/absent.zarr` first)"
+        "Error: s3://runs/absent.zarr: no store here (run `spectral-analyze ingest CKPT_DIR -o s3://runs/absent.zarr` first)"
     ]
 
 

@@ -138,7 +138,7 @@ def test_cli_weights_and_grokking(runs, tmp_path):
     header = (tmp_path / "w.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["matrix", "step", "sigma_ratio_12"] and "sigma_4" in header
     bad = runner.invoke(main, ["weights", runs["wd1"].path, "--match", "nothing*"])
-    assert bad.exit_code == 1 and bad.output.startswith("error: no 2-D weight matches")
+    assert bad.exit_code == 1 and bad.output.startswith("Error: no 2-D weight matches")
     bad = runner.invoke(main, ["grokking", runs["wd1"].path, "--metric", "val_acc"])
     assert bad.exit_code == 1 and "metric 'val_acc' is not logged" in bad.output
 

@@ -26,6 +26,11 @@ def learning_rate_at(store: Store, steps: np.ndarray) -> tuple[np.ndarray, str]:
         if name in series:
             values = series[name]
             ok = np.isfinite(values)
+            if not ok.any():
+                # A column with no finite value (a logger that wrote NaN) is no learning rate: the
+                # adiabatic parameter is then NaN, like a run that logs none, while every other
+                # quantity, which does not depend on it, is still returned; lr= supplies one.
+                continue
             s, v = logged_steps[ok], values[ok]
             idx = np.searchsorted(s, steps, side="right") - 1
             return np.where(idx >= 0, v[np.maximum(idx, 0)], np.nan), f"metrics:{name}"
@@ -60,7 +65,7 @@ def compute_dynamics(
         )
     steps = store.steps
     options = (window, params, group_by, constant, lr, top_k, tau, factor, persistence, phase_fraction)
-    name = f"dynamics-{tokenize('dynamics', options, steps.tolist(), __version__)[:20]}"
+    name = f"dynamics-{tokenize('dynamics', options, store.results_identity, __version__)[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
     band, lag, _, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)

@@ -5,15 +5,11 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..errors import SpectralAnalyzerError
+from ..errors import MetricError
 
 __all__ = ["MetricError", "correlate", "detrend", "lagged_correlation"]
 
 DETRENDS = {"none": None, "linear": 1, "cubic": 3}
-
-
-class MetricError(SpectralAnalyzerError):
-    """A metric is not logged, or not at enough steps."""
 
 
 def detrend(y: np.ndarray, t: np.ndarray, kind: str = "linear") -> np.ndarray:

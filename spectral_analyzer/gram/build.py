@@ -26,7 +26,7 @@ from dask.base import tokenize
 from dask.callbacks import Callback
 
 from .._version import __version__
-from ..errors import StoreError
+from ..errors import DeviceError, SchedulerError, StoreError, WindowError
 from ..store import Store
 from .kernel import COL_BLOCK, DEVICE_COL_BLOCK, band_rows
 from .ring import HostRing, StagedRing
@@ -43,7 +43,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` is cuda when a GPU is visible, else cpu."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("cuda requested but torch sees no CUDA device; use device='cpu'")
+    return dev
 
 
 def _band_task(
@@ -57,6 +63,7 @@ def _band_task(
     max_lag: int,
     device: str,
     threads: int,
+    crcs: np.ndarray,
 ) -> dict[tuple[int, int], np.ndarray]:
     """Band rows r0..r1-1 of the tensor pieces in columns [start, stop).
 
@@ -67,7 +74,8 @@ def _band_task(
     """
     # torch's intra-op thread count is per OS thread (OpenMP): set it in the worker's own thread.
     torch.set_num_threads(threads)
-    store = Store.open(path, storage_options=storage_options)
+    store = Store.open(path, storage_options=storage_options, verify=False)
+    store.expect_crcs(start // store.chunk_size, crcs)
     dev = torch.device(device)
     if dev.type == "cpu":
         ring = HostRing(store, start, stop, max_lag, BLOCK_ROWS)
@@ -153,6 +161,7 @@ def _row_tiles(r0: int, r1: int, n_chunks: int, workers: int, max_lag: int) -> l
     n = r1 - r0
     want = max(1, -(-2 * workers // n_chunks))
     size = max(-(-n // want), 4 * max(max_lag, BLOCK_ROWS))
+    size = -(-size // BLOCK_ROWS) * BLOCK_ROWS  # tiles start on block boundaries (see build_band)
     return [(a, min(a + size, r1)) for a in range(r0, r1, size)]
 
 
@@ -212,13 +221,13 @@ def _compute_rows(
         workers, threads = local_workers(store.chunk_size, max_lag, memory_limit)[0], 1
     tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
     path = store.path if store.is_remote else os.path.abspath(store.path)  # workers may run elsewhere
-    # names the tasks: the same rows of the same checkpoints, columns and chunking give the same band
-    attrs = store.attrs
-    identity = (attrs["sources"][: store.n_deltas + 1], attrs["tensors"], store.chunk_size)
+    # names the tasks: the same generation of rows, columns and chunking give the same band
+    crcs = store.crcs[:r1]
+    c = store.chunk_size
     tasks = [
         dask.delayed(_band_task)(
-            path, store.storage_options, a, b, segs, t0, t1, max_lag, str(device), threads,
-            dask_key_name=f"_band_task-{tokenize(identity, a, t0, t1, max_lag)}",
+            path, store.storage_options, a, b, segs, t0, t1, max_lag, str(device), threads, crcs[:t1, a // c].copy(),
+            dask_key_name=f"_band_task-{tokenize(store.chain[t1 - 1], store.attrs['tensors'], c, a, t0, t1, max_lag)}",
         )
         for a, b, segs in chunks
         for t0, t1 in tiles
@@ -256,7 +265,10 @@ def _client(scheduler):
         return scheduler, None
     from distributed import Client
 
-    client = Client(scheduler, set_as_default=False)
+    try:
+        client = Client(scheduler, timeout=5, set_as_default=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SchedulerError(f"cannot reach the dask scheduler at {scheduler} ({' '.join(str(exc).split())})") from None
     return client, client
 
 
@@ -276,6 +288,9 @@ def build_band(
     store : Store
     max_lag : int
         L, the largest lag needed; a cached band with a larger L is reused.
+        The cache is used up to the first row whose generation differs from
+        this snapshot's (rows rewritten since) and extended or recomputed
+        from there.
     device : "auto", "cpu", "cuda" or a torch device
     scheduler : None, a dask.distributed address or Client
         None runs Dask's local threaded scheduler.
@@ -288,35 +303,37 @@ def build_band(
     band : numpy.ndarray, float64, shape (n_tensors, n_deltas, L + 1)
         NaN where ``i - l < 0``.
     max_lag : int
-        The L of the returned band (>= the one asked for).
+        The L of the returned band (the one asked for; a cached band with a
+        larger L is sliced).
 
     Cost: one read of the deltas not yet in the cache (plus L halo rows per
     task), ``~2 (L + 8)`` flops per element read.
     """
     if max_lag < 1:
-        raise ValueError(f"max_lag must be >= 1, got {max_lag}")
+        raise WindowError(f"max_lag must be >= 1, got {max_lag}")
     n = store.n_deltas
     if n == 0:
         raise StoreError(f"{store.path}: holds no deltas yet (ingest at least two checkpoints)")
-    steps = store.steps
-    info = store.band_info()
-    start = 0
-    if info is not None and info["max_lag"] >= max_lag and np.array_equal(info["steps"], steps[: info["n_rows"]]):
-        start, max_lag = min(info["n_rows"], n), info["max_lag"]
+    found = store.band_cache.lookup(max_lag)
+    cached, lag = found if found is not None else (None, max_lag)
+    # From the start of the block holding the first row not cached: every row is then computed in
+    # the same blocks of BLOCK_ROWS as in a build from scratch, so the band is bit-identical to it.
+    start = 0 if cached is None else cached.shape[1] // BLOCK_ROWS * BLOCK_ROWS
+    if cached is not None:
+        cached = cached[:, :start]
     if start < n:
         dev = resolve_device(device)
         client, owned = _client(scheduler)
         try:
-            rows = _compute_rows(store, max_lag, start, n, dev, client, memory_limit, progress)
+            rows = _compute_rows(store, lag, start, n, dev, client, memory_limit, progress)
         except OSError as exc:  # the network, permissions (a corrupt chunk is a StoreError already)
             raise StoreError(f"{store.path}: cannot read the deltas ({' '.join(str(exc).split())})") from None
         finally:
             if owned is not None:
                 owned.close()
         meta = {"precision": "float64", "version": __version__}
-        try:
-            store.write_band(rows, start, max_lag, steps, meta)
-        except OSError:  # a store this user may read but not write (shared runs, read-only credentials)
-            cached = store.read_band()[:, :start] if start else rows[:, :0]
-            return np.concatenate([cached, rows], axis=1), max_lag
-    return store.read_band(), max_lag
+        store.cache(lambda current: current.band_cache.write(rows, start, lag, meta))
+        band = rows if cached is None else np.concatenate([cached, rows], axis=1)
+    else:
+        band = cached[:, :n]
+    return band[:, :, : max_lag + 1], max_lag

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import StepError
 from ..store import DEFAULT_CHUNK_SIZE
 from .pipeline import ingest_store
 
@@ -28,6 +29,7 @@ def ingest(
     steps: Sequence[int] | None = None,
     weights: str | Sequence[str] | None = None,
     overwrite: bool = False,
+    wait: bool | float = False,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Run:
@@ -65,6 +67,9 @@ def ingest(
         they are read, for runs too large to reconstruct later;
         :meth:`Run.weight_spectra` then reads them from the store. Chosen
         when the store is created.
+    wait : bool or seconds
+        While another process writes the store: fail at once with
+        :class:`StoreBusyError` (False), wait (True) or wait that long.
     overwrite : bool
         Replace a store of a different run (or any other content) at *store*.
     progress : bool
@@ -88,6 +93,9 @@ def ingest(
     """
     from ..run import open_run
 
+    for step in steps or ():
+        if not -(2**63) <= step < 2**63:  # steps are stored as int64
+            raise StepError(f"{src}: step {step} is out of range; steps must fit in a signed 64-bit integer")
     path = ingest_store(
         src,
         store,
@@ -100,6 +108,7 @@ def ingest(
         steps=steps,
         weights=weights,
         overwrite=overwrite,
+        wait=wait,
         progress=progress,
         storage_options=storage_options,
     )

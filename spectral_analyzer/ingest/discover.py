@@ -14,7 +14,10 @@ Layouts, detected automatically:
 
 Steps come from the file or folder name (``step=1200``, ``checkpoint-500``,
 else the last number in the name), else from a ``step`` / ``global_step``
-stored in the file, else they must be given.
+stored in the file, else they must be given; they must fit a 64-bit integer.
+
+A weight file that is not a regular file (a FIFO, a device) is listed all the
+same, and refused with its name when it is opened, rather than skipped.
 """
 
 from __future__ import annotations
@@ -66,9 +69,14 @@ def step_from_name(name: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
+def _present(path: Path) -> bool:
+    """Whether *path* is there and not a folder: a regular file, or a FIFO or device to be refused when read."""
+    return path.exists() and not path.is_dir()
+
+
 def _is_weight_file(path: Path) -> bool:
     return (
-        path.is_file()
+        _present(path)
         and path.suffix in WEIGHT_SUFFIXES
         and not any(fnmatch.fnmatchcase(path.name, g) for g in NOT_WEIGHTS)
     )
@@ -77,12 +85,12 @@ def _is_weight_file(path: Path) -> bool:
 def _folder_files(folder: Path) -> tuple[Path, ...] | None:
     """The weight files of a one-checkpoint folder, safetensors first."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index_name).is_file():
+        if _present(folder / index_name):
             shards = shard_files(folder / index_name)
-            if index_name.startswith("model.safetensors") or not (folder / "model.safetensors").is_file():
+            if index_name.startswith("model.safetensors") or not _present(folder / "model.safetensors"):
                 return tuple(shards)
     for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin"):
-        if (folder / name).is_file():
+        if _present(folder / name):
             return (folder / name,)
     files = sorted((f for f in folder.iterdir() if _is_weight_file(f)), key=lambda f: natural_key(f.name))
     safetensors = [f for f in files if f.suffix == ".safetensors"]
@@ -144,11 +152,15 @@ def discover(src: str | Path, steps: Sequence[int] | None = None) -> list[Checkp
 
 
 def order_by_step(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
-    """Sort by step, refusing missing and duplicate steps with the files named."""
+    """Sort by step, refusing missing, duplicate and out-of-range steps with the files named."""
     for c in checkpoints:
         if c.step is None:
             raise StepError(
                 f"{c.label}: no step in its name or contents; name files by step or pass steps explicitly"
+            )
+        if not -(2**63) <= c.step < 2**63:
+            raise StepError(
+                f"{c.label}: step {c.step} does not fit a 64-bit integer; name files by step or pass steps explicitly"
             )
     ordered = sorted(checkpoints, key=lambda c: c.step)
     for a, b in zip(ordered, ordered[1:]):

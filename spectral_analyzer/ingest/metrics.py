@@ -7,6 +7,7 @@ and NaN where a series was not logged at a step.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -14,20 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SpectralAnalyzerError
+from ..errors import MetricsError
+from .readers import require_regular_file
 
 __all__ = ["MetricsError", "find_trainer_state", "read_metrics"]
 
 
-class MetricsError(SpectralAnalyzerError):
-    """A metrics file is unreadable or has no usable ``step`` column."""
-
-
 def _number(value) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, (bool, int, float)):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float64, as a float64 can hold it
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         try:
             return float(value)
@@ -36,14 +35,36 @@ def _number(value) -> float | None:
     return None
 
 
+def _step(value) -> int | None:
+    """A record's step as an exact int: an int, an integral float, or a string of either."""
+    if isinstance(value, str):
+        try:
+            return int(value)  # exact, where float() would round a large step
+        except ValueError:
+            value = _number(value)
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _check_names(names: Iterable[str], origin: Path) -> None:
+    """Refuse empty names (any other text is kept as it is; the store names its arrays safely)."""
+    for name in names:
+        if not name:
+            raise MetricsError(f"{origin}: a series has an empty name; name every column")
+
+
 def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     rows: dict[int, dict[str, float]] = {}
     names: list[str] = []
     for i, record in enumerate(records):
-        step = _number(record.get("step"))
-        if step is None or not math.isfinite(step) or step != int(step):
+        step = _step(record.get("step"))
+        if step is None:
             raise MetricsError(f"{origin}: record {i + 1} has no integer 'step'")
-        row = rows.setdefault(int(step), {})
+        if not -(2**63) <= step < 2**63:
+            shown = str(step) if len(str(step)) <= 30 else f"of {len(str(step))} digits"
+            raise MetricsError(f"{origin}: record {i + 1} has step {shown}, which does not fit a 64-bit integer")
+        row = rows.setdefault(step, {})
         for key, value in record.items():
             x = _number(value)
             if key == "step" or x is None:
@@ -51,6 +72,7 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
             if key not in names:
                 names.append(key)
             row[key] = x  # a later record at the same step wins
+    _check_names(names, origin)
     steps = np.array(sorted(rows), dtype=np.int64)
     series = {name: np.array([rows[s].get(name, np.nan) for s in steps], dtype=np.float64) for name in names}
     return steps, series
@@ -60,28 +82,59 @@ def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Read a metrics file into ``(steps, {name: values})``.
 
     Accepts ``trainer_state.json`` (its ``log_history``), ``*.csv`` with a
-    header holding ``step``, and ``*.jsonl`` with one object per line.
+    header holding ``step``, and ``*.jsonl`` with one object per line. Steps
+    must be integers that fit int64; names are returned as they are, but an
+    empty name is refused.
+
+    In a CSV file, a first column with no name beside a ``step`` column is
+    the index that pandas' ``df.to_csv()`` writes, and is ignored. Without a
+    ``step`` column it is refused rather than taken for the step: a pandas
+    index counts rows, not training steps.
     """
     path = Path(path)
+    require_regular_file(path, MetricsError)
     try:
         text = path.read_text()
-    except OSError as exc:
-        raise MetricsError(f"{path}: cannot read metrics ({exc.strerror})") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        raise MetricsError(f"{path}: cannot read metrics ({getattr(exc, 'strerror', None) or exc})") from None
     try:
         if path.suffix == ".csv":
-            records = list(csv.DictReader(text.splitlines()))
-            if records and "step" not in records[0]:
-                raise MetricsError(f"{path}: no 'step' column (columns: {', '.join(records[0])})")
+            records = _csv_records(text, path)
         elif path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             data = json.loads(text)
             records = data.get("log_history", []) if isinstance(data, dict) else data
-    except ValueError as exc:
-        raise MetricsError(f"{path}: not valid {path.suffix.lstrip('.') or 'json'} ({exc})") from None
+    except (ValueError, csv.Error, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        what = " ".join(str(exc).split())
+        raise MetricsError(f"{path}: not valid {path.suffix.lstrip('.') or 'json'} ({what})") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise MetricsError(f"{path}: expected a list of records with a 'step' field")
     return _table(records, path)
+
+
+def _csv_records(text: str, path: Path) -> list[dict]:
+    """The rows of a CSV file as records, its columns checked (see :func:`read_metrics`)."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = list(reader.fieldnames or [])
+    records = list(reader)
+    if columns and "step" not in columns:
+        hint = (
+            "; its first column has no name: if it is a pandas index, write the file with "
+            "df.to_csv(index=False), or name the step column 'step'"
+            if columns[0] == "" else ""
+        )
+        raise MetricsError(f"{path}: no 'step' column (columns: {', '.join(map(repr, columns))}){hint}")
+    pandas_index = bool(columns) and columns[0] == ""
+    for j, name in enumerate(columns):
+        if name == "" and not (j == 0 and pandas_index):
+            raise MetricsError(f"{path}: column {j + 1} has no name; name it in the header")
+        if columns.index(name) != j:
+            raise MetricsError(f"{path}: column {name!r} appears twice in the header")
+    if pandas_index:
+        for record in records:
+            del record[""]
+    return records
 
 
 def find_trainer_state(src: Path, checkpoint_labels: Iterable[str]) -> Path | None:
@@ -92,10 +145,10 @@ def find_trainer_state(src: Path, checkpoint_labels: Iterable[str]) -> Path | No
     ``metrics.csv`` or ``metrics.jsonl`` at the top of *src*.
     """
     candidates = [Path(label) / "trainer_state.json" for label in checkpoint_labels]
-    candidates = [c for c in candidates if c.is_file()]
+    candidates = [c for c in candidates if c.exists()]  # a FIFO or folder is refused when read, not skipped
     if candidates:
         return candidates[-1]
     for name in ("trainer_state.json", "metrics.csv", "metrics.jsonl"):
-        if (src / name).is_file():
+        if (src / name).exists():
             return src / name
     return None

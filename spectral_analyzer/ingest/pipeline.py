@@ -31,11 +31,13 @@ from ..errors import (
     DuplicateCheckpointWarning,
     InconsistentCheckpointsError,
     NonFiniteError,
+    SelectionError,
     StepError,
     StoreError,
     StoreExistsError,
 )
-from ..store import DEFAULT_CHUNK_SIZE, Store, TensorEntry
+from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter, TensorEntry
+from ..store.generations import base_link, hex_of
 from .discover import Checkpoint, discover, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
 from ..weights import matrices_of, select_weights
@@ -132,16 +134,19 @@ class _Writer:
         self.slots = threading.BoundedSemaphore(in_flight)
         self.futures: list[Future] = []
 
-    def submit(self, name: str, row: int | None, start: int, data: np.ndarray) -> None:
+    def submit(self, name: str, row: int | None, start: int, data: np.ndarray) -> Future:
+        """Write the chunk; the future gives its crc32c."""
         self.slots.acquire()
 
         def work():
             try:
-                self.store.write_chunk(name, row, start, data)
+                return self.store.write_chunk(name, row, start, data)
             finally:
                 self.slots.release()
 
-        self.futures.append(self.pool.submit(work))
+        future = self.pool.submit(work)
+        self.futures.append(future)
+        return future
 
     def wait(self) -> None:
         futures, self.futures = self.futures, []
@@ -155,8 +160,9 @@ class _Writer:
 class _ChunkedRow:
     """Assembles one flat row from tensor pieces and hands out whole chunks."""
 
-    def __init__(self, chunk: int, n_params: int, emit: Callable[[int, np.ndarray], None]):
+    def __init__(self, chunk: int, n_params: int, emit: Callable[[int, np.ndarray], Future]):
         self.chunk, self.n_params, self.emit = chunk, n_params, emit
+        self.written: list[Future] = []
         self.start = 0
         self.fill = 0
         self.buf = np.empty(min(chunk, n_params), dtype=np.float32)
@@ -169,7 +175,7 @@ class _ChunkedRow:
             self.fill += take
             pos += take
             if self.fill == self.buf.size:
-                self.emit(self.start, self.buf)
+                self.written.append(self.emit(self.start, self.buf))
                 self.start += self.fill
                 self.fill = 0
                 remaining = self.n_params - self.start
@@ -177,18 +183,25 @@ class _ChunkedRow:
 
 
 class _StoredTheta:
-    """Theta at the store's last commit, read from ``last_theta`` tensor by tensor."""
+    """Theta at the store's last commit, read from ``last_theta`` a checked chunk at a time."""
 
-    def __init__(self, store: Store, slot: int):
-        self.array = store.array("last_theta")
-        self.slot = slot
+    def __init__(self, store: Store):
+        self.store = store
         self.entries = {t.name: t for t in store.manifest}
         self.label = f"{store.path} (last_theta)"
+        self._chunk: tuple[int, np.ndarray] | None = None
 
     def read(self, name: str) -> torch.Tensor:
         t = self.entries[name]
-        flat = self.array[self.slot, t.offset : t.offset + t.size]
-        return torch.from_numpy(np.asarray(flat)).reshape(t.shape)
+        out = np.empty(t.size, dtype=np.float32)
+        for a, b in self.store.chunk_bounds():
+            lo, hi = max(a, t.offset), min(b, t.offset + t.size)
+            if lo >= hi:
+                continue
+            if self._chunk is None or self._chunk[0] != a:
+                self._chunk = (a, self.store.read_last_theta(a, b))
+            out[lo - t.offset : hi - t.offset] = self._chunk[1][lo - a : hi - a]
+        return torch.from_numpy(out).reshape(t.shape)
 
 
 class _WeightRecorder:
@@ -196,7 +209,7 @@ class _WeightRecorder:
 
     def __init__(self, store: Store):
         self.store = store
-        record = store.weight_record()
+        record = store.weights.info()
         self.picked = {} if record is None else {t.name: (t, parts) for t, parts in select_weights(store.manifest, record[0])}
         self.matrices = [] if record is None else record[1]
         self.rank = 0 if record is None else record[2]
@@ -216,7 +229,7 @@ class _WeightRecorder:
         for j, matrix in enumerate(self.matrices):
             s = self.values[matrix]
             out[j, : s.size] = s
-        self.store.write_weight_row(index, out)
+        self.store.weights.write_row(index, out)
         self.values = {}
 
 
@@ -231,29 +244,21 @@ def _delta(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return (cur.to(dtype) - prev.to(dtype)).to(torch.float32)
 
 
+def _check_float32(t: torch.Tensor, name: str, label: str, step: int, what: str) -> None:
+    """Values finite in the source may overflow float32 (|x| > 3.4e38) once stored."""
+    if not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(
+            f"tensor {name!r} at step {step} ({label}): {n_bad} values of its {what} overflow float32"
+        )
+
+
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="ingest", leave=False)
-
-
-def _prepare_target(path: str, overwrite: bool, storage_options) -> tuple[Store | None, str]:
-    """The existing store (or None) and where to write."""
-    beside = path.rstrip("/") + ".overwrite-partial"
-    if Store.exists(path, storage_options):
-        if overwrite:
-            return None, beside
-        store = Store.open(path, mode="r+", storage_options=storage_options)
-        if store.commit_record is None:
-            return None, path  # an ingest killed before its base was committed: start again
-        return store, path
-    if Store.occupied(path, storage_options):
-        if overwrite:
-            return None, beside
-        raise StoreExistsError(f"{path}: exists and is not a spectral-analyzer store; pass overwrite to replace it")
-    return None, path
 
 
 def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:
@@ -309,11 +314,17 @@ def ingest_store(
     overwrite: bool = False,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    wait: bool | float = False,
 ) -> str:
     """Ingest the checkpoints under *src* into the store at *store*; see :func:`spectral_analyzer.ingest`."""
     src, path = Path(src), str(store)
     keys = KeyOptions(tuple(strip_prefix), lightning_prefix, tuple(include), tuple(exclude))
     planned = _preflight(discover(src, steps), keys)
+    if not planned[0].tensors and (include or exclude):
+        raise SelectionError(
+            f"{src}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
+            f"in {planned[0].checkpoint.label}; check the patterns against its tensor names"
+        )
     first = {n: t.shape for n, t in planned[0].tensors.items()}
     for p in planned[1:]:
         _check_consistent(first, planned[0].checkpoint.label, p)
@@ -323,86 +334,51 @@ def ingest_store(
     )
     metric_table = read_metrics(metrics_path) if metrics_path is not None else None
 
-    existing, target = _prepare_target(path, overwrite, storage_options)
     match = None if weights is None else ([weights] if isinstance(weights, str) else list(weights))
-    if existing is not None:
-        new = _match_existing(existing, manifest, planned)
-        st = existing
-        recorded = st.weight_record()
-        if match is not None and (recorded is None or recorded[0] != match):
-            raise StoreError(
-                f"{path}: weight spectra are recorded for {recorded[0] if recorded else 'no'} matrices, not "
-                f"{match}; the choice is made when the store is created (pass overwrite to start again)"
-            )
-    else:
-        new = planned
-        if target != path:
-            Store.remove(target, storage_options)
-        options = {
-            "chunk_size": chunk_size,
-            "include": list(include),
-            "exclude": list(exclude),
-            "strip_prefix": list(strip_prefix),
-            "lightning_prefix": lightning_prefix,
-            "weights": match,
-        }
-        provenance = {
-            "source": str(src.resolve()),
-            "options": options,
-            "versions": {
-                "spectral_analyzer": __version__,
-                "torch": torch.__version__,
-                "numpy": np.__version__,
-                "zarr": __import__("zarr").__version__,
-                "safetensors": __import__("safetensors").__version__,
-            },
-        }
-        try:
-            st = Store.create(target, manifest, chunk_size, {"provenance": provenance}, storage_options)
-        except OSError as exc:  # a missing bucket, no permission, a full disk
-            _discard(target, storage_options)
-            raise _unwritable(target, exc) from None
-    snapshot = st.attrs
-    created = existing is None
-    try:
-        if created and match is not None:
-            picked = select_weights(manifest, match)
-            shapes = [(n, m.shape) for n, m in matrices_of(picked, [np.empty(t.size, dtype=np.bool_) for t, _ in picked])]
-            st.create_weight_record(match, [n for n, _ in shapes], max(min(s) for _, s in shapes))
-        _write_rows(st, planned, new, lambda p: open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys), progress)
+    with StoreWriter(path, storage_options, overwrite=overwrite, wait=wait) as writer:
+        if writer.existing is not None:
+            st = writer.existing
+            new = _match_existing(st, manifest, planned)
+            recorded = st.weights.info()
+            if match is not None and (recorded is None or recorded[0] != match):
+                raise StoreError(
+                    f"{path}: weight spectra are recorded for {recorded[0] if recorded else 'no'} matrices, not "
+                    f"{match}; the choice is made when the store is created (pass overwrite to start again)"
+                )
+        else:
+            new = planned
+            options = {
+                "chunk_size": chunk_size,
+                "include": list(include),
+                "exclude": list(exclude),
+                "strip_prefix": list(strip_prefix),
+                "lightning_prefix": lightning_prefix,
+                "weights": match,
+            }
+            provenance = {
+                "source": str(src.resolve()),
+                "options": options,
+                "versions": {
+                    "spectral_analyzer": __version__,
+                    "torch": torch.__version__,
+                    "numpy": np.__version__,
+                    "zarr": __import__("zarr").__version__,
+                    "safetensors": __import__("safetensors").__version__,
+                },
+            }
+            st = writer.create(manifest, chunk_size, {"provenance": provenance})
+            if match is not None:
+                picked = select_weights(manifest, match)
+                shapes = [(n, m.shape) for n, m in
+                          matrices_of(picked, [np.empty(t.size, dtype=np.bool_) for t, _ in picked])]
+                st.weights.create(match, [n for n, _ in shapes], max(min(s) for _, s in shapes))
+        write_rows(st, planned, new, lambda p: open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys), progress)
         if metric_table is not None:
             st.write_metrics(*metric_table)
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise  # committed rows stay; running again resumes after them
-        if created:
-            _discard(target, storage_options)
-        else:
-            st.restore(snapshot)
-        if isinstance(exc, OSError):
-            raise _unwritable(target, exc) from None
-        raise
-    if target != path:  # overwrite: swap the finished store in
-        try:
-            Store.replace(target, path, storage_options)
-        except OSError as exc:
-            raise _unwritable(path, exc) from None
     return path
 
 
-def _unwritable(path: str, exc: OSError) -> StoreError:
-    return StoreError(f"{path}: cannot write the store ({' '.join(str(exc).split())})")
-
-
-def _discard(path: str, storage_options) -> None:
-    """Remove a store this ingest created, when it can (the error that led here is the one to report)."""
-    try:
-        Store.remove(path, storage_options)
-    except OSError:
-        pass
-
-
-def _write_rows(
+def write_rows(
     st: Store,
     planned: list[_Planned],
     new: list[_Planned],
@@ -410,7 +386,7 @@ def _write_rows(
     progress: bool,
     prev_reader: Any = None,
 ) -> None:
-    """Write the base (for a new store) and one committed row per checkpoint in *new*.
+    """Write the base (for a new store) and one committed row per checkpoint in *new* (the lock is held).
 
     *open_reader* gives a checkpoint's reader; the previous theta comes from
     *prev_reader*, else the folder's checkpoint at the store's last step,
@@ -447,18 +423,23 @@ def _write_rows(
             for t in manifest:
                 x = reader.read(t.name)
                 _check_finite(x, t.name, base.checkpoint.label, base.step)
-                flat = x.to(torch.float32).reshape(-1).numpy()
+                x32 = x.to(torch.float32)
+                _check_float32(x32, t.name, base.checkpoint.label, base.step, "values")
+                flat = x32.reshape(-1).numpy()
                 row.add(flat)
                 last.add(flat)
                 recorder.add(t.name, x)
                 if bar is not None:
                     bar.update(4 * t.size)
-            del reader, x, flat
+            del reader, x, x32, flat
             writer.wait()
             recorder.write(0)
             sources = [source_entry(0)]
-            record = {"n_deltas": 0, "last_slot": 0, "last_step": base.step}
-            st.commit(commit=record, sources=sources, base_step=base.step)
+            crcs = [f.result() for f in row.written]
+            c0 = hex_of(base_link(st.attrs["tensors"], st.chunk_size, base.step, crcs))
+            record = {"n_deltas": 0, "last_slot": 0, "last_step": base.step, "base": c0, "chain": c0,
+                      "last_crc": [f.result() for f in last.written]}
+            st.commit(commit=record, sources=sources, base_step=base.step, base_crc=crcs)
             start = 1
         if start >= len(new):
             return
@@ -472,7 +453,7 @@ def _write_rows(
             prev = open_reader(prev_planned)
             prev_label = prev_planned.checkpoint.label
         elif record["last_step"] == last_step:
-            prev, prev_label = _StoredTheta(st, record["last_slot"]), f"{st.path} at step {last_step}"
+            prev, prev_label = _StoredTheta(st), f"{st.path} at step {last_step}"
         else:
             raise StepError(
                 f"{st.path}: cannot append: the checkpoint at the store's last step {last_step} is not in "
@@ -495,18 +476,23 @@ def _write_rows(
             for t in manifest:
                 b = reader.read(t.name)
                 _check_finite(b, t.name, cur.checkpoint.label, cur.step)
-                d = _delta(b, prev.read(t.name)).reshape(-1).numpy()
+                dt = _delta(b, prev.read(t.name))
+                _check_float32(dt, t.name, cur.checkpoint.label, cur.step, "delta from the previous checkpoint")
+                d = dt.reshape(-1).numpy()
                 if not nonzero:
                     nonzero = bool(np.any(d))
                 row.add(d)
                 if last is not None:
-                    last.add(b.to(torch.float32).reshape(-1).numpy())
+                    b32 = b.to(torch.float32)
+                    _check_float32(b32, t.name, cur.checkpoint.label, cur.step, "values")
+                    last.add(b32.reshape(-1).numpy())
                 recorder.add(t.name, b)
                 if bar is not None:
                     bar.update(4 * t.size)
             writer.wait()
             recorder.write(r + 1)
-            st.write_step(r, cur.step)
+            crcs = [f.result() for f in row.written]
+            st.write_row_meta(r, cur.step, crcs)
             sources.append(source_entry(i))
             if not nonzero:
                 message = (
@@ -515,11 +501,11 @@ def _write_rows(
                 )
                 warnings.warn(message, DuplicateCheckpointWarning, stacklevel=3)
                 found_warnings.append(message)
+            record = {**record, "n_deltas": r + 1}
             if final:
-                record = {"n_deltas": r + 1, "last_slot": slot, "last_step": cur.step}
-            else:
-                record = {**record, "n_deltas": r + 1}
-            st.commit(commit=record, sources=sources, warnings=found_warnings)
+                record.update(last_slot=slot, last_step=cur.step, last_crc=[f.result() for f in last.written])
+            st.commit_rows(record, [cur.step], [crcs], sources=sources, warnings=found_warnings)
+            record = st.commit_record
             prev, prev_label = reader, cur.checkpoint.label
     finally:
         if bar is not None:

@@ -4,6 +4,13 @@ The only code that touches checkpoint formats. A :class:`CheckpointReader`
 lists a checkpoint's floating tensors under canonical names without loading
 them, and loads one tensor at a time. Pickle-based files are opened only with
 ``torch.load(weights_only=True)``; safetensors is preferred where both exist.
+A torch zip is memory-mapped only once each storage record is found to hold
+its storage's bytes (see :func:`_mmap_load`).
+
+Every input is refused unless it is a regular file (a FIFO would block the
+reader, ``/dev/zero`` never ends), and paths named by a shard index must
+stay inside the checkpoint's folder. float8 tensors are read upcast to
+float32, which holds every float8 value exactly.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import fnmatch
 import json
 import os
 import pickle
+import stat
 import struct
 import zipfile
 from collections.abc import Sequence
@@ -22,22 +30,42 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import CheckpointError, InconsistentCheckpointsError, UnsafeCheckpointError
+from ..errors import CheckpointError, InconsistentCheckpointsError, StepError, UnsafeCheckpointError
 
 __all__ = [
     "CheckpointReader",
     "KeyOptions",
     "TensorInfo",
     "open_checkpoint",
+    "require_regular_file",
+    "shard_files",
 ]
+
+# Every float8 format this torch has. torch implements few operations for
+# them (no isfinite for e4m3fn), so they are read upcast to float32.
+_FLOAT8 = frozenset(
+    getattr(torch, n) for n in dir(torch) if n.startswith("float8_") and isinstance(getattr(torch, n), torch.dtype)
+)
+# The floating dtypes read as parameters; others (float4_e2m1fn_x2, two values
+# packed in a byte) cannot be converted to float32 and are refused.
+_READABLE = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16}) | _FLOAT8
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    **{
+        name: getattr(torch, attr)
+        for name, attr in [
+            ("F8_E4M3", "float8_e4m3fn"),
+            ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+            ("F8_E5M2", "float8_e5m2"),
+            ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+            ("F8_E8M0", "float8_e8m0fnu"),
+        ]
+        if hasattr(torch, attr)
+    },
 }
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -97,12 +125,14 @@ class CheckpointReader:
     _loaders: dict[str, object] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> torch.Tensor:
-        """Load tensor *name* (canonical) on the CPU, in its source dtype."""
+        """Load tensor *name* (canonical) on the CPU, in its source dtype (float8: upcast to float32)."""
         loader = self._loaders[name]
         try:
             t = loader() if callable(loader) else loader
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{self.label}: cannot read tensor '{name}' ({_one_line(exc)})") from None
+            raise CheckpointError(f"{self.label}: cannot read tensor {name!r} ({_one_line(exc)})") from None
+        if t.dtype in _FLOAT8:
+            t = t.to(torch.float32)
         return t.reshape(self.tensors[name].shape)
 
 
@@ -111,15 +141,42 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def require_regular_file(path: Path, error: type[Exception] = CheckpointError) -> None:
+    """Raise *error* unless *path* is a regular file (symlinks followed).
+
+    Checked before any input is opened: a FIFO blocks its reader until a
+    writer comes, and a device such as ``/dev/zero`` never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+        kind = next((k for test, k in kinds if test(mode)), "special")
+        raise error(f"{path}: not a regular file ({kind}); give the path of a file")
+
+
 def _add(reader: CheckpointReader, raw: str, info_shape, dtype, loader, keys: KeyOptions, origin: str) -> None:
-    if dtype is None or not dtype.is_floating_point:
+    """Add a tensor to *reader* if it is floating and selected.
+
+    *dtype* is a torch dtype, ``None`` for a non-floating one torch lacks, or
+    the file's name (a str) for a floating dtype torch lacks.
+    """
+    if dtype is None or (isinstance(dtype, torch.dtype) and not dtype.is_floating_point):
         return
     name = keys.canonical(raw)
     if not keys.selected(name):
         return
+    if dtype not in _READABLE:
+        raise CheckpointError(
+            f"{origin}: tensor {name!r} has dtype {str(dtype).removeprefix('torch.')}, which cannot be read as "
+            f"float32; leave it out with exclude={name!r}"
+        )
     if name in reader.tensors:
         raise InconsistentCheckpointsError(
-            f"{origin}: two tensors map to the name '{name}' after stripping prefixes {keys.strip}"
+            f"{origin}: two tensors map to the name {name!r} after stripping prefixes {keys.strip}"
         )
     reader.tensors[name] = TensorInfo(name, tuple(int(s) for s in info_shape), dtype)
     reader._loaders[name] = loader
@@ -165,6 +222,7 @@ _MAX_READ = 1 << 30
 def _read_safetensors(files: Sequence[Path], label: str, keys: KeyOptions) -> CheckpointReader:
     reader = CheckpointReader(label, {})
     for path in files:
+        require_regular_file(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 metadata = handle.metadata() or {}
@@ -174,10 +232,11 @@ def _read_safetensors(files: Sequence[Path], label: str, keys: KeyOptions) -> Ch
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file ({_one_line(exc)})") from None
         for step_key in ("step", "global_step"):
-            if step_key in metadata and metadata[step_key].isdigit():
-                reader.step_hint = int(metadata[step_key])
+            step = _stored_step(metadata.get(step_key), step_key, path)
+            reader.step_hint = step if step is not None else reader.step_hint
         for key, dtype_name, shape in entries:
-            dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+            # names of floating dtypes start with F (F8_E4M3, F4); torch lacks some of them
+            dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name if dtype_name.startswith("F") else None)
             begin, end = spans[key]
             loader = _span_loader(path, data_start + begin, data_start + end, dtype)
             _add(reader, key, shape, dtype, loader, keys, str(path))
@@ -185,13 +244,126 @@ def _read_safetensors(files: Sequence[Path], label: str, keys: KeyOptions) -> Ch
 
 
 def _span_loader(path: Path, start: int, stop: int, dtype: torch.dtype | None):
+    if start == stop:  # a zero-size tensor: nothing to read (and numpy cannot view an empty buffer as another dtype)
+        return lambda: torch.empty(0, dtype=dtype)
     return lambda: torch.from_numpy(_read_span(path, start, stop)).view(dtype)
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
+def _stored_step(value, key: str, path: Path) -> int | None:
+    """A step stored in a file: an int, or a string of digits in safetensors metadata.
+
+    ``None`` when *value* is not one; a StepError when it does not fit int64.
+    """
+    too_big = f"{path}: stored {key} does not fit a 64-bit integer; name the file by its step or pass steps explicitly"
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value.lstrip("0")) > 19:  # int() of thousands of digits is slow, and refused past 4300
+            raise StepError(too_big)
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if value not in _INT64:
+        raise StepError(too_big)
+    return value
+
+
+def _zip_records(path: Path) -> dict[int, zipfile.ZipInfo] | None:
+    """The storage records (``<archive>/data/<key>``) of a torch zip, by the file offset of their data.
+
+    ``None`` when Python's zipfile cannot list the archive.
+    """
+    records = {}
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+            for info in archive.infolist():
+                parts = info.filename.split("/")
+                if len(parts) != 3 or parts[1] != "data":
+                    continue
+                f.seek(info.header_offset)
+                header = f.read(30)  # the local header: its name and extra field come before the data
+                if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                    return None
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                records[info.header_offset + 30 + name_len + extra_len] = info
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return records
+
+
+def _mapped_records(storages: dict[int, int], records: dict[int, zipfile.ZipInfo]) -> dict[int, zipfile.ZipInfo] | None:
+    """The record each memory-mapped storage was cut from, by storage address.
+
+    torch.load(mmap=True) maps the whole file at some base address and gives
+    each storage the bytes at its record's data offset, so every address less
+    the base is a record's offset. The base is the one shift that takes every
+    address onto a record; ``None`` if none or several do.
+    """
+    if not storages:
+        return {}
+    low, high = min(storages), max(storages)
+    bases = {low - offset for offset in records} & {high - offset for offset in records}
+    bases = [b for b in bases if all(ptr - b in records for ptr in storages)]
+    if len(bases) != 1:
+        return None
+    return {ptr: records[ptr - bases[0]] for ptr in storages}
+
+
+def _tensors_in(obj) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a loaded checkpoint, with its key path (``state_dict.layer.weight``)."""
+    found, todo, seen = [], [("", obj)], set()
+    while todo:  # no recursion: a pickle can nest containers deeper than Python's stack
+        where, item = todo.pop()
+        if isinstance(item, torch.Tensor):
+            found.append((where, item))
+        elif isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+            seen.add(id(item))
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in pairs)
+    return found
+
+
+def _mmap_load(path: Path):
+    """``torch.load(mmap=True)`` with each storage's record checked, else a plain load.
+
+    With mmap, torch gives a storage as many bytes from its record's offset as
+    the pickle declares, without checking that the record holds them: a short
+    record would be read from the bytes after it, and a compressed one read
+    raw. Without mmap torch reads each record and checks its size, but holds
+    the whole file in memory. So: map, find each storage's record, refuse a
+    record whose size differs from its storage's (naming the tensors on it),
+    and load without mmap where a record is compressed or the records cannot
+    be told apart.
+    """
+    storages: dict[int, int] = {}
+
+    def note(storage, location):
+        if storage.nbytes():
+            storages[storage.data_ptr()] = storage.nbytes()
+        return storage
+
+    obj = torch.load(path, map_location=note, weights_only=True, mmap=True)
+    records = _zip_records(path)
+    mapped = None if records is None else _mapped_records(storages, records)
+    if mapped is None or any(info.compress_type != zipfile.ZIP_STORED for info in mapped.values()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    for ptr, info in mapped.items():
+        if info.file_size != storages[ptr]:
+            names = [w for w, t in _tensors_in(obj) if t.untyped_storage().data_ptr() == ptr]
+            raise CheckpointError(
+                f"{path}: tensor {' and '.join(map(repr, names)) or '(none)'} is stored in record "
+                f"{info.filename!r} of {info.file_size} bytes, but its storage takes {storages[ptr]}; "
+                "the file is damaged: save the checkpoint again"
+            )
+    return obj
+
+
 def _torch_load(path: Path):
+    require_regular_file(path)
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return _mmap_load(path)
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
@@ -215,8 +387,8 @@ def _state_dict(obj, path: Path) -> tuple[dict, int | None, bool]:
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     step = None
     for key in ("global_step", "step"):
-        if isinstance(obj.get(key), int):
-            step = int(obj[key])
+        step = _stored_step(obj.get(key), key, path)
+        if step is not None:
             break
     lightning = "pytorch-lightning_version" in obj or path.suffix == ".ckpt"
     for key in STATE_DICT_KEYS:
@@ -261,17 +433,35 @@ def open_checkpoint(files: Sequence[Path], label: str, keys: KeyOptions) -> Chec
 
 
 def shard_files(index: Path) -> list[Path]:
-    """The shard files named by a ``*.index.json`` weight map, in order of first use."""
+    """The shard files named by a ``*.index.json`` weight map, in order of first use.
+
+    Each shard must resolve (symlinks followed) to a file inside the index's
+    folder: a weight map naming ``../other/model.safetensors`` or an absolute
+    path would ingest another checkpoint's tensors.
+    """
+    require_regular_file(index)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{index}: unreadable shard index ({_one_line(exc)})") from None
-    shards: list[Path] = []
-    for name in weight_map.values():
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not an object of tensor: file")
+    folder = index.parent.resolve()
+    shards: dict[Path, Path] = {}  # resolved: as named
+    for tensor, name in weight_map.items():
+        entry = f"weight_map entry {tensor!r}: {name!r}"
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise CheckpointError(f"{index}: {entry} is not a file name")
         path = index.parent / name
-        if path not in shards:
-            shards.append(path)
-    for path in shards:
-        if not path.is_file():
-            raise CheckpointError(f"{index}: names shard {path.name}, which is missing")
-    return shards
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+            resolved = None
+        if resolved is None or not resolved.is_relative_to(folder):
+            raise CheckpointError(f"{index}: {entry} is outside the checkpoint folder; shards must be in {folder}")
+        shards.setdefault(resolved, path)
+    for path in shards.values():
+        if not path.exists():
+            raise CheckpointError(f"{index}: names shard {path.name!r}, which is missing")
+        require_regular_file(path)
+    return list(shards.values())

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..errors import RecordingWarning, StepError, StoreExistsError
-from ..store import DEFAULT_CHUNK_SIZE, Store
+from ..errors import RecordingWarning, StepError, StoreError
+from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter
 from .discover import Checkpoint
-from .pipeline import _check_consistent, _manifest, _Planned, _write_rows
+from .pipeline import _check_consistent, _manifest, _Planned, write_rows
 from .readers import CheckpointReader, KeyOptions, _add
 
 __all__ = ["Recorder"]
@@ -47,6 +47,10 @@ class Recorder:
     chunk_size : int
     storage_options : dict, optional
         Options of the fsspec filesystem of a URL store.
+    wait : bool or seconds
+        When another process is writing the store: fail at once (False),
+        wait for it (True), or wait that many seconds. Each record holds the
+        store's writer lock while it writes; readers never wait.
 
     Memory: one copy of the recorded tensors (the previous snapshot), so each
     delta is the exact difference of two snapshots.
@@ -63,6 +67,7 @@ class Recorder:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         overwrite: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        wait: bool | float = False,
     ):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -73,6 +78,7 @@ class Recorder:
         self.chunk_size = chunk_size
         self.overwrite = overwrite
         self.storage_options = storage_options
+        self.wait = wait
         self._previous: CheckpointReader | None = None
         self._skip_through: int | None = None  # after a resume: steps already in the store, not recorded again
         self._metrics: dict[int, dict[str, float]] = {}
@@ -108,28 +114,25 @@ class Recorder:
             self._skip_through = None
         reader = self._snapshot(step)
         planned = _Planned(Checkpoint(reader.label, (), int(step)), int(step), reader.tensors)
-        options = self.storage_options
-        # once this recorder has written a row the store is its own: never re-create it
-        if self._previous is not None or (Store.exists(self.path, options) and not self.overwrite):
-            store = Store.open(self.path, mode="r+", storage_options=options)
-            if self._previous is None:
-                self._keep_stored_metrics(store, step)
-            _check_consistent({t.name: t.shape for t in store.manifest}, self.path, planned)
-            last = int(store.checkpoint_steps[-1]) if store.commit_record is not None else None
-            if last is not None and step <= last:
-                raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
-        else:
-            if Store.occupied(self.path, options) and not self.overwrite:
-                raise StoreExistsError(f"{self.path}: exists and is not a store of this model; pass overwrite")
-            Store.remove(self.path, options)
-            provenance = {"source": "recorder", "options": {"chunk_size": self.chunk_size},
-                          "versions": {"spectral_analyzer": __version__, "torch": torch.__version__}}
-            store = Store.create(
-                self.path, _manifest(reader.tensors), self.chunk_size, {"provenance": provenance}, options
-            )
-        _write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._previous)
+        overwrite = self.overwrite and self._previous is None
+        with StoreWriter(self.path, self.storage_options, overwrite=overwrite, wait=self.wait) as writer:
+            store = writer.existing
+            if store is not None:
+                if self._previous is None:
+                    self._keep_stored_metrics(store, step)
+                _check_consistent({t.name: t.shape for t in store.manifest}, self.path, planned)
+                last = int(store.checkpoint_steps[-1])
+                if step <= last:
+                    raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
+            elif self._previous is not None:  # once this recorder has written a row, the store is its own
+                raise StoreError(f"{self.path}: the store this recorder was writing is gone")
+            else:
+                provenance = {"source": "recorder", "options": {"chunk_size": self.chunk_size},
+                              "versions": {"spectral_analyzer": __version__, "torch": torch.__version__}}
+                store = writer.create(_manifest(reader.tensors), self.chunk_size, {"provenance": provenance})
+            write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._previous)
+            self._write_metrics(store)
         self._previous = reader
-        self._write_metrics(store)
 
     def _keep_stored_metrics(self, store: Store, before: int) -> None:
         """Metrics already in a store this recorder goes on with (logged before *before*), so none are lost."""
@@ -151,7 +154,11 @@ class Recorder:
         """
         if self._previous is not None or not Store.exists(self.path, self.storage_options):
             return
-        store = Store.open(self.path, mode="r+", storage_options=self.storage_options)
+        with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
+            if writer.existing is not None:
+                self._resume(writer.existing, step)
+
+    def _resume(self, store: Store, step: int) -> None:
         steps = store.checkpoint_steps.tolist()
         if not steps or steps[-1] <= step:
             return
@@ -181,7 +188,9 @@ class Recorder:
     def flush(self) -> None:
         """Write the metrics logged so far into the store (those logged after the last record, at the end of training)."""
         if self._metrics and Store.exists(self.path, self.storage_options):  # nothing recorded: nowhere to write
-            self._write_metrics(Store.open(self.path, mode="r+", storage_options=self.storage_options))
+            with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
+                if writer.existing is not None:
+                    self._write_metrics(writer.existing)
 
     def _write_metrics(self, store: Store) -> None:
         if not self._metrics:

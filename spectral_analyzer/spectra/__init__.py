@@ -7,7 +7,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from .._version import __version__
-from ..errors import SpectralAnalyzerError
+from ..errors import WindowError
 from ..gram.build import DEFAULT_MAX_LAG, build_band
 from ..groups import group_tensors, select_tensors
 from ..store import Store
@@ -16,10 +16,6 @@ from .kernel import bbp, spectral_quantities, window_grams, wishart_max_ratio
 __all__ = ["WindowError", "compute_spectra"]
 
 NULL_SEED = 20240601
-
-
-class WindowError(SpectralAnalyzerError):
-    """A window does not fit the run (too few deltas, W < 2)."""
 
 
 def check_window(store: Store, window: int, stride: int = 1) -> None:
@@ -76,7 +72,7 @@ def compute_spectra(
     """Spectra of every window of *window* consecutive deltas; see :meth:`Run.spectra`."""
     check_window(store, window, stride)
     steps = store.steps
-    key = tokenize("spectra", window, params, group_by, center, stride, null_draws, steps.tolist(), __version__)
+    key = tokenize("spectra", window, params, group_by, center, stride, null_draws, store.results_identity, __version__)
     name = f"spectra-{key[:20]}"
     if cache:
         cached = store.read_result(name)

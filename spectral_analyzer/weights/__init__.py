@@ -47,6 +47,18 @@ def select_weights(manifest: Sequence[TensorEntry], match) -> list[tuple[TensorE
     return picked
 
 
+def _check_heads(origin: str, picked: list[tuple[TensorEntry, list[str]]], heads: int) -> None:
+    """Refuse a head count that does not split the rows of every picked matrix into equal blocks."""
+    for t, parts in picked:
+        shape_only = np.broadcast_to(np.False_, t.shape)  # split_packed's slices, without memory
+        for name, m in split_packed(t.name, shape_only):
+            if name in parts and m.shape[0] % heads:
+                raise SelectionError(
+                    f"{origin}: '{name}' has {m.shape[0]} rows, which do not split into {heads} heads; give the "
+                    f"model's head count (a divisor of {m.shape[0]}) and match only its attention projections"
+                )
+
+
 def _spans(picked: list[tuple[TensorEntry, list[str]]], chunk: int) -> list[tuple[int, int, list[int]]]:
     """Merge tensors that share a chunk into one read span: (start, stop, picked indices)."""
     spans: list[tuple[int, int, list[int]]] = []
@@ -71,11 +83,13 @@ def compute_weight_spectra(
 ) -> xr.Dataset:
     """Singular values of 2-D weights at every checkpoint; see :meth:`Run.weight_spectra`."""
     steps = store.checkpoint_steps
-    name = f"weights-{tokenize('weights', match, top, heads, steps.tolist(), __version__)[:20]}"
+    name = f"weights-{tokenize('weights', match, top, heads, store.results_identity, __version__)[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
     manifest = sorted(store.manifest, key=lambda t: t.offset)
     picked = select_weights(manifest, match)
+    if heads:
+        _check_heads(store.path, picked, heads)
     recorded = _from_record(store, picked, heads)
     if recorded is not None:
         names, sigma = recorded
@@ -111,14 +125,14 @@ def compute_weight_spectra(
 
 def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np.ndarray] | None:
     """The recorded singular values of the picked matrices, if the ingest recorded them all."""
-    record = store.weight_record()
+    record = store.weights.info()
     if record is None or heads:
         return None
     _, matrices, _ = record
     wanted = [n for _, parts in picked for n in parts]
     if not set(wanted) <= set(matrices):
         return None
-    sigma = store.read_weight_record()[:, [matrices.index(n) for n in wanted], :]
+    sigma = store.weights.read()[:, [matrices.index(n) for n in wanted], :]
     width = int(np.max(np.sum(np.isfinite(sigma[0]), axis=-1)))
     return wanted, sigma[..., :width]
 

@@ -1,0 +1,211 @@
+"""Caches in the store: the band, analysis results, weight spectra recorded at ingest.
+
+Every cache records the generation (generations.py) of the rows it was
+computed from and becomes visible only through a marker written last, in one
+atomic metadata write; anything else (a killed write, a full disk, a missing
+or flipped chunk) is not a cache, is recomputed, and is removed at the next
+write. Writing a cache needs the writer lock (the caller takes it); readers
+never wait for it.
+
+``gram/``: ``band`` float64 (tensor, delta, lag), ``chain`` uint64 (delta,)
+the generation of each row, ``row_crc`` uint32 (delta,) the crc32c of each
+band row; attributes ``max_lag``, ``n_rows`` and ``writing`` (set while rows
+are being replaced, so a reader that saw the attributes change under it
+discards what it read).
+
+``results/<name>``: an analysis Dataset (coding.py), with the attribute
+``committed = {"identity", "checksums"}`` written last.
+
+``weights/``: ``sigma`` float64 (checkpoint, matrix, rank) and ``row_crc``
+uint32 (checkpoint,), rows written before the checkpoint's commit.
+"""
+
+from __future__ import annotations
+
+import google_crc32c
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from ..errors import StoreError
+from .location import group_keys
+from . import coding
+
+__all__ = ["BandCache", "ResultCache", "WeightRecord"]
+
+_BAND_ROWS = 64  # rows per band chunk
+_BAND_CHUNK_BYTES = 1 << 20
+
+
+def _crc(values: np.ndarray) -> int:
+    return int(google_crc32c.value(np.ascontiguousarray(values).tobytes()))
+
+
+def _subgroup(store, name: str) -> zarr.Group | None:
+    """A child group of the store, read fresh (not the snapshot's metadata), or None."""
+    try:
+        return store.location.open_group("r", path=name)
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+class BandCache:
+    """The cached per-tensor band of a store."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def lookup(self, max_lag: int) -> tuple[np.ndarray, int] | None:
+        """``(band rows 0..k-1, L)``: the longest cached prefix of the snapshot's rows, with L >= *max_lag*.
+
+        None when nothing usable is cached. The prefix ends at the first row
+        whose generation differs from the snapshot's (rows rewritten since)
+        or whose values fail their checksum.
+        """
+        try:
+            gram = _subgroup(self.store, "gram")
+            if gram is None:
+                return None
+            before = gram.attrs.asdict()
+            if before.get("writing") or int(before["max_lag"]) < max_lag:
+                return None
+            n = min(int(before["n_rows"]), self.store.n_deltas)
+            cached = np.asarray(gram["chain"][:n])
+            mine = self.store.chain[:n]
+            k = int(np.argmin(cached == mine)) if n and not (cached == mine).all() else n
+            band = np.asarray(gram["band"][:, :k, :])
+            crcs = np.asarray(gram["row_crc"][:k])
+            after = _subgroup(self.store, "gram").attrs.asdict()
+        except Exception:  # noqa: BLE001 -- a damaged or half-replaced cache is no cache
+            return None
+        if after != before:
+            return None
+        for i in range(k):
+            if _crc(band[:, i, :]) != int(crcs[i]):
+                k = i
+                break
+        return band[:, :k, :], int(before["max_lag"])
+
+    def write(self, rows: np.ndarray, start: int, max_lag: int, meta: dict) -> None:
+        """Band rows ``start..`` of the snapshot's rows, committed last (the writer lock is held)."""
+        n_tensors, n_new, n_lags = rows.shape
+        group = self.store.group
+        gram = group["gram"] if "gram" in group else None
+        if gram is not None:
+            attrs = gram.attrs.asdict()
+            if start == 0 or int(attrs.get("max_lag", -1)) != max_lag or int(attrs.get("n_rows", 0)) < start:
+                del group["gram"]
+                gram = None
+        if gram is None:
+            per_tensor = _BAND_ROWS * n_lags * 8
+            tc = max(1, min(n_tensors, _BAND_CHUNK_BYTES // per_tensor))
+            gram = group.create_group("gram", attributes={"max_lag": max_lag, "n_rows": 0, "writing": False})
+            gram.create_array(
+                "band", shape=(n_tensors, 0, n_lags), chunks=(tc, _BAND_ROWS, n_lags), dtype="float64",
+                fill_value=np.nan, compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                dimension_names=("tensor", "delta", "lag"),
+            )
+            for name, dtype in (("chain", "uint64"), ("row_crc", "uint32")):
+                gram.create_array(name, shape=(0,), chunks=(4096,), dtype=dtype, fill_value=0,
+                                  compressors=[Crc32cCodec()], dimension_names=("delta",))
+        else:
+            gram.attrs.put({**gram.attrs.asdict(), "n_rows": start, "writing": True})
+        n = start + n_new
+        gram["band"].resize((n_tensors, n, n_lags))
+        gram["chain"].resize((n,))
+        gram["row_crc"].resize((n,))
+        gram["band"][:, start:n, :] = rows
+        gram["chain"][start:n] = self.store.chain[start:n]
+        gram["row_crc"][start:n] = np.array([_crc(rows[:, i, :]) for i in range(n_new)], dtype=np.uint32)
+        gram.attrs.put({**gram.attrs.asdict(), "max_lag": max_lag, "n_rows": n, "writing": False, **meta})
+
+
+class ResultCache:
+    """Cached analysis Datasets, keyed by what made them and the generation of the rows."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def read(self, name: str, identity: str):
+        """The cached Dataset *name* made from rows of generation *identity*, or None."""
+        import xarray as xr
+
+        try:
+            group = _subgroup(self.store, f"results/{name}")
+            if group is None:
+                return None
+            committed = group.attrs.get("committed")
+            if not committed or committed.get("identity") != identity:
+                return None
+            ds = xr.open_zarr(self.store.group.store, group=f"results/{name}", consolidated=False).load()
+            ds.attrs.pop("committed", None)
+            ds = coding.decode(ds)
+            if {k: int(v) for k, v in committed["checksums"].items()} != coding.checksums(ds):
+                return None
+        except Exception:  # noqa: BLE001 -- a damaged or partial result is no result: computed again
+            return None
+        return ds
+
+    def write(self, name: str, ds, identity: str) -> None:
+        """Cache *ds* (the writer lock is held): results of other generations and partial ones go first."""
+        group = self.store.group
+        results = group["results"] if "results" in group else group.create_group("results")
+        for key in group_keys(results):
+            committed = results[key].attrs.get("committed") or {}
+            if key == name or committed.get("identity") != identity:
+                del results[key]
+        encoded = coding.encode(ds)
+        encoded.to_zarr(group.store, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
+        marker = {"identity": identity, "checksums": coding.checksums(ds)}
+        written = self.store.location.open_group("r+", path=f"results/{name}")
+        written.attrs.put({**written.attrs.asdict(), "committed": marker})
+
+
+class WeightRecord:
+    """Singular values of the selected weight matrices at every checkpoint, recorded at ingest."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def create(self, match: list[str], matrices: list[str], rank: int) -> None:
+        weights = self.store.group.create_group("weights")
+        weights.create_array(
+            "sigma", shape=(0, len(matrices), rank), chunks=(1, len(matrices), rank), dtype="float64",
+            fill_value=np.nan, compressors=[Crc32cCodec()], dimension_names=("checkpoint", "matrix", "rank"),
+        )
+        weights.create_array("row_crc", shape=(0,), chunks=(4096,), dtype="uint32", fill_value=0,
+                             compressors=[Crc32cCodec()], dimension_names=("checkpoint",))
+        weights.attrs.put({"match": list(match), "matrices": list(matrices)})
+
+    def info(self) -> tuple[list[str], list[str], int] | None:
+        """``(match, matrices, rank)`` of the record, or None."""
+        if "weights" not in self.store.group:
+            return None
+        weights = self.store.group["weights"]
+        attrs = weights.attrs
+        return list(attrs["match"]), list(attrs["matrices"]), int(weights["sigma"].shape[-1])
+
+    def write_row(self, index: int, sigma: np.ndarray) -> None:
+        """Singular values of checkpoint *index* (0 = base), before its commit."""
+        weights = self.store.group["weights"]
+        for name in ("sigma", "row_crc"):
+            array = weights[name]
+            if array.shape[0] <= index:
+                array.resize((index + 1, *array.shape[1:]))
+        weights["sigma"][index] = sigma
+        weights["row_crc"][index] = _crc(np.asarray(sigma, dtype=np.float64))
+
+    def read(self) -> np.ndarray:
+        """Recorded singular values of the committed checkpoints (checkpoint, matrix, rank), checked."""
+        n = self.store.n_deltas + 1
+        weights = self.store.group["weights"]
+        try:
+            sigma = np.asarray(weights["sigma"][:n])
+            crcs = np.asarray(weights["row_crc"][:n])
+        except ValueError as exc:
+            raise StoreError(f"{self.store.path}: the store is damaged: the weight record fails its checksum ({exc})") from None
+        for i in range(n):
+            if sigma.shape[0] <= i or _crc(sigma[i]) != int(crcs[i]):
+                raise StoreError(f"{self.store.path}: the store is damaged: the weight record of checkpoint {i} "
+                                 "is missing or holds other values than were written")
+        return sigma

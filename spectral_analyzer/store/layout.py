@@ -1,0 +1,106 @@
+"""The layout of a store: format constants, the tensor manifest, the arrays.
+
+::
+
+    run.zarr/
+      deltas      float32 (delta, param)      chunks (1, C), crc32c
+      base        float32 (param,)            theta at the first checkpoint
+      last_theta  float32 (slot, param)       theta at the last committed checkpoint
+      step        int64   (delta,)            end step of each delta, crc32c
+      chunk_crc   uint32  (delta, chunk)      crc32c of each chunk's values, as written
+      metrics/    step-indexed float64 series (metrics.py)
+      weights/    singular values recorded at ingest (caches.py)
+      gram/       the cached band (caches.py)
+      results/    cached analysis Datasets (caches.py)
+      .lock       the writer lock (lock.py)
+
+Root attributes: the format, the manifest, ``n_params``, ``chunk_size``,
+``base_crc`` (the base's chunk crc32c values), the sources of every
+checkpoint and the commit record (see core.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from ..errors import StoreError
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "create_arrays", "check_manifest"]
+
+FORMAT_NAME = "spectral-analyzer"
+FORMAT_VERSION = 2  # 2: chunk crc32c and the generation chain; 1 had neither
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024  # elements per chunk of a delta row (16 MiB)
+CRC_ROWS = 256  # rows per chunk of ``chunk_crc``
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's slice of the flattened parameter vector."""
+
+    name: str
+    offset: int
+    size: int
+    shape: tuple[int, ...]
+    dtype: str  # dtype in the source checkpoint, e.g. "bfloat16"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TensorEntry:
+        return cls(str(d["name"]), int(d["offset"]), int(d["size"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+
+def check_manifest(path: str, tensors: Any, n_params: Any, chunk_size: Any) -> list[TensorEntry]:
+    """The manifest, checked: offsets contiguous from 0, sizes = prod(shape), summing to n_params."""
+    try:
+        entries = [TensorEntry.from_json(t) for t in tensors]
+        p, c = int(n_params), int(chunk_size)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise StoreError(f"{path}: the store is damaged: unreadable tensor manifest ({exc!r})") from None
+    offset = 0
+    for t in entries:
+        if t.offset != offset or t.size != math.prod(t.shape) or t.size < 0:
+            raise StoreError(
+                f"{path}: the store is damaged: tensor {t.name!r} has offset {t.offset}, size {t.size} and "
+                f"shape {t.shape}; expected offset {offset} and size {math.prod(t.shape)}"
+            )
+        offset += t.size
+    if offset != p or p <= 0 or c <= 0:
+        raise StoreError(f"{path}: the store is damaged: the manifest sums to {offset} parameters, n_params is {p}")
+    return entries
+
+
+def n_chunks(n_params: int, chunk_size: int) -> int:
+    return -(-n_params // chunk_size)
+
+
+def create_arrays(group: zarr.Group, n_params: int, chunk: int) -> None:
+    """The empty arrays of a new store: sized for no deltas."""
+
+    def data(name, shape, chunks, dims):
+        group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=0.0,
+                           compressors=[Crc32cCodec()], dimension_names=dims)
+
+    data("deltas", (0, n_params), (1, chunk), ("delta", "param"))
+    data("base", (n_params,), (chunk,), ("param",))
+    data("last_theta", (2, n_params), (1, chunk), ("slot", "param"))
+    group.create_array("step", shape=(0,), chunks=(4096,), dtype="int64", fill_value=-1,
+                       compressors=[Crc32cCodec()], dimension_names=("delta",))
+    k = n_chunks(n_params, chunk)
+    group.create_array("chunk_crc", shape=(0, k), chunks=(CRC_ROWS, k), dtype="uint32", fill_value=0,
+                       compressors=[Crc32cCodec()], dimension_names=("delta", "chunk"))
+
+
+def chunk_lengths(n_params: int, chunk: int) -> Sequence[int]:
+    return [min(chunk, n_params - s) for s in range(0, n_params, chunk)]
+

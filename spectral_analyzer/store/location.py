@@ -1,0 +1,195 @@
+"""Where a store lives: a local folder or an fsspec URL, resolved once.
+
+A :class:`Location` is the path and the filesystem options; it opens the Zarr
+group, answers whether anything is there, removes and replaces whole stores.
+It knows nothing of the layout inside.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from ..errors import StoreError
+
+__all__ = ["LOCK_NAME", "Location", "group_keys", "is_url"]
+
+LOCK_NAME = ".lock"  # the writer lock inside a store (see lock.py); never part of the data
+_NOT_A_STORE = (FileNotFoundError, NotADirectoryError, ValueError)  # zarr's not-found and bad-metadata errors
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether *path* is an fsspec URL of a remote filesystem (``file://`` counts as local)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def group_keys(group: zarr.Group) -> list[str]:
+    """Names of *group*'s child groups (the writer lock file beside them is not one, and not a warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"Object at {LOCK_NAME} is not recognized")
+        return list(group.group_keys())
+
+
+def unreachable(path: str, exc: BaseException) -> StoreError:
+    """A store that could not be read or listed: credentials, permissions, the network."""
+    return StoreError(f"{path}: cannot access the store ({type(exc).__name__}: {' '.join(str(exc).split())})")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store's path (a local path or a URL) and its filesystem's ``storage_options``."""
+
+    path: str
+    storage_options: dict[str, Any] | None = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Location:
+        text = str(path)
+        if not is_url(text):
+            text = text.removeprefix("file://")
+        return cls(text, dict(storage_options) if storage_options else None)
+
+    def __dask_tokenize__(self):
+        return ("spectral-analyzer-location", self.path)
+
+    @property
+    def is_remote(self) -> bool:
+        return is_url(self.path)
+
+    def beside(self, suffix: str) -> Location:
+        """A sibling location: the same path with *suffix* appended."""
+        return Location(self.path.rstrip("/") + suffix, self.storage_options)
+
+    def filesystem(self):
+        """``(fsspec filesystem, path inside it)``; a bucket itself is refused."""
+        import fsspec
+
+        try:
+            fs, root = fsspec.core.url_to_fs(self.path, **(self.storage_options or {}))
+        except ImportError as exc:  # the protocol's package (s3fs, gcsfs, ...) is not installed
+            raise StoreError(f"{self.path}: {exc}") from None
+        if fs.root_marker == "" and "/" not in root.strip("/"):
+            # object stores: creating or replacing a store there would create or delete the bucket
+            raise StoreError(
+                f"{self.path}: a store needs a name inside the bucket, e.g. {self.path.rstrip('/')}/run.zarr"
+            )
+        return fs, root.rstrip("/")
+
+    def zarr_store(self, read_only: bool):
+        """What zarr opens: a local path as is, a URL as an fsspec store with its options."""
+        if not self.is_remote:
+            return zarr.storage.LocalStore(self.path, read_only=read_only)
+        self.filesystem()  # refuses a bucket itself, names a missing backend package
+        try:
+            return zarr.storage.FsspecStore.from_url(
+                self.path, storage_options=dict(self.storage_options or {}), read_only=read_only
+            )
+        except ImportError as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+
+    def open_group(self, mode: str = "r", path: str = "") -> zarr.Group:
+        return zarr.open_group(self.zarr_store(mode == "r"), path=path, mode=mode, use_consolidated=False)
+
+    def try_open_group(self) -> zarr.Group | None:
+        """The root group, or None where there is no Zarr group; unreachable stores raise."""
+        try:
+            return self.open_group("r")
+        except _NOT_A_STORE:
+            return None
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- credentials, permissions, the network: not "no store"
+            raise unreachable(self.path, exc) from None
+
+    def occupied(self) -> bool:
+        """Whether anything but a writer lock is at the path (a file, a non-empty folder or prefix)."""
+        try:
+            if not self.is_remote:
+                p = Path(self.path)
+                return p.exists() and (p.is_file() or any(c.name != LOCK_NAME for c in p.iterdir()))
+            fs, root = self.filesystem()
+            try:
+                return fs.isfile(root) or any(not e.endswith("/" + LOCK_NAME) for e in fs.ls(root, detail=False))
+            except FileNotFoundError:
+                return False
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- fsspec backends raise their own types (botocore's)
+            raise unreachable(self.path, exc) from None
+
+    def clear(self, keep_lock: bool = True) -> None:
+        """Delete what is at the path (nothing there is fine), the writer lock kept unless told."""
+        if not self.is_remote:
+            p = Path(self.path)
+            if p.is_dir():
+                for child in p.iterdir():
+                    if keep_lock and child.name == LOCK_NAME:
+                        continue
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if not keep_lock:
+                    p.rmdir()
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+            return
+        fs, root = self.filesystem()
+        try:
+            doomed = [f for f in fs.find(root) if not (keep_lock and f == f"{root}/{LOCK_NAME}")]
+        except FileNotFoundError:
+            doomed = []
+        if fs.isfile(root):
+            doomed.append(root)
+        if doomed:
+            fs.rm(doomed)
+        fs.invalidate_cache(root)
+
+    def replace_with(self, src: Location) -> None:
+        """Put the store at *src* in the place of this one (each holder of the lock keeps it).
+
+        Locally two renames, each atomic. Object stores have no rename: the old
+        store's root metadata goes first (what is left of it is no longer a
+        store), then the rest of it; the new store is copied object by object
+        (server side, O(store size) requests), its root metadata (the commit
+        record) last, once every other object is there; then the copy at
+        *src* is deleted. Interrupted, *src* is still complete and this
+        location holds either the new store or no store at all.
+        """
+        if not self.is_remote:
+            old = self.beside(".overwrite-old")
+            old.clear(keep_lock=False)
+            if os.path.exists(self.path):
+                os.replace(self.path, old.path)
+            os.replace(src.path, self.path)
+            old.clear(keep_lock=False)
+            return
+        fs, dst_root = self.filesystem()
+        _, src_root = src.filesystem()
+        try:
+            fs.rm_file(f"{dst_root}/zarr.json")
+        except FileNotFoundError:
+            pass
+        self.clear()
+        skip = {f"{src_root}/zarr.json", f"{src_root}/{LOCK_NAME}"}
+        objects = [p for p in fs.find(src_root) if p not in skip]
+        fs.copy(objects, [dst_root + p[len(src_root):] for p in objects], on_error="raise")
+        fs.copy(f"{src_root}/zarr.json", f"{dst_root}/zarr.json", on_error="raise")
+        src.clear()
+        fs.invalidate_cache()
+
+    def size_on_disk(self) -> int:
+        """Bytes under the store's folder (or URL prefix)."""
+        if self.is_remote:
+            fs, root = self.filesystem()
+            return int(fs.du(root, total=True))
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            for f in files:
+                total += os.path.getsize(os.path.join(root, f))
+        return total

@@ -1,0 +1,123 @@
+"""The writer: one transaction on a store, used by every write path.
+
+``with StoreWriter(path, overwrite=..., wait=...) as w:`` takes the writer
+lock (lock.py), opens the store that is there (``w.existing``) or lets the
+caller ``w.create(...)`` one, and on leaving:
+
+* success: an overwrite swaps the finished store (built beside, at
+  ``<path>.overwrite-partial``) into place;
+* an error: a store this transaction created is removed, an existing one is
+  restored to the commit it was opened at (rows it did not commit, their
+  steps and checksums dropped), and an ``OSError`` (a full disk, no
+  permission, a missing bucket) becomes a one-line :class:`StoreError`;
+* ``KeyboardInterrupt``: rows committed so far stay; the next writer cleans
+  what was left after them.
+
+Leftovers of killed writers (``.overwrite-*`` beside the store, rows past the
+commit) are removed when the next writer opens the store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+from ..errors import StoreError, StoreExistsError
+from .core import Store
+from .layout import TensorEntry
+from .location import Location
+from .lock import writer_lock
+
+__all__ = ["StoreWriter", "unwritable"]
+
+
+def unwritable(path: str, exc: OSError) -> StoreError:
+    return StoreError(f"{path}: cannot write the store ({' '.join(str(exc).split())})")
+
+
+class StoreWriter:
+    """A write transaction on the store at *path* (see the module's docstring)."""
+
+    def __init__(self, path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
+                 overwrite: bool = False, wait: bool | float = False, fresh: bool = False):
+        self.location = Location.of(path, storage_options)
+        self.overwrite, self.wait, self.fresh = overwrite, wait, fresh
+        self.existing: Store | None = None
+        self.store: Store | None = None
+        self._target = self.location
+        self._snapshot: dict | None = None
+        self._created = False
+        self._stack = ExitStack()
+
+    def __enter__(self) -> StoreWriter:
+        self._fresh_folder = not self.location.is_remote and not os.path.exists(self.location.path)
+        self._stack.enter_context(writer_lock(self.location, self.wait))
+        try:
+            self._open()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        loc = self.location
+        for suffix in (".overwrite-partial", ".overwrite-old"):  # left by a killed overwrite
+            if not loc.is_remote or suffix == ".overwrite-partial":
+                leftover = loc.beside(suffix)
+                if leftover.occupied():
+                    leftover.clear(keep_lock=loc.is_remote)
+        if Store.exists(loc.path, loc.storage_options) and not self.overwrite:
+            store = Store.open(loc, mode="r+")
+            if store.commit_record is None and not self.fresh:
+                return  # an ingest killed before its base was committed: start again
+            store.clean_uncommitted()
+            self.existing = self.store = store
+            self._snapshot = store.attrs
+            return
+        if loc.occupied():
+            if not self.overwrite:
+                raise StoreExistsError(f"{loc.path}: exists and is not a spectral-analyzer store; "
+                                       "pass overwrite to replace it")
+            self._target = loc.beside(".overwrite-partial")
+            self._stack.enter_context(writer_lock(self._target, False))
+
+    def create(self, manifest: Sequence[TensorEntry], chunk_size: int, attrs: Mapping[str, Any]) -> Store:
+        """A new, empty store where this transaction writes."""
+        self._created = True
+        try:
+            self.store = Store.create(self._target, manifest, chunk_size, attrs)
+        except OSError as exc:  # a missing bucket, no permission, a full disk
+            raise unwritable(self._target.path, exc) from None
+        return self.store
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if exc is None:
+                if self._target != self.location:
+                    try:
+                        self.location.replace_with(self._target)
+                    except OSError as err:
+                        raise unwritable(self.location.path, err) from None
+                return False
+            if isinstance(exc, KeyboardInterrupt):
+                return False
+            self._rollback()
+            if isinstance(exc, OSError):
+                raise unwritable(self._target.path, exc) from None
+            return False
+        finally:
+            self._stack.close()
+
+    def _rollback(self) -> None:
+        """Undo this transaction (the error that led here is the one to report)."""
+        try:
+            if self._created:
+                self._target.clear(keep_lock=self._target == self.location and not self._fresh_folder)
+            elif self.store is not None and self._snapshot is not None:
+                self.store.restore(self._snapshot)
+            elif self._fresh_folder and not self.location.occupied():
+                self.location.clear(keep_lock=False)  # the folder only the lock made
+        except OSError:
+            pass
