@@ -251,9 +251,9 @@ def test_a_glitch_reading_the_store_never_makes_the_recorder_start_again(s3, mon
         with torch.no_grad():
             model.weight += 1.0
         rec.record(step)
-    from spectral_analyzer import store as store_module
+    from spectral_analyzer.store.location import Location
 
-    real = store_module._open_group
+    real = Location.open_group
     calls = {"n": 0}
 
     def glitch(*args, **kwargs):
@@ -262,7 +262,7 @@ def test_a_glitch_reading_the_store_never_makes_the_recorder_start_again(s3, mon
             raise ConnectionError("Service Unavailable")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "_open_group", glitch)
+    monkeypatch.setattr(Location, "open_group", glitch)
     with torch.no_grad():
         model.weight += 1.0
     with pytest.raises(sa.StoreError, match=rf"^{url}: cannot access the store \(ConnectionError: Service Unavailable\)$"):
@@ -290,12 +290,16 @@ def test_analysis_with_read_only_access_computes_without_caching(s3, tmp_path, m
     def denied(*args, **kwargs):
         raise PermissionError("Access Denied")
 
-    monkeypatch.setattr(Store, "write_band", denied)
-    monkeypatch.setattr(Store, "write_result", denied)
+    from spectral_analyzer.store import caches
+
+    monkeypatch.setattr(caches.BandCache, "write", denied)
+    monkeypatch.setattr(caches.ResultCache, "write", denied)
     run = sa.open_run(url, storage_options=options)
-    assert np.array_equal(run.band(max_lag=10).values, want, equal_nan=True)
-    assert run.spectra(window=10).sizes["mode"] == 10
-    assert run.store.band_info() is None  # nothing written
+    with pytest.warns(sa.CacheWarning, match="Access Denied"):
+        assert np.array_equal(run.band(max_lag=10).values, want, equal_nan=True)
+    with pytest.warns(sa.CacheWarning, match="Access Denied"):
+        assert run.spectra(window=10).sizes["mode"] == 10
+    assert run.store.band_cache.lookup(10) is None  # nothing written
 
 
 def test_file_urls_are_local_stores(tmp_path):

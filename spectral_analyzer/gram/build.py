@@ -318,9 +318,10 @@ def build_band(
     cached, lag = found if found is not None else (None, max_lag)
     # From the start of the block holding the first row not cached: every row is then computed in
     # the same blocks of BLOCK_ROWS as in a build from scratch, so the band is bit-identical to it.
-    start = 0 if cached is None else cached.shape[1] // BLOCK_ROWS * BLOCK_ROWS
-    if cached is not None:
-        cached = cached[:, :start]
+    start = 0 if cached is None else min(cached.shape[1], n)
+    if start < n:
+        start = start // BLOCK_ROWS * BLOCK_ROWS
+        cached = None if cached is None else cached[:, :start]
     if start < n:
         dev = resolve_device(device)
         client, owned = _client(scheduler)
