@@ -10,8 +10,7 @@ On object storage the lock is an object ``<store>/.lock`` created with a
 conditional write (``If-None-Match: *`` on S3), holding the holder's host,
 pid and the time its lease ends. The holder renews the lease from a thread;
 a lock whose lease has run out (its process died) is broken by the next
-writer. Where a filesystem has no conditional create, the lock is written
-and read back, which narrows the race to that window.
+writer. A filesystem with no conditional create cannot be written.
 
 Readers take no lock: they read the commit record they opened.
 """
@@ -104,12 +103,11 @@ class WriterLock:
                 fs.rm_file(key)  # its lease ran out: the writer died
                 return {"retry": True}
             return holder or {}
-        except (TypeError, NotImplementedError):  # no conditional create here: write, then read back
-            if fs.exists(key):
-                return self._remote_holder(fs, key) or {}
-            fs.pipe_file(key, body)
-            if self._remote_holder(fs, key) != mine:
-                return {}
+        except (TypeError, NotImplementedError):
+            raise StoreError(
+                f"{self.location.path}: this filesystem has no conditional create, so the store cannot be "
+                "locked for writing; write it where one exists (a local folder, S3)"
+            ) from None
         self._stop = threading.Event()
         threading.Thread(target=self._renew, args=(fs, key, mine), daemon=True).start()
         return None
@@ -174,7 +172,6 @@ def writer_lock(location: Location, wait: bool | float = False):
         entry = _held.get(key)
         if entry is not None and entry[2] == threading.get_ident():
             entry[1] += 1
-            lock = None
         else:
             entry = None
     if entry is None:
