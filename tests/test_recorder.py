@@ -112,3 +112,45 @@ def test_resuming_between_recorded_steps_skips_to_after_the_store(tmp_path):
     assert np.array_equal(run.deltas.values[:4], before)
     assert list(run.metrics["step"].values) == [0, 5, 10, 15, 20, 25]
     assert run.metrics["loss"].sel(step=[10, 25]).values.tolist() == [10.0, -25.0]
+
+
+def test_recorded_metrics_are_appended_and_late_ones_merged(tmp_path, monkeypatch):
+    """Each record appends its new metric rows (O(new rows)); a series first logged late is missing
+    before; a value logged for an earlier step is merged; a killed append leaves the committed series."""
+    from spectral_analyzer.store import metrics as stored_metrics
+
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "m.zarr"
+    rec = sa.Recorder(path, model, every=2, chunk_size=4)
+    replaced = []
+    original = stored_metrics.write_metrics
+    monkeypatch.setattr(stored_metrics, "write_metrics", lambda *a: (replaced.append(a[1]), original(*a)))
+    monkeypatch.setattr(sa.store.Store, "write_metrics", lambda self, *a: stored_metrics.write_metrics(self, *a))
+    for step in range(10):
+        with torch.no_grad():
+            model.weight += 0.1
+        rec.step(step, loss=float(step), **({"acc": step / 10} if step >= 5 else {}))
+    assert len(replaced) == 1  # the first write; every later one appended
+    run = sa.open_run(path)
+    assert run.metrics["step"].values.tolist() == list(range(9))  # step 9 is logged, not yet written
+    np.testing.assert_array_equal(run.metrics["loss"].values, np.arange(9.0))
+    np.testing.assert_array_equal(run.metrics["acc"].values[:5], np.full(5, np.nan))
+    np.testing.assert_array_equal(run.metrics["acc"].values[5:], np.arange(5, 9) / 10)
+    rec.log(3, eval_loss=0.5)  # a late evaluation of an earlier step
+    rec.flush()
+    assert len(replaced) == 2
+    run = sa.open_run(path)
+    assert run.metrics["step"].values.tolist() == list(range(10))
+    assert run.metrics["eval_loss"].sel(step=3).item() == 0.5 and run.metrics["loss"].sel(step=9).item() == 9.0
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after the rows are written past n, before the commit
+    monkeypatch.setattr(stored_metrics, "_commit", killed)
+    rec.log(10, loss=10.0)
+    with pytest.raises(KeyboardInterrupt):
+        rec.flush()
+    again = sa.open_run(path)
+    assert again.metrics["step"].values.tolist() == list(range(10))
+    monkeypatch.undo()
+    rec.flush()
+    assert sa.open_run(path).metrics["loss"].sel(step=10).item() == 10.0

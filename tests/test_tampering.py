@@ -59,7 +59,7 @@ DAMAGE = {
     "edit n_params": lambda p: _edit_root(p, lambda a: a.update(n_params=a["n_params"] - 1)),
     "edit a shape": lambda p: _edit_root(p, lambda a: a["tensors"][0].update(shape=[7, 30])),
     "edit the chain": lambda p: _edit_root(p, lambda a: a["commit"].update(chain="0" * 16)),
-    "edit a source step": lambda p: _edit_root(p, lambda a: a["sources"][0].update(step=5)),
+    "edit the base step": lambda p: _edit_root(p, lambda a: a.update(base_step=5)),
 }
 
 

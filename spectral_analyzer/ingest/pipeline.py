@@ -394,7 +394,6 @@ def write_rows(
     """
     manifest = st.manifest
     record = st.commit_record
-    sources = list(st.sources)
     found_warnings = list(st.attrs.get("warnings", []))
     if not new:
         return
@@ -434,17 +433,18 @@ def write_rows(
             del reader, x, x32, flat
             writer.wait()
             recorder.write(0)
-            sources = [source_entry(0)]
+            st.reserve_rows(0)
+            st.write_source(0, source_entry(0))
             crcs = [f.result() for f in row.written]
             c0 = hex_of(base_link(st.attrs["tensors"], st.chunk_size, base.step, crcs))
             record = {"n_deltas": 0, "last_slot": 0, "last_step": base.step, "base": c0, "chain": c0,
                       "last_crc": [f.result() for f in last.written]}
-            st.commit(commit=record, sources=sources, base_step=base.step, base_crc=crcs)
+            st.commit(commit=record, base_step=base.step, base_crc=crcs)
             start = 1
         if start >= len(new):
             return
         n0 = record["n_deltas"]
-        last_step = sources[-1]["step"]
+        last_step = st.last_checkpoint_step
         prev_planned = next((p for p in planned if p.step == last_step), None)
         if prev_reader is not None:
             prev: Any = prev_reader
@@ -459,6 +459,7 @@ def write_rows(
                 f"{st.path}: cannot append: the checkpoint at the store's last step {last_step} is not in "
                 "the folder and the store's copy of it was not committed; ingest from a folder holding it"
             )
+        prev_step = last_step
         st.reserve_rows(n0 + len(new) - start)
         for k, i in enumerate(range(start, len(new))):
             cur = new[i]
@@ -493,10 +494,10 @@ def write_rows(
             recorder.write(r + 1)
             crcs = [f.result() for f in row.written]
             st.write_row_meta(r, cur.step, crcs)
-            sources.append(source_entry(i))
+            st.write_source(r + 1, source_entry(i))
             if not nonzero:
                 message = (
-                    f"checkpoints at steps {sources[-2]['step']} ({prev_label}) and {cur.step} "
+                    f"checkpoints at steps {prev_step} ({prev_label}) and {cur.step} "
                     f"({cur.checkpoint.label}) have identical contents"
                 )
                 warnings.warn(message, DuplicateCheckpointWarning, stacklevel=3)
@@ -504,9 +505,9 @@ def write_rows(
             record = {**record, "n_deltas": r + 1}
             if final:
                 record.update(last_slot=slot, last_step=cur.step, last_crc=[f.result() for f in last.written])
-            st.commit_rows(record, [cur.step], [crcs], sources=sources, warnings=found_warnings)
+            st.commit_rows(record, [cur.step], [crcs], warnings=found_warnings)
             record = st.commit_record
-            prev, prev_label = reader, cur.checkpoint.label
+            prev, prev_label, prev_step = reader, cur.checkpoint.label, cur.step
     finally:
         if bar is not None:
             bar.close()

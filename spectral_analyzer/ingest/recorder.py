@@ -81,7 +81,8 @@ class Recorder:
         self.wait = wait
         self._previous: CheckpointReader | None = None
         self._skip_through: int | None = None  # after a resume: steps already in the store, not recorded again
-        self._metrics: dict[int, dict[str, float]] = {}
+        self._pending: dict[int, dict[str, float]] = {}  # logged, not yet in the store
+        self._cut: int | None = None  # the store's series from this step on are superseded by this recorder's
 
     def step(self, step: int, **metrics: float) -> bool:
         """Record at multiples of ``every``; log *metrics* at every call. Returns whether it recorded."""
@@ -118,10 +119,10 @@ class Recorder:
         with StoreWriter(self.path, self.storage_options, overwrite=overwrite, wait=self.wait) as writer:
             store = writer.existing
             if store is not None:
-                if self._previous is None:
-                    self._keep_stored_metrics(store, step)
+                if self._previous is None and self._cut is None:
+                    self._cut = int(step)
                 _check_consistent({t.name: t.shape for t in store.manifest}, self.path, planned)
-                last = int(store.checkpoint_steps[-1])
+                last = store.last_checkpoint_step
                 if step <= last:
                     raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
             elif self._previous is not None:  # once this recorder has written a row, the store is its own
@@ -133,14 +134,6 @@ class Recorder:
             write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._previous)
             self._write_metrics(store)
         self._previous = reader
-
-    def _keep_stored_metrics(self, store: Store, before: int) -> None:
-        """Metrics already in a store this recorder goes on with (logged before *before*), so none are lost."""
-        steps, series = store.read_metrics()
-        for i, s in enumerate(steps.tolist()):
-            if s < before:
-                row = {k: float(v[i]) for k, v in series.items() if not np.isnan(v[i])}
-                self._metrics[s] = {**row, **self._metrics.get(s, {})}
 
     def resume(self, step: int) -> None:
         """Go on with the store after training resumed at *step*; the model holds that step's weights now.
@@ -170,7 +163,7 @@ class Recorder:
                 RecordingWarning, stacklevel=2,
             )
             store.truncate(keep)
-            self._keep_stored_metrics(store, step + 1)
+            self._cut = int(step) + 1
             self._previous = self._snapshot(step)
         else:
             warnings.warn(
@@ -183,19 +176,38 @@ class Recorder:
     def log(self, step: int, **metrics: float) -> None:
         """Keep *metrics* as logged at *step*; they are written with the next record, or by :meth:`flush`."""
         if metrics:
-            self._metrics.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
+            self._pending.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
 
     def flush(self) -> None:
         """Write the metrics logged so far into the store (those logged after the last record, at the end of training)."""
-        if self._metrics and Store.exists(self.path, self.storage_options):  # nothing recorded: nowhere to write
+        if (self._pending or self._cut is not None) and Store.exists(self.path, self.storage_options):  # nothing recorded: nowhere to write
             with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
                 if writer.existing is not None:
                     self._write_metrics(writer.existing)
 
     def _write_metrics(self, store: Store) -> None:
-        if not self._metrics:
+        """Write the pending metrics: appended after the stored ones (O(new rows)), or merged when they go back."""
+        if not self._pending and self._cut is None:
             return
-        steps = np.array(sorted(self._metrics), dtype=np.int64)
-        names = sorted({k for row in self._metrics.values() for k in row})
-        series = {n: np.array([self._metrics[s].get(n, np.nan) for s in steps]) for n in names}
-        store.write_metrics(steps, series)
+        last = store.last_logged_step
+        first = min(self._pending, default=None)
+        going_back = last is not None and ((first is not None and first <= last) or
+                                           (self._cut is not None and self._cut <= last))
+        if going_back:
+            steps, series = store.read_metrics()
+            rows: dict[int, dict[str, float]] = {}
+            for i, s in enumerate(steps.tolist()):
+                if self._cut is None or s < self._cut:
+                    rows[s] = {k: float(v[i]) for k, v in series.items() if not np.isnan(v[i])}
+            for s, row in self._pending.items():
+                rows[s] = {**rows.get(s, {}), **row}
+        else:
+            rows = self._pending
+        order = np.array(sorted(rows), dtype=np.int64)
+        names = sorted({k for row in rows.values() for k in row})
+        table = {n: np.array([rows[s].get(n, np.nan) for s in order.tolist()]) for n in names}
+        if going_back:
+            store.write_metrics(order, table)
+        elif len(order):
+            store.append_metrics(order, table)
+        self._pending, self._cut = {}, None

@@ -26,6 +26,7 @@ that names it rather than a different number.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -42,7 +43,7 @@ from .chunks import _Corrupt, DirectChunks, _Missing, ZarrChunks, direct_layout
 from .layout import FORMAT_NAME, FORMAT_VERSION, TensorEntry, check_manifest, chunk_lengths, create_arrays
 from .location import Location, unreachable
 from .lock import writer_lock
-from .metrics import read_metrics, write_metrics
+from .metrics import append_metrics, last_logged_step, read_metrics, write_metrics
 
 __all__ = ["Store"]
 
@@ -140,8 +141,8 @@ class Store:
         # while its arrays are being made is still recognisable (and has no commit).
         root = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "n_params": n_params, "chunk_size": chunk,
-            "tensors": [t.to_json() for t in manifest], "commit": None, "sources": [], "warnings": [],
-            "base_crc": None, **attrs,
+            "tensors": [t.to_json() for t in manifest], "commit": None, "warnings": [],
+            "base_step": None, "base_crc": None, **attrs,
         }
         group = zarr.create_group(location.zarr_store(False), overwrite=False, attributes=root)
         create_arrays(group, n_params, chunk)
@@ -181,14 +182,31 @@ class Store:
 
     @property
     def sources(self) -> list[dict[str, Any]]:
-        """One entry per committed checkpoint, base first: ``{"step", "files"}``."""
+        """One entry per committed checkpoint, base first: ``{"step", "label", "files"}``."""
         if self.commit_record is None:
             return []
-        return self._attrs["sources"][: self.n_deltas + 1]
+        entries = self._read_meta("sources", self.n_deltas + 1)
+        try:
+            return [json.loads(str(e)) for e in entries]
+        except ValueError:
+            raise _damaged(self.path, "the 'sources' array holds an entry that is not JSON") from None
 
     @property
     def checkpoint_steps(self) -> np.ndarray:
-        return np.array([s["step"] for s in self.sources], dtype=np.int64)
+        """Step of each committed checkpoint, base first."""
+        if self.commit_record is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([[int(self._attrs["base_step"])], self.steps]).astype(np.int64)
+
+    @property
+    def last_checkpoint_step(self) -> int:
+        """The last committed checkpoint's step (one element read, however long the run)."""
+        n = self.n_deltas
+        if n == 0:
+            return int(self._attrs["base_step"])
+        if self._steps is not None:
+            return int(self._steps[n - 1])
+        return int(self._read_meta("step", n, n - 1)[0])
 
     @property
     def steps(self) -> np.ndarray:
@@ -219,9 +237,9 @@ class Store:
         record = self.commit_record
         return "" if record is None else str(record["chain"])
 
-    def _read_meta(self, name: str, n: int) -> np.ndarray:
+    def _read_meta(self, name: str, n: int, start: int = 0) -> np.ndarray:
         try:
-            return np.asarray(self.array(name)[:n])
+            return np.asarray(self.array(name)[start:n])
         except ValueError as exc:  # the crc32c codec: a flipped byte
             raise _damaged(self.path, f"the '{name}' array fails its checksum ({exc})") from None
 
@@ -236,16 +254,16 @@ class Store:
             n = int(record["n_deltas"])
             slot = int(record["last_slot"])
             int(record["base"], 16), int(record["chain"], 16)
-            ok = n >= 0 and slot in (0, 1) and len(a["sources"]) >= n + 1 and len(a["base_crc"]) == len(
-                chunk_lengths(self.n_params, self.chunk_size))
+            int(a["base_step"])
+            ok = n >= 0 and slot in (0, 1) and len(a["base_crc"]) == len(chunk_lengths(self.n_params, self.chunk_size))
         except (KeyError, TypeError, ValueError) as exc:
             raise _damaged(self.path, f"unreadable commit record ({exc!r})") from None
         if not ok:
-            raise _damaged(self.path, f"the commit record {record!r} does not match the sources and base checksums")
+            raise _damaged(self.path, f"the commit record {record!r} does not match the base checksums")
         p = self.n_params
         k = len(a["base_crc"])
         for name, want in (("deltas", (n, p)), ("step", (n,)), ("chunk_crc", (n, k)), ("base", (p,)),
-                           ("last_theta", (2, p))):
+                           ("last_theta", (2, p)), ("sources", (n + 1,))):
             try:
                 shape = self.array(name).shape
             except KeyError:
@@ -255,7 +273,7 @@ class Store:
                 raise _damaged(self.path, f"the '{name}' array has shape {shape}, the commit needs {want}")
         if not verify:
             return
-        base = generations.base_link(a["tensors"], self.chunk_size, a["sources"][0]["step"], a["base_crc"])
+        base = generations.base_link(a["tensors"], self.chunk_size, a["base_step"], a["base_crc"])
         if generations.hex_of(base) != record["base"]:
             raise _damaged(self.path, "the manifest, chunking, base step or base checksums do not match the commit")
         head = self.chain[-1] if n else base
@@ -378,6 +396,7 @@ class Store:
         self.array("step").resize((n_rows,))
         crc = self.array("chunk_crc")
         crc.resize((n_rows, crc.shape[1]))
+        self.array("sources").resize((n_rows + 1,))
         if "weights" in self.group:
             weights = self.group["weights"]
             for name in ("sigma", "row_crc"):
@@ -394,6 +413,10 @@ class Store:
         else:
             arr[row, start : start + data.shape[0]] = data
         return generations.chunk_crc(data)
+
+    def write_source(self, index: int, entry: Mapping[str, Any]) -> None:
+        """Checkpoint *index*'s provenance (0 the base), before the commit that counts it."""
+        self.array("sources")[index] = json.dumps(entry, sort_keys=True)
 
     def write_row_meta(self, row: int, step: int, crcs: Sequence[int]) -> None:
         """A row's step and chunk checksums, after its data and before its commit."""
@@ -419,10 +442,10 @@ class Store:
     def restore(self, attrs: Mapping[str, Any]) -> None:
         """Return to a snapshot of the attributes, dropping rows it did not commit."""
         n = 0 if attrs.get("commit") is None else int(attrs["commit"]["n_deltas"])
-        for name in ("step", "chunk_crc"):  # a chunk of these holds several rows: clear the ones going
-            arr = self.array(name)
-            if arr.shape[0] > n:
-                arr[n:] = arr.fill_value
+        for name, keep in (("step", n), ("chunk_crc", n), ("sources", n + 1)):
+            arr = self.array(name)  # a chunk of these holds several rows: clear the ones going
+            if arr.shape[0] > keep:
+                arr[keep:] = arr.fill_value
         self.reserve_rows(n)
         self.commit(**dict(attrs))
 
@@ -436,15 +459,17 @@ class Store:
         attrs = self.attrs
         record = attrs["commit"]
         chain = self.chain
+        if self.n_deltas and generations.hex_of(chain[-1]) != record["chain"]:  # a writer may have opened unverified
+            raise _damaged(self.path, "the steps or chunk checksums of the committed rows do not match the commit")
         head = chain[n_deltas - 1] if n_deltas else int(record["base"], 16)
         attrs["commit"] = {**record, "n_deltas": int(n_deltas), "chain": generations.hex_of(head)}
-        attrs["sources"] = attrs["sources"][: int(n_deltas) + 1]
         self.restore(attrs)
 
     def clean_uncommitted(self) -> None:
         """Drop what a killed writer left past the commit: rows, their steps, checksums and chunk folders."""
         n = self.n_deltas
-        if any(self.array(a).shape[0] > n for a in ("deltas", "step", "chunk_crc")):
+        if any(self.array(a).shape[0] > n for a in ("deltas", "step", "chunk_crc")) or self.array(
+                "sources").shape[0] > n + 1:
             self.restore(self.attrs)
         if not self.is_remote:  # zarr leaves a row's emptied chunk folder behind
             folder = os.path.join(self.path, "deltas", "c")
@@ -477,10 +502,18 @@ class Store:
         """Replace the logged series (the writer lock is held)."""
         write_metrics(self, steps, series)
 
+    def append_metrics(self, steps: np.ndarray, series: Mapping[str, np.ndarray]) -> None:
+        """Add logged rows after the last logged step, writing O(new rows) (the writer lock is held)."""
+        append_metrics(self, steps, series)
+
+    @property
+    def last_logged_step(self) -> int | None:
+        return last_logged_step(self)
+
     @property
     def results_identity(self) -> str:
         """What every cached result depends on: the rows' generation and the metrics."""
-        return f"{self.identity}/{self._attrs.get('metrics') or ''}"
+        return f"{self.identity}/{(self._attrs.get('metrics') or {}).get('token', '')}"
 
     def read_result(self, name: str):
         """A cached analysis Dataset of this snapshot's rows and metrics, or None."""

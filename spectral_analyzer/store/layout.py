@@ -8,6 +8,7 @@
       last_theta  float32 (slot, param)       theta at the last committed checkpoint
       step        int64   (delta,)            end step of each delta, crc32c
       chunk_crc   uint32  (delta, chunk)      crc32c of each chunk's values, as written
+      sources     string  (checkpoint,)       each checkpoint's provenance (JSON), base first, crc32c
       metrics/    step-indexed float64 series (metrics.py)
       weights/    singular values recorded at ingest (caches.py)
       gram/       the cached band (caches.py)
@@ -15,8 +16,10 @@
       .lock       the writer lock (lock.py)
 
 Root attributes: the format, the manifest, ``n_params``, ``chunk_size``,
-``base_crc`` (the base's chunk crc32c values), the sources of every
-checkpoint and the commit record (see core.py).
+``base_step``, ``base_crc`` (the base's chunk crc32c values) and the commit
+record (see core.py): a fixed size, however many rows the store holds, so a
+commit writes O(1) metadata. Everything that grows with the run (steps,
+checksums, sources, metrics) is an array an append extends at its end.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from ..errors import StoreError
 __all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "create_arrays", "check_manifest"]
 
 FORMAT_NAME = "spectral-analyzer"
-FORMAT_VERSION = 2  # 2: chunk crc32c and the generation chain; 1 had neither
+FORMAT_VERSION = 3  # 3: sources in an array; 2: chunk crc32c and the generation chain; 1 had neither
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024  # elements per chunk of a delta row (16 MiB)
 CRC_ROWS = 256  # rows per chunk of ``chunk_crc``
+SOURCE_ROWS = 64  # checkpoints per chunk of ``sources``
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ def create_arrays(group: zarr.Group, n_params: int, chunk: int) -> None:
     k = n_chunks(n_params, chunk)
     group.create_array("chunk_crc", shape=(0, k), chunks=(CRC_ROWS, k), dtype="uint32", fill_value=0,
                        compressors=[Crc32cCodec()], dimension_names=("delta", "chunk"))
+    group.create_array("sources", shape=(0,), chunks=(SOURCE_ROWS,), dtype=str, compressors=[Crc32cCodec()],
+                       dimension_names=("checkpoint",))
 
 
 def chunk_lengths(n_params: int, chunk: int) -> Sequence[int]:

@@ -1,14 +1,26 @@
 """Logged series (loss, accuracy, learning rate) in the store's ``metrics`` group.
 
-A write builds the new series complete in ``metrics-new``, then commits their
-token as the root attribute ``metrics`` (one atomic write of the root
-metadata), then moves ``metrics-new`` into the place of ``metrics``. A reader
-takes whichever of the two carries the committed token, so a write killed at
-any point leaves either the old series or the new ones, never a mixture; the
-next write finishes or removes what was left. Arrays are named after the
-series (``/`` read as ``.``); a name that is not a safe array name, or that
-collides with another, gets ``s<i>``; the logged names are kept in the
-group's attributes with the crc32c of each series.
+The root attribute ``metrics`` is the commit record of the series::
+
+    metrics = {"token": t, "group": g, "n": n, "last_step": s, "names": {key: name}, "crc": {key: crc32c}}
+
+Readers read the first ``n`` rows of the arrays of the group whose own
+``token`` attribute is ``g``, and check each series against its crc32c.
+``t`` changes with every write and is what cached results depend on.
+
+* :func:`write_metrics` replaces the series: it builds them complete in
+  ``metrics-new`` (a fresh ``g``), commits the record, then moves
+  ``metrics-new`` into the place of ``metrics``. A reader takes whichever of
+  the two carries ``g``, so a write killed at any point leaves the old series
+  or the new ones, never a mixture.
+* :func:`append_metrics` adds rows after the last logged step: it writes
+  them past ``n`` (invisible to readers) and commits ``n + m`` with the
+  extended checksums (crc32c extends over appended bytes), so an append
+  writes O(new rows) however long the run.
+
+The next write finishes or removes what a killed one left. Arrays are named
+after the series (``/`` read as ``.``); a name that is not a safe array name,
+or that collides with another, gets ``s<i>``.
 """
 
 from __future__ import annotations
@@ -24,18 +36,25 @@ from zarr.codecs import Crc32cCodec
 
 from ..errors import StoreError
 
-__all__ = ["read_metrics", "write_metrics"]
+__all__ = ["append_metrics", "last_logged_step", "read_metrics", "write_metrics"]
 
 _CURRENT, _NEW = "metrics", "metrics-new"
+_ROWS = 4096  # rows per chunk: an append rewrites at most one partial chunk per series
+_OPTS = {"compressors": [Crc32cCodec()], "dimension_names": ("step",), "chunks": (_ROWS,)}
 
 
-def _crc(values: np.ndarray) -> int:
-    return int(google_crc32c.value(np.ascontiguousarray(values).tobytes()))
+def _crc(values: np.ndarray, crc: int = 0) -> int:
+    return int(google_crc32c.extend(crc, np.ascontiguousarray(values).tobytes()))
 
 
-def _keys(names: list[str]) -> list[str]:
-    keys, seen = [], {"step"}
-    for i, name in enumerate(names):
+def _record(store) -> dict | None:
+    record = store.attrs.get("metrics")
+    return record if isinstance(record, dict) else None
+
+
+def _keys(names: list[str], taken: Mapping[str, str] = {}) -> list[str]:  # noqa: B006 -- read only
+    keys, seen = [], {"step", *taken}
+    for i, name in enumerate(names, start=len(taken)):
         key = str(name).replace("/", ".")
         unsafe = (not key or key in (".", "..", "zarr.json") or key.startswith("__") or key in seen
                   or not key.isprintable())
@@ -75,11 +94,18 @@ def _move(store, src: str, dst: str) -> None:
 
 def _settle(store) -> None:
     """Finish or undo a write that was killed (the writer lock is held)."""
-    token = store.attrs.get("metrics")
-    if token and _token_of(store, _CURRENT) != token and _token_of(store, _NEW) == token:
+    record = _record(store)
+    group = record and record["group"]
+    if group and _token_of(store, _CURRENT) != group and _token_of(store, _NEW) == group:
         _move(store, _NEW, _CURRENT)
     if _NEW in store.group:
         del store.group[_NEW]
+
+
+def _commit(store, group: str, n: int, last: int | None, names: Mapping[str, str], crcs: Mapping[str, int]) -> None:
+    token = tokenize(group, n, dict(names), dict(crcs))[:16]
+    store.commit(metrics={"token": token, "group": group, "n": int(n), "last_step": last, "names": dict(names),
+                          "crc": dict(crcs)})
 
 
 def write_metrics(store, steps: np.ndarray, series: Mapping[str, np.ndarray]) -> None:
@@ -87,43 +113,91 @@ def write_metrics(store, steps: np.ndarray, series: Mapping[str, np.ndarray]) ->
     steps = np.asarray(steps, dtype=np.int64)
     names = list(series)
     values = [np.asarray(series[n], dtype=np.float64) for n in names]
-    token = tokenize(steps, names, values)[:16]
+    group_token = tokenize(steps, names, values)[:16]
     _settle(store)
-    if token == store.attrs.get("metrics"):
+    record = _record(store)
+    if record is not None and record["group"] == group_token and record["n"] == len(steps):
         return
     keys = _keys(names)
     group = store.group.create_group(_NEW)
-    opts = {"compressors": [Crc32cCodec()], "dimension_names": ("step",)}
-    group.create_array("step", data=steps, **opts)
+    group.create_array("step", data=steps, **_OPTS)
     for key, v in zip(keys, values):
-        group.create_array(key, data=v, fill_value=np.nan, **opts)
-    group.attrs.put({
-        "token": token,
-        "names": dict(zip(keys, names)),
-        "checksums": {"step": _crc(steps), **{k: _crc(v) for k, v in zip(keys, values)}},
-    })
-    store.commit(metrics=token)
+        group.create_array(key, data=v, fill_value=np.nan, **_OPTS)
+    group.attrs.put({"token": group_token})
+    crcs = {"step": _crc(steps), **{k: _crc(v) for k, v in zip(keys, values)}}
+    last = int(steps[-1]) if len(steps) else None
+    _commit(store, group_token, len(steps), last, dict(zip(keys, names)), crcs)
     _move(store, _NEW, _CURRENT)
+
+
+def last_logged_step(store) -> int | None:
+    """The last step of the committed series, or None."""
+    record = _record(store)
+    return None if record is None else record["last_step"]
+
+
+def append_metrics(store, steps: np.ndarray, series: Mapping[str, np.ndarray]) -> None:
+    """Add rows at *steps*, all after the last logged step, to the run's metrics (the lock is held).
+
+    A series not logged before is added (missing, NaN, at the earlier rows);
+    one logged before and not in *series* is missing at the new rows.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    _settle(store)
+    record = _record(store)
+    if record is None:
+        write_metrics(store, steps, series)
+        return
+    last = last_logged_step(store)
+    if len(steps) == 0:
+        return
+    if last is not None and steps[0] <= last:
+        raise ValueError(f"appended metrics start at step {steps[0]}, not after the last logged step {last}")
+    n, m = record["n"], len(steps)
+    names, crcs = dict(record["names"]), dict(record["crc"])
+    group = store.location.open_group("r+", path=_CURRENT)
+    by_name = {name: key for key, name in names.items()}
+    fresh = [name for name in series if name not in by_name]
+    for key, name in zip(_keys(fresh, names), fresh):
+        group.create_array(key, shape=(n,), dtype="float64", fill_value=np.nan, **_OPTS)
+        names[key], by_name[name] = name, key
+        crcs[key] = _crc(np.full(n, np.nan))
+    new = {"step": steps}
+    for key, name in names.items():
+        v = series.get(name)
+        new[key] = np.full(m, np.nan) if v is None else np.asarray(v, dtype=np.float64)
+    for key, v in new.items():
+        arr = group[key]
+        arr.resize((n + m,))
+        arr[n:] = v
+        crcs[key] = _crc(v, crcs[key])
+    _commit(store, record["group"], n + m, int(steps[-1]), names, crcs)
 
 
 def read_metrics(store) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(steps, {name: values})`` of the snapshot's metrics, checked."""
-    token = store.attrs.get("metrics")
-    if not token:
+    record = store.attrs.get("metrics")
+    if not record:
         return np.zeros(0, dtype=np.int64), {}
-    name = next((n for n in (_CURRENT, _NEW) if _token_of(store, n) == token), None)
+    try:
+        group_token, n, names, crcs = record["group"], int(record["n"]), dict(record["names"]), dict(record["crc"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{store.path}: the store is damaged: unreadable metrics record ({exc!r})") from None
+    name = next((g for g in (_CURRENT, _NEW) if _token_of(store, g) == group_token), None)
+    if name is None and store.location.open_group("r").attrs.get("metrics") != record:
+        raise StoreError(f"{store.path}: the metrics were replaced since this store was opened; open it again")
     if name is None:
         raise StoreError(f"{store.path}: the store is damaged: its metrics group is missing or not the committed one")
     try:
         group = store.location.open_group("r", path=name)
-        attrs = group.attrs.asdict()
-        names, crcs = attrs["names"], attrs["checksums"]
-        steps = np.asarray(group["step"][:], dtype=np.int64)
-        data = {k: np.asarray(group[k][:], dtype=np.float64) for k in names}
+        steps = np.asarray(group["step"][:n], dtype=np.int64)
+        data = {k: np.asarray(group[k][:n], dtype=np.float64) for k in names}
     except (KeyError, ValueError) as exc:
         raise StoreError(f"{store.path}: the store is damaged: its metrics are unreadable ({exc!r})") from None
+    if n and record.get("last_step") != int(steps[-1]):
+        raise StoreError(f"{store.path}: the store is damaged: the metrics record's last step is not the last one")
     for key, v in [("step", steps), *data.items()]:
-        if _crc(v) != crcs.get(key):
+        if len(v) != n or _crc(v) != crcs.get(key):
             what = "step" if key == "step" else repr(names[key])
             raise StoreError(f"{store.path}: the store is damaged: metrics series {what} does not match its checksum")
     return steps, {names[k]: v for k, v in data.items()}
