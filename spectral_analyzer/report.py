@@ -14,7 +14,7 @@ from . import plot
 from ._version import __version__
 from .errors import ExportError, MetricError
 from .export import check_output, events_table
-from .weights import _find_wq
+from .weights import find_wq
 
 __all__ = ["ACCURACY_METRICS", "write_report"]
 
@@ -68,7 +68,7 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
     dyn = run.dynamics(window=window) if run.n_deltas > window else None
     accuracy = _first(names, ACCURACY_METRICS)
     shown = metric or accuracy or _first(names, LOSS_METRICS)
-    wq = _find_wq(run.store, None)
+    wq = find_wq(run.store, None)
     figures = [
         ("Singular values of the window", _png(lambda ax: plot.plot_sigma(spectra, ax=ax))),
         ("Ratios, k* and events", _png(lambda ax: plot.plot_ratios(spectra, events=dyn, ax=ax))),

@@ -65,6 +65,17 @@ def test_row_tiles_with_halo(tmp_path):
     np.testing.assert_allclose(band, dense_band(x, [(0, 300)], 5)[0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("r0, r1, n_chunks, workers, max_lag", [
+    (0, 96, 1, 2, 16), (0, 160, 3, 2, 16), (40, 200, 1, 2, 16), (0, 1000, 3, 16, 16), (0, 500, 1, 8, 4)])
+def test_row_tiles_are_balanced_and_block_aligned(r0, r1, n_chunks, workers, max_lag):
+    tiles = build._row_tiles(r0, r1, n_chunks, workers, max_lag)
+    assert tiles[0][0] == r0 and tiles[-1][1] == r1 and all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+    assert all(a % build.BLOCK_ROWS == 0 for a, _ in tiles[1:])
+    assert (n_chunks * len(tiles)) % workers == 0  # every worker gets the same number of tasks
+    cost = [b - a + min(max_lag, a) for a, b in tiles]  # rows + the halo each tile re-reads
+    assert max(cost) - min(cost) <= build.BLOCK_ROWS
+
+
 def test_second_call_reads_no_delta(tmp_path, monkeypatch):
     run = sa.ingest(FIXTURES / "planted", tmp_path / "r.zarr", chunk_size=4096)
     first = run.spectra(window=10)

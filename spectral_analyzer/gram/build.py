@@ -16,6 +16,7 @@ allows (at most one per core), so peak memory does not depend on p.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 
@@ -157,12 +158,31 @@ def _chunk_segments(store: Store) -> list[tuple[int, int, tuple[tuple[int, int, 
 
 
 def _row_tiles(r0: int, r1: int, n_chunks: int, workers: int, max_lag: int) -> list[tuple[int, int]]:
-    """Split rows into tiles only when there are too few chunks to keep workers busy."""
+    """Rows r0..r1-1 in tiles of balanced cost, so that chunk columns x tiles keep every worker busy.
+
+    Rows are split only when there are too few chunk columns to share evenly
+    among the workers: into the fewest tiles that make the number of tasks a
+    multiple of the workers, none shorter than 2 L rows. A tile reads the L
+    rows before it as its halo (the first one only those after the start of
+    the run), so tiles are balanced by rows + halo. Tiles start on
+    BLOCK_ROWS boundaries: every row is computed in the same blocks as in a
+    build from scratch (see build_band).
+    """
     n = r1 - r0
-    want = max(1, -(-2 * workers // n_chunks))
-    size = max(-(-n // want), 4 * max(max_lag, BLOCK_ROWS))
-    size = -(-size // BLOCK_ROWS) * BLOCK_ROWS  # tiles start on block boundaries (see build_band)
-    return [(a, min(a + size, r1)) for a in range(r0, r1, size)]
+    want = 1 if n_chunks >= 4 * workers else workers // math.gcd(n_chunks, workers)
+    want = max(1, min(want, n // (2 * max(max_lag, BLOCK_ROWS))))
+    if want == 1:
+        return [(r0, r1)]
+    first_halo = min(max_lag, r0)
+    share = (n + first_halo + (want - 1) * max_lag) / want  # rows + halo per tile
+    bounds = [r0]
+    for i in range(1, want):
+        end = r0 + share - first_halo + (i - 1) * (share - max_lag)
+        end = int(round(end / BLOCK_ROWS)) * BLOCK_ROWS
+        if bounds[-1] < end < r1:
+            bounds.append(end)
+    bounds.append(r1)
+    return list(zip(bounds, bounds[1:]))
 
 
 class _TaskProgress(Callback):

@@ -22,16 +22,19 @@ uint32 (checkpoint,), rows written before the checkpoint's commit.
 
 from __future__ import annotations
 
+import warnings
+
 import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from ..errors import StoreError
-from .location import group_keys
+from ..errors import CacheWarning, StoreBusyError, StoreError
 from . import coding
+from .location import group_keys
+from .lock import writer_lock
 
-__all__ = ["BandCache", "ResultCache", "WeightRecord"]
+__all__ = ["BandCache", "ResultCache", "WeightRecord", "write_if_current"]
 
 _BAND_ROWS = 64  # rows per band chunk
 _BAND_CHUNK_BYTES = 1 << 20
@@ -209,3 +212,25 @@ class WeightRecord:
                 raise StoreError(f"{self.store.path}: the store is damaged: the weight record of checkpoint {i} "
                                  "is missing or holds other values than were written")
         return sigma
+
+
+def write_if_current(snapshot, write) -> bool:
+    """Run ``write(store)`` under the writer lock on the store of *snapshot*, opened for writing, if still current.
+
+    See :meth:`~spectral_analyzer.store.core.Store.cache`.
+    """
+    try:
+        with writer_lock(snapshot.location, False):
+            current = type(snapshot).open(snapshot.location, mode="r+", verify=False)
+            if current.identity != snapshot.identity or current.attrs.get("metrics") != snapshot.attrs.get("metrics"):
+                return False
+            current._chain, current._steps, current._crcs = snapshot._chain, snapshot._steps, snapshot._crcs
+            write(current)
+            return True
+    except StoreBusyError:
+        return False
+    except (OSError, StoreError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        warnings.warn(f"{snapshot.path}: computed without caching: the store cannot be written ({reason})",
+                      CacheWarning, stacklevel=4)
+        return False

@@ -29,13 +29,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
 from ..errors import StoreError
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "create_arrays", "check_manifest"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "check_manifest", "create_arrays", "damaged"]
 
 FORMAT_NAME = "spectral-analyzer"
 FORMAT_VERSION = 3  # 3: sources in an array; 2: chunk crc32c and the generation chain; 1 had neither
@@ -82,6 +81,11 @@ def check_manifest(path: str, tensors: Any, n_params: Any, chunk_size: Any) -> l
     if offset != p or p <= 0 or c <= 0:
         raise StoreError(f"{path}: the store is damaged: the manifest sums to {offset} parameters, n_params is {p}")
     return entries
+
+
+def damaged(path: str, what: str) -> StoreError:
+    """The error of a store whose bytes are not what was committed."""
+    return StoreError(f"{path}: the store is damaged: {what}; ingest the run again (or restore it from a copy)")
 
 
 def n_chunks(n_params: int, chunk_size: int) -> int:

@@ -17,7 +17,7 @@ from ..ingest.discover import natural_key
 from ..store import Store, TensorEntry
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
 
-__all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra", "select_weights"]
+__all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra", "find_wq", "select_weights"]
 
 WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.weight", "*attn.q.weight")
 
@@ -172,7 +172,8 @@ def matrices_of(picked, flats, heads: int | None = None) -> list[tuple[str, np.n
     return mats
 
 
-def _find_wq(store: Store, wq: str | None) -> str | None:
+def find_wq(store: Store, wq: str | None) -> str | None:
+    """The query matrix the attention analysis uses: the first matching *wq* (a glob), or the usual names."""
     names = []
     for t in store.manifest:
         if len(t.shape) == 2:
@@ -222,7 +223,7 @@ def compute_grokking(
     k = spectra["k_star"].values
     k = k[k > 0]
     k_mode = int(np.bincount(k).argmax()) if k.size else 0
-    wq_name = _find_wq(store, wq)
+    wq_name = find_wq(store, wq)
     wq_grok = wq_end = np.nan
     if wq_name is not None:
         ws = compute_weight_spectra(store, wq_name, device=device)

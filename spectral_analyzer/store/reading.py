@@ -1,0 +1,127 @@
+"""Reading a snapshot's rows: every chunk checked against the crc32c its commit recorded.
+
+Delta chunks are read through :mod:`.chunks` (the chunk files directly on a
+local disk, Zarr elsewhere); ``base`` and ``last_theta`` through Zarr. An
+absent chunk is legitimate only where the recorded crc32c is the one of
+zeros (Zarr leaves an all-zero chunk unwritten); any other difference is an
+error naming the row, the step and the chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import StoreError
+from . import generations
+from .chunks import _Corrupt, DirectChunks, _Missing, ZarrChunks, direct_layout
+from .layout import damaged
+
+__all__ = ["RowReading"]
+
+
+class RowReading:
+    """The reading half of :class:`~spectral_analyzer.store.core.Store`."""
+
+    def chunk_bounds(self) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of each parameter chunk."""
+        c, p = self.chunk_size, self.n_params
+        for start in range(0, p, c):
+            yield start, min(start + c, p)
+
+    # -- reading ----------------------------------------------------------------
+
+    def _chunks(self) -> DirectChunks | ZarrChunks:
+        if self._reader is None:
+            arr = self.array("deltas")
+            folder = direct_layout(arr)
+            self._reader = (DirectChunks(folder, self.chunk_size) if folder
+                            else ZarrChunks(arr, self.chunk_size, self.n_params))
+        return self._reader
+
+    def expect_crcs(self, j: int, column: np.ndarray) -> None:
+        """Hand this snapshot the recorded crc32c of column chunk *j* of every row (band tasks)."""
+        self._crc_columns[j] = np.asarray(column, dtype=np.uint32)
+
+    def _expected_crc(self, row: int, j: int) -> int:
+        column = self._crc_columns.get(j)
+        return int(column[row] if column is not None else self.crcs[row, j])
+
+    def read_delta_chunk(self, row: int, start: int, out: np.ndarray) -> None:
+        """Read the chunk of ``deltas`` at (row, start) into *out* (float32, its length), checked.
+
+        The values must have the crc32c recorded when the row was committed:
+        an absent chunk is legitimate only where that crc32c is the one of zeros.
+        """
+        j = start // self.chunk_size
+        try:
+            got = self._chunks().read(row, j, out)
+        except _Missing:
+            out[:] = 0.0
+            got = generations.zero_crc(out.size)
+        except _Corrupt as exc:
+            raise self._bad_chunk(row, j, str(exc)) from None
+        if got != self._expected_crc(row, j):
+            what = ("is missing" if not out.any() else
+                    "holds other values than were committed (corrupted, or rewritten since this store was opened)")
+            raise self._bad_chunk(row, j, what)
+
+    def _bad_chunk(self, row: int, j: int, what: str) -> StoreError:
+        step = int(self.steps[row]) if row < self.n_deltas else "?"
+        return StoreError(f"{self.path}: chunk {row}/{j} of deltas (the delta ending at step {step}) {what}")
+
+    def read_delta_row(self, row: int, start: int, stop: int) -> np.ndarray:
+        """float32 ``deltas[row, start:stop]``, read chunk by chunk and checked."""
+        c = self.chunk_size
+        out = np.empty(stop - start, dtype=np.float32)
+        buf = np.empty(c, dtype=np.float32)
+        for a, b in self.chunk_bounds():
+            if b <= start or a >= stop:
+                continue
+            view = buf[: b - a]
+            self.read_delta_chunk(row, a, view)
+            lo, hi = max(a, start), min(b, stop)
+            out[lo - start : hi - start] = view[lo - a : hi - a]
+        return out
+
+    def prefetch_delta_chunks(self, rows: range, start: int) -> None:
+        """Start reading these chunks (consecutive rows, one column chunk) now.
+
+        Locally the OS is asked to (``posix_fadvise(WILLNEED)``), costing no
+        memory. From object storage, whose latency is per request, the rows'
+        chunks are fetched concurrently in the background into one block
+        (``len(rows)`` chunks of memory) that :meth:`read_delta_chunk` then serves.
+        """
+        reader = self._chunks()
+        j = start // self.chunk_size
+        if isinstance(reader, DirectChunks):
+            reader.prefetch(rows, j)
+        else:
+            reader.prefetch(rows, j, self.is_remote)
+
+    def _read_checked(self, name: str, row: int | None, crcs: Sequence[int], start: int, stop: int) -> np.ndarray:
+        """``name[(row,) start:stop]`` with each chunk checked against *crcs*."""
+        arr = self.array(name)
+        out = np.empty(stop - start, dtype=np.float32)
+        for j, (a, b) in enumerate(self.chunk_bounds()):
+            if b <= start or a >= stop:
+                continue
+            try:
+                values = np.asarray(arr[a:b] if row is None else arr[row, a:b])
+            except ValueError as exc:
+                raise damaged(self.path, f"chunk {j} of '{name}' fails its checksum ({exc})") from None
+            if generations.chunk_crc(values) != int(crcs[j]):
+                raise damaged(self.path, f"chunk {j} of '{name}' is missing or holds other values than were written")
+            lo, hi = max(a, start), min(b, stop)
+            out[lo - start : hi - start] = values[lo - a : hi - a]
+        return out
+
+    def read_base(self, start: int, stop: int) -> np.ndarray:
+        """float32 ``base[start:stop]`` (theta at the first checkpoint), checked."""
+        return self._read_checked("base", None, self._attrs["base_crc"], start, stop)
+
+    def read_last_theta(self, start: int, stop: int) -> np.ndarray:
+        """theta at the last committed checkpoint, ``[start:stop]``, checked."""
+        record = self.commit_record
+        return self._read_checked("last_theta", int(record["last_slot"]), record["last_crc"], start, stop)
