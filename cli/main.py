@@ -17,13 +17,13 @@ import warnings
 from pathlib import Path
 
 import click
-import numpy as np
-import xarray as xr
 
 import spectral_analyzer as sa
 from spectral_analyzer.errors import DeviceError, SchedulerError, SpectralAnalyzerError, printable
-from spectral_analyzer.export import check_output, events_table, export
 from spectral_analyzer.store import DEFAULT_CHUNK_SIZE
+
+# Importing this module imports no torch, dask, xarray, zarr or matplotlib: `--help`
+# and `info` answer at once, and each command imports what it uses.
 
 STORE_ENV = "SPECTRAL_ANALYZER_STORE"
 STORAGE_OPTIONS_ENV = "SPECTRAL_ANALYZER_STORAGE_OPTIONS"
@@ -172,7 +172,7 @@ def _storage() -> dict | None:
     return (click.get_current_context().find_root().obj or {}).get("storage_options")
 
 
-def _open_run(store: str) -> sa.Run:
+def _open_run(store: str):
     return sa.open_run(store, storage_options=_storage())
 
 
@@ -234,35 +234,30 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
 def info(store, show_tensors):
     """Describe a store: steps, parameters, tensors, size, metrics, warnings."""
-    run = _open_run(store)
-    steps = run.checkpoint_steps
-    tensors = run.tensors
-    metrics = run.metrics
-    dtypes = sorted(set(tensors["dtype"].values.tolist()))
+    from spectral_analyzer.store.summary import summarize
+
+    s = summarize(store, _storage())
+    dtypes = sorted({t.dtype for t in s.tensors})
+    first_last = s.checkpoint_steps
     rows = [
-        ("store", f"{run.path} (format {run.store.attrs['format_version']})"),
-        ("checkpoints", f"{steps.size}, steps {steps[0]}..{steps[-1]}" if steps.size else "none"),
-        ("deltas", f"{run.n_deltas}"),
-        ("params", f"{run.n_params:,} in {tensors.sizes['tensor']} tensors ({', '.join(dtypes)})"),
-        ("on disk", _human_bytes(run.store.size_on_disk())),
-        (
-            "metrics",
-            f"{', '.join(metrics.data_vars)} ({metrics.sizes['step']} steps)" if metrics.data_vars else "none",
-        ),
-        ("warnings", str(len(run.warnings)) if run.warnings else "none"),
+        ("store", f"{printable(s.path)} (format {s.format_version})"),
+        ("checkpoints", f"{s.n_checkpoints}, steps {first_last[0]}..{first_last[1]}" if first_last else "none"),
+        ("deltas", f"{s.n_deltas}"),
+        ("params", f"{s.n_params:,} in {len(s.tensors)} tensors ({', '.join(dtypes)})"),
+        ("on disk", _human_bytes(s.size_on_disk)),
+        ("metrics", f"{printable(', '.join(s.metrics))} ({s.logged_steps} steps)" if s.metrics else "none"),
+        ("warnings", str(len(s.warnings)) if s.warnings else "none"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
-    for message in run.warnings:
+    for message in s.warnings:
         click.echo(f"warning: {printable(message)}")
     if show_tensors:
-        names = tensors["tensor"].values
-        nw = max(len(printable(n)) for n in names)
-        for name in names:
-            t = tensors.sel(tensor=name)
-            click.echo(f"  {printable(name):<{nw}}  {str(t['shape'].values):>14}  {str(t['dtype'].values):>9}  "
-                       f"offset {int(t['offset'])}")
+        nw = max(len(printable(t.name)) for t in s.tensors)
+        for t in s.tensors:
+            shape = "x".join(map(str, t.shape)) or "scalar"
+            click.echo(f"  {printable(t.name):<{nw}}  {shape:>14}  {t.dtype:>9}  offset {t.offset}")
 
 
 def _format(x) -> str:
@@ -313,6 +308,9 @@ def _print_table(ds, n_sigma: int = 4) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def spectra(store, window, params, group_by, center, stride, max_lag, device, scheduler, output, overwrite, progress):
     """Windowed spectra: k*, gap ratio R, gap and singular values per step."""
+    import numpy as np
+    from spectral_analyzer.exporting import check_output, export
+
     if output:
         check_output(output, overwrite=overwrite)
     run = _open_run(store)
@@ -349,6 +347,8 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
 def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, device, scheduler, output,
              overwrite, progress):
     """Stability, rotation, gap flow, mode energy and events of the spectrum."""
+    from spectral_analyzer.exporting import check_output, events_table, export
+
     if output:
         check_output(output, overwrite=overwrite, events=True)
     run = _open_run(store)
@@ -399,6 +399,8 @@ def _echo_table(header: list[str], rows: list[list[str]]) -> None:
 @click.option("--overwrite", is_flag=True)
 def weights(store, match, top, heads, device, output, overwrite):
     """Singular values of weight matrices at every checkpoint."""
+    from spectral_analyzer.exporting import check_output, export
+
     if output:
         check_output(output, overwrite=overwrite)
     run = _open_run(store)
@@ -428,6 +430,9 @@ def weights(store, match, top, heads, device, output, overwrite):
 @click.option("--overwrite", is_flag=True)
 def grokking(stores, metric, threshold, window, wq, output, overwrite):
     """One summary row per run: did it grok, when, and what the spectrum did before."""
+    import xarray as xr
+    from spectral_analyzer.exporting import check_output, export
+
     if output:
         check_output(output, overwrite=overwrite)
     summaries = [_open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq) for s in stores]

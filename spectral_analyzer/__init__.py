@@ -3,6 +3,11 @@
 >>> import spectral_analyzer as sa
 >>> run = sa.ingest("ckpts/", "run.zarr")    # doctest: +SKIP
 >>> run = sa.open_run("run.zarr")            # doctest: +SKIP
+
+Importing the package is cheap (its errors and version only): torch, dask,
+xarray and zarr are imported on first use of a name that needs them, e.g.
+``sa.open_run``. The ``ds.spectral`` accessor of result Datasets is
+registered with the first such use (or ``import spectral_analyzer.plot``).
 """
 
 from __future__ import annotations
@@ -34,11 +39,16 @@ from .errors import (
     UnsafeCheckpointError,
     WindowError,
 )
-from .export import events_table, export
-from . import plot  # registers the ds.spectral accessor
-from .ingest import ingest
-from .ingest.recorder import Recorder
-from .run import Run, open_run
+
+# Public names whose modules import the heavy libraries: imported on first use.
+_LAZY = {
+    "events_table": ".exporting",
+    "export": ".exporting",
+    "ingest": ".ingest",
+    "Recorder": ".ingest.recorder",
+    "Run": ".run",
+    "open_run": ".run",
+}
 
 __all__ = [
     "CacheWarning",
@@ -81,12 +91,18 @@ _CALLBACKS = {
 
 
 def __getattr__(name: str):
-    if name in _CALLBACKS:
-        return getattr(importlib.import_module(_CALLBACKS[name][0], __name__), name)
+    if name in _LAZY or name in _CALLBACKS:
+        importlib.import_module(".plot", __name__)  # registers the ds.spectral accessor
+        module = _LAZY[name] if name in _LAZY else _CALLBACKS[name][0]
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
+    if name == "plot":
+        return importlib.import_module(".plot", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     # only the callbacks whose library is installed: dir() feeds help() and inspect, which must not raise
     usable = [name for name, (_, lib) in _CALLBACKS.items() if importlib.util.find_spec(lib) is not None]
-    return sorted([*globals(), *usable])
+    return sorted({*globals(), *_LAZY, "plot", *usable})

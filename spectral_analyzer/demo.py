@@ -25,7 +25,7 @@ def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.Pa
     import xarray as xr
 
     from . import ingest
-    from .export import export
+    from .exporting import export
     from .report import ACCURACY_METRICS, write_report
 
     src = Path(source) if source is not None else FIXTURE

@@ -13,7 +13,7 @@ import numpy as np
 from . import plot
 from ._version import __version__
 from .errors import ExportError, MetricError
-from .export import check_output, events_table
+from .exporting import check_output, events_table
 from .weights import find_wq
 
 __all__ = ["ACCURACY_METRICS", "write_report"]

@@ -162,7 +162,7 @@ def test_output_into_a_missing_folder_is_refused_before_any_work(command, small,
 
 
 def test_unwritable_output_names_the_path(small, tmp_path, monkeypatch):
-    export_module = importlib.import_module("spectral_analyzer.export")
+    export_module = importlib.import_module("spectral_analyzer.exporting")
 
     target = tmp_path / "w.csv"
 

@@ -437,8 +437,8 @@ def write_rows(
             st.write_source(0, source_entry(0))
             crcs = [f.result() for f in row.written]
             c0 = hex_of(base_link(st.attrs["tensors"], st.chunk_size, base.step, crcs))
-            record = {"n_deltas": 0, "last_slot": 0, "last_step": base.step, "base": c0, "chain": c0,
-                      "last_crc": [f.result() for f in last.written]}
+            record = {"n_deltas": 0, "head_step": base.step, "last_slot": 0, "last_step": base.step, "base": c0,
+                      "chain": c0, "last_crc": [f.result() for f in last.written]}
             st.commit(commit=record, base_step=base.step, base_crc=crcs)
             start = 1
         if start >= len(new):

@@ -10,16 +10,19 @@ This package is the only code that touches Zarr. Its modules, one concern each:
 * :mod:`.lock`: one writer at a time;
 * :mod:`.writer`: the write transaction (rollback, overwrite swap);
 * :mod:`.caches`, :mod:`.coding`, :mod:`.metrics`: the band, results, the
-  weight record and the logged series.
+  weight record and the logged series;
+* :mod:`.summary`: what a store holds, from its root metadata alone (no Zarr).
 """
 
 from __future__ import annotations
 
-from .core import Store
+import importlib
+
 from .layout import DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, TensorEntry
-from .location import Location, is_url
-from .lock import writer_lock
-from .writer import StoreWriter, unwritable
+
+# Imported on first use: these import zarr (the layout's constants do not).
+_LAZY = {"Store": ".core", "Location": ".location", "is_url": ".location", "writer_lock": ".lock",
+         "StoreWriter": ".writer", "unwritable": ".writer"}
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -33,3 +36,11 @@ __all__ = [
     "unwritable",
     "writer_lock",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,15 @@
 """The commit protocol: how rows, and everything else, become part of a store.
 
-A delta row counts only once the commit record says so:
-the arrays grow before any data is written, and an all-zero chunk is
-legitimately absent, so neither shape nor chunk presence says anything about
-progress. A writer (holding the lock, see lock.py) writes a row's chunks,
-then its step and the crc32c of its chunks, then the commit record, one
+A delta row counts only once the commit record says so: the arrays grow
+before any data is written, and an all-zero chunk is legitimately absent, so
+neither shape nor chunk presence says anything about progress. A writer
+(holding the lock, see lock.py) writes a row's chunks, then its step, the
+crc32c of its chunks and its source entry, then the commit record, one
 atomic write of the root metadata::
 
-    commit = {"n_deltas": n, "last_slot": s, "last_step": step,
-              "base": c_0, "chain": c_n, "last_crc": [...]}
+    commit = {"n_deltas": n, "head_step": step of row n, "last_slot": s,
+              "last_step": step of last_theta[s], "base": c_0, "chain": c_n,
+              "last_crc": [...]}
 
 ``c_0 .. c_n`` is the generation chain (generations.py): every change of the
 stored rows (append, truncate, rollback, overwrite) gives a new ``chain``,
@@ -18,10 +19,9 @@ and every cache records the chain of the rows it was computed from.
 checkpoint files (HF Trainer deletes them): a writer fills the slot the
 commit record does not point at, then flips it in the write that commits.
 
-A :class:`Store` is a snapshot: the commit record as it was opened. Opening
-checks the manifest, the arrays' shapes and the chain against the rows'
-steps and chunk checksums, so an edited attribute, step or count is an error
-that names it rather than a different number.
+The root metadata has a fixed size whatever the number of rows, so a
+commit writes O(1) metadata; the arrays that grow with the run are extended
+at their end.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class CommitProtocol:
         head = self.chain[-1] if n else base
         if generations.hex_of(head) != record["chain"]:
             raise damaged(self.path, f"the steps or chunk checksums of the {n} committed rows do not match the commit")
+        if record["head_step"] != int(self.checkpoint_steps[-1]):
+            raise damaged(self.path, f"the commit's last step {record['head_step']} is not the last row's step")
 
     def reserve_rows(self, n_rows: int) -> None:
         """Size the row arrays for *n_rows* rows (data follows, commit after)."""
@@ -127,7 +129,8 @@ class CommitProtocol:
         head = int(prev["chain"], 16) if prev is not None else int(record["base"], 16)
         if len(steps):
             head = int(generations.chain(head, np.asarray(steps), np.asarray(crcs, dtype=np.uint32))[-1])
-        self.commit(commit={**record, "chain": generations.hex_of(head)}, **updates)
+        head_step = int(steps[-1]) if len(steps) else (prev or record)["head_step"]
+        self.commit(commit={**record, "chain": generations.hex_of(head), "head_step": head_step}, **updates)
 
     def restore(self, attrs: Mapping[str, Any]) -> None:
         """Return to a snapshot of the attributes, dropping rows it did not commit."""
@@ -152,7 +155,8 @@ class CommitProtocol:
         if self.n_deltas and generations.hex_of(chain[-1]) != record["chain"]:  # a writer may have opened unverified
             raise damaged(self.path, "the steps or chunk checksums of the committed rows do not match the commit")
         head = chain[n_deltas - 1] if n_deltas else int(record["base"], 16)
-        attrs["commit"] = {**record, "n_deltas": int(n_deltas), "chain": generations.hex_of(head)}
+        head_step = int(self.steps[n_deltas - 1]) if n_deltas else int(attrs["base_step"])
+        attrs["commit"] = {**record, "n_deltas": int(n_deltas), "chain": generations.hex_of(head), "head_step": head_step}
         self.restore(attrs)
 
     def clean_uncommitted(self) -> None:

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import StoreError, StoreVersionError
+from ..errors import StoreError
 from . import generations
 from .caches import BandCache, ResultCache, WeightRecord, write_if_current
 from .chunks import DirectChunks, ZarrChunks
 from .committing import CommitProtocol
-from .layout import FORMAT_NAME, FORMAT_VERSION, TensorEntry, create_arrays, damaged
+from .layout import FORMAT_NAME, FORMAT_VERSION, TensorEntry, check_format, create_arrays, damaged
 from .location import Location, unreachable
 from .metrics import append_metrics, last_logged_step, read_metrics, write_metrics
 from .reading import RowReading
@@ -93,16 +93,7 @@ class Store(RowReading, CommitProtocol):
         except Exception as exc:  # noqa: BLE001 -- credentials, permissions, the network
             raise unreachable(where, exc) from None
         attrs = group.attrs.asdict()
-        if attrs.get("format") != FORMAT_NAME:
-            raise StoreError(f"{where}: not a spectral-analyzer store (no '{FORMAT_NAME}' format attribute)")
-        version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
-            hint = ("ingest the run again with this version" if isinstance(version, int) and version < FORMAT_VERSION
-                    else "upgrade the package")
-            raise StoreVersionError(
-                f"{where}: store format version {version!r} is not one this version of "
-                f"spectral-analyzer reads (it reads version {FORMAT_VERSION}); {hint}"
-            )
+        check_format(where, attrs)
         store = cls(group, location, attrs)
         store._check(verify)
         return store

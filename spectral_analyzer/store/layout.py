@@ -29,12 +29,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import zarr
-from zarr.codecs import Crc32cCodec
+from ..errors import StoreError, StoreVersionError
 
-from ..errors import StoreError
-
-__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "check_manifest", "create_arrays", "damaged"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "check_format", "check_manifest", "create_arrays", "damaged"]
 
 FORMAT_NAME = "spectral-analyzer"
 FORMAT_VERSION = 3  # 3: sources in an array; 2: chunk crc32c and the generation chain; 1 had neither
@@ -83,6 +80,20 @@ def check_manifest(path: str, tensors: Any, n_params: Any, chunk_size: Any) -> l
     return entries
 
 
+def check_format(where: str, attrs: Mapping[str, Any]) -> None:
+    """Refuse root attributes that are not a store of this format version."""
+    if attrs.get("format") != FORMAT_NAME:
+        raise StoreError(f"{where}: not a spectral-analyzer store (no '{FORMAT_NAME}' format attribute)")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = ("ingest the run again with this version" if isinstance(version, int) and version < FORMAT_VERSION
+                else "upgrade the package")
+        raise StoreVersionError(
+            f"{where}: store format version {version!r} is not one this version of "
+            f"spectral-analyzer reads (it reads version {FORMAT_VERSION}); {hint}"
+        )
+
+
 def damaged(path: str, what: str) -> StoreError:
     """The error of a store whose bytes are not what was committed."""
     return StoreError(f"{path}: the store is damaged: {what}; ingest the run again (or restore it from a copy)")
@@ -92,8 +103,9 @@ def n_chunks(n_params: int, chunk_size: int) -> int:
     return -(-n_params // chunk_size)
 
 
-def create_arrays(group: zarr.Group, n_params: int, chunk: int) -> None:
-    """The empty arrays of a new store: sized for no deltas."""
+def create_arrays(group, n_params: int, chunk: int) -> None:
+    """The empty arrays of a new store (a ``zarr.Group``): sized for no deltas."""
+    from zarr.codecs import Crc32cCodec  # here: the constants above are read without Zarr
 
     def data(name, shape, chunks, dims):
         group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=0.0,

@@ -13,11 +13,12 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import zarr
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
+
+if TYPE_CHECKING:
+    import zarr
 
 __all__ = ["LOCK_NAME", "Location", "group_keys", "is_url"]
 
@@ -85,6 +86,8 @@ class Location:
 
     def zarr_store(self, read_only: bool):
         """What zarr opens: a local path as is, a URL as an fsspec store with its options."""
+        import zarr.storage  # here: a Location is made and measured without Zarr
+
         if not self.is_remote:
             return zarr.storage.LocalStore(self.path, read_only=read_only)
         self.filesystem()  # refuses a bucket itself, names a missing backend package
@@ -96,6 +99,8 @@ class Location:
             raise StoreError(f"{self.path}: {exc}") from None
 
     def open_group(self, mode: str = "r", path: str = "") -> zarr.Group:
+        import zarr
+
         return zarr.open_group(self.zarr_store(mode == "r"), path=path, mode=mode, use_consolidated=False)
 
     def try_open_group(self) -> zarr.Group | None:
