@@ -8,9 +8,15 @@ from collections.abc import Sequence
 
 from .errors import SelectionError
 
-__all__ = ["GROUPINGS", "SelectionError", "group_tensors", "layer_of", "module_of", "select_tensors"]
+__all__ = ["GROUPINGS", "SelectionError", "group_tensors", "layer_of", "module_of", "natural_key", "select_tensors"]
 
 GROUPINGS = ("tensor", "layer", "module")
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _NORM = re.compile(r"norm|^(?:ln|bn)(?:_?[a-z0-9]+)?$")

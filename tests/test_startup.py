@@ -63,3 +63,12 @@ def test_importing_the_package_imports_no_heavy_library():
     code = "import sys, spectral_analyzer; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (HEAVY,)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_lazy_name_imports_first_in_a_fresh_interpreter():
+    """Whichever public name a session touches first, its modules import (no circular import)."""
+    names = sorted(n for n in sa.__all__ if n in sa._LAZY or n == "plot")
+    procs = {n: subprocess.Popen([sys.executable, "-c", f"import spectral_analyzer as sa; sa.{n}"],
+                                 stderr=subprocess.PIPE, text=True) for n in names}
+    failed = {n: p.communicate(timeout=300)[1].strip().splitlines()[-1:] for n, p in procs.items()}
+    assert {n: e for n, e in failed.items() if procs[n].returncode} == {}

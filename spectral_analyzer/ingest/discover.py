@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NoCheckpointsError, StepError
+from ..groups import natural_key
 from .readers import shard_files
 
 __all__ = ["Checkpoint", "discover", "natural_key", "order_by_step", "step_from_name"]
@@ -45,11 +46,6 @@ NOT_WEIGHTS = (
 )
 _STEP_WORD = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[=_\-]?(\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
-
-
-def natural_key(text: str) -> list:
-    """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from .._version import __version__
 from ..dynamics.coupling import MetricError
 from ..gram.build import resolve_device
 from ..groups import SelectionError
-from ..ingest.discover import natural_key
+from ..groups import natural_key
 from ..store import Store, TensorEntry
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
 
