@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 
 from ._version import __version__
 from .errors import (
@@ -88,6 +90,17 @@ _CALLBACKS = {
     "HFRecorderCallback": (".ingest.hf_callback", "transformers"),
     "LightningRecorderCallback": (".ingest.lightning_callback", "lightning"),
 }
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the subpackage spectral_analyzer.ingest binds it here, under the name of the function.
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -10,6 +10,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from .attributes import describe
+from .errors import SelectionError
 from .dynamics import compute_dynamics
 from .dynamics.coupling import correlate
 from .gram.build import DEFAULT_MAX_LAG, build_band
@@ -72,23 +74,41 @@ class Run:
 
     @property
     def tensors(self) -> xr.Dataset:
-        """The tensor manifest: name, offset, size, shape and source dtype along ``tensor``."""
+        """The tensor manifest along ``tensor``: offset, size, shape (a tuple of ints), ndim and source dtype."""
         manifest = self._store.manifest
-        return xr.Dataset(
+        shapes = np.empty(len(manifest), dtype=object)
+        shapes[:] = [tuple(t.shape) for t in manifest]
+        return describe(xr.Dataset(
             {
                 "offset": ("tensor", np.array([t.offset for t in manifest], dtype=np.int64)),
                 "size": ("tensor", np.array([t.size for t in manifest], dtype=np.int64)),
-                "shape": ("tensor", np.array(["x".join(map(str, t.shape)) or "scalar" for t in manifest])),
+                "shape": ("tensor", shapes),
+                "ndim": ("tensor", np.array([len(t.shape) for t in manifest], dtype=np.int64)),
                 "dtype": ("tensor", np.array([t.dtype for t in manifest])),
             },
             coords={"tensor": [t.name for t in manifest]},
-        )
+        ))
 
     @property
     def metrics(self) -> xr.Dataset:
         """Logged series (loss, accuracy, learning rate...) indexed by ``step``."""
         steps, series = self._store.read_metrics()
-        return xr.Dataset({k: ("step", v) for k, v in series.items()}, coords={"step": steps})
+        return describe(xr.Dataset({k: ("step", v) for k, v in series.items()}, coords={"step": steps}))
+
+    def delta(self, tensor: str) -> xr.DataArray:
+        """Lazy (dask) float32 deltas of one tensor, dims (step, dim_0, dim_1, ...) in its own shape.
+
+        Examples
+        --------
+        >>> run.delta("layers.0.attn.in_proj_weight").isel(step=-1).values   # doctest: +SKIP
+        """
+        entry = next((t for t in self._store.manifest if t.name == tensor), None)
+        if entry is None:
+            raise SelectionError(f"{self.path}: no tensor {tensor!r} in the store (see run.tensors)")
+        arr = da.from_zarr(self._store.array("deltas"))[: self.n_deltas, entry.offset : entry.offset + entry.size]
+        arr = arr.reshape((self.n_deltas, *entry.shape))
+        dims = ("step", *(f"dim_{i}" for i in range(len(entry.shape))))
+        return xr.DataArray(arr, dims=dims, coords={"step": self.steps}, name=tensor)
 
     @property
     def deltas(self) -> xr.DataArray:
@@ -109,12 +129,11 @@ class Run:
         Options: ``device``, ``scheduler``, ``progress``, ``memory_limit``.
         """
         band, lag = build_band(self._store, max_lag, **self._options(options))
-        return xr.DataArray(
-            band,
-            dims=("tensor", "step", "lag"),
+        ds = xr.Dataset(
+            {"band": (("tensor", "step", "lag"), band)},
             coords={"tensor": [t.name for t in self._store.manifest], "step": self.steps, "lag": np.arange(lag + 1)},
-            name="band",
         )
+        return describe(ds)["band"]
 
     def spectra(
         self,
@@ -163,10 +182,11 @@ class Run:
         >>> ds.k_star.to_series().value_counts()               # doctest: +SKIP
         >>> run.spectra(window=10, group_by="layer").gap_ratio # doctest: +SKIP
         """
-        return compute_spectra(
+        ds = compute_spectra(
             self._store, window, params=params, group_by=group_by, center=center, stride=stride,
             **self._options(options),
         )
+        return self._windowed(ds, window)
 
     def dynamics(self, window: int = 10, **options) -> xr.Dataset:
         """How the spectrum moves from one window to the next, from the cached band alone.
@@ -206,7 +226,7 @@ class Run:
         >>> dyn = run.dynamics(window=10, factor=2.0)            # doctest: +SKIP
         >>> sa.events_table(dyn)                                 # doctest: +SKIP
         """
-        return compute_dynamics(self._store, window, **self._options(options))
+        return self._windowed(compute_dynamics(self._store, window, **self._options(options)), window)
 
     def correlate(self, metric: str, window: int = 10, **options) -> xr.Dataset:
         """Lagged correlation of the gap ratio (and each ratio_j) with a logged metric.
@@ -221,8 +241,8 @@ class Run:
         >>> run.correlate("eval_loss", window=10, max_lag=10).best_lag   # doctest: +SKIP
         """
         spectra = self.spectra(window=window, params=options.pop("params", None))
-        return correlate(spectra, self.metrics, metric, max_lag=options.pop("max_lag", 10),
-                         detrend_kind=options.pop("detrend", "linear"), **options)
+        return describe(correlate(spectra, self.metrics, metric, max_lag=options.pop("max_lag", 10),
+                                  detrend_kind=options.pop("detrend", "linear"), **options))
 
     def weight_spectra(self, match: str | list[str] | None = None, **options) -> xr.Dataset:
         """Singular values of 2-D weight matrices at every checkpoint.
@@ -252,7 +272,7 @@ class Run:
         --------
         >>> run.weight_spectra("*in_proj_weight[q]").sigma_ratio_12   # doctest: +SKIP
         """
-        return compute_weight_spectra(self._store, match, **options)
+        return describe(compute_weight_spectra(self._store, match, **options))
 
     def grokking(
         self, metric: str = "test_acc", threshold: float = 0.95, window: int = 10, **options
@@ -275,7 +295,14 @@ class Run:
         Options: ``params`` (for the spectra), ``wq``, ``device``.
         """
         spectra = self.spectra(window=window, params=options.pop("params", None))
-        return compute_grokking(self._store, spectra, self.metrics, metric=metric, threshold=threshold, **options)
+        return describe(compute_grokking(self._store, spectra, self.metrics, metric=metric, threshold=threshold,
+                                         **options))
+
+    def _windowed(self, ds: xr.Dataset, window: int) -> xr.Dataset:
+        """*ds* labelled, with the ``window_start`` coordinate: the step each window's first delta starts at."""
+        ends = np.searchsorted(self.steps, ds["step"].values)
+        starts = self.checkpoint_steps[ends - window + 1]
+        return describe(ds.assign_coords(window_start=("step", starts)))
 
     @property
     def warnings(self) -> list[str]:
@@ -283,8 +310,18 @@ class Run:
 
     @property
     def provenance(self) -> dict:
-        attrs = self._store.attrs
-        return {"provenance": attrs.get("provenance", {}), "sources": self._store.sources}
+        """Where the run came from: source, options and library versions, and its first and last checkpoint.
+
+        Every checkpoint's files (with sizes and sha256) are in :attr:`sources`.
+        """
+        ends = self._store.sources_at(0, self.n_deltas) if self._store.commit_record else [None, None]
+        return {**self._store.attrs.get("provenance", {}), "checkpoints": len(self.checkpoint_steps),
+                "first": ends[0], "last": ends[-1]}
+
+    @property
+    def sources(self) -> list[dict]:
+        """One entry per checkpoint, base first: its step, label and files (size, mtime, sha256)."""
+        return self._store.sources
 
     def __repr__(self) -> str:
         steps = self.checkpoint_steps
@@ -293,6 +330,28 @@ class Run:
             f"<Run {self.path}: {self.n_deltas} deltas, {span}, "
             f"p={self.n_params:,}, {len(self._store.manifest)} tensors>"
         )
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the run at a glance, the tensors and metrics folded."""
+        from html import escape
+
+        steps = self.checkpoint_steps
+        metrics = self._store.attrs.get("metrics") or {}
+        names = list(dict(metrics.get("names", {})).values())
+        rows = [
+            ("store", escape(self.path)),
+            ("checkpoints", f"{steps.size}, steps {steps[0]}..{steps[-1]}" if steps.size else "none"),
+            ("deltas", str(self.n_deltas)),
+            ("parameters", f"{self.n_params:,} in {len(self._store.manifest)} tensors"),
+            ("metrics", escape(", ".join(names)) or "none"),
+            ("warnings", str(len(self.warnings)) if self.warnings else "none"),
+        ]
+        table = "".join(f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{v}</td></tr>"
+                        for k, v in rows)
+        tensors = "".join(f"<tr><td style='text-align:left'>{escape(t.name)}</td><td>{'x'.join(map(str, t.shape))}"
+                          f"</td><td>{escape(t.dtype)}</td></tr>" for t in self._store.manifest)
+        return (f"<div><b>spectral_analyzer.Run</b><table>{table}</table>"
+                f"<details><summary>tensors</summary><table>{tensors}</table></details></div>")
 
 
 def open_run(

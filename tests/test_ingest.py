@@ -116,7 +116,7 @@ def test_append_reads_only_new_checkpoints(tmp_path):
     assert np.array_equal(appended.deltas.values.view(np.uint32), full.deltas.values.view(np.uint32))
     assert list(appended.steps) == list(full.steps)
     # the sources of the appended rows were hashed; the old ones kept
-    assert [s["step"] for s in appended.provenance["sources"]] == list(full.checkpoint_steps)
+    assert [s["step"] for s in appended.sources] == list(full.checkpoint_steps)
 
 
 def test_append_uses_stored_theta_when_last_checkpoint_is_gone(tmp_path):

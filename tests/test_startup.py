@@ -72,3 +72,10 @@ def test_every_lazy_name_imports_first_in_a_fresh_interpreter():
                                  stderr=subprocess.PIPE, text=True) for n in names}
     failed = {n: p.communicate(timeout=300)[1].strip().splitlines()[-1:] for n, p in procs.items()}
     assert {n: e for n, e in failed.items() if procs[n].returncode} == {}
+
+
+def test_public_functions_survive_importing_their_subpackages():
+    code = ("import spectral_analyzer.ingest.pipeline, spectral_analyzer.exporting\n"
+            "import spectral_analyzer as sa\n"
+            "assert callable(sa.ingest) and callable(sa.export), (sa.ingest, sa.export)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -155,7 +155,14 @@ class Store(RowReading, CommitProtocol):
         """One entry per committed checkpoint, base first: ``{"step", "label", "files"}``."""
         if self.commit_record is None:
             return []
-        entries = self._read_meta("sources", self.n_deltas + 1)
+        return self.sources_at(*range(self.n_deltas + 1))
+
+    def sources_at(self, *indices: int) -> list[dict[str, Any]]:
+        """The entries of these committed checkpoints (0 the base), reading only their chunks."""
+        if len(indices) < 4:  # a few entries: one small read each
+            entries = [self._read_meta("sources", i + 1, i)[0] for i in indices]
+        else:
+            entries = self._read_meta("sources", max(indices) + 1)[list(indices)]
         try:
             return [json.loads(str(e)) for e in entries]
         except ValueError:
