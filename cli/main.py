@@ -52,7 +52,9 @@ def _one_line_warnings(show):
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if category.__module__ == "spectral_analyzer.errors":
-            click.echo(f"warning: {printable(str(message))}", err=True)
+            tqdm = sys.modules.get("tqdm")
+            with tqdm.tqdm.external_write_mode(file=sys.stderr) if tqdm else contextlib.nullcontext():
+                click.echo(f"warning: {printable(str(message))}", err=True)
         else:
             show(message, category, filename, lineno, file, line)
 
@@ -185,7 +187,7 @@ def _human_bytes(n: float) -> str:
 
 
 @main.command()
-@click.argument("ckpt_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("ckpt_dir")
 @click.option("-o", "--output", "store", envvar=STORE_ENV, default=DEFAULT_STORE, show_default=True,
               help=f"Store to create or append to (env {STORE_ENV}).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE,
@@ -225,8 +227,6 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
         f"{run.path}: {run.n_deltas} deltas over steps {steps_[0]}..{steps_[-1]}, "
         f"p = {run.n_params:,} in {run.tensors.sizes['tensor']} tensors"
     )
-    for message in run.warnings:
-        click.echo(f"warning: {printable(message)}", err=True)
 
 
 @main.command()
@@ -260,12 +260,52 @@ def info(store, show_tensors):
             click.echo(f"  {printable(t.name):<{nw}}  {shape:>14}  {t.dtype:>9}  offset {t.offset}")
 
 
+MISSING = "-"  # a value that is not defined (NaN) or not known, in every table
+
+
 def _format(x) -> str:
     if isinstance(x, str):
-        return x
+        return x or MISSING
     if isinstance(x, float):
-        return "nan" if x != x else ("inf" if x == float("inf") else f"{x:.4g}")
+        return MISSING if x != x else ("inf" if x == float("inf") else f"{x:.4g}")
     return str(x)
+
+
+_QUIET = click.option("-q", "--quiet", is_flag=True, help="Print no table (only what was written).")
+
+
+def _summaries(ds) -> list[str]:
+    """One line per group: the peak of R and its step, where R falls back under its noise floor, the k* shifts."""
+    import numpy as np
+
+    groups = list(ds["group"].values) if "group" in ds["gap_ratio"].dims else [None]
+    lines = []
+    for g in groups:
+        part = ds.sel(group=g) if g is not None else ds
+        r, k, steps = part["gap_ratio"].values, part["k_star"].values, part["step"].values
+        prefix = "" if g is None else f"{printable(str(g))}: "
+        if not np.isfinite(r).any():
+            lines.append(f"{prefix}R is not defined in any window")
+            continue
+        peak = int(np.nanargmax(r))
+        text = f"{prefix}peak R {_format(float(r[peak]))} at step {steps[peak]} (k*={k[peak]})"
+        floor = float(part["null_q95"]) if "null_q95" in part else float("nan")
+        if np.isfinite(floor):
+            under = np.nonzero(r[peak:] < floor)[0]
+            text += (f"; back under the noise floor {_format(floor)} at step {steps[peak + under[0]]}" if under.size
+                     else f"; above the noise floor {_format(floor)} to the end")
+        shifts = np.nonzero(np.diff(k))[0] + 1
+        text += f"; k* changes {shifts.size} time{'s' if shifts.size != 1 else ''}"
+        if shifts.size:
+            first = shifts[0]
+            text += f" (first at step {steps[first]}: {k[first - 1]} -> {k[first]})"
+        lines.append(text)
+    if "event_kind" in ds:  # dynamics: the events name the collapse
+        kinds = [str(k) for k in ds["event_kind"].values]
+        collapse = next((i for i, kind in enumerate(kinds) if "collapse" in kind), None)
+        if collapse is not None:
+            lines.append(f"first collapse of R at step {int(ds['event_step'].values[collapse])}")
+    return lines
 
 
 def _print_table(ds, n_sigma: int = 4) -> None:
@@ -306,7 +346,9 @@ def _print_table(ds, n_sigma: int = 4) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def spectra(store, window, params, group_by, center, stride, max_lag, device, scheduler, output, overwrite, progress):
+@_QUIET
+def spectra(store, window, params, group_by, center, stride, max_lag, device, scheduler, output, overwrite, progress,
+            quiet):
     """Windowed spectra: k*, gap ratio R, gap and singular values per step."""
     import numpy as np
     from spectral_analyzer.exporting import check_output, export
@@ -318,12 +360,19 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
         window=window, params=list(params) or None, group_by=group_by, center=center, stride=stride,
         max_lag=max_lag, device=device, scheduler=scheduler, progress=progress,
     )
-    _print_table(ds)
-    click.echo(f"noise floor of R (Wishart 95% quantile, W={window}): "
-               + ", ".join(_format(float(v)) for v in np.atleast_1d(ds["null_q95"].values)))
     if output:
         export(ds, output, overwrite=overwrite)
         click.echo(f"wrote {output}")
+    if quiet:
+        return
+    _print_table(ds)
+    click.echo("k*: gap position; R: sigma_k* / sigma_k*+1; gap: sigma_k* - sigma_k*+1; -: not defined")
+    floors = [_format(float(v)) for v in np.atleast_1d(ds["null_q95"].values)]
+    if "group" in ds.dims:
+        floors = [f"{printable(str(g))} {f}" for g, f in zip(ds["group"].values, floors)]
+    click.echo(f"noise floor of R (Wishart 95% quantile, W={window}): " + ", ".join(floors))
+    for line in _summaries(ds):
+        click.echo(line)
 
 
 @main.command()
@@ -344,8 +393,9 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
               help="Export to .nc, .csv or .json (+ <stem>.events.csv|json).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@_QUIET
 def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, device, scheduler, output,
-             overwrite, progress):
+             overwrite, progress, quiet):
     """Stability, rotation, gap flow, mode energy and events of the spectrum."""
     from spectral_analyzer.exporting import check_output, events_table, export
 
@@ -356,6 +406,11 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
         window=window, params=list(params) or None, group_by=group_by, tau=tau, factor=factor,
         persistence=persistence, lr=lr, constant=constant, device=device, scheduler=scheduler, progress=progress,
     )
+    if output:
+        export(ds, output, overwrite=overwrite)
+        click.echo(f"wrote {output}")
+    if quiet:
+        return
     top = min(3, window)
     header = ["step", "phase", "k*", "R", "dC", "A"] + [f"alpha_{j}" for j in range(1, top + 1)] + [
         f"rot_{j}" for j in range(1, top + 1)
@@ -377,9 +432,11 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
     click.echo(f"events ({len(events)}):" if events else "events: none")
     for e in events:
         click.echo(f"  step {e['step']:>8}  {e['kind']:<22} k*={e['mode']}  R={_format(e['value'])}")
-    if output:
-        export(ds, output, overwrite=overwrite)
-        click.echo(f"wrote {output}")
+    click.echo("dC: ||dC||_F, the change of the window Gram; A: adiabatic parameter ||dC||_F / (eta g^2); "
+               "alpha_j: Davis-Kahan stability of mode j; rot_j: rotation of mode j since the last window (rad); "
+               "-: not defined")
+    for line in _summaries(ds):
+        click.echo(line)
 
 
 def _echo_table(header: list[str], rows: list[list[str]]) -> None:
@@ -397,7 +454,8 @@ def _echo_table(header: list[str], rows: list[list[str]]) -> None:
 @click.option("--device", default="auto", show_default=True, callback=_device)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
 @click.option("--overwrite", is_flag=True)
-def weights(store, match, top, heads, device, output, overwrite):
+@_QUIET
+def weights(store, match, top, heads, device, output, overwrite, quiet):
     """Singular values of weight matrices at every checkpoint."""
     from spectral_analyzer.exporting import check_output, export
 
@@ -405,19 +463,23 @@ def weights(store, match, top, heads, device, output, overwrite):
         check_output(output, overwrite=overwrite)
     run = _open_run(store)
     ds = run.weight_spectra(list(match) or None, top=top, heads=heads, device=device)
+    if output:
+        export(ds, output, overwrite=overwrite)
+        click.echo(f"wrote {output}")
+    if quiet:
+        return
     rows = []
     for name in ds["matrix"].values:
         part = ds.sel(matrix=name)
         for t, step in enumerate(ds["step"].values):
             s = part["sigma"].values[t]
             rows.append([str(int(step)), printable(str(name)), _format(float(s[0])),
-                         _format(float(s[1])) if s.size > 1 else "nan",
+                         _format(float(s[1])) if s.size > 1 else MISSING,
                          _format(float(part["sigma_ratio_12"].values[t])), _format(float(part["g12"].values[t])),
                          _format(float(part["g23"].values[t])), _format(float(part["stable_rank"].values[t]))])
     _echo_table(["step", "matrix", "sigma_1", "sigma_2", "s1/s2", "g12", "g23", "stable_rank"], rows)
-    if output:
-        export(ds, output, overwrite=overwrite)
-        click.echo(f"wrote {output}")
+    click.echo("s1/s2: sigma_1 / sigma_2; g12, g23: sigma_1 - sigma_2, sigma_2 - sigma_3; "
+               "stable_rank: ||W||_F^2 / sigma_1^2; -: not defined")
 
 
 @main.command()
@@ -428,7 +490,8 @@ def weights(store, match, top, heads, device, output, overwrite):
 @click.option("--wq", default=None, metavar="GLOB", help="The W_Q matrix [default: first q projection found].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
 @click.option("--overwrite", is_flag=True)
-def grokking(stores, metric, threshold, window, wq, output, overwrite):
+@_QUIET
+def grokking(stores, metric, threshold, window, wq, output, overwrite, quiet):
     """One summary row per run: did it grok, when, and what the spectrum did before."""
     import xarray as xr
     from spectral_analyzer.exporting import check_output, export
@@ -436,18 +499,28 @@ def grokking(stores, metric, threshold, window, wq, output, overwrite):
     if output:
         check_output(output, overwrite=overwrite)
     summaries = [_open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq) for s in stores]
+    if output:
+        table = xr.concat(summaries, dim="run", combine_attrs="drop_conflicts").assign_coords(run=list(stores))
+        export(table, output, overwrite=overwrite)
+        click.echo(f"wrote {output}")
+    if quiet:
+        return
     header = ["store", "grokked", "grok_step", "g23_decline", "R_early", "R_grok", "k*", "WQ s1/s2 grok", "WQ s1/s2 end"]
     rows = [
-        [s, "yes" if bool(g["grokked"]) else "no", str(int(g["grok_step"])) if bool(g["grokked"]) else "-",
+        [printable(s), "yes" if bool(g["grokked"]) else "no", str(int(g["grok_step"])) if bool(g["grokked"]) else MISSING,
          _format(float(g["g23_decline"])), _format(float(g["R_early"])), _format(float(g["R_grok"])),
          str(int(g["k_star_mode"])), _format(float(g["wq_sigma_ratio_grok"])), _format(float(g["wq_sigma_ratio_end"]))]
         for s, g in zip(stores, summaries)
     ]
     _echo_table(header, rows)
-    if output:
-        table = xr.concat(summaries, dim="run", combine_attrs="drop_conflicts").assign_coords(run=list(stores))
-        export(table, output, overwrite=overwrite)
-        click.echo(f"wrote {output}")
+    click.echo(f"g23_decline: g23 at its pre-grok peak / at grokking; R_early: mean R before grokking; k*: most "
+               f"frequent; WQ s1/s2: sigma_1 / sigma_2 of W_Q; -: not defined (grokked: {metric} >= {threshold})")
+    grokked = [(int(g["grok_step"]), s) for s, g in zip(stores, summaries) if bool(g["grokked"])]
+    if grokked:
+        step, where = min(grokked)
+        click.echo(f"grokked: {len(grokked)} of {len(stores)} runs; earliest at step {step} ({printable(where)})")
+    else:
+        click.echo(f"grokked: none of {len(stores)} runs")
 
 
 @main.command()

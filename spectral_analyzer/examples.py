@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .progress import progress_bar
+
 __all__ = ["OPERATIONS", "DyckConfig", "ModularConfig", "train_dyck", "train_modular"]
 
 OPERATIONS = {
@@ -140,9 +142,7 @@ def _train(out: Path, model, x, y, train, test, config, last_position: bool, pro
     history: list[dict] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, desc="train", unit="step", leave=False)
+        bar = progress_bar(total=config.steps, desc="train", unit="step", leave=False)
     for step in range(config.steps + 1):
         if step % config.every == 0:
             model.eval()

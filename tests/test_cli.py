@@ -121,10 +121,18 @@ def test_spectra_table_and_exports(runner, tmp_path, monkeypatch):
     result = runner.invoke(main, ["spectra", "--window", "10", "--no-progress", "-o", "s.nc"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["step", "k*", "R", "gap", "sigma_1", "sigma_2", "sigma_3", "sigma_4"]
-    first = lines[1].split()
+    assert lines[0] == "wrote s.nc"  # written before the table: `| head` loses nothing
+    assert lines[1].split() == ["step", "k*", "R", "gap", "sigma_1", "sigma_2", "sigma_3", "sigma_4"]
+    first = lines[2].split()
     assert first[0] == "1000" and first[1] == "3" and first[4] == "6.708"
-    assert len(lines) == 1 + 15 + 2
+    assert lines[17].startswith("k*: gap position") and lines[18].startswith("noise floor of R")
+    r = [float(line.split()[2]) for line in lines[2:17]]
+    at_peak = [line.split()[0] for line in lines[2:17] if float(line.split()[2]) == max(r)]
+    summary = lines[19].split()
+    assert summary[:3] == ["peak", "R", f"{max(r):.4g}"] and summary[5] in at_peak
+    assert len(lines) == 20
+    quiet = runner.invoke(main, ["spectra", "--window", "10", "--no-progress", "-q"])
+    assert quiet.exit_code == 0 and quiet.output == ""
     nc = xr.open_dataset(tmp_path / "s.nc")
     assert nc["sigma"].shape == (15, 10) and int(nc["k_star"][0]) == 3
     nc.close()
@@ -162,7 +170,8 @@ def test_dynamics_prints_events_and_exports_both_tables(runner, tmp_path):
     out = tmp_path / "dyn.csv"
     result = runner.invoke(main, ["dynamics", store, "-w", "10", "--factor", "2", "--no-progress", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0].split()[:6] == ["step", "phase", "k*", "R", "dC", "A"]
+    lines = result.output.splitlines()
+    assert lines[0].startswith("wrote ") and lines[1].split()[:6] == ["step", "phase", "k*", "R", "dC", "A"]
     assert "events (4):" in result.output
     assert "step     1160  gap_collapse_relative  k*=1  R=1.626" in result.output
     events = (tmp_path / "dyn.events.csv").read_text().splitlines()

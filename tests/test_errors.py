@@ -116,7 +116,7 @@ def test_bad_usage_of_every_command_is_one_line(command):
 
 
 BAD_INPUT = {
-    "ingest": (["ingest", "{tmp}/nowhere", "-o", "{tmp}/r.zarr"], "not a folder of checkpoints"),
+    "ingest": (["ingest", "{tmp}/nowhere", "-o", "{tmp}/r.zarr"], "nowhere: no such folder"),
     "info": (["info", "{tmp}/none.zarr"], "no store here"),
     "spectra": (["spectra", "{store}", "-w", "9", "--no-progress"], "window 9 needs at least 9 deltas"),
     "dynamics": (["dynamics", "{store}", "-w", "5", "--no-progress"], "need at least 6 deltas"),

@@ -127,14 +127,15 @@ def test_cli_weights_and_grokking(runs, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["grokking", runs["wd1"].path, runs["wd0"].path, "-o", str(tmp_path / "g.csv")])
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.output.splitlines()[1:]  # after "wrote g.csv"
     assert lines[0].split()[:3] == ["store", "grokked", "grok_step"]
     assert lines[1].split()[1:3] == ["yes", "1400"] and lines[2].split()[1:3] == ["no", "-"]
+    assert lines[-1].startswith("grokked: 1 of 2 runs; earliest at step 1400")
     csv = (tmp_path / "g.csv").read_text().splitlines()
     assert csv[0].startswith("run,grokked,grok_step") and len(csv) == 3
     result = runner.invoke(main, ["weights", runs["wd1"].path, "--match", WQ, "--top", "4", "-o", str(tmp_path / "w.csv")])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[1].split()[:2] == ["0", WQ]
+    assert result.output.splitlines()[2].split()[:2] == ["0", WQ]
     header = (tmp_path / "w.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["matrix", "step", "sigma_ratio_12"] and "sigma_4" in header
     bad = runner.invoke(main, ["weights", runs["wd1"].path, "--match", "nothing*"])

@@ -31,6 +31,7 @@ from ..errors import DeviceError, SchedulerError, StoreError, WindowError
 from ..store import Store
 from .kernel import COL_BLOCK, DEVICE_COL_BLOCK, band_rows
 from .ring import HostRing, StagedRing
+from ..progress import progress_bar
 
 __all__ = ["BLOCK_ROWS", "DEFAULT_MAX_LAG", "build_band", "resolve_device"]
 
@@ -255,9 +256,7 @@ def _compute_rows(
     total = _tree_sum(tasks)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tasks), desc="band", unit="task", leave=False)
+        bar = progress_bar(total=len(tasks), desc="band", unit="task", leave=False)
     try:
         if scheduler is None:
             callbacks = [_TaskProgress(bar)] if bar is not None else []

@@ -114,8 +114,12 @@ def discover(src: str | Path, steps: Sequence[int] | None = None) -> list[Checkp
     natural name order and must increase.
     """
     src = Path(src)
+    if not src.exists():
+        raise NoCheckpointsError(f"{src}: no such folder")
     if not src.is_dir():
-        raise NoCheckpointsError(f"{src}: not a folder of checkpoints")
+        raise NoCheckpointsError(
+            f"{src}: is a file; ingest reads the folder that holds the checkpoints (e.g. {src.parent or '.'})"
+        )
     found: list[Checkpoint] = []
     subdirs = sorted((d for d in src.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name))
     for d in subdirs:

@@ -36,12 +36,13 @@ from ..errors import (
     StoreError,
     StoreExistsError,
 )
+from ..progress import progress_bar
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter, TensorEntry
 from ..store.generations import base_link, hex_of
-from .discover import Checkpoint, discover, natural_key, order_by_step
-from .metrics import find_trainer_state, read_metrics
 from ..weights import matrices_of, select_weights
 from ..weights.kernel import singular_values
+from .discover import Checkpoint, discover, natural_key, order_by_step
+from .metrics import find_trainer_state, read_metrics
 from .readers import KeyOptions, TensorInfo, open_checkpoint
 
 __all__ = ["ingest_store"]
@@ -256,9 +257,7 @@ def _check_float32(t: torch.Tensor, name: str, label: str, step: int, what: str)
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="ingest", leave=False)
+    return progress_bar(total=total, unit="B", unit_scale=True, desc="ingest", leave=False)
 
 
 def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:
