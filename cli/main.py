@@ -509,7 +509,7 @@ def grokking(stores, metric, threshold, window, wq, output, overwrite, quiet):
     rows = [
         [printable(s), "yes" if bool(g["grokked"]) else "no", str(int(g["grok_step"])) if bool(g["grokked"]) else MISSING,
          _format(float(g["g23_decline"])), _format(float(g["R_early"])), _format(float(g["R_grok"])),
-         str(int(g["k_star_mode"])), _format(float(g["wq_sigma_ratio_grok"])), _format(float(g["wq_sigma_ratio_end"]))]
+         _format(float(g["k_star_mode"])), _format(float(g["wq_sigma_ratio_grok"])), _format(float(g["wq_sigma_ratio_end"]))]
         for s, g in zip(stores, summaries)
     ]
     _echo_table(header, rows)

@@ -49,7 +49,9 @@ _LAZY = {
     "ingest": ".ingest",
     "Recorder": ".ingest.recorder",
     "Run": ".run",
+    "Runs": ".runs",
     "open_run": ".run",
+    "open_runs": ".runs",
 }
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "Recorder",
     "RecordingWarning",
     "Run",
+    "Runs",
     "SchedulerError",
     "SelectionError",
     "SpectralAnalyzerError",
@@ -81,6 +84,7 @@ __all__ = [
     "export",
     "ingest",
     "open_run",
+    "open_runs",
     "plot",
 ]
 

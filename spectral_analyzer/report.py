@@ -95,7 +95,7 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
             ["metric", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at grok",
              "W_Q s1/s2 at end"],
             [[accuracy, "yes" if bool(g["grokked"]) else "no", int(g["grok_step"]) if bool(g["grokked"]) else "-",
-              float(g["g23_decline"]), float(g["R_early"]), float(g["R_grok"]), int(g["k_star_mode"]),
+              float(g["g23_decline"]), float(g["R_early"]), float(g["R_grok"]), float(g["k_star_mode"]),
               float(g["wq_sigma_ratio_grok"]), float(g["wq_sigma_ratio_end"])]])]
     if dyn is not None:
         events = events_table(dyn)

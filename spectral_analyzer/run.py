@@ -280,14 +280,14 @@ class Run:
         """The grokking summary: did the run grok, when, and what the spectrum did before.
 
         * ``grokked``, ``grok_step``: the first logged step where *metric*
-          reaches *threshold* (-1 if never).
+          reaches *threshold* (NaN if never).
         * ``g23_decline``: the trajectory gap g23 = lambda_2 - lambda_3 at its
           pre-grok peak (``g23_peak_step``) over g23 at the last window ending at
           or before the grok step.
         * ``R_early``: mean gap ratio over windows ending before the grok step
           (over all windows for a run that never groks); ``R_grok``: R at the
           grok step.
-        * ``k_star_mode``: the most frequent k*.
+        * ``k_star_mode``: the most frequent k* (NaN where k* is never defined).
         * ``wq_sigma_ratio_grok``, ``wq_sigma_ratio_end``: sigma1/sigma2 of W_Q
           (the first of ``*q_proj.weight``, ``*in_proj_weight[q]``, ... or
           ``wq=GLOB``) at grokking and at the last checkpoint.

@@ -143,6 +143,7 @@ def compute_dynamics(
             "mode_prev": np.arange(1, w + 1),
             "k": np.arange(1, k + 1),
             "group": list(groups),
+            "event": np.arange(len(found)),  # an index, so that results of several runs concatenate
         },
     )
     ds.attrs = {

@@ -202,7 +202,7 @@ def compute_grokking(
     m = metrics[metric]
     reached = np.flatnonzero(np.nan_to_num(m.values, nan=-np.inf) >= threshold)
     grokked = reached.size > 0
-    grok_step = int(m["step"].values[reached[0]]) if grokked else -1
+    grok_step = int(m["step"].values[reached[0]]) if grokked else np.nan
     steps = spectra["step"].values
     r = spectra["gap_ratio"].values
     lam = spectra["lambda"].values
@@ -215,14 +215,14 @@ def compute_grokking(
             peak = int(np.nanargmax(g23[: last + 1]))
             decline, peak_step, r_grok = g23[peak] / g23[last], int(steps[peak]), r[last]
         else:
-            decline, peak_step, r_grok = np.nan, -1, np.nan
+            decline, peak_step, r_grok = np.nan, np.nan, np.nan
         r_early = float(np.nanmean(r[early])) if early.any() else np.nan
     else:
-        decline, peak_step, r_grok = np.nan, -1, np.nan
+        decline, peak_step, r_grok = np.nan, np.nan, np.nan
         r_early = float(np.nanmean(r))
     k = spectra["k_star"].values
     k = k[k > 0]
-    k_mode = int(np.bincount(k).argmax()) if k.size else 0
+    k_mode = float(np.bincount(k).argmax()) if k.size else np.nan
     wq_name = find_wq(store, wq)
     wq_grok = wq_end = np.nan
     if wq_name is not None:
@@ -235,9 +235,9 @@ def compute_grokking(
     ds = xr.Dataset(
         {
             "grokked": ((), grokked),
-            "grok_step": ((), grok_step),
+            "grok_step": ((), float(grok_step)),  # NaN: never; steps as floats so that NaN can say so
             "g23_decline": ((), float(decline)),
-            "g23_peak_step": ((), peak_step),
+            "g23_peak_step": ((), float(peak_step)),
             "R_early": ((), r_early),
             "R_grok": ((), float(r_grok)),
             "k_star_mode": ((), k_mode),

@@ -1,0 +1,147 @@
+"""Several runs side by side: every result along a ``run`` dimension.
+
+>>> runs = sa.open_runs("stores/wd*.zarr")                     # doctest: +SKIP
+>>> runs.spectra(window=10).gap_ratio.plot.line(x="step", hue="run")   # doctest: +SKIP
+>>> runs.grokking().grok_step.to_series()                      # doctest: +SKIP
+
+Steps are aligned by an outer join: a step one run has and another has not
+is NaN in the other (integer variables become floats for that). Labels are
+the stores' names (``wd1`` for ``stores/wd1.zarr``), made unique with their
+parent folders where two stores share a name; the ``store`` coordinate holds
+each full path.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import PurePosixPath
+from typing import Any
+
+import xarray as xr
+
+from .attributes import describe
+from .errors import StoreError
+from .groups import natural_key
+from .run import Run, open_run
+
+__all__ = ["Runs", "open_runs"]
+
+
+def _labels(paths: Sequence[str]) -> list[str]:
+    """Short, unique names: the last path part without ``.zarr``, with more parts where needed."""
+    parts = [PurePosixPath(str(p).rstrip("/").split("://")[-1]).parts for p in paths]
+    depth = 1
+    while True:
+        labels = ["/".join(p[-depth:]).removesuffix(".zarr") for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
+            break
+        depth += 1
+    if len(set(labels)) < len(labels):  # the same path twice
+        labels = [f"{label}#{i}" for i, label in enumerate(labels)]
+    return labels
+
+
+class Runs:
+    """Runs compared side by side; open with :func:`open_runs`.
+
+    Each analysis method takes the arguments of the :class:`Run` method of the
+    same name and returns one Dataset along ``run`` (labels from the store
+    names, the path in the ``store`` coordinate).
+    """
+
+    def __init__(self, runs: Mapping[str, Run]):
+        if not runs:
+            raise StoreError("no runs to compare")
+        self.runs = dict(runs)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(self.runs.values())
+
+    def __getitem__(self, label: str) -> Run:
+        return self.runs[label]
+
+    def __repr__(self) -> str:
+        return f"<Runs {', '.join(self.labels)}>"
+
+    def _side_by_side(self, result: Callable[[Run], xr.Dataset]) -> xr.Dataset:
+        parts = [result(run) for run in self.runs.values()]
+        ds = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts", coords="different",
+                       compat="equals")
+        ds = ds.assign_coords(run=self.labels, store=("run", [run.path for run in self.runs.values()]))
+        for name in ds.variables:  # concat keeps the first part's attributes: take them from any part
+            source = next((p[name] for p in parts if name in p.variables), None)
+            if source is not None:
+                ds[name].attrs = dict(source.attrs)
+        ds.attrs.pop("store", None)
+        return describe(ds)
+
+    def spectra(self, window: int = 10, **options) -> xr.Dataset:
+        """:meth:`Run.spectra` of every run, along ``run``."""
+        return self._side_by_side(lambda run: run.spectra(window, **options))
+
+    def dynamics(self, window: int = 10, **options) -> xr.Dataset:
+        """:meth:`Run.dynamics` of every run, along ``run`` (events padded along ``event``)."""
+        return self._side_by_side(lambda run: run.dynamics(window, **options))
+
+    def weight_spectra(self, match: str | list[str] | None = None, **options) -> xr.Dataset:
+        """:meth:`Run.weight_spectra` of every run, along ``run``."""
+        return self._side_by_side(lambda run: run.weight_spectra(match, **options))
+
+    def grokking(self, metric: str = "test_acc", threshold: float = 0.95, window: int = 10, **options) -> xr.Dataset:
+        """:meth:`Run.grokking` of every run: one row per run."""
+        return self._side_by_side(lambda run: run.grokking(metric, threshold, window, **options))
+
+    def correlate(self, metric: str, window: int = 10, **options) -> xr.Dataset:
+        """:meth:`Run.correlate` of every run, along ``run``."""
+        return self._side_by_side(lambda run: run.correlate(metric, window, **options))
+
+    @property
+    def metrics(self) -> xr.Dataset:
+        """Every run's logged series, along ``run`` (steps outer-joined)."""
+        return self._side_by_side(lambda run: run.metrics)
+
+
+def open_runs(
+    stores: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    client=None,
+) -> Runs:
+    """Open several runs to compare them side by side.
+
+    Parameters
+    ----------
+    stores : path, glob or list of paths / URLs
+        A glob (``"stores/wd*.zarr"``) is expanded in natural order.
+    storage_options, client
+        As for :func:`open_run`, shared by every run.
+
+    Returns
+    -------
+    Runs
+
+    Examples
+    --------
+    >>> runs = sa.open_runs(["wd1.zarr", "wd0.zarr"])        # doctest: +SKIP
+    >>> runs.dynamics(window=10).gap_ratio.sel(run="wd1")    # doctest: +SKIP
+    """
+    if isinstance(stores, (str, os.PathLike)):
+        text = str(stores)
+        matched = sorted(glob.glob(text), key=natural_key) if glob.has_magic(text) and "://" not in text else [text]
+        if not matched:
+            raise StoreError(f"{text}: no store matches")
+        paths = matched
+    else:
+        paths = [str(s) for s in stores]
+    labels = _labels(paths)
+    return Runs({label: open_run(p, storage_options=storage_options, client=client)
+                 for label, p in zip(labels, paths)})

@@ -1,0 +1,62 @@
+"""Runs side by side: every result along ``run``, steps outer-joined, missing values NaN."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+import spectral_analyzer as sa
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    sa.ingest(FIXTURES / "grokking" / "wd1", root / "wd1.zarr")
+    # wd0 with its last 10 checkpoints left out: the runs cover different steps
+    src = root / "wd0-src"
+    shutil.copytree(FIXTURES / "grokking" / "wd0", src)
+    for f in sorted(src.glob("*.safetensors"))[-10:]:
+        f.unlink()
+    sa.ingest(src, root / "wd0.zarr", metrics=FIXTURES / "grokking" / "wd0" / "metrics.csv")
+    return root
+
+
+def test_results_along_run_equal_each_runs_own(stores):
+    runs = sa.open_runs(str(stores / "wd*.zarr"))
+    assert runs.labels == ["wd0", "wd1"]
+    both = runs.spectra(window=10)
+    assert both.sizes["run"] == 2 and list(both["store"].values) == [str(stores / "wd0.zarr"), str(stores / "wd1.zarr")]
+    for label in runs.labels:
+        own = runs[label].spectra(window=10)
+        part = both.sel(run=label).sel(step=own.step)
+        np.testing.assert_array_equal(part.gap_ratio.values, own.gap_ratio.values)
+        np.testing.assert_array_equal(part.sigma.values, own.sigma.values)
+    # wd0 stops earlier: its later steps are missing (NaN), not sentinels
+    late = both.sel(run="wd0").gap_ratio.sel(step=both.step > runs["wd0"].steps[-1])
+    assert late.size > 0 and np.isnan(late.values).all()
+    assert both.gap_ratio.attrs["long_name"] and "store" not in both.attrs
+
+
+def test_dynamics_events_and_grokking_concatenate(stores):
+    runs = sa.open_runs([stores / "wd1.zarr", stores / "wd0.zarr"])
+    dyn = runs.dynamics(window=10)
+    for label in runs.labels:
+        own = runs[label].dynamics(window=10)
+        kinds = dyn.sel(run=label).event_kind.values[: own.sizes["event"]]
+        assert list(kinds) == list(own.event_kind.values)
+    grok = runs.grokking(window=10)
+    assert float(grok.grok_step.sel(run="wd1")) == 1400
+    assert np.isnan(float(grok.grok_step.sel(run="wd0")))  # never grokked: missing, not -1
+    assert list(grok["store"].values) == [str(stores / "wd1.zarr"), str(stores / "wd0.zarr")]
+
+
+def test_labels_are_unique_and_a_glob_must_match(tmp_path):
+    from spectral_analyzer.runs import _labels
+
+    assert _labels(["a/run.zarr", "b/run.zarr", "c/x.zarr"]) == ["a/run", "b/run", "c/x"]
+    assert _labels(["s3://bucket/r1.zarr", "s3://bucket/r2.zarr"]) == ["r1", "r2"]
+    with pytest.raises(sa.StoreError, match="no store matches"):
+        sa.open_runs(str(tmp_path / "none*.zarr"))
