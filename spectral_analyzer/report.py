@@ -69,18 +69,20 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
     accuracy = _first(names, ACCURACY_METRICS)
     shown = metric or accuracy or _first(names, LOSS_METRICS)
     wq = find_wq(run.store, None)
+    grok = run.grokking(metric=accuracy, window=window) if accuracy is not None else None
     figures = [
         ("Singular values of the window", _png(lambda ax: plot.plot_sigma(spectra, ax=ax))),
         ("Ratios, k* and events", _png(lambda ax: plot.plot_ratios(spectra, events=dyn, ax=ax))),
         ("Gap ratio" + (f" and {shown}" if shown else ""),
-         _png(lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics, metric=shown, ax=ax))),
+         _png(lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics if shown else None, metric=shown, events=dyn,
+                                             grok=grok, ax=ax))),
     ]
     if dyn is not None:
         figures.append(("Stability per mode", _png(lambda ax: plot.plot_alpha(dyn, ax=ax))))
         figures.append(("Mode 1 energy by module", _png(lambda ax: plot.plot_energy(dyn, mode=1, ax=ax))))
     if wq is not None:
         ws = run.weight_spectra(wq)
-        figures.append((f"{wq}: sigma1 / sigma2", _png(lambda ax: plot.plot_weight_ratio(ws, ax=ax))))
+        figures.append((f"{wq}: sigma1 / sigma2", _png(lambda ax: plot.plot_weight_ratio(ws, grok=grok, ax=ax))))
     steps = run.checkpoint_steps
     parts = [
         f"<h1>spectral-analyzer report</h1><p>{html.escape(run.path)} &middot; version {__version__}</p>",
@@ -89,8 +91,8 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
                [[steps.size, f"{steps[0]}..{steps[-1]}", run.n_deltas, f"{run.n_params:,}",
                  run.tensors.sizes["tensor"], window, ", ".join(names) or "none"]]),
     ]
-    if accuracy is not None:
-        g = run.grokking(metric=accuracy, window=window)
+    if grok is not None:
+        g = grok
         parts += ["<h2>Grokking</h2>", _table(
             ["metric", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at grok",
              "W_Q s1/s2 at end"],

@@ -101,3 +101,43 @@ def test_accessor_plots(demo):
                  dyn.spectral.plot_alpha, dyn.spectral.plot_energy):
         ax = Figure().subplots()
         assert draw(ax=ax) is ax and ax.has_data()
+
+
+def test_plots_draw_each_run_and_group_or_refuse(demo, tmp_path):
+    from matplotlib.figure import Figure
+
+    run = sa.open_run(demo / "run.zarr")
+    other = tmp_path / "other.zarr"
+    shutil.copytree(demo / "run.zarr", other)
+    runs = sa.open_runs([demo / "run.zarr", other])
+    both = runs.spectra(window=10)
+    ax = Figure().subplots()
+    both.spectral.plot_gap_ratio(ax=ax)
+    assert len(ax.get_lines()) >= 2 and {"R (run)", "R (other)"} <= {line.get_label() for line in ax.get_lines()}
+    grouped = run.spectra(window=10, group_by="module")
+    ax = Figure().subplots()
+    grouped.spectral.plot_gap_ratio(ax=ax)
+    labels = {line.get_label() for line in ax.get_lines()}
+    assert {f"R ({g})" for g in grouped["group"].values} <= labels  # every group, not the first only
+    with pytest.raises(sa.SelectionError, match="one group at a time: pass group="):
+        grouped.spectral.plot_sigma(ax=Figure().subplots())
+    grouped.spectral.plot_sigma(group=str(grouped["group"].values[1]), ax=Figure().subplots())
+    with pytest.raises(sa.SelectionError, match="one run at a time: pass run= one of run, other"):
+        both.spectral.plot_ratios(ax=Figure().subplots())
+    with pytest.raises(sa.SelectionError, match="plot_alpha draws the result of run.dynamics"):
+        run.spectra(window=10).spectral.plot_alpha(ax=Figure().subplots())
+    with pytest.raises(sa.MetricError, match="needs the series it is read from: pass metrics=run.metrics"):
+        run.spectra(window=10).spectral.plot_gap_ratio(metric="test_acc", ax=Figure().subplots())
+    with pytest.raises(sa.MetricError, match="'nope' is not logged"):
+        run.spectra(window=10).spectral.plot_gap_ratio(run.metrics, "nope", ax=Figure().subplots())
+
+
+def test_grok_step_is_marked(demo):
+    from matplotlib.figure import Figure
+
+    run = sa.open_run(demo / "run.zarr")
+    grok = run.grokking(window=10)
+    ax = Figure().subplots()
+    run.spectra(window=10).spectral.plot_gap_ratio(grok=grok, ax=ax)
+    marks = [line for line in ax.get_lines() if line.get_label() == "grok step"]
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == float(grok.grok_step)
