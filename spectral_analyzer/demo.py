@@ -10,7 +10,16 @@ from .errors import NoCheckpointsError, StoreExistsError
 
 __all__ = ["FIXTURE", "run_demo"]
 
-FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "grokking" / "wd1"
+
+
+def _fixture() -> Path:
+    """The shipped grokking run: package data in an installed wheel, fixtures/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "demo_run"
+    return installed if installed.is_dir() else here.parent / "fixtures" / "grokking" / "wd1"
+
+
+FIXTURE = _fixture()
 
 
 def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.PathLike | None = None,
@@ -31,8 +40,7 @@ def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.Pa
     src = Path(source) if source is not None else FIXTURE
     if not src.is_dir():
         raise NoCheckpointsError(
-            f"{src}: the demo's fixture is not here (it ships in the repository's fixtures/ folder); "
-            "pass a checkpoint folder as the source"
+            f"{src}: no checkpoint folder here; pass a folder of checkpoints as the source"
         )
     out = Path(output)
     if out.exists() and any(out.iterdir()):

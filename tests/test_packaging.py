@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,5 +22,24 @@ def test_every_subpackage_is_listed_for_the_wheel():
         for init in (ROOT / "spectral_analyzer").rglob("__init__.py")
     }
     on_disk.add("spectral_analyzer.cli")  # cli/ installed under the package
+    on_disk.add("spectral_analyzer.demo_run")  # the demo's checkpoints, as package data
     assert listed == on_disk
     assert config["package-dir"]["spectral_analyzer.cli"] == "cli"
+
+
+def test_a_wheel_installed_outside_the_checkout_runs_the_demo(tmp_path):
+    """Built, installed away from the repository (its dependencies from this environment), the demo runs."""
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)], check=True,
+                   cwd=tmp_path, timeout=300)
+    (wheel,) = wheels.glob("spectral_analyzer-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import spectral_analyzer; print(spectral_analyzer.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(site))  # the installed copy, not this checkout
+    demo = subprocess.run([sys.executable, "-m", "spectral_analyzer.cli", "demo", "-o", "out"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr
+    assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "run.zarr").is_dir()
