@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,12 @@ def test_every_subpackage_is_listed_for_the_wheel():
 
 def test_a_wheel_installed_outside_the_checkout_runs_the_demo(tmp_path):
     """Built, installed away from the repository (its dependencies from this environment), the demo runs."""
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels, site, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # built from a copy: setuptools leaves build/ in the source folder, whose stale files a later wheel would take
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.zarr"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)], check=True,
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(source)], check=True,
                    cwd=tmp_path, timeout=300)
     (wheel,) = wheels.glob("spectral_analyzer-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
