@@ -564,18 +564,20 @@ def demo(output, source, window, overwrite):
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="[default: 6000 modular, 3000 dyck]")
 @click.option("--every", type=click.IntRange(min=1), default=100, show_default=True, help="Checkpoint interval.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads [default: 1, faster for these small models on a shared CPU].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def train_example(output, task, operation, modulus, weight_decay, steps, every, seed, progress):
+def train_example(output, task, operation, modulus, weight_decay, steps, every, seed, threads, progress):
     """Train a grokking example and save HF-Trainer-style checkpoints into OUTPUT."""
     from spectral_analyzer import examples
 
     if task == "modular":
         config = examples.ModularConfig(p=modulus, operation=operation, weight_decay=weight_decay,
                                         steps=steps or 6000, every=every, seed=seed)
-        examples.train_modular(output, config, progress=progress)
+        examples.train_modular(output, config, progress=progress, threads=threads)
     else:
         config = examples.DyckConfig(weight_decay=weight_decay, steps=steps or 3000, every=every, seed=seed)
-        examples.train_dyck(output, config, progress=progress)
+        examples.train_dyck(output, config, progress=progress, threads=threads)
     state = sorted(Path(output).glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))[-1]
     last = json.loads((state / "trainer_state.json").read_text())["log_history"][-1]
     click.echo(f"{output}: {config.steps // every + 1} checkpoints; final train_acc {last['train_acc']:.3f}, "

@@ -136,7 +136,27 @@ def _evaluate(model, x, y, index):
     return round(loss, 6), round(acc, 6)
 
 
-def _train(out: Path, model, x, y, train, test, config, last_position: bool, progress: bool) -> Path:
+SMALL_MODEL = 10_000_000  # parameters: below this, one torch thread trains faster than many on a shared CPU
+
+
+def _threads(model, threads: int | None) -> int:
+    """*threads*, or 1 for a small model (its kernels are too small to share; extra threads only contend)."""
+    if threads is not None:
+        return threads
+    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL else torch.get_num_threads()
+
+
+def _train(out: Path, model, x, y, train, test, config, last_position: bool, progress: bool,
+           threads: int | None) -> Path:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(_threads(model, threads))
+    try:
+        return _train_loop(out, model, x, y, train, test, config, last_position, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_loop(out: Path, model, x, y, train, test, config, last_position: bool, progress: bool) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed + 1)
     history: list[dict] = []
@@ -181,8 +201,11 @@ class _Last(torch.nn.Module):
         return self.model(tokens)[:, -1]
 
 
-def train_modular(output: str | os.PathLike, config: ModularConfig | None = None, progress: bool = False) -> Path:
+def train_modular(output: str | os.PathLike, config: ModularConfig | None = None, progress: bool = False,
+                  threads: int | None = None) -> Path:
     """Train a transformer on ``op(a, b) mod p``; checkpoints every ``config.every`` steps.
+
+    *threads*: torch threads while training (default 1: the model is small).
 
     Examples
     --------
@@ -201,7 +224,7 @@ def train_modular(output: str | os.PathLike, config: ModularConfig | None = None
     perm = torch.randperm(p * p)
     n_train = int(config.train_fraction * p * p)
     model = Transformer(p + 1, p, 3, config.d_model, config.heads, config.d_ff, config.layers)
-    return _train(out, model, x, y, perm[:n_train], perm[n_train:], config, True, progress)
+    return _train(out, model, x, y, perm[:n_train], perm[n_train:], config, True, progress, threads)
 
 
 def dyck_depths(tokens: torch.Tensor) -> torch.Tensor:
@@ -210,8 +233,9 @@ def dyck_depths(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(steps, dim=1).clamp(min=0)
 
 
-def train_dyck(output: str | os.PathLike, config: DyckConfig | None = None, progress: bool = False) -> Path:
-    """Train a causal transformer to predict the Dyck-1 depth after every token."""
+def train_dyck(output: str | os.PathLike, config: DyckConfig | None = None, progress: bool = False,
+               threads: int | None = None) -> Path:
+    """Train a causal transformer to predict the Dyck-1 depth after every token (*threads* as for train_modular)."""
     config = config or DyckConfig()
     out = _prepare(output)
     torch.manual_seed(config.seed)
@@ -228,4 +252,4 @@ def train_dyck(output: str | os.PathLike, config: DyckConfig | None = None, prog
     n_train = int(config.train_fraction * n)
     model = Transformer(2, length + 1, length, config.d_model, config.heads, config.d_ff, config.layers,
                         causal=True)
-    return _train(out, model, tokens, y, perm[:n_train], perm[n_train:], config, False, progress)
+    return _train(out, model, tokens, y, perm[:n_train], perm[n_train:], config, False, progress, threads)
