@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +13,23 @@ from safetensors.torch import load_file, save_file
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 LAYOUTS = ["hf_trainer", "hf_sharded", "hf_bin", "plain_pt", "lightning"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes of wall time; skipped unless pytest is given --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def natural(text: str) -> list:
@@ -89,3 +107,24 @@ def hf_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "hf"
     shutil.copytree(FIXTURES / "layouts" / "hf_trainer", dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """``(storage_options, s3fs filesystem)`` of an S3 server on loopback (moto) with a bucket ``runs``."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "endpoint_url": f"http://{host}:{port}",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    fs = s3fs.S3FileSystem(**options)
+    fs.call_s3("create_bucket", Bucket="runs")  # a bucket in us-east-1 takes no location constraint
+    yield options, fs
+    server.stop()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 import spectral_analyzer as sa
@@ -19,75 +18,6 @@ from spectral_analyzer.store import Location, Store, writer_lock
 from spectral_analyzer.store import caches
 
 WINDOW = 4
-
-
-def _model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-
-
-def _walk(model: torch.nn.Module, rec: sa.Recorder, steps, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for s in steps:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01 * (1 + (s % 5)))
-        rec.step(s)
-
-
-def _dense_sigma(store: Path, window: int) -> np.ndarray:
-    """sigma of every window from a float64 SVD of the deltas in the store."""
-    d = sa.open_run(store).deltas.values.astype(np.float64)
-    return np.stack([np.linalg.svd(d[i - window + 1 : i + 1], compute_uv=False) for i in range(window - 1, len(d))])
-
-
-def _resumed_store(path: Path) -> None:
-    """Steps 0..20 recorded, then training resumed at 10 along another trajectory."""
-    model = _model(0)
-    rec = sa.Recorder(path, model)
-    rec.record(0)
-    _walk(model, rec, range(1, 21), seed=1)
-    sa.open_run(path).spectra(window=WINDOW)  # caches the band and the result
-    model2 = _model(0)
-    rec0 = sa.Recorder(path.parent / "tmp.zarr", model2)  # replay steps 0..10 to get step 10's weights
-    rec0.record(0)
-    _walk(model2, rec0, range(1, 11), seed=1)
-    again = sa.Recorder(path, model2)
-    with pytest.warns(sa.RecordingWarning):
-        again.resume(10)
-    _walk(model2, again, range(11, 21), seed=2)
-
-
-def test_resumed_recording_never_serves_the_old_spectra(tmp_path):
-    path = tmp_path / "r.zarr"
-    _resumed_store(path)
-    ds = sa.open_run(path).spectra(window=WINDOW)
-    dense = _dense_sigma(path, WINDOW)
-    np.testing.assert_allclose(ds.sigma.values, dense, rtol=1e-9, atol=1e-12 * dense.max())
-
-
-def test_every_result_equals_a_fresh_store_of_the_same_rows(tmp_path):
-    path = tmp_path / "r.zarr"
-    _resumed_store(path)
-    run = sa.open_run(path)
-    fresh_path = tmp_path / "fresh.zarr"
-    model = _model(0)
-    rec = sa.Recorder(fresh_path, model)
-    rec.record(0)
-    _walk(model, rec, range(1, 11), seed=1)
-    _walk(model, rec, range(11, 21), seed=2)
-    fresh = sa.open_run(fresh_path)
-    np.testing.assert_array_equal(run.deltas.values, fresh.deltas.values)
-    np.testing.assert_array_equal(run.band(max_lag=16).values, fresh.band(max_lag=16).values)  # same L: same blocks
-    for name, call in [("spectra", lambda r: r.spectra(window=WINDOW)),
-                       ("dynamics", lambda r: r.dynamics(window=WINDOW, lr=0.1)),
-                       ("weights", lambda r: r.weight_spectra())]:
-        a, b = call(run), call(fresh)
-        for var in b.data_vars:
-            if b[var].dtype.kind == "f":
-                np.testing.assert_allclose(a[var].values, b[var].values, rtol=1e-9, equal_nan=True, err_msg=name)
-    # the store's own cache is now the new generation's: a second call is the same
-    np.testing.assert_array_equal(run.spectra(window=WINDOW).sigma.values, fresh.spectra(window=WINDOW).sigma.values)
 
 
 def _small_run(tmp_path: Path) -> Path:
@@ -238,19 +168,3 @@ def test_a_second_writer_is_refused_in_one_line_or_waits(tmp_path):
     assert child.wait(timeout=120) == 0
     reference = sa.ingest(tmp_path / "src", tmp_path / "ref.zarr")
     np.testing.assert_array_equal(sa.open_run(path).deltas.values, reference.deltas.values)
-
-
-def test_a_reader_caches_nothing_while_a_writer_holds_the_lock(tmp_path):
-    import shutil
-    import threading
-
-    path = _small_run(tmp_path)
-    shutil.copytree(path, tmp_path / "copy.zarr")
-    expected = sa.open_run(tmp_path / "copy.zarr").spectra(window=WINDOW)
-    with writer_lock(Location.of(path)):
-        out = {}
-        t = threading.Thread(target=lambda: out.setdefault("ds", sa.open_run(path).spectra(window=WINDOW)))
-        t.start()
-        t.join(60)
-    np.testing.assert_array_equal(out["ds"].sigma.values, expected.sigma.values)
-    assert not (path / "gram").exists() and not (path / "results").exists()

@@ -1,13 +1,14 @@
 """Stores in object storage: an S3 server on loopback (moto), reached through s3fs.
 
-Everything that works on a local folder works on ``s3://bucket/run.zarr`` and
-gives the same bytes and the same numbers.
+What is particular to object storage: the writer lock's conditional create,
+read-ahead, an overwrite by copy, buckets, credentials, the CLI's storage
+options, cluster workers. What every backend must do alike (create, append,
+rollback, overwrite, the recorder, the caches, the lock) is in
+test_conformance.py, against S3 too when pytest is given --runslow.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
 from itertools import count
 
 import numpy as np
@@ -17,117 +18,47 @@ from click.testing import CliRunner
 from conftest import FIXTURES, write_run
 
 import spectral_analyzer as sa
-from spectral_analyzer.store import Store
+from spectral_analyzer.store import Location, Store, writer_lock
+from spectral_analyzer.store.lock import WriterLock
 
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
 
 WD1 = FIXTURES / "grokking" / "wd1"
 _names = count()
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """``(storage_options, s3fs filesystem)`` of a fresh S3 server with a bucket ``runs``."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "endpoint_url": f"http://{host}:{port}",
-        "client_kwargs": {"region_name": "us-east-1"},
-    }
-    fs = s3fs.S3FileSystem(**options)
-    fs.call_s3("create_bucket", Bucket="runs")  # a bucket in us-east-1 takes no location constraint
-    yield options, fs
-    server.stop()
 
 
 def _url() -> str:
     return f"s3://runs/r{next(_names)}.zarr"
 
 
-def _objects(fs, url: str) -> dict[str, str]:
-    """Every object under *url*, by content."""
-    fs.invalidate_cache()
-    root = url.removeprefix("s3://")
-    return {p: fs.cat_file(p).hex() for p in sorted(fs.find(root))}
-
-
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
-def test_ingest_and_analysis_in_s3_equal_the_local_ones(s3, tmp_path):
+def test_the_server_refuses_a_second_conditional_create(s3):
+    """The writer lock is an object created with If-None-Match: * (lock.py); the server must refuse a second one."""
+    _, fs = s3
+    key = _url().removeprefix("s3://") + "/.lock"
+    fs.pipe_file(key, b"first", mode="create")
+    with pytest.raises(FileExistsError):
+        fs.pipe_file(key, b"second", mode="create")
+    assert fs.cat_file(key) == b"first"
+    fs.rm_file(key)
+
+
+def test_a_second_writer_lock_in_s3_is_refused_until_the_first_is_released(s3):
     options, fs = s3
     url = _url()
-    remote = sa.ingest(WD1, url, storage_options=options)
-    local = sa.ingest(WD1, tmp_path / "local.zarr")
-    assert list(remote.checkpoint_steps) == list(local.checkpoint_steps)
-    assert _same_bits(remote.deltas.values, local.deltas.values)
-    assert _same_bits(remote.base.values, local.base.values)
-    assert remote.metrics.equals(local.metrics)
-    assert np.array_equal(remote.band(max_lag=12).values, local.band(max_lag=12).values, equal_nan=True)
-    a, b = remote.spectra(window=10), local.spectra(window=10)
-    for name in ("sigma", "k_star", "gap_ratio"):
-        assert np.array_equal(a[name].values, b[name].values, equal_nan=True), name
-    # the band and the spectra are cached in the bucket: a fresh open reads them back
-    assert fs.exists(url.removeprefix("s3://") + "/gram/band/zarr.json")
-    again = sa.open_run(url, storage_options=options).spectra(window=10)
-    assert np.array_equal(again["sigma"].values, a["sigma"].values)
-    assert remote.store.size_on_disk() == local.store.size_on_disk()
-    d, e = remote.dynamics(window=8), local.dynamics(window=8)
-    assert np.array_equal(d["alpha"].values, e["alpha"].values, equal_nan=True)
-
-
-def test_appending_to_an_s3_store_costs_only_the_new_rows(s3, tmp_path):
-    options, fs = s3
-    paths = write_run(tmp_path / "all", 9, {"layers.0.w": (30, 7), "layers.1.b": (11,)}, seed=3)
-    part = tmp_path / "part"
-    part.mkdir()
-    for p in paths[:5]:
-        shutil.copy(p, part)
-    url = _url()
-    sa.ingest(part, url, chunk_size=64, storage_options=options)
-    first_rows = {k: v for k, v in _objects(fs, url).items() if "/deltas/c/" in k}
-    run = sa.ingest(tmp_path / "all", url, chunk_size=64, storage_options=options)
-    full = sa.ingest(tmp_path / "all", tmp_path / "full.zarr", chunk_size=64)
-    assert run.n_deltas == 8
-    assert _same_bits(run.deltas.values, full.deltas.values)
-    after = _objects(fs, url)
-    assert all(after[k] == v for k, v in first_rows.items())  # rows 0..3 untouched
-    assert np.allclose(run.spectra(window=4)["sigma"], full.spectra(window=4)["sigma"], rtol=0, atol=0)
-
-
-def test_bad_input_leaves_the_s3_store_as_it_was(s3, tmp_path):
-    options, fs = s3
-    paths = write_run(tmp_path / "src", 5, {"w": (40,)}, seed=4)
-    url = _url()
-    sa.ingest(tmp_path / "src", url, chunk_size=16, storage_options=options)
-    before = _objects(fs, url)
-    from safetensors.torch import save_file
-
-    save_file({"w": torch.full((40,), float("nan"))}, str(tmp_path / "src" / "step_50.safetensors"))
-    with pytest.raises(sa.NonFiniteError, match="step 50"):
-        sa.ingest(tmp_path / "src", url, chunk_size=16, storage_options=options)
-    assert _objects(fs, url) == before
-    assert paths  # the run itself was written
-
-
-def test_overwrite_in_s3_replaces_the_store_only_when_done(s3, tmp_path):
-    options, fs = s3
-    write_run(tmp_path / "a", 4, {"w": (30,)}, seed=5)
-    write_run(tmp_path / "b", 6, {"v": (12, 3)}, seed=6)
-    url = _url()
-    sa.ingest(tmp_path / "a", url, storage_options=options)
-    with pytest.raises(sa.StoreExistsError, match="holds a different run"):
-        sa.ingest(tmp_path / "b", url, storage_options=options)
-    run = sa.ingest(tmp_path / "b", url, overwrite=True, storage_options=options)
-    assert run.n_deltas == 5 and list(run.tensors["tensor"].values) == ["v"]
-    leftovers = [p for p in fs.ls("runs", detail=False) if p.startswith(url.removeprefix("s3://") + ".")]
-    assert leftovers == []
+    location = Location.of(url, options)
+    with writer_lock(location):
+        other = WriterLock(location)  # another writer (this thread would re-enter its own lock)
+        with pytest.raises(sa.StoreBusyError, match=rf"^{url}: being written by pid \d+ on host .*; --wait"):
+            other.acquire(wait=False)
+        assert fs.exists(url.removeprefix("s3://") + "/.lock")
+    other.acquire(wait=False)
+    other.release()
+    assert not fs.exists(url.removeprefix("s3://") + "/.lock")
 
 
 @pytest.mark.parametrize("row", [2, 13])  # read on its own, and in a block read ahead
@@ -143,26 +74,6 @@ def test_a_flipped_byte_in_s3_names_the_delta(s3, tmp_path, row):
     message = rf"chunk {row}/1 of deltas \(the delta ending at step {10 * (row + 1)}\) fails its crc32c"
     with pytest.raises(sa.StoreError, match=message):
         run.band(max_lag=2)
-
-
-def test_recorder_writes_to_s3(s3, tmp_path):
-    options, _ = s3
-    url = _url()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(9, 5)
-    live = sa.Recorder(url, model, every=2, chunk_size=16, storage_options=options)
-    local = sa.Recorder(tmp_path / "live.zarr", model, every=2, chunk_size=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(16, 9)
-    for step in range(9):
-        for rec in (live, local):
-            rec.step(step, loss=float(step))
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-    a, b = sa.open_run(url, storage_options=options), sa.open_run(tmp_path / "live.zarr")
-    assert list(a.checkpoint_steps) == [0, 2, 4, 6, 8]
-    assert _same_bits(a.deltas.values, b.deltas.values)
 
 
 def test_cli_ingest_and_spectra_on_s3(s3, tmp_path):
