@@ -50,7 +50,7 @@ def test_every_readme_example_runs(tmp_path, monkeypatch):
             assert result.exit_code == 0, f"{line}\n{result.output}"
             ran += 1
     assert ran >= 12  # the parsing found the examples
-    assert (tmp_path / "report.html").is_file() and (tmp_path / "dyn.events.csv").is_file()
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "dyn.nc").is_file()
 
 
 @pytest.mark.parametrize("command", ELSEWHERE)
