@@ -524,16 +524,21 @@ def grokking(stores, metric, threshold, window, wq, output, overwrite, quiet):
 
 
 @main.command()
-@click.argument("store", required=False, envvar=STORE_ENV, default=DEFAULT_STORE)
+@click.argument("stores", nargs=-1)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="report.html", show_default=True)
 @click.option("-w", "--window", type=click.IntRange(min=3), default=10, show_default=True)
 @click.option("--metric", default=None, help="Metric drawn beside the gap ratio [default: accuracy or loss].")
 @click.option("--overwrite", is_flag=True)
-def report(store, output, window, metric, overwrite):
-    """One self-contained HTML page with every plot and the summary tables."""
-    from spectral_analyzer.report import write_report
+def report(stores, output, window, metric, overwrite):
+    """One self-contained HTML page with every plot and the summary tables; several STORES are compared."""
+    from spectral_analyzer.report import write_comparison, write_report
 
-    path = write_report(_open_run(store), output, window=window, metric=metric, overwrite=overwrite)
+    stores = stores or (os.environ.get(STORE_ENV, DEFAULT_STORE),)
+    if len(stores) == 1:
+        path = write_report(_open_run(stores[0]), output, window=window, metric=metric, overwrite=overwrite)
+    else:
+        runs = sa.open_runs(list(stores), storage_options=_storage())
+        path = write_comparison(runs, output, window=window, metric=metric, overwrite=overwrite)
     click.echo(f"wrote {path}")
 
 

@@ -16,7 +16,7 @@ from .errors import ExportError, MetricError
 from .exporting import check_output, events_table
 from .weights import find_wq
 
-__all__ = ["ACCURACY_METRICS", "write_report"]
+__all__ = ["ACCURACY_METRICS", "write_comparison", "write_report"]
 
 ACCURACY_METRICS = ("test_acc", "eval_accuracy", "eval_acc", "val_acc", "test_accuracy", "accuracy")
 LOSS_METRICS = ("test_loss", "eval_loss", "val_loss", "loss", "train_loss")
@@ -36,7 +36,7 @@ def _table(header: list[str], rows: list[list]) -> str:
     def cell(x):
         if isinstance(x, (float, np.floating)):
             x = float(x)
-            return "nan" if np.isnan(x) else f"{x:.4g}"
+            return "-" if np.isnan(x) else f"{x:.4g}"  # one convention for a missing value, as on the command line
         return html.escape(str(x))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -104,15 +104,22 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
         parts += ["<h2>Events</h2>", _table(["step", "kind", "k*", "R"],
                                             [[e["step"], e["kind"], e["mode"], e["value"]] for e in events])
                   if events else "<p>none</p>"]
-    for title, data in figures:
-        parts.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    parts += [_figure(title, data) for title, data in figures]
     every = max(1, spectra.sizes["step"] // 20)
     rows = [[int(s), int(k), float(r), float(gp), float(s1)] for s, k, r, gp, s1 in zip(
         spectra["step"].values, spectra["k_star"].values, spectra["gap_ratio"].values, spectra["gap"].values,
         spectra["sigma"].values[:, 0])][::every]
     parts += [f"<h2>Spectra (every {every} window{'s' if every > 1 else ''})</h2>",
               _table(["step", "k*", "R", "gap", "sigma_1"], rows)]
+    return _write_page(output, parts)
+
+
+def _figure(title: str, data: str) -> str:
+    return (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+
+
+def _write_page(output: Path, parts: list[str]) -> Path:
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
@@ -124,3 +131,46 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
     except OSError as exc:
         raise ExportError(f"{output}: cannot write the report ({exc.strerror or exc})") from None
     return output
+
+
+def write_comparison(runs, output: str | os.PathLike, *, window: int = 10, metric: str | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write ``output`` (HTML) comparing several runs (:class:`~spectral_analyzer.runs.Runs`) side by side.
+
+    Figures: the gap ratio of every run (with *metric*, or the first accuracy
+    or loss series all runs log, on a second axis, and each run's grok step),
+    and W_Q's sigma1/sigma2 of every run when they all have the same query
+    projection. Tables: the runs, and the grokking summary of each.
+    """
+    output = Path(output)
+    check_output(output, overwrite=overwrite, formats=None)
+    common = set.intersection(*(set(run.metrics.data_vars) for run in runs))
+    if metric is not None and metric not in common:
+        missing = [label for label, run in runs.runs.items() if metric not in run.metrics]
+        raise MetricError(f"metric {metric!r} is not logged by {', '.join(missing)}")
+    accuracy = _first(common, ACCURACY_METRICS)
+    shown = metric or accuracy or _first(common, LOSS_METRICS)
+    spectra = runs.spectra(window=window)
+    grok = runs.grokking(metric=accuracy, window=window) if accuracy is not None else None
+    metrics = runs.metrics if shown else None
+    figures = [("Gap ratio of each run" + (f", with {shown}" if shown else ""), _png(
+        lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics, metric=shown, grok=grok, ax=ax), height=4.2))]
+    wqs = {find_wq(run.store, None) for run in runs}
+    if len(wqs) == 1 and None not in wqs:
+        (wq,) = wqs
+        ws = runs.weight_spectra(wq)
+        figures.append((f"{wq}: sigma1 / sigma2 of each run", _png(lambda ax: plot.plot_weight_ratio(ws, grok=grok, ax=ax))))
+    rows = []
+    for label, run in runs.runs.items():
+        steps = run.checkpoint_steps
+        rows.append([label, run.path, steps.size, f"{steps[0]}..{steps[-1]}", f"{run.n_params:,}"])
+    parts = [f"<h1>spectral-analyzer: {len(runs)} runs compared</h1><p>window {window} &middot; version "
+             f"{__version__}</p>", "<h2>Runs</h2>", _table(["run", "store", "checkpoints", "steps", "parameters"], rows)]
+    if grok is not None:
+        parts += [f"<h2>Grokking ({html.escape(accuracy)})</h2>", _table(
+            ["run", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at end"],
+            [[label, "yes" if bool(g["grokked"]) else "no", *(float(g[v]) for v in (
+                "grok_step", "g23_decline", "R_early", "R_grok", "k_star_mode", "wq_sigma_ratio_end"))]
+             for label, g in ((str(r), grok.sel(run=r)) for r in grok["run"].values)])]
+    parts += [_figure(title, data) for title, data in figures]
+    return _write_page(output, parts)

@@ -141,3 +141,26 @@ def test_grok_step_is_marked(demo):
     run.spectra(window=10).spectral.plot_gap_ratio(grok=grok, ax=ax)
     marks = [line for line in ax.get_lines() if line.get_label() == "grok step"]
     assert len(marks) == 1 and marks[0].get_xdata()[0] == float(grok.grok_step)
+
+
+def test_report_of_two_runs_compares_them(tmp_path):
+    for name in ("wd1", "wd0"):
+        sa.ingest(FIXTURES / "grokking" / name, tmp_path / f"{name}.zarr")
+    out = tmp_path / "both.html"
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "wd1.zarr"), str(tmp_path / "wd0.zarr"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "2 runs compared" in page
+    rows = re.findall(r"<tr><td>(wd[01])</td><td>(yes|no)</td><td>([^<]*)</td>", page)
+    assert rows == [("wd1", "yes", "1400"), ("wd0", "no", "-")]  # the grokking summary of each run
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 2 and all(_not_blank(_image(base64.b64decode(i))) for i in images)
+    if CHROMIUM is not None:
+        shot = tmp_path / "both.png"
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1600", f"--screenshot={shot}",
+                        out.as_uri()], check=True, capture_output=True, timeout=120)
+        assert _not_blank(_image(shot.read_bytes())[300:1500])
+    bad = CliRunner().invoke(main, ["report", str(tmp_path / "wd1.zarr"), str(tmp_path / "wd0.zarr"),
+                                    "-o", str(tmp_path / "x.html"), "--metric", "nope"])
+    assert bad.exit_code == 1 and bad.output.startswith("Error: metric 'nope' is not logged by wd1, wd0")
