@@ -39,6 +39,7 @@ from ..errors import (
 from ..progress import progress_bar
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter, TensorEntry
 from ..store.generations import base_link, hex_of
+from ..threads import torch_threads
 from ..weights import matrices_of, select_weights
 from ..weights.kernel import singular_values
 from .discover import Checkpoint, discover, natural_key, order_by_step
@@ -220,7 +221,9 @@ class _WeightRecorder:
         if name in self.picked:
             t, parts = self.picked[name]
             mats = matrices_of([(t, parts)], [tensor.to(torch.float64).reshape(-1).numpy()])
-            for (matrix, _), s in zip(mats, singular_values([m for _, m in mats])):
+            with torch_threads():  # beside the writer threads: only the cores free now
+                values = singular_values([m for _, m in mats])
+            for (matrix, _), s in zip(mats, values):
                 self.values[matrix] = s
 
     def write(self, index: int) -> None:

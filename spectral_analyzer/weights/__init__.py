@@ -15,6 +15,7 @@ from ..gram.build import resolve_device
 from ..groups import SelectionError
 from ..groups import natural_key
 from ..store import Store, TensorEntry
+from ..threads import torch_threads
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
 
 __all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra", "find_wq", "select_weights"]
@@ -143,7 +144,19 @@ def _reconstruct(store: Store, picked, heads: int | None, device: str) -> tuple[
     theta = [store.read_base(t.offset, t.offset + t.size).astype(np.float64) for t, _ in picked]
     spans = _spans(picked, store.chunk_size)
     sigmas: list[list[np.ndarray]] = []
-    names: list[str] = []
+    with torch_threads(None if dev.type == "cpu" else 1):
+        _accumulate(store, picked, heads, dev, theta, spans, sigmas)
+    names = [n for n, _ in matrices_of(picked, theta, heads)]
+    rank = max(s.size for s in sigmas[0])
+    sigma = np.full((len(sigmas), len(names), rank), np.nan)
+    for k, row_values in enumerate(sigmas):
+        for j, s in enumerate(row_values):
+            sigma[k, j, : s.size] = s
+    return names, sigma
+
+
+def _accumulate(store: Store, picked, heads, dev, theta, spans, sigmas) -> None:
+    """Singular values at every checkpoint into *sigmas*, theta rebuilt row by row in float64."""
     for row in range(-1, store.n_deltas):
         if row >= 0:  # theta_i = theta_{i-1} + d_i, accumulated in float64
             for a, b, members in spans:
@@ -152,14 +165,7 @@ def _reconstruct(store: Store, picked, heads: int | None, device: str) -> tuple[
                     t = picked[i][0]
                     theta[i] += d[t.offset - a : t.offset - a + t.size]
         mats = matrices_of(picked, theta, heads)
-        names = [n for n, _ in mats]
         sigmas.append(singular_values([m for _, m in mats], dev))
-    rank = max(s.size for s in sigmas[0])
-    sigma = np.full((len(sigmas), len(names), rank), np.nan)
-    for k, row_values in enumerate(sigmas):
-        for j, s in enumerate(row_values):
-            sigma[k, j, : s.size] = s
-    return names, sigma
 
 
 def matrices_of(picked, flats, heads: int | None = None) -> list[tuple[str, np.ndarray]]:

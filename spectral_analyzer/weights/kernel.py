@@ -28,15 +28,63 @@ def split_heads(name: str, weight: np.ndarray, heads: int) -> list[tuple[str, np
     return [(f"{name}[head {h}]", weight[h * d : (h + 1) * d]) for h in range(heads)]
 
 
+# Singular values through the smaller Gram G (W W^T or W^T W, k x k, float64) and eigvalsh. eigvalsh is
+# backward stable: |d lambda_j| <= c eps ||G|| = c eps sigma_1^2, so sqrt(lambda_j) has an absolute error
+# of about c eps sigma_1^2 / (2 sigma_j): relative to sigma_1, c eps (sigma_1 / sigma_j) / 2, and relative
+# to sigma_j itself c eps (sigma_1 / sigma_j)^2 / 2. Two measures keep it exact enough:
+# * the top REFINED values are recomputed as ||W v_j|| from their eigenvectors (error ~ eps sigma_1 plus a
+#   term second order in the eigenvector's error), so the leading values are as good as an SVD's;
+# * a matrix whose smallest sigma is below TAIL_LIMIT * sigma_1 (ill-conditioned or rank-deficient: the
+#   bound above would exceed TOLERANCE relative to sigma_1) goes to a full SVD instead.
+TOLERANCE = 1e-9  # wanted: every sigma_j to this, relative to sigma_1
+GRAM_CONSTANT = 64.0  # c above, measured with margin over random matrices of size up to 4096
+TAIL_LIMIT = GRAM_CONSTANT * np.finfo(np.float64).eps / (2 * TOLERANCE)
+REFINED = 16
+ASPECT = 2  # the Gram is used for matrices at least this much longer than wide (measured: 2.4x faster than
+            # svdvals at 30522 x 384, 1.8x at 384 x 1536, 0.8x at 768 x 768, one thread)
+
+
+def _gram_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma descending, whether each matrix needs a full SVD) of a float64 batch (b, m, n) via its Gram."""
+    wide = batch.shape[-2] <= batch.shape[-1]
+    gram = batch @ batch.mT if wide else batch.mT @ batch
+    lam, vec = torch.linalg.eigh(gram)  # ascending
+    lam, vec = lam.flip(-1), vec.flip(-1)
+    sigma = lam.clamp(min=0).sqrt()
+    top = min(REFINED, sigma.shape[-1])
+    lead = vec[..., :top]
+    sigma[..., :top] = torch.linalg.vector_norm(batch.mT @ lead if wide else batch @ lead, dim=-2)
+    sigma = sigma.sort(dim=-1, descending=True).values
+    s1 = sigma[..., :1]
+    fallback = (lam[..., -1:] < (TAIL_LIMIT * s1) ** 2).squeeze(-1) & (s1.squeeze(-1) > 0)
+    return sigma, fallback
+
+
 def singular_values(matrices: list[np.ndarray], device: str | torch.device = "cpu") -> list[np.ndarray]:
-    """Singular values (descending, float64) of each matrix; matrices of one shape go in one batch."""
+    """Singular values (descending, float64) of each matrix; matrices of one shape go in one batch.
+
+    A matrix at least ``ASPECT`` times longer than wide goes through its
+    smaller Gram and ``eigvalsh``, the leading values refined from their
+    vectors, with a full SVD for a matrix whose condition number makes the
+    Gram inexact: every value to ``TOLERANCE`` relative to sigma_1 (see the
+    bound above this function). Near-square matrices take ``svdvals``.
+    """
     out: list[np.ndarray | None] = [None] * len(matrices)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(matrices):
         by_shape.setdefault(m.shape, []).append(i)
     for idx in by_shape.values():
         batch = torch.from_numpy(np.stack([matrices[i] for i in idx]).astype(np.float64)).to(device)
-        values = torch.linalg.svdvals(batch).cpu().numpy()
+        m, n = batch.shape[-2:]
+        if min(m, n) == 0:
+            values = torch.zeros(batch.shape[:-2] + (0,), dtype=torch.float64)
+        elif max(m, n) < ASPECT * min(m, n):  # near square: the Gram saves nothing over the SVD
+            values = torch.linalg.svdvals(batch)
+        else:
+            values, fallback = _gram_batch(batch)
+            if fallback.any():
+                values[fallback] = torch.linalg.svdvals(batch[fallback])
+        values = values.cpu().numpy()
         for i, v in zip(idx, values):
             out[i] = v
     return out  # type: ignore[return-value]
