@@ -60,3 +60,14 @@ def test_labels_are_unique_and_a_glob_must_match(tmp_path):
     assert _labels(["s3://bucket/r1.zarr", "s3://bucket/r2.zarr"]) == ["r1", "r2"]
     with pytest.raises(sa.StoreError, match="no store matches"):
         sa.open_runs(str(tmp_path / "none*.zarr"))
+
+
+def test_every_result_type_concatenates(stores):
+    runs = sa.open_runs([stores / "wd1.zarr", stores / "wd0.zarr"])
+    for ds in (runs.weight_spectra("*in_proj_weight*"), runs.correlate("test_loss", window=10), runs.metrics,
+               runs.spectra(window=10, group_by="module")):
+        assert ds.sizes["run"] == 2 and list(ds["run"].values) == ["wd1", "wd0"]
+        assert all(ds[v].attrs.get("long_name") for v in [*ds.data_vars, *ds.coords])
+    ws = runs.weight_spectra("*in_proj_weight*")
+    own = runs["wd0"].weight_spectra("*in_proj_weight*")
+    np.testing.assert_array_equal(ws.sigma.sel(run="wd0").sel(step=own.step).values, own.sigma.values)
