@@ -194,8 +194,10 @@ def _human_bytes(n: float) -> str:
               show_default=True, help="Elements per chunk of a delta row.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose name matches (repeatable).")
-@click.option("--metrics", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="CSV / JSONL with a step column, or trainer_state.json.")
+@click.option("--metrics", type=click.Path(exists=True), default=None,
+              help="CSV / JSONL with a step column, trainer_state.json, or TensorBoard event files: one "
+                   "events.out.tfevents.* file or a log folder holding them (tags become names; needs "
+                   "pip install \"spectral-analyzer[tensorboard]\").")
 @click.option("--steps", default=None, metavar="S0,S1,...",
               help="Steps of the checkpoints in name order, when names hold none.")
 @click.option("--strip-prefix", multiple=True, metavar="PREFIX",
@@ -209,7 +211,15 @@ def _human_bytes(n: float) -> str:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_prefix, weight_globs,
            lightning_prefix, overwrite, wait, progress):
-    """Ingest a folder of checkpoints into a store of parameter deltas."""
+    """Ingest a folder of checkpoints into a store of parameter deltas.
+
+    Metrics come from --metrics, else from the newest checkpoint's
+    trainer_state.json, else from trainer_state.json, metrics.csv or
+    metrics.jsonl at the top of CKPT_DIR. A TensorBoard log folder given to
+    --metrics is searched recursively; its scalars keep their tags as names
+    (run/tag for a tag that several runs log), and a step logged twice keeps
+    the value with the latest wall time.
+    """
     try:
         step_list = [int(s) for s in steps.split(",")] if steps else None
     except ValueError:
@@ -437,6 +447,54 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
                "-: not defined")
     for line in _summaries(ds):
         click.echo(line)
+
+
+@main.command("export-tb")
+@click.argument("store")
+@click.argument("logdir", type=click.Path(dir_okay=True, file_okay=False))
+@click.option("-w", "--window", type=click.IntRange(min=2), default=10, show_default=True, help="Window W in deltas.")
+@click.option("--params", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
+@click.option("--group-by", type=click.Choice(["tensor", "layer", "module"]), default=None,
+              help="One set of tags per group: spectral/<group>/gap_ratio, ...")
+@click.option("--events/--no-events", default=True, show_default=True,
+              help="Also write the dynamics events (needs W + 1 deltas).")
+@click.option("--tau", type=float, default=1.2, show_default=True, help="Threshold on R for collapse / opening.")
+@click.option("--factor", type=float, default=None, help="Also report R falling below its running peak / FACTOR.")
+@click.option("--persistence", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Windows an event must hold for.")
+@click.option("--device", default="auto", show_default=True, callback=_device)
+@click.option("--overwrite", is_flag=True, help="Replace this command's earlier export in LOGDIR.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def export_tb(store, logdir, window, params, group_by, events, tau, factor, persistence, device, overwrite, progress):
+    """Write the spectra as TensorBoard scalars into LOGDIR, beside the loss curves.
+
+    \b
+    Tags, at each window's end step (spectral/<group>/... with --group-by):
+      spectral/gap_ratio   R = sigma_k* / sigma_k*+1
+      spectral/k_star      k*
+      spectral/gap         sigma_k* - sigma_k*+1
+      spectral/sigma_1..4  the top singular values
+      spectral/events/<kind> = k* at each dynamics event (gap_collapse, gap_opening,
+                             gap_collapse_relative, k_star_shift)
+
+    One event file, events.out.tfevents.*.spectral-analyzer, in float32 as
+    TensorBoard stores scalars. An earlier one in LOGDIR is replaced only with
+    --overwrite; other event files there are left alone. View with
+    `tensorboard --logdir LOGDIR`.
+    """
+    from spectral_analyzer.tensorboard import check_logdir, export_tensorboard
+
+    check_logdir(logdir, overwrite=overwrite)
+    run = _open_run(store)
+    selection = list(params) or None
+    ds = run.spectra(window=window, params=selection, group_by=group_by, device=device, progress=progress)
+    dyn = (run.dynamics(window=window, params=selection, tau=tau, factor=factor, persistence=persistence,
+                        device=device, progress=progress) if events else None)
+    path = export_tensorboard(ds, logdir, dyn, overwrite=overwrite)
+    n_events = dyn.sizes.get("event", 0) if dyn is not None else 0
+    groups = f", {ds.sizes['group']} groups" if "group" in ds.dims else ""
+    click.echo(f"wrote {printable(str(path))}: {ds.sizes['step']} steps{groups}, "
+               f"{n_events} event{'s' if n_events != 1 else ''}")
 
 
 def _echo_table(header: list[str], rows: list[list[str]]) -> None:

@@ -46,6 +46,7 @@ from .errors import (
 _LAZY = {
     "events_table": ".exporting",
     "export": ".exporting",
+    "export_tensorboard": ".tensorboard",
     "ingest": ".ingest",
     "Recorder": ".ingest.recorder",
     "Run": ".run",
@@ -82,6 +83,7 @@ __all__ = [
     "__version__",
     "events_table",
     "export",
+    "export_tensorboard",
     "ingest",
     "open_run",
     "open_runs",

@@ -89,11 +89,12 @@ class MetricError(SpectralAnalyzerError):
 
 
 class MetricsError(SpectralAnalyzerError):
-    """A metrics file is unreadable or has no usable ``step`` column."""
+    """A metrics file (or TensorBoard log) is unreadable, has no usable ``step``, or needs a package not installed."""
 
 
 class ExportError(SpectralAnalyzerError):
-    """An output path with an unknown extension, one that exists, or one that cannot be written."""
+    """An output path with an unknown extension, one that exists, one that cannot be written, or a format
+    whose optional package is not installed."""
 
 
 class DeviceError(SpectralAnalyzerError):

@@ -1,4 +1,4 @@
-"""Training logs: HF ``trainer_state.json`` log history, CSV and JSON-lines files.
+"""Training logs: HF ``trainer_state.json`` log history, CSV, JSON-lines and TensorBoard event files.
 
 Each becomes a step-indexed table of numeric series: the union of logged steps
 and NaN where a series was not logged at a step.
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MetricsError
+from ..tensorboard import is_event_file, read_scalars
 from .readers import require_regular_file
 
 __all__ = ["MetricsError", "find_trainer_state", "read_metrics"]
@@ -79,12 +80,15 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
 
 
 def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Read a metrics file into ``(steps, {name: values})``.
+    """Read a metrics file, or a TensorBoard log folder, into ``(steps, {name: values})``.
 
     Accepts ``trainer_state.json`` (its ``log_history``), ``*.csv`` with a
-    header holding ``step``, and ``*.jsonl`` with one object per line. Steps
-    must be integers that fit int64; names are returned as they are, but an
-    empty name is refused.
+    header holding ``step``, ``*.jsonl`` with one object per line, and
+    TensorBoard event files (``events.out.tfevents.*``): one, or a folder
+    holding them in it or under it, read by
+    :func:`spectral_analyzer.tensorboard.read_scalars` (tags become names).
+    Steps must be integers that fit int64; names are returned as they are,
+    but an empty name is refused.
 
     In a CSV file, a first column with no name beside a ``step`` column is
     the index that pandas' ``df.to_csv()`` writes, and is ignored. Without a
@@ -92,6 +96,8 @@ def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     index counts rows, not training steps.
     """
     path = Path(path)
+    if path.is_dir() or is_event_file(path):
+        return read_scalars(path)
     require_regular_file(path, MetricsError)
     try:
         text = path.read_text()
