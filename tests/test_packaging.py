@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -39,11 +40,15 @@ def test_a_wheel_installed_outside_the_checkout_runs_the_demo(tmp_path):
                    cwd=tmp_path, timeout=300)
     (wheel,) = wheels.glob("spectral_analyzer-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    where = subprocess.run([sys.executable, "-c", "import spectral_analyzer; print(spectral_analyzer.__file__)"],
+    # -S: no site module, so no .pth file of this environment (an editable install of this checkout maps the
+    # package here); its dependencies come from its site-packages on the path, after the installed wheel
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])}
+    python = [sys.executable, "-S"]
+    where = subprocess.run([*python, "-c", "import spectral_analyzer.cli, spectral_analyzer.demo as d; "
+                            "print(spectral_analyzer.cli.__file__); print(d.__file__)"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert where.stdout.startswith(str(site))  # the installed copy, not this checkout
-    demo = subprocess.run([sys.executable, "-m", "spectral_analyzer.cli", "demo", "-o", "out"], env=env,
+    assert all(line.startswith(str(site)) for line in where.stdout.splitlines())  # the installed copy only
+    demo = subprocess.run([*python, "-m", "spectral_analyzer.cli", "demo", "-o", "out"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert demo.returncode == 0, demo.stderr
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "run.zarr").is_dir()
