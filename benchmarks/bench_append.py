@@ -107,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5000)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_append"))
+    ap.add_argument("--only", choices=["recorder", "ingest"], default=None, help="run one of the two")
     args = ap.parse_args()
     if args.rows < 2 * EDGE:
         sys.exit(f"--rows must be at least {2 * EDGE}")
@@ -114,16 +115,20 @@ def main() -> None:
 
     torch.set_num_threads(1)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    recorder = bench_recorder(args.workdir, args.rows)
-    print(f"recorder: {args.rows} rows of {recorder['params']} params: first {EDGE} {recorder['first_ms']:.1f} ms/row, "
-          f"last {EDGE} {recorder['last_ms']:.1f} ms/row, ratio {recorder['ratio']:.2f} (target <= {TARGET}); "
-          f"torch.save {recorder['torch_save_ms']:.1f} ms/step")
-    ingest = bench_ingest(args.workdir, args.rows)
-    print(f"ingest:   {args.rows} checkpoints of {ingest['params']} params: first {EDGE} {ingest['first_ms']:.1f} ms/row, "
-          f"last {EDGE} {ingest['last_ms']:.1f} ms/row, ratio {ingest['ratio']:.2f} (target <= {TARGET})")
+    recorder = ingest = {"ratio": float("nan")}
+    if args.only != "ingest":
+        recorder = bench_recorder(args.workdir, args.rows)
+        print(f"recorder: {args.rows} rows of {recorder['params']} params: first {EDGE} "
+              f"{recorder['first_ms']:.1f} ms/row, last {EDGE} {recorder['last_ms']:.1f} ms/row, ratio "
+              f"{recorder['ratio']:.2f} (target <= {TARGET}); torch.save {recorder['torch_save_ms']:.1f} ms/step")
+    if args.only != "recorder":
+        ingest = bench_ingest(args.workdir, args.rows)
+        print(f"ingest:   {args.rows} checkpoints of {ingest['params']} params: first {EDGE} "
+              f"{ingest['first_ms']:.1f} ms/row, last {EDGE} {ingest['last_ms']:.1f} ms/row, ratio "
+              f"{ingest['ratio']:.2f} (target <= {TARGET})")
     print(json.dumps({"benchmark": "append", "date": datetime.date.today().isoformat(), "host": platform.node(),
                       "cpus": os.cpu_count(), "rows": args.rows, "recorder": recorder, "ingest": ingest,
-                      "pass": recorder["ratio"] <= TARGET and ingest["ratio"] <= TARGET}))
+                      "pass": all(r["ratio"] <= TARGET for r in (recorder, ingest) if r["ratio"] == r["ratio"])}))
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 
