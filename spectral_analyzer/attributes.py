@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import xarray as xr
 
-__all__ = ["describe"]
+__all__ = ["describe", "windowed"]
 
 _ATTRS: dict[str, tuple[str, str | None, str]] = {
     # name: (long_name, units, description)
@@ -119,3 +119,16 @@ def describe(ds: xr.Dataset) -> xr.Dataset:
         if text:
             attrs.setdefault("description", text)
     return ds
+
+
+def windowed(ds: xr.Dataset, steps, checkpoint_steps, window: int) -> xr.Dataset:
+    """*ds* (one value per window, along ``step``) described, with the ``window_start`` coordinate.
+
+    ``window_start`` is the step of the checkpoint a window's first delta
+    starts at; *steps* are the deltas' end steps.
+    """
+    import numpy as np
+
+    ends = np.searchsorted(steps, ds["step"].values)
+    return describe(ds.assign_coords(window_start=("step", np.asarray(checkpoint_steps)[ends - window + 1])))
+

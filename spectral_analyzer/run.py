@@ -186,7 +186,7 @@ class Run:
             self._store, window, params=params, group_by=group_by, center=center, stride=stride,
             **self._options(options),
         )
-        return self._windowed(ds, window)
+        return ds
 
     def dynamics(self, window: int = 10, **options) -> xr.Dataset:
         """How the spectrum moves from one window to the next, from the cached band alone.
@@ -226,7 +226,7 @@ class Run:
         >>> dyn = run.dynamics(window=10, factor=2.0)            # doctest: +SKIP
         >>> sa.events_table(dyn)                                 # doctest: +SKIP
         """
-        return self._windowed(compute_dynamics(self._store, window, **self._options(options)), window)
+        return compute_dynamics(self._store, window, **self._options(options))
 
     def correlate(self, metric: str, window: int = 10, **options) -> xr.Dataset:
         """Lagged correlation of the gap ratio (and each ratio_j) with a logged metric.
@@ -272,7 +272,7 @@ class Run:
         --------
         >>> run.weight_spectra("*in_proj_weight[q]").sigma_ratio_12   # doctest: +SKIP
         """
-        return describe(compute_weight_spectra(self._store, match, **options))
+        return compute_weight_spectra(self._store, match, **options)
 
     def grokking(
         self, metric: str = "test_acc", threshold: float = 0.95, window: int = 10, **options
@@ -297,12 +297,6 @@ class Run:
         spectra = self.spectra(window=window, params=options.pop("params", None))
         return describe(compute_grokking(self._store, spectra, self.metrics, metric=metric, threshold=threshold,
                                          **options))
-
-    def _windowed(self, ds: xr.Dataset, window: int) -> xr.Dataset:
-        """*ds* labelled, with the ``window_start`` coordinate: the step each window's first delta starts at."""
-        ends = np.searchsorted(self.steps, ds["step"].values)
-        starts = self.checkpoint_steps[ends - window + 1]
-        return describe(ds.assign_coords(window_start=("step", starts)))
 
     @property
     def warnings(self) -> list[str]:

@@ -7,6 +7,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from .._version import __version__
+from ..attributes import windowed
 from ..groups import group_tensors
 from ..spectra import WindowError, band_for, check_window
 from ..spectra.kernel import spectral_quantities, window_grams
@@ -160,6 +161,7 @@ def compute_dynamics(
         "precision": "float64",
         "spectral_analyzer_version": __version__,
     }
+    ds = windowed(ds, store.steps, store.checkpoint_steps, w)
     if cache:
         store.cache_result(name, ds)
     return ds

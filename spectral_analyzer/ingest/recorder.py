@@ -48,9 +48,11 @@ class Recorder:
     storage_options : dict, optional
         Options of the fsspec filesystem of a URL store.
     wait : bool or seconds
-        When another process is writing the store: fail at once (False),
-        wait for it (True), or wait that many seconds. Each record holds the
-        store's writer lock while it writes; readers never wait.
+        When another process is writing the store: wait for it (True, the
+        default: a notebook caching its spectra holds the lock for moments,
+        and must not stop the training), wait that many seconds, or fail at
+        once (False). Each record holds the store's writer lock while it
+        writes; readers never wait.
 
     Memory: one copy of the recorded tensors (the previous snapshot), so each
     delta is the exact difference of two snapshots.
@@ -67,7 +69,7 @@ class Recorder:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         overwrite: bool = False,
         storage_options: Mapping[str, Any] | None = None,
-        wait: bool | float = False,
+        wait: bool | float = True,
     ):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")

@@ -7,6 +7,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from .._version import __version__
+from ..attributes import windowed
 from ..errors import WindowError
 from ..gram.build import DEFAULT_MAX_LAG, build_band
 from ..groups import group_tensors, select_tensors
@@ -116,6 +117,7 @@ def compute_spectra(
         "spectral_analyzer_version": __version__,
     }
     _describe(ds)
+    ds = windowed(ds, store.steps, store.checkpoint_steps, window)
     if cache:
         store.cache_result(name, ds)
     return ds

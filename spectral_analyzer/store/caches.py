@@ -9,9 +9,9 @@ never wait for it.
 
 ``gram/``: ``band`` float64 (tensor, delta, lag), ``chain`` uint64 (delta,)
 the generation of each row, ``row_crc`` uint32 (delta,) the crc32c of each
-band row; attributes ``max_lag``, ``n_rows`` and ``writing`` (set while rows
-are being replaced, so a reader that saw the attributes change under it
-discards what it read).
+band row; attributes ``max_lag``, ``n_rows``, ``writing`` (set while rows
+are being replaced) and ``written`` (a new token at every write), so a
+reader that saw the attributes change under it discards what it read.
 
 ``results/<name>``: an analysis Dataset (coding.py), with the attribute
 ``committed = {"identity", "checksums"}`` written last.
@@ -22,6 +22,7 @@ uint32 (checkpoint,), rows written before the checkpoint's commit.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 
 import google_crc32c
@@ -93,13 +94,18 @@ class BandCache:
         """Band rows ``start..`` of the snapshot's rows, committed last (the writer lock is held)."""
         n_tensors, n_new, n_lags = rows.shape
         group = self.store.group
-        gram = group["gram"] if "gram" in group else None
-        if gram is not None:
-            attrs = gram.attrs.asdict()
-            if start == 0 or int(attrs.get("max_lag", -1)) != max_lag or int(attrs.get("n_rows", 0)) < start:
-                del group["gram"]
-                gram = None
+        try:
+            gram = group["gram"] if "gram" in group else None
+            if gram is not None:
+                attrs = gram.attrs.asdict()
+                if start == 0 or int(attrs.get("max_lag", -1)) != max_lag or int(attrs.get("n_rows", 0)) < start:
+                    gram = None
+        except OSError:  # the store cannot be written (see Store.cache)
+            raise
+        except Exception:  # noqa: BLE001 -- unreadable metadata: not a cache
+            gram = None
         if gram is None:
+            del group["gram"]  # an older band, or what a killed or damaged write left (nothing is fine)
             per_tensor = _BAND_ROWS * n_lags * 8
             tc = max(1, min(n_tensors, _BAND_CHUNK_BYTES // per_tensor))
             gram = group.create_group("gram", attributes={"max_lag": max_lag, "n_rows": 0, "writing": False})
@@ -120,7 +126,9 @@ class BandCache:
         gram["band"][:, start:n, :] = rows
         gram["chain"][start:n] = self.store.chain[start:n]
         gram["row_crc"][start:n] = np.array([_crc(rows[:, i, :]) for i in range(n_new)], dtype=np.uint32)
-        gram.attrs.put({**gram.attrs.asdict(), "max_lag": max_lag, "n_rows": n, "writing": False, **meta})
+        # a new token each write: a reader whose attributes before and after its reads are equal read no write's rows
+        gram.attrs.put({**gram.attrs.asdict(), "max_lag": max_lag, "n_rows": n, "writing": False, **meta,
+                        "written": uuid.uuid4().hex})
 
 
 class ResultCache:
@@ -140,7 +148,9 @@ class ResultCache:
             committed = group.attrs.get("committed")
             if not committed or committed.get("identity") != identity:
                 return None
-            ds = xr.open_zarr(self.store.group.store, group=f"results/{name}", consolidated=False).load()
+            with warnings.catch_warnings():  # a member whose metadata is damaged: zarr skips it with a warning
+                warnings.filterwarnings("ignore", message=r"Object at \S+ is not recognized")
+                ds = xr.open_zarr(self.store.group.store, group=f"results/{name}", consolidated=False).load()
             ds.attrs.pop("committed", None)
             ds = coding.decode(ds)
             if {k: int(v) for k, v in committed["checksums"].items()} != coding.checksums(ds):
@@ -152,11 +162,17 @@ class ResultCache:
     def write(self, name: str, ds, identity: str) -> None:
         """Cache *ds* (the writer lock is held): results of other generations and partial ones go first."""
         group = self.store.group
-        results = group["results"] if "results" in group else group.create_group("results")
-        for key in group_keys(results):
-            committed = results[key].attrs.get("committed") or {}
-            if key == name or committed.get("identity") != identity:
-                del results[key]
+        try:
+            results = group["results"] if "results" in group else group.create_group("results")
+            stale = [key for key in group_keys(results)
+                     if key == name or (results[key].attrs.get("committed") or {}).get("identity") != identity]
+        except OSError:  # the store cannot be written (see Store.cache)
+            raise
+        except Exception:  # noqa: BLE001 -- unreadable metadata: no result there can be read, all go
+            del group["results"]
+            results, stale = group.create_group("results"), []
+        for key in stale:
+            del results[key]
         encoded = coding.encode(ds)
         encoded.to_zarr(group.store, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
         marker = {"identity": identity, "checksums": coding.checksums(ds)}

@@ -223,7 +223,11 @@ class Store(RowReading, CommitProtocol):
     def array(self, name: str) -> zarr.Array:
         """A top-level array, opened once (its metadata is read once per Store)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                self._arrays[name] = self.group[name]
+            except (ValueError, TypeError) as exc:  # zarr's errors for unreadable or invalid metadata
+                raise damaged(self.path, f"the metadata of the '{name}' array is unreadable "
+                                          f"({' '.join(str(exc).split())})") from None
         return self._arrays[name]
 
     def size_on_disk(self) -> int:

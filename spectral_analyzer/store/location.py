@@ -33,9 +33,15 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def group_keys(group: zarr.Group) -> list[str]:
-    """Names of *group*'s child groups (the writer lock file beside them is not one, and not a warning)."""
+    """Names of *group*'s child groups.
+
+    The writer lock file beside them is not one, and not a warning; nor is a
+    temporary file that a killed write left (zarr writes ``<name>.<hex>.partial``
+    and renames it into place).
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=f"Object at {LOCK_NAME} is not recognized")
+        warnings.filterwarnings("ignore", message=r"Object at \S+\.partial is not recognized")
         return list(group.group_keys())
 
 

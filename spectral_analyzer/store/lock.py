@@ -77,14 +77,19 @@ class WriterLock:
             os.close(fd)
             return holder or {}
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        except BaseException:  # a full disk: the lock is not taken, and not kept by a stray descriptor
+            os.close(fd)
+            raise
         if not same:  # the folder was replaced while we waited: lock the new one
             os.close(fd)
             return {"retry": True}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         self._fd = fd
         return None
 

@@ -9,10 +9,11 @@ Readers read the first ``n`` rows of the arrays of the group whose own
 ``t`` changes with every write and is what cached results depend on.
 
 * :func:`write_metrics` replaces the series: it builds them complete in
-  ``metrics-new`` (a fresh ``g``), commits the record, then moves
-  ``metrics-new`` into the place of ``metrics``. A reader takes whichever of
-  the two carries ``g``, so a write killed at any point leaves the old series
-  or the new ones, never a mixture.
+  ``metrics-new`` (a fresh ``g``), commits the record, then moves ``metrics``
+  to ``metrics-previous`` and ``metrics-new`` into its place. A reader takes
+  whichever of the three carries its ``g``, so a write killed at any point
+  leaves the old series or the new ones, never a mixture, and a reader of
+  the commit before a replacement still reads its own series.
 * :func:`append_metrics` adds rows after the last logged step: it writes
   them past ``n`` (invisible to readers) and commits ``n + m`` with the
   extended checksums (crc32c extends over appended bytes), so an append
@@ -38,7 +39,7 @@ from ..errors import StoreError
 
 __all__ = ["append_metrics", "last_logged_step", "read_metrics", "write_metrics"]
 
-_CURRENT, _NEW = "metrics", "metrics-new"
+_CURRENT, _NEW, _PREVIOUS = "metrics", "metrics-new", "metrics-previous"
 _ROWS = 4096  # rows per chunk: an append rewrites at most one partial chunk per series
 _OPTS = {"compressors": [Crc32cCodec()], "dimension_names": ("step",), "chunks": (_ROWS,)}
 
@@ -127,6 +128,8 @@ def write_metrics(store, steps: np.ndarray, series: Mapping[str, np.ndarray]) ->
     crcs = {"step": _crc(steps), **{k: _crc(v) for k, v in zip(keys, values)}}
     last = int(steps[-1]) if len(steps) else None
     _commit(store, group_token, len(steps), last, dict(zip(keys, names)), crcs)
+    if _CURRENT in store.group:  # kept for readers of the commits before this one
+        _move(store, _CURRENT, _PREVIOUS)
     _move(store, _NEW, _CURRENT)
 
 
@@ -183,7 +186,7 @@ def read_metrics(store) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         group_token, n, names, crcs = record["group"], int(record["n"]), dict(record["names"]), dict(record["crc"])
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{store.path}: the store is damaged: unreadable metrics record ({exc!r})") from None
-    name = next((g for g in (_CURRENT, _NEW) if _token_of(store, g) == group_token), None)
+    name = next((g for g in (_CURRENT, _NEW, _PREVIOUS) if _token_of(store, g) == group_token), None)
     if name is None and store.location.open_group("r").attrs.get("metrics") != record:
         raise StoreError(f"{store.path}: the metrics were replaced since this store was opened; open it again")
     if name is None:

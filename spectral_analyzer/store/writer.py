@@ -9,12 +9,16 @@ caller ``w.create(...)`` one, and on leaving:
 * an error: a store this transaction created is removed, an existing one is
   restored to the commit it was opened at (rows it did not commit, their
   steps and checksums dropped), and an ``OSError`` (a full disk, no
-  permission, a missing bucket) becomes a one-line :class:`StoreError`;
+  permission, a missing bucket) becomes a one-line :class:`StoreError`.
+  Locally the root metadata as opened is kept as a hard link
+  (``.rollback.json``) and renamed back first: a full disk, which can
+  refuse every write of the rollback, cannot keep the commit record from
+  returning to where it was;
 * ``KeyboardInterrupt``: rows committed so far stay; the next writer cleans
   what was left after them.
 
 Leftovers of killed writers (``.overwrite-*`` beside the store, rows past the
-commit) are removed when the next writer opens the store.
+commit, ``.rollback.json``) are removed when the next writer opens the store.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from .lock import writer_lock
 
 __all__ = ["StoreWriter", "unwritable"]
 
+_ROLLBACK = ".rollback.json"  # the root metadata as the transaction opened it (a hard link)
+
 
 def unwritable(path: str, exc: OSError) -> StoreError:
     return StoreError(f"{path}: cannot write the store ({' '.join(str(exc).split())})")
@@ -48,6 +54,7 @@ class StoreWriter:
         self.store: Store | None = None
         self._target = self.location
         self._snapshot: dict | None = None
+        self._kept: str | None = None
         self._created = False
         self._stack = ExitStack()
 
@@ -78,6 +85,7 @@ class StoreWriter:
             store.clean_uncommitted()
             self.existing = self.store = store
             self._snapshot = store.attrs
+            self._kept = self._keep_root()
             return
         if loc.occupied():
             if not self.overwrite:
@@ -85,6 +93,19 @@ class StoreWriter:
                                        "pass overwrite to replace it")
             self._target = loc.beside(".overwrite-partial")
             self._stack.enter_context(writer_lock(self._target, False))
+
+    def _keep_root(self) -> str | None:
+        """A hard link to the root metadata as it is now (local stores; None where links are not possible)."""
+        if self.location.is_remote:
+            return None
+        kept = os.path.join(self.location.path, _ROLLBACK)
+        try:
+            if os.path.lexists(kept):  # left by a killed writer
+                os.unlink(kept)
+            os.link(os.path.join(self.location.path, "zarr.json"), kept)
+        except OSError:
+            return None
+        return kept
 
     def create(self, manifest: Sequence[TensorEntry], chunk_size: int, attrs: Mapping[str, Any]) -> Store:
         """A new, empty store where this transaction writes."""
@@ -111,6 +132,11 @@ class StoreWriter:
                 raise unwritable(self._target.path, exc) from None
             return False
         finally:
+            if self._kept is not None:
+                try:
+                    os.unlink(self._kept)
+                except OSError:
+                    pass
             self._stack.close()
 
     def _rollback(self) -> None:
@@ -119,6 +145,9 @@ class StoreWriter:
             if self._created:
                 self._target.clear(keep_lock=self._target == self.location and not self._fresh_folder)
             elif self.store is not None and self._snapshot is not None:
+                if self._kept is not None:  # a rename: the commit record is back even on a full disk
+                    os.replace(self._kept, os.path.join(self.location.path, "zarr.json"))
+                    self._kept = None
                 self.store.restore(self._snapshot)
             elif self._fresh_folder and not self.location.occupied():
                 self.location.clear(keep_lock=False)  # the folder only the lock made

@@ -15,6 +15,7 @@ from ..gram.build import resolve_device
 from ..groups import SelectionError
 from ..groups import natural_key
 from ..store import Store, TensorEntry
+from ..attributes import describe
 from ..threads import torch_threads
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
 
@@ -119,6 +120,7 @@ def compute_weight_spectra(
     ds["sigma"].attrs["description"] = "singular values, descending"
     ds["sigma_ratio_12"].attrs["description"] = "sigma_1 / sigma_2"
     ds["stable_rank"].attrs["description"] = "||W||_F^2 / sigma_1^2"
+    describe(ds)
     if cache:
         store.cache_result(name, ds)
     return ds
