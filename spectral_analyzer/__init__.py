@@ -110,10 +110,11 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
-    if name in _LAZY or name in _CALLBACKS:
+    if name in _CALLBACKS:  # looked up each time: the training library may come and go (tests, notebooks)
+        return getattr(importlib.import_module(_CALLBACKS[name][0], __name__), name)
+    if name in _LAZY:
         importlib.import_module(".plot", __name__)  # registers the ds.spectral accessor
-        module = _LAZY[name] if name in _LAZY else _CALLBACKS[name][0]
-        value = getattr(importlib.import_module(module, __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
     if name == "plot":

@@ -29,8 +29,8 @@ def test_killing_a_worker_mid_build_keeps_the_result_exact(tmp_path):
     import time
 
     write_run(tmp_path / "src", 30, {"layers.0.w": (200, 101), "head": (777,)}, seed=7)
-    local = sa.ingest(tmp_path / "src", tmp_path / "local.zarr", chunk_size=64).band(max_lag=4).values
-    run = sa.ingest(tmp_path / "src", tmp_path / "remote.zarr", chunk_size=64)  # 328 chunk tasks
+    local = sa.ingest(tmp_path / "src", tmp_path / "local.zarr", chunk_size=160).band(max_lag=4).values
+    run = sa.ingest(tmp_path / "src", tmp_path / "remote.zarr", chunk_size=160)  # 132 chunk tasks
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster, distributed.Client(cluster) as client:

@@ -125,6 +125,7 @@ BAD_INPUT = {
     "report": (["report", "{store}", "-o", "{tmp}/r.html", "--metric", "acc"], "metric 'acc' is not logged"),
     "demo": (["demo", "-o", "{tmp}/full"], "exists and is not empty; pass --overwrite to replace it"),
     "train-example": (["train-example", "{tmp}/a_file/run"], "a_file"),
+    "export-tb": (["export-tb", "{store}", "{tmp}/tb", "-w", "9", "--no-events"], "window 9 needs at least 9 deltas"),
 }
 
 

@@ -67,7 +67,7 @@ def test_importing_the_package_imports_no_heavy_library():
 
 def test_every_lazy_name_imports_first_in_a_fresh_interpreter():
     """Whichever public name a session touches first, its modules import (no circular import)."""
-    names = sorted(n for n in sa.__all__ if n in sa._LAZY or n == "plot")
+    names = ["export", "ingest", "open_runs"]  # one per module of the lazy names: exporting, ingest, run(s)
     procs = {n: subprocess.Popen([sys.executable, "-c", f"import spectral_analyzer as sa; sa.{n}"],
                                  stderr=subprocess.PIPE, text=True) for n in names}
     failed = {n: p.communicate(timeout=300)[1].strip().splitlines()[-1:] for n, p in procs.items()}

@@ -24,7 +24,7 @@ def encode(ds):
     """*ds* with its string variables moved into an attribute."""
     strings = {
         k: {"dims": list(ds[k].dims), "values": [str(x) for x in np.ravel(ds[k].values)],
-            "shape": list(ds[k].shape), "coord": k in ds.coords}
+            "shape": list(ds[k].shape), "coord": k in ds.coords, "attrs": dict(ds[k].attrs)}
         for k in ds.variables
         if ds[k].dtype.kind in "USO"
     }
@@ -39,9 +39,9 @@ def decode(ds):
     for key, v in strings.items():
         values = np.array(v["values"], dtype=str).reshape(v.get("shape", [len(v["values"])]))
         if v["coord"]:
-            ds = ds.assign_coords({key: (v["dims"], values)})
+            ds = ds.assign_coords({key: (v["dims"], values, v.get("attrs", {}))})
         else:
-            ds[key] = (v["dims"], values)
+            ds[key] = (v["dims"], values, v.get("attrs", {}))
     return ds
 
 

@@ -146,8 +146,9 @@ class StoreWriter:
                 self._target.clear(keep_lock=self._target == self.location and not self._fresh_folder)
             elif self.store is not None and self._snapshot is not None:
                 if self._kept is not None:  # a rename: the commit record is back even on a full disk
+                    # (where nothing was committed the two names are one file, the rename does nothing, and
+                    # the link is removed when the transaction ends)
                     os.replace(self._kept, os.path.join(self.location.path, "zarr.json"))
-                    self._kept = None
                 self.store.restore(self._snapshot)
             elif self._fresh_folder and not self.location.occupied():
                 self.location.clear(keep_lock=False)  # the folder only the lock made
