@@ -23,7 +23,7 @@ from . import generations
 from .caches import BandCache, ResultCache, WeightRecord, write_if_current
 from .chunks import DirectChunks, ZarrChunks
 from .committing import CommitProtocol
-from .layout import FORMAT_NAME, FORMAT_VERSION, TensorEntry, check_format, create_arrays, damaged
+from .layout import FORMAT_NAME, FORMAT_VERSION, TensorEntry, check_format, create_arrays, damaged, no_store
 from .location import Location, unreachable
 from .metrics import append_metrics, last_logged_step, read_metrics, write_metrics
 from .reading import RowReading
@@ -83,7 +83,7 @@ class Store(RowReading, CommitProtocol):
         location = path if isinstance(path, Location) else Location.of(path, storage_options)
         where = location.path
         if not location.occupied():
-            raise StoreError(f"{where}: no store here (run `spectral-analyze ingest CKPT_DIR -o {where}` first)")
+            raise no_store(where)
         try:
             group = location.open_group(mode)
         except _NOT_A_STORE as exc:

@@ -31,7 +31,8 @@ from typing import Any
 
 from ..errors import StoreError, StoreVersionError
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "check_format", "check_manifest", "create_arrays", "damaged"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "check_format", "check_manifest",
+           "create_arrays", "damaged", "no_store"]
 
 FORMAT_NAME = "spectral-analyzer"
 FORMAT_VERSION = 3  # 3: sources in an array; 2: chunk crc32c and the generation chain; 1 had neither
@@ -92,6 +93,11 @@ def check_format(where: str, attrs: Mapping[str, Any]) -> None:
             f"{where}: store format version {version!r} is not one this version of "
             f"spectral-analyzer reads (it reads version {FORMAT_VERSION}); {hint}"
         )
+
+
+def no_store(where: str) -> StoreError:
+    """The error of a path that holds no store yet."""
+    return StoreError(f"{where}: no store here (run `spectral-analyze ingest CKPT_DIR -o {where}` first)")
 
 
 def damaged(path: str, what: str) -> StoreError:

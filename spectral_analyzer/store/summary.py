@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StoreError
-from .layout import TensorEntry, check_format, check_manifest
+from .layout import TensorEntry, check_format, check_manifest, no_store
 from .location import Location, unreachable
 
 __all__ = ["Summary", "summarize"]
@@ -52,7 +52,7 @@ def _root(location: Location) -> dict[str, Any]:
             with open(os.path.join(where, "zarr.json"), "rb") as f:
                 raw = f.read()
     except FileNotFoundError:
-        raise StoreError(f"{where}: no store here (run `spectral-analyze ingest CKPT_DIR -o {where}` first)") from None
+        raise no_store(where) from None
     except (NotADirectoryError, IsADirectoryError):
         raise StoreError(f"{where}: not a spectral-analyzer store (no zarr.json)") from None
     except StoreError:
