@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import write_run
 from adversary_procs import (
@@ -411,3 +412,51 @@ def test_edited_cache_metadata_is_neither_served_nor_an_error(runs, tmp_path, ed
     store = Store.open(path)
     assert_identical(store.read_result(name), runs.reference, edit)  # cached again
     np.testing.assert_array_equal(store.band_cache.lookup(MAX_LAG)[0], runs.band)
+
+
+def test_full_disk_at_every_write_of_a_recorded_step(tmp_path):
+    """A Recorder's record (row, source, checksums, metrics appended past their count) on a full disk at each of
+    its writes: a one-line StoreError, the committed contents as they were; with space again the next record
+    ends equal to a recording that never failed."""
+    from adversary_procs import toy_model
+
+    def record(path: Path, fail_at: int | None) -> None:
+        model = toy_model(0)
+        rec = sa.Recorder(path, model, chunk_size=CHUNK)
+        for s in range(4):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * (s + 1))
+            if s == 3 and fail_at is not None:
+                before = contents(path)
+                with broken_writes(enospc_after=fail_at), pytest.raises(sa.StoreError) as caught:
+                    rec.step(s, loss=float(s), **({"acc": 0.5} if s == 3 else {}))
+                assert "No space left on device" in str(caught.value) and "\n" not in str(caught.value)
+                assert_same_contents(contents(path), before, f"no space from write {fail_at + 1}")
+                np.testing.assert_array_equal(sa.open_run(path).metrics["loss"].values, [0.0, 1.0, 2.0])
+            rec.step(s, loss=float(s), **({"acc": 0.5} if s == 3 else {}))
+
+    clean = tmp_path / "clean.zarr"
+    record(clean, None)
+    reference = contents(clean)
+    model = toy_model(0)
+    counted = tmp_path / "counted.zarr"
+    rec = sa.Recorder(counted, model, chunk_size=CHUNK)
+    for s in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (s + 1))
+        rec.step(s, loss=float(s))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.04)
+    keys = count_writes(lambda: rec.step(3, loss=3.0, acc=0.5))
+    assert any("metrics" in k for k in keys)  # the metrics append is among the writes
+    for n in range(0, len(keys), max(1, len(keys) // 8)):
+        path = tmp_path / f"{n}.zarr"
+        record(path, n)
+        got = contents(path)
+        assert_same_contents(got, reference, f"no space from write {n + 1} of {len(keys)}, then space again")
+    run = sa.open_run(tmp_path / "0.zarr")
+    assert run.metrics["loss"].values.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert np.isnan(run.metrics["acc"].values[:3]).all() and run.metrics["acc"].values[3] == 0.5

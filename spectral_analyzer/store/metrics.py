@@ -159,6 +159,9 @@ def append_metrics(store, steps: np.ndarray, series: Mapping[str, np.ndarray]) -
     n, m = record["n"], len(steps)
     names, crcs = dict(record["names"]), dict(record["crc"])
     group = store.location.open_group("r+", path=_CURRENT)
+    for key in list(group.array_keys()):  # a series an append that failed began, never committed
+        if key != "step" and key not in names:
+            del group[key]
     by_name = {name: key for key, name in names.items()}
     fresh = [name for name in series if name not in by_name]
     for key, name in zip(_keys(fresh, names), fresh):
