@@ -452,7 +452,7 @@ def test_full_disk_at_every_write_of_a_recorded_step(tmp_path):
             p.add_(0.04)
     keys = count_writes(lambda: rec.step(3, loss=3.0, acc=0.5))
     assert any("metrics" in k for k in keys)  # the metrics append is among the writes
-    for n in range(0, len(keys), max(1, len(keys) // 8)):
+    for n in range(0, len(keys), max(1, len(keys) // 4)):  # the row, its checksums and source, the metrics
         path = tmp_path / f"{n}.zarr"
         record(path, n)
         got = contents(path)
