@@ -16,8 +16,9 @@ import hashlib
 import json
 from collections.abc import Sequence
 
-import google_crc32c
 import numpy as np
+
+from .crc import crc32c
 
 __all__ = ["base_link", "chain", "chunk_crc", "zero_crc"]
 
@@ -26,7 +27,7 @@ _ZERO_CRC: dict[int, int] = {}
 
 def chunk_crc(data: np.ndarray) -> int:
     """crc32c of a chunk's float32 values as stored (little-endian bytes)."""
-    return int(google_crc32c.value(np.ascontiguousarray(data, dtype="<f4").view(np.uint8)))
+    return crc32c(np.ascontiguousarray(data, dtype="<f4"))
 
 
 def zero_crc(n: int) -> int:
