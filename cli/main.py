@@ -512,15 +512,16 @@ def _echo_table(header: list[str], rows: list[list[str]]) -> None:
 @click.option("--device", default="auto", show_default=True, callback=_device)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
 @click.option("--overwrite", is_flag=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
 @_QUIET
-def weights(store, match, top, heads, device, output, overwrite, quiet):
+def weights(store, match, top, heads, device, output, overwrite, progress, quiet):
     """Singular values of weight matrices at every checkpoint."""
     from spectral_analyzer.exporting import check_output, export
 
     if output:
         check_output(output, overwrite=overwrite)
     run = _open_run(store)
-    ds = run.weight_spectra(list(match) or None, top=top, heads=heads, device=device)
+    ds = run.weight_spectra(list(match) or None, top=top, heads=heads, device=device, progress=progress)
     if output:
         export(ds, output, overwrite=overwrite)
         click.echo(f"wrote {output}")

@@ -248,10 +248,15 @@ class Run:
         """Singular values of 2-D weight matrices at every checkpoint.
 
         Each selected weight is reconstructed as ``theta_i = base + sum_{k<=i} d_k``
-        with float64 accumulation and decomposed with torch (batched by shape).
+        with float64 accumulation and decomposed with torch (batched by shape),
+        each checkpoint's matrices while the next checkpoint's deltas are read.
         A packed attention ``in_proj_weight`` becomes three matrices,
         ``...in_proj_weight[q]``, ``[k]`` and ``[v]`` (nn.MultiheadAttention's
-        own row blocks). Memory: 8 bytes per selected parameter.
+        own row blocks). Memory: the weights are rebuilt a group of adjacent
+        tensors at a time, 8 bytes per parameter of at most 256 MiB of
+        parameters (or of the largest tensor, if larger), plus two delta rows
+        of the group in float32; not the whole model. Cached per store
+        generation.
 
         Parameters
         ----------
@@ -259,7 +264,8 @@ class Run:
             On tensor names or on the split matrix names; all 2-D weights by default.
         **options
             ``top`` (keep the top singular values), ``heads`` (row blocks per
-            head), ``device``, ``cache``.
+            head), ``device``, ``cache``, ``progress`` (a bar over checkpoints x
+            matrices).
 
         Returns
         -------

@@ -14,10 +14,12 @@ from ..dynamics.coupling import MetricError
 from ..gram.build import resolve_device
 from ..groups import SelectionError
 from ..groups import natural_key
+from ..progress import progress_bar
 from ..store import Store, TensorEntry
 from ..attributes import describe
 from ..threads import torch_threads
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
+from .streaming import tensor_groups, thetas
 
 __all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra", "find_wq", "select_weights"]
 
@@ -61,19 +63,6 @@ def _check_heads(origin: str, picked: list[tuple[TensorEntry, list[str]]], heads
                 )
 
 
-def _spans(picked: list[tuple[TensorEntry, list[str]]], chunk: int) -> list[tuple[int, int, list[int]]]:
-    """Merge tensors that share a chunk into one read span: (start, stop, picked indices)."""
-    spans: list[tuple[int, int, list[int]]] = []
-    for i, (t, _) in enumerate(picked):
-        a, b = t.offset, t.offset + t.size
-        if spans and a // chunk <= (spans[-1][1] - 1) // chunk:
-            s = spans[-1]
-            spans[-1] = (s[0], max(s[1], b), s[2] + [i])
-        else:
-            spans.append((a, b, [i]))
-    return spans
-
-
 def compute_weight_spectra(
     store: Store,
     match: str | Sequence[str] | None = None,
@@ -82,6 +71,7 @@ def compute_weight_spectra(
     heads: int | None = None,
     device: str = "auto",
     cache: bool = True,
+    progress: bool = False,
 ) -> xr.Dataset:
     """Singular values of 2-D weights at every checkpoint; see :meth:`Run.weight_spectra`."""
     steps = store.checkpoint_steps
@@ -97,7 +87,7 @@ def compute_weight_spectra(
         names, sigma = recorded
         source = "recorded at ingest from the source tensors"
     else:
-        names, sigma = _reconstruct(store, picked, heads, device)
+        names, sigma = _reconstruct(store, picked, heads, device, progress)
         source = "theta_i = base + sum_{k<=i} d_k, float64 accumulation of float32 deltas"
     rank = sigma.shape[-1]
     keep = min(rank, top) if top else rank
@@ -140,34 +130,35 @@ def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np
     return wanted, sigma[..., :width]
 
 
-def _reconstruct(store: Store, picked, heads: int | None, device: str) -> tuple[list[str], np.ndarray]:
-    """Singular values of the picked matrices rebuilt from base + deltas at every checkpoint."""
+def _reconstruct(store: Store, picked, heads: int | None, device: str, progress: bool) -> tuple[list[str], np.ndarray]:
+    """Singular values of the picked matrices rebuilt from base + deltas at every checkpoint.
+
+    A group of adjacent tensors at a time (:func:`~.streaming.tensor_groups`),
+    each checkpoint's matrices decomposed while the next delta row is read.
+    """
     dev = resolve_device(device)
-    theta = [store.read_base(t.offset, t.offset + t.size).astype(np.float64) for t, _ in picked]
-    spans = _spans(picked, store.chunk_size)
-    sigmas: list[list[np.ndarray]] = []
-    with torch_threads(None if dev.type == "cpu" else 1):
-        _accumulate(store, picked, heads, dev, theta, spans, sigmas)
-    names = [n for n, _ in matrices_of(picked, theta, heads)]
-    rank = max(s.size for s in sigmas[0])
-    sigma = np.full((len(sigmas), len(names), rank), np.nan)
-    for k, row_values in enumerate(sigmas):
-        for j, s in enumerate(row_values):
-            sigma[k, j, : s.size] = s
+    # names and shapes, from views of a zero of each tensor's shape (no memory)
+    layout = matrices_of(picked, [np.broadcast_to(np.float64(0), (t.size,)) for t, _ in picked], heads)
+    names = [n for n, _ in layout]
+    column = {n: j for j, n in enumerate(names)}
+    rank = max(min(m.shape) for _, m in layout)
+    n_steps = store.n_deltas + 1
+    sigma = np.full((n_steps, len(names), rank), np.nan)
+    bar = progress_bar(total=n_steps * len(names), desc="weights", unit="matrix", leave=False) if progress else None
+    try:
+        with torch_threads(None if dev.type == "cpu" else 1):
+            for group in tensor_groups([t for t, _ in picked]):
+                members = [picked[i] for i in group]
+                for k, flats in enumerate(thetas(store, [t for t, _ in members])):
+                    mats = matrices_of(members, flats, heads)
+                    for (name, _), values in zip(mats, singular_values([m for _, m in mats], dev)):
+                        sigma[k, column[name], : values.size] = values
+                    if bar is not None:
+                        bar.update(len(mats))
+    finally:
+        if bar is not None:
+            bar.close()
     return names, sigma
-
-
-def _accumulate(store: Store, picked, heads, dev, theta, spans, sigmas) -> None:
-    """Singular values at every checkpoint into *sigmas*, theta rebuilt row by row in float64."""
-    for row in range(-1, store.n_deltas):
-        if row >= 0:  # theta_i = theta_{i-1} + d_i, accumulated in float64
-            for a, b, members in spans:
-                d = store.read_delta_row(row, a, b)
-                for i in members:
-                    t = picked[i][0]
-                    theta[i] += d[t.offset - a : t.offset - a + t.size]
-        mats = matrices_of(picked, theta, heads)
-        sigmas.append(singular_values([m for _, m in mats], dev))
 
 
 def matrices_of(picked, flats, heads: int | None = None) -> list[tuple[str, np.ndarray]]:

@@ -74,7 +74,10 @@ def singular_values(matrices: list[np.ndarray], device: str | torch.device = "cp
     for i, m in enumerate(matrices):
         by_shape.setdefault(m.shape, []).append(i)
     for idx in by_shape.values():
-        batch = torch.from_numpy(np.stack([matrices[i] for i in idx]).astype(np.float64)).to(device)
+        if len(idx) == 1:  # no stacked copy: a vocabulary-sized matrix is decomposed in place
+            batch = torch.from_numpy(np.ascontiguousarray(matrices[idx[0]], dtype=np.float64))[None].to(device)
+        else:
+            batch = torch.from_numpy(np.stack([matrices[i] for i in idx]).astype(np.float64)).to(device)
         m, n = batch.shape[-2:]
         if min(m, n) == 0:
             values = torch.zeros(batch.shape[:-2] + (0,), dtype=torch.float64)

@@ -1,0 +1,56 @@
+"""Weights rebuilt a group of tensors at a time, the next delta row read while the current one is decomposed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import write_run
+from safetensors.numpy import load_file
+
+import spectral_analyzer as sa
+from spectral_analyzer.store import Store, TensorEntry
+from spectral_analyzer.weights import streaming
+
+SIZES = {"a.weight": (40, 24), "b.bias": (40,), "c.weight": (24, 96), "d.weight": (30, 30), "e.weight": (200, 16)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ws")
+    paths = write_run(root / "ckpts", 6, SIZES, seed=3, scale=0.2)
+    return sa.ingest(root / "ckpts", root / "run.zarr", chunk_size=1000, progress=False), paths
+
+
+def test_groups_are_adjacent_runs_under_the_limit():
+    entries = [TensorEntry(f"t{i}", o, s, (s,), "float32") for i, (o, s) in enumerate([(50, 10), (0, 20), (20, 30), (60, 500)])]
+    assert streaming.tensor_groups(entries, limit=8 * 50) == [[1, 2], [0], [3]]  # t3 alone is over the limit
+    assert streaming.tensor_groups(entries) == [[1, 2, 0, 3]]
+
+
+def test_thetas_are_base_plus_float64_sums_of_deltas(run):
+    r, _ = run
+    store = Store.open(r.path)
+    entries = sorted(store.manifest, key=lambda t: t.offset)[1:4]
+    base = r.base.values.astype(np.float64)
+    deltas = r.deltas.values.astype(np.float64)
+    for k, flats in enumerate(streaming.thetas(store, entries)):
+        want = base + deltas[:k].sum(axis=0)
+        for t, got in zip(entries, flats):
+            np.testing.assert_array_equal(got, want[t.offset : t.offset + t.size])
+    assert k == store.n_deltas
+
+
+@pytest.mark.parametrize("limit", [1, 8 * 40 * 24])
+def test_grouping_does_not_change_the_spectra(run, monkeypatch, limit):
+    """One group per tensor, or a few, give the same values as all at once, and match the checkpoints' own SVD."""
+    r, paths = run
+    whole = r.weight_spectra(cache=False)
+    monkeypatch.setattr(streaming, "GROUP_BYTES", limit)
+    grouped = r.weight_spectra(cache=False)
+    np.testing.assert_array_equal(grouped["sigma"].values, whole["sigma"].values)
+    for k, path in enumerate(paths):
+        state = load_file(str(path))
+        for name in ("a.weight", "c.weight", "d.weight", "e.weight"):
+            want = np.linalg.svd(state[name].astype(np.float64), compute_uv=False)
+            got = grouped["sigma"].sel(matrix=name).values[k, : want.size]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * want[0])
