@@ -55,3 +55,31 @@ def test_torch_threads_are_set_for_the_block_and_restored():
     with torch_threads(1) as n:
         assert n == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def _spiked(m: int, n: int, spikes, rng) -> np.ndarray:
+    """Planted leading values over a Marchenko-Pastur bulk of edge about 1 + sqrt(n / m)."""
+    u, _ = np.linalg.qr(rng.standard_normal((m, len(spikes))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, len(spikes))))
+    return (u * np.asarray(spikes)) @ v.T + rng.standard_normal((m, n)) / np.sqrt(m)
+
+
+@pytest.mark.parametrize("shape", [(2000, 300), (300, 2000)])
+def test_top_k_by_subspace_iteration_to_its_stated_tolerance(shape):
+    import torch
+
+    from spectral_analyzer.weights.kernel import TOP_TOLERANCE, top_singular_values
+
+    rng = np.random.default_rng(shape[0])
+    w = _spiked(*shape, [40, 25, 20, 12, 8], rng)
+    want = np.linalg.svd(w, compute_uv=False)
+    got = top_singular_values(torch.from_numpy(w), 4)
+    assert got is not None  # a clear gap after the 4th value: converges within the dense path's cost
+    assert np.max(np.abs(got.numpy() - want[:4])) <= TOP_TOLERANCE * want[0]
+    # no gap (a pure bulk): it gives up and the dense path answers, to the dense path's tolerance
+    bulk = rng.standard_normal(shape)
+    assert top_singular_values(torch.from_numpy(bulk), 4) is None
+    (values,) = singular_values([bulk], top=4)
+    np.testing.assert_allclose(values, np.linalg.svd(bulk, compute_uv=False)[:4], rtol=0, atol=TOLERANCE * values[0])
+    (values,) = singular_values([w], top=4)
+    assert values.shape == (4,) and np.max(np.abs(values - want[:4])) <= TOP_TOLERANCE * want[0]

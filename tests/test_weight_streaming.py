@@ -54,3 +54,12 @@ def test_grouping_does_not_change_the_spectra(run, monkeypatch, limit):
             want = np.linalg.svd(state[name].astype(np.float64), compute_uv=False)
             got = grouped["sigma"].sel(matrix=name).values[k, : want.size]
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * want[0])
+
+
+def test_top_keeps_the_leading_values_and_the_whole_matrix_stable_rank(run):
+    r, _ = run
+    whole = r.weight_spectra(cache=False)
+    top = r.weight_spectra(top=2, cache=False)
+    assert top.sizes["rank"] == 2
+    np.testing.assert_allclose(top["sigma"].values, whole["sigma"].values[..., :2], rtol=1e-12)
+    np.testing.assert_allclose(top["stable_rank"].values, whole["stable_rank"].values, rtol=1e-12)

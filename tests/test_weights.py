@@ -133,7 +133,8 @@ def test_cli_weights_and_grokking(runs, tmp_path):
     assert lines[-1].startswith("grokked: 1 of 2 runs; earliest at step 1400")
     csv = (tmp_path / "g.csv").read_text().splitlines()
     assert csv[0].startswith("run,grokked,grok_step") and len(csv) == 3
-    result = runner.invoke(main, ["weights", runs["wd1"].path, "--match", WQ, "--top", "4", "-o", str(tmp_path / "w.csv")])
+    result = runner.invoke(main, ["weights", runs["wd1"].path, "--match", WQ, "--top", "4", "--no-progress",
+                                 "-o", str(tmp_path / "w.csv")])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[2].split()[:2] == ["0", WQ]
     header = (tmp_path / "w.csv").read_text().splitlines()[0].split(",")

@@ -85,13 +85,14 @@ def compute_weight_spectra(
     recorded = _from_record(store, picked, heads)
     if recorded is not None:
         names, sigma = recorded
+        frobenius2 = None
         source = "recorded at ingest from the source tensors"
     else:
-        names, sigma = _reconstruct(store, picked, heads, device, progress)
+        names, sigma, frobenius2 = _reconstruct(store, picked, heads, device, progress, top)
         source = "theta_i = base + sum_{k<=i} d_k, float64 accumulation of float32 deltas"
     rank = sigma.shape[-1]
     keep = min(rank, top) if top else rank
-    stats = matrix_stats(sigma)
+    stats = matrix_stats(sigma, frobenius2)
     ds = xr.Dataset(
         {
             "sigma": (("step", "matrix", "rank"), sigma[..., :keep]),
@@ -130,8 +131,11 @@ def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np
     return wanted, sigma[..., :width]
 
 
-def _reconstruct(store: Store, picked, heads: int | None, device: str, progress: bool) -> tuple[list[str], np.ndarray]:
-    """Singular values of the picked matrices rebuilt from base + deltas at every checkpoint.
+def _reconstruct(
+    store: Store, picked, heads: int | None, device: str, progress: bool, top: int | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Singular values (the *top* ones, if given) and squared Frobenius norms of the picked matrices
+    rebuilt from base + deltas at every checkpoint.
 
     A group of adjacent tensors at a time (:func:`~.streaming.tensor_groups`),
     each checkpoint's matrices decomposed while the next delta row is read.
@@ -142,8 +146,10 @@ def _reconstruct(store: Store, picked, heads: int | None, device: str, progress:
     names = [n for n, _ in layout]
     column = {n: j for j, n in enumerate(names)}
     rank = max(min(m.shape) for _, m in layout)
+    rank = min(rank, top) if top else rank
     n_steps = store.n_deltas + 1
     sigma = np.full((n_steps, len(names), rank), np.nan)
+    frobenius2 = np.zeros((n_steps, len(names)))
     bar = progress_bar(total=n_steps * len(names), desc="weights", unit="matrix", leave=False) if progress else None
     try:
         with torch_threads(None if dev.type == "cpu" else 1):
@@ -151,14 +157,15 @@ def _reconstruct(store: Store, picked, heads: int | None, device: str, progress:
                 members = [picked[i] for i in group]
                 for k, flats in enumerate(thetas(store, [t for t, _ in members])):
                     mats = matrices_of(members, flats, heads)
-                    for (name, _), values in zip(mats, singular_values([m for _, m in mats], dev)):
+                    for (name, m), values in zip(mats, singular_values([m for _, m in mats], dev, top)):
                         sigma[k, column[name], : values.size] = values
+                        frobenius2[k, column[name]] = np.einsum("ij,ij->", m, m)
                     if bar is not None:
                         bar.update(len(mats))
     finally:
         if bar is not None:
             bar.close()
-    return names, sigma
+    return names, sigma, frobenius2
 
 
 def matrices_of(picked, flats, heads: int | None = None) -> list[tuple[str, np.ndarray]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["matrix_stats", "singular_values", "split_packed"]
+__all__ = ["matrix_stats", "singular_values", "split_packed", "top_singular_values"]
 
 
 def split_packed(name: str, weight: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -60,7 +60,51 @@ def _gram_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sigma, fallback
 
 
-def singular_values(matrices: list[np.ndarray], device: str | torch.device = "cpu") -> list[np.ndarray]:
+# top=k: block subspace iteration with Rayleigh-Ritz (the randomized range finder with power
+# iterations), never forming the Gram. With Q an orthonormal basis of A V and Q^T A = U_b S V_b^T, the
+# Ritz triplets (s_j, u_j = Q U_b e_j, v_j = V_b e_j) satisfy A^T u_j = s_j v_j exactly, and the
+# residual r_j = A v_j - s_j u_j comes for free from the next iteration's product A V. Then
+# [u_j; v_j] / sqrt(2) is an approximate eigenvector of [[0, A], [A^T, 0]] with residual ||r_j|| / sqrt(2):
+# a singular value of A lies within ||r_j|| / sqrt(2) of s_j (and s_j <= sigma_j, by interlacing). The
+# iteration stops when every one of the top k is within TOP_TOLERANCE * s_1 by that bound; if it would
+# cost more flops than the dense path before converging (spectra without a gap after the k-th value
+# converge slowly), the dense path answers instead.
+TOP_TOLERANCE = 1e-10
+OVERSAMPLE = 8
+_TOP_SEED = 20261201
+
+
+def top_singular_values(a: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The *k* largest singular values of the float64 matrix *a* to TOP_TOLERANCE * sigma_1, or None.
+
+    None when the subspace iteration would cost more than the dense path
+    (Gram and ``eigvalsh``, 2 m n^2 flops) before meeting the tolerance.
+    Cost per iteration: about 4 m n q + 4 m q^2 flops, q = k + OVERSAMPLE.
+    """
+    if a.shape[0] < a.shape[1]:
+        a = a.mT
+    m, n = a.shape
+    q = min(n, k + OVERSAMPLE)
+    if 4 * q > n:
+        return None
+    budget = int(2 * m * n * n // (4 * m * n * q + 4 * m * q * q))
+    gen = torch.Generator(device=a.device).manual_seed(_TOP_SEED)
+    v = torch.linalg.qr(torch.randn(n, q, dtype=a.dtype, device=a.device, generator=gen)).Q
+    y = a @ v
+    for _ in range(budget):
+        qb = torch.linalg.qr(y).Q
+        ub, s, vbt = torch.linalg.svd(qb.mT @ a, full_matrices=False)  # the Rayleigh-Ritz step, q x n
+        v = vbt.mT
+        y = a @ v  # the next basis, and the residuals of this one
+        residual = torch.linalg.vector_norm(y[:, :k] - (qb @ ub[:, :k]) * s[:k], dim=0) / 2**0.5
+        if bool((residual <= TOP_TOLERANCE * s[0]).all()):
+            return s[:k]
+    return None
+
+
+def singular_values(
+    matrices: list[np.ndarray], device: str | torch.device = "cpu", top: int | None = None
+) -> list[np.ndarray]:
     """Singular values (descending, float64) of each matrix; matrices of one shape go in one batch.
 
     A matrix at least ``ASPECT`` times longer than wide goes through its
@@ -68,8 +112,24 @@ def singular_values(matrices: list[np.ndarray], device: str | torch.device = "cp
     vectors, with a full SVD for a matrix whose condition number makes the
     Gram inexact: every value to ``TOLERANCE`` relative to sigma_1 (see the
     bound above this function). Near-square matrices take ``svdvals``.
+    With *top*, only the top values are returned, through
+    :func:`top_singular_values` where that is cheaper and converges (to
+    ``TOP_TOLERANCE`` relative to sigma_1), else from the full spectrum.
     """
     out: list[np.ndarray | None] = [None] * len(matrices)
+    if top:
+        rest = []
+        for i, m in enumerate(matrices):
+            found = None
+            if min(m.shape) > top:
+                found = top_singular_values(torch.from_numpy(np.asarray(m, dtype=np.float64)).to(device), top)
+            if found is None:
+                rest.append(i)
+            else:
+                out[i] = found.cpu().numpy()
+        for i, values in zip(rest, singular_values([matrices[i] for i in rest], device)):
+            out[i] = values[:top]
+        return out  # type: ignore[return-value]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(matrices):
         by_shape.setdefault(m.shape, []).append(i)
@@ -93,8 +153,12 @@ def singular_values(matrices: list[np.ndarray], device: str | torch.device = "cp
     return out  # type: ignore[return-value]
 
 
-def matrix_stats(sigma: np.ndarray) -> dict[str, np.ndarray]:
-    """From singular values (..., rank), NaN-padded: sigma1/sigma2, g12, g23, stable rank ||W||_F^2 / sigma1^2."""
+def matrix_stats(sigma: np.ndarray, frobenius2: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """From singular values (..., rank), NaN-padded: sigma1/sigma2, g12, g23, stable rank ||W||_F^2 / sigma1^2.
+
+    ``||W||_F^2`` is the sum of the squared singular values unless given (*frobenius2*: the top values only
+    were computed).
+    """
     s1, s2 = sigma[..., 0], sigma[..., 1] if sigma.shape[-1] > 1 else np.full(sigma.shape[:-1], np.nan)
     s3 = sigma[..., 2] if sigma.shape[-1] > 2 else np.full(sigma.shape[:-1], np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -102,5 +166,5 @@ def matrix_stats(sigma: np.ndarray) -> dict[str, np.ndarray]:
             "sigma_ratio_12": s1 / s2,
             "g12": s1 - s2,
             "g23": s2 - s3,
-            "stable_rank": np.nansum(sigma**2, axis=-1) / s1**2,
+            "stable_rank": (np.nansum(sigma**2, axis=-1) if frobenius2 is None else frobenius2) / s1**2,
         }
