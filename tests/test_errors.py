@@ -171,7 +171,7 @@ def test_unwritable_output_names_the_path(small, tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(export_module, "_write_records", denied)
-    result = CliRunner().invoke(main, ["weights", small["store"], "-o", str(target)])
+    result = CliRunner().invoke(main, ["weights", small["store"], "--no-progress", "-o", str(target)])
     assert _one_line_error(result, printed_before=True) == f"Error: {target}: cannot write (Permission denied)"
 
 
