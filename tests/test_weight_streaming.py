@@ -63,3 +63,21 @@ def test_top_keeps_the_leading_values_and_the_whole_matrix_stable_rank(run):
     assert top.sizes["rank"] == 2
     np.testing.assert_allclose(top["sigma"].values, whole["sigma"].values[..., :2], rtol=1e-12)
     np.testing.assert_allclose(top["stable_rank"].values, whole["stable_rank"].values, rtol=1e-12)
+
+
+def test_stacked_experts_are_decomposed_one_matrix_each(tmp_path):
+    """A 3-D ``experts`` tensor (E, d, d_ff) is E matrices; a 3-D tensor of another kind (a conv kernel) is not."""
+    sizes = {"mlp.experts.gate_up_proj": (3, 16, 40), "conv.weight": (8, 4, 3), "head.weight": (10, 16)}
+    paths = write_run(tmp_path / "ckpts", 3, sizes, seed=5, scale=0.3)
+    r = sa.ingest(tmp_path / "ckpts", tmp_path / "moe.zarr", progress=False)
+    ws = r.weight_spectra(cache=False)
+    names = list(ws["matrix"].values)
+    experts = [f"mlp.experts.gate_up_proj[expert {e}]" for e in range(3)]
+    assert sorted(names) == sorted(experts + ["head.weight"])  # conv.weight is not a stack of matrices
+    for k, path in enumerate(paths):
+        stack = load_file(str(path))["mlp.experts.gate_up_proj"].astype(np.float64)
+        for e in range(3):
+            want = np.linalg.svd(stack[e], compute_uv=False)
+            got = ws["sigma"].sel(matrix=f"mlp.experts.gate_up_proj[expert {e}]").values[k, : want.size]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * want[0])
+    assert list(r.weight_spectra(experts[1], cache=False)["matrix"].values) == [experts[1]]

@@ -21,7 +21,7 @@ from ..threads import torch_threads
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
 from .streaming import tensor_groups, thetas
 
-__all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra", "find_wq", "select_weights"]
+__all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra", "expert_matrices", "find_wq", "select_weights"]
 
 WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.weight", "*attn.q.weight")
 
@@ -33,20 +33,38 @@ def _matches(name: str, globs: Sequence[str]) -> bool:
     )
 
 
+def expert_matrices(manifest: Sequence[TensorEntry]) -> list[TensorEntry]:
+    """The 2-D tensors, with each stacked mixture-of-experts tensor as its experts' matrices.
+
+    A 3-D tensor whose name contains ``experts`` (``mlp.experts.gate_up_proj``
+    of shape (experts, d, d_ff), as recent Hugging Face MoE models store them)
+    is E matrices, ``name[expert i]``, each a contiguous slice of it: each is
+    rebuilt and decomposed on its own, never the whole stack in float64.
+    """
+    out = []
+    for t in manifest:
+        if len(t.shape) == 2:
+            out.append(t)
+        elif len(t.shape) == 3 and "experts" in t.name:
+            experts, rows, cols = t.shape
+            size = rows * cols
+            out += [TensorEntry(f"{t.name}[expert {e}]", t.offset + e * size, size, (rows, cols), t.dtype)
+                    for e in range(experts)]
+    return out
+
+
 def select_weights(manifest: Sequence[TensorEntry], match) -> list[tuple[TensorEntry, list[str]]]:
-    """2-D tensors to reconstruct, each with the names of the matrices taken from it."""
+    """2-D tensors (and experts' matrices) to reconstruct, each with the names of the matrices taken from it."""
     globs = None if match is None else ([match] if isinstance(match, str) else list(match))
     picked = []
-    for t in manifest:
-        if len(t.shape) != 2:
-            continue
+    for t in expert_matrices(manifest):
         parts = [n for n, _ in split_packed(t.name, np.empty(t.shape, dtype=np.bool_))]
         if globs is not None and not _matches(t.name, globs):
             parts = [n for n in parts if _matches(n, globs)]
         if parts:
             picked.append((t, parts))
     if not picked:
-        shown = ", ".join(t.name for t in manifest if len(t.shape) == 2)[:200] or "none"
+        shown = ", ".join(t.name for t in expert_matrices(manifest))[:200] or "none"
         raise SelectionError(f"no 2-D weight matches {globs!r} (2-D weights: {shown})")
     return picked
 
