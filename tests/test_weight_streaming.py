@@ -81,3 +81,16 @@ def test_stacked_experts_are_decomposed_one_matrix_each(tmp_path):
             got = ws["sigma"].sel(matrix=f"mlp.experts.gate_up_proj[expert {e}]").values[k, : want.size]
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * want[0])
     assert list(r.weight_spectra(experts[1], cache=False)["matrix"].values) == [experts[1]]
+
+
+def test_esd_summaries_of_every_matrix_and_none_with_top(run):
+    from spectral_analyzer.weights.esd import esd_summary
+
+    r, _ = run
+    ws = r.weight_spectra(cache=False)
+    for name, shape in (("a.weight", (40, 24)), ("e.weight", (200, 16))):
+        want = esd_summary(ws["sigma"].sel(matrix=name).values[..., : min(shape)], shape)
+        for key, var in (("alpha", "pl_alpha"), ("n_outliers", "n_outliers"), ("mp_edge", "mp_edge")):
+            np.testing.assert_array_equal(ws[var].sel(matrix=name).values, want[key])
+    assert np.isfinite(ws["pl_alpha"].sel(matrix="e.weight").values).all()
+    assert "pl_alpha" not in r.weight_spectra(top=2, cache=False)

@@ -18,6 +18,7 @@ from ..progress import progress_bar
 from ..store import Store, TensorEntry
 from ..attributes import describe
 from ..threads import torch_threads
+from .esd import esd_summary
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
 from .streaming import tensor_groups, thetas
 
@@ -111,6 +112,11 @@ def compute_weight_spectra(
     rank = sigma.shape[-1]
     keep = min(rank, top) if top else rank
     stats = matrix_stats(sigma, frobenius2)
+    if not top:  # the ESD summaries need every singular value
+        shapes = dict(_matrix_shapes(picked, heads))
+        esd = esd_summary(sigma, np.array([shapes[n] for n in names]).reshape(len(names), 2))
+        esd["pl_alpha"] = esd.pop("alpha")  # "alpha" is the paper's stability coefficient elsewhere
+        stats.update((k, v) for k, v in esd.items() if k != "stable_rank")
     ds = xr.Dataset(
         {
             "sigma": (("step", "matrix", "rank"), sigma[..., :keep]),
@@ -133,6 +139,11 @@ def compute_weight_spectra(
     if cache:
         store.cache_result(name, ds)
     return ds
+
+
+def _matrix_shapes(picked, heads: int | None) -> list[tuple[str, tuple[int, int]]]:
+    """Each picked matrix's name and shape, from views of a zero of each tensor's shape (no memory)."""
+    return [(n, m.shape) for n, m in matrices_of(picked, [np.broadcast_to(np.float64(0), (t.size,)) for t, _ in picked], heads)]
 
 
 def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np.ndarray] | None:
@@ -159,11 +170,10 @@ def _reconstruct(
     each checkpoint's matrices decomposed while the next delta row is read.
     """
     dev = resolve_device(device)
-    # names and shapes, from views of a zero of each tensor's shape (no memory)
-    layout = matrices_of(picked, [np.broadcast_to(np.float64(0), (t.size,)) for t, _ in picked], heads)
+    layout = _matrix_shapes(picked, heads)
     names = [n for n, _ in layout]
     column = {n: j for j, n in enumerate(names)}
-    rank = max(min(m.shape) for _, m in layout)
+    rank = max(min(shape) for _, shape in layout)
     rank = min(rank, top) if top else rank
     n_steps = store.n_deltas + 1
     sigma = np.full((n_steps, len(names), rank), np.nan)
