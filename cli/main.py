@@ -628,19 +628,21 @@ def demo(output, source, window, overwrite):
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="[default: 6000 modular, 3000 dyck]")
 @click.option("--every", type=click.IntRange(min=1), default=100, show_default=True, help="Checkpoint interval.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True, help="Transformer blocks.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads [default: 1, faster for these small models on a shared CPU].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def train_example(output, task, operation, modulus, weight_decay, steps, every, seed, threads, progress):
+def train_example(output, task, operation, modulus, weight_decay, steps, every, seed, layers, threads, progress):
     """Train a grokking example and save HF-Trainer-style checkpoints into OUTPUT."""
     from spectral_analyzer import examples
 
     if task == "modular":
         config = examples.ModularConfig(p=modulus, operation=operation, weight_decay=weight_decay,
-                                        steps=steps or 6000, every=every, seed=seed)
+                                        steps=steps or 6000, every=every, seed=seed, layers=layers)
         examples.train_modular(output, config, progress=progress, threads=threads)
     else:
-        config = examples.DyckConfig(weight_decay=weight_decay, steps=steps or 3000, every=every, seed=seed)
+        config = examples.DyckConfig(weight_decay=weight_decay, steps=steps or 3000, every=every, seed=seed,
+                                     layers=layers)
         examples.train_dyck(output, config, progress=progress, threads=threads)
     state = sorted(Path(output).glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))[-1]
     last = json.loads((state / "trainer_state.json").read_text())["log_history"][-1]
