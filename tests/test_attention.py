@@ -439,3 +439,11 @@ def test_model_config_is_kept_at_ingest_and_a_bad_one_ignored(tmp_path):
     assert "model_config" not in run.provenance
     with pytest.raises(sa.HeadCountError, match="pass heads=H"):
         run.attention_spectra()
+
+
+def test_recorder_keeps_a_transformers_models_config(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    model.config = type("Config", (), {"to_dict": lambda self: {"n_head": 2, "n_embd": 4, "use_cache": True}})()
+    recorder = sa.Recorder(tmp_path / "live.zarr", model)
+    recorder.record(0)
+    assert sa.open_run(tmp_path / "live.zarr").provenance["model_config"] == {"n_head": 2, "n_embd": 4}
