@@ -542,27 +542,76 @@ def weights(store, match, top, heads, device, output, overwrite, progress, quiet
 
 
 @main.command()
+@click.argument("store", required=False, envvar=STORE_ENV, default=DEFAULT_STORE)
+@click.option("--layer", multiple=True, metavar="GLOB",
+              help="Attention layers (module prefix or query matrix) to analyse (repeatable) [default: all].")
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="Query heads per layer [default: from the model config kept at ingest].")
+@click.option("--device", default="auto", show_default=True, callback=_device)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
+@click.option("--overwrite", is_flag=True)
+@_QUIET
+def attention(store, layer, heads, device, output, overwrite, quiet):
+    """QK and OV circuit spectra of every attention head at every checkpoint."""
+    from spectral_analyzer.exporting import check_output, export
+
+    if output:
+        check_output(output, overwrite=overwrite)
+    run = _open_run(store)
+    ds = run.attention_spectra(list(layer) or None, heads=heads, device=device)
+    if output:
+        export(ds, output, overwrite=overwrite)
+        click.echo(f"wrote {output}")
+    if quiet:
+        return
+    rank = ds.sizes["rank"]
+    lam, qk, ov = ds["qk_eig_abs"].values, ds["qk_sigma"].values, ds["ov_sigma"].values
+    rows = []
+    for i, name in enumerate(ds["layer"].values):
+        for h in range(int(ds["n_heads"].values[i])):
+            for t, step in enumerate(ds["step"].values):
+                rows.append([str(int(step)), printable(str(name)), str(h)]
+                            + [_format(float(lam[t, i, h, j])) if j < rank else MISSING for j in range(3)]
+                            + [_format(float(ds["qk_ratio_12"].values[t, i, h])),
+                               _format(float(ds["qk_gap_23"].values[t, i, h])),
+                               _format(float(qk[t, i, h, 0])), _format(float(ov[t, i, h, 0]))])
+    _echo_table(["step", "layer", "head", "|l1|", "|l2|", "|l3|", "|l1|/|l2|", "|l2|-|l3|", "qk_s1", "ov_s1"], rows)
+    click.echo("|lj|: moduli of the eigenvalues of the QK circuit W_Q^h^T W_K^h; qk_s1, ov_s1: largest singular "
+               "values of the QK and OV (W_O^h W_V^h) circuits; -: not defined")
+
+
+@main.command()
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--metric", default="test_acc", show_default=True, help="The accuracy metric that defines grokking.")
 @click.option("--threshold", type=float, default=0.95, show_default=True)
 @click.option("-w", "--window", type=click.IntRange(min=3), default=10, show_default=True)
-@click.option("--wq", default=None, metavar="GLOB", help="The W_Q matrix [default: first q projection found].")
+@click.option("--wq", default=None, metavar="GLOB",
+              help="The W_Q matrix [default: first q projection found]; with --operator qk, its layer.")
+@click.option("--operator", type=click.Choice(["trajectory", "qk"]), default="trajectory", show_default=True,
+              help="trajectory: the window Gram of the updates; qk: eigenvalues of the QK circuits, per head.")
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="With --operator qk: query heads per layer [default: from the model config].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
 @click.option("--overwrite", is_flag=True)
 @_QUIET
-def grokking(stores, metric, threshold, window, wq, output, overwrite, quiet):
-    """One summary row per run: did it grok, when, and what the spectrum did before."""
+def grokking(stores, metric, threshold, window, wq, operator, heads, output, overwrite, quiet):
+    """One summary row per run (per head with --operator qk): did it grok, when, and what the spectrum did before."""
     import xarray as xr
     from spectral_analyzer.exporting import check_output, export
 
     if output:
         check_output(output, overwrite=overwrite)
-    summaries = [_open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq) for s in stores]
+    options = {"operator": "qk", "heads": heads} if operator == "qk" else {}
+    summaries = [_open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq, **options)
+                 for s in stores]
     if output:
         table = xr.concat(summaries, dim="run", combine_attrs="drop_conflicts").assign_coords(run=list(stores))
         export(table, output, overwrite=overwrite)
         click.echo(f"wrote {output}")
     if quiet:
+        return
+    if operator == "qk":
+        _print_qk_grokking(stores, summaries, metric, threshold)
         return
     header = ["store", "grokked", "grok_step", "g23_decline", "R_early", "R_grok", "k*", "WQ s1/s2 grok", "WQ s1/s2 end"]
     rows = [
@@ -580,6 +629,24 @@ def grokking(stores, metric, threshold, window, wq, output, overwrite, quiet):
         click.echo(f"grokked: {len(grokked)} of {len(stores)} runs; earliest at step {step} ({printable(where)})")
     else:
         click.echo(f"grokked: none of {len(stores)} runs")
+
+
+def _print_qk_grokking(stores, summaries, metric: str, threshold: float) -> None:
+    """One row per run and head of the QK-operator grokking summaries."""
+    rows = []
+    for s, g in zip(stores, summaries):
+        grokked = bool(g["grokked"])
+        for h in g["head"].values:
+            part = g.sel(head=h)
+            rows.append([printable(s), printable(g.attrs["layer"]), str(int(h)), "yes" if grokked else "no",
+                         str(int(g["grok_step"])) if grokked else MISSING]
+                        + [_format(float(part[k])) for k in ("qk_gap_23_decline", "qk_ratio_12_early",
+                                                             "qk_ratio_12_grok", "qk_ratio_12_end")])
+    _echo_table(["store", "layer", "head", "grokked", "grok_step", "gap23_decline", "l1/l2 early", "l1/l2 grok",
+                 "l1/l2 end"], rows)
+    click.echo(f"gap23_decline: |l2|-|l3| of W_Q^h^T W_K^h at its pre-grok peak / at grokking; l1/l2: "
+               f"|l1|/|l2|, mean before grokking, at grokking, at the end; -: not defined "
+               f"(grokked: {metric} >= {threshold})")
 
 
 @main.command()

@@ -20,6 +20,7 @@ __all__ = [
     "StoreBusyError",
     "WindowError",
     "SelectionError",
+    "HeadCountError",
     "MetricError",
     "MetricsError",
     "ExportError",
@@ -82,6 +83,10 @@ class WindowError(SpectralAnalyzerError):
 
 class SelectionError(SpectralAnalyzerError):
     """A parameter selection, grouping or head split matches nothing or does not fit."""
+
+
+class HeadCountError(SelectionError):
+    """The number of attention heads is not known (no model config, none given) or does not fit a projection."""
 
 
 class MetricError(SpectralAnalyzerError):

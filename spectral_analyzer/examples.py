@@ -113,6 +113,10 @@ def _save(out: Path, step: int, model: torch.nn.Module, history: list[dict], con
     (d / "trainer_state.json").write_text(
         json.dumps({"global_step": step, "log_history": history, "config": asdict(config)}, indent=0)
     )
+    # as transformers' save_pretrained writes it: the head count the attention-circuit spectra read at ingest
+    (d / "config.json").write_text(json.dumps(
+        {"num_attention_heads": config.heads, "hidden_size": config.d_model, "num_hidden_layers": config.layers}
+    ))
 
 
 def _prepare(output: str | os.PathLike) -> Path:

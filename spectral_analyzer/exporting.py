@@ -18,12 +18,12 @@ __all__ = ["ExportError", "check_output", "events_table", "export", "table"]
 FORMATS = (".nc", ".csv", ".json")
 
 
-KEY_DIMS = ("run", "group", "matrix", "step")
+KEY_DIMS = ("run", "group", "matrix", "layer", "head", "step")
 SPREAD_DIMS = ("mode", "rank")
 
 
 def table(ds: xr.Dataset) -> list[dict]:
-    """One record per (run, group, matrix, step) present: every variable over those dims,
+    """One record per (run, group, matrix, layer, head, step) present: every variable over those dims,
     and variables with one more ``mode`` / ``rank`` dim spread as ``sigma_1 .. sigma_W``.
     Variables over other dims (overlaps, events) are left to netCDF."""
     keys = [d for d in KEY_DIMS if d in ds.dims]

@@ -17,7 +17,7 @@ from .dynamics.coupling import correlate
 from .gram.build import DEFAULT_MAX_LAG, build_band
 from .spectra import compute_spectra
 from .store import Store
-from .weights import compute_grokking, compute_weight_spectra
+from .weights import compute_attention_spectra, compute_grokking, compute_qk_grokking, compute_weight_spectra
 
 __all__ = ["Run", "open_run"]
 
@@ -280,10 +280,75 @@ class Run:
         """
         return compute_weight_spectra(self._store, match, **options)
 
+    def attention_spectra(
+        self, layer: str | list[str] | None = None, *, heads: int | None = None, **options
+    ) -> xr.Dataset:
+        """QK and OV circuit spectra of every attention head at every checkpoint.
+
+        For head h of a layer, with W_Q^h, W_K^h, W_V^h its (d_head, d_model)
+        row blocks of the projections and W_O^h its column block of the output
+        projection:
+
+        * QK circuit W_QK^h = W_Q^h^T W_K^h (d_model x d_model, rank <=
+          d_head): the score of query token x for key token y is x^T W_QK^h y;
+        * OV circuit W_OV^h = W_O^h W_V^h (d_model x d_model, rank <= d_head).
+
+        Both are decomposed in the d_head-dimensional space, never formed:
+        singular values of A^T B are those of R_A R_B^T (QR of A^T and B^T),
+        and the nonzero eigenvalues of W_QK^h are those of W_K^h W_Q^h^T.
+        Cost per head and checkpoint O(d_model d_head^2 + d_head^3), in float64,
+        batched over heads and over layers of one shape; each attention tensor
+        is rebuilt as ``theta_i = base + sum_{k<=i} d_k`` row by row (memory:
+        8 bytes per attention parameter).
+
+        Layers are recognised by name (``nn.MultiheadAttention``'s
+        ``in_proj_weight``, GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``,
+        Llama's ``q_proj`` ..., BERT's ``self.query`` ...; see
+        :mod:`spectral_analyzer.weights.layouts`), with grouped-query attention.
+        For rotary models the circuits are those of two tokens at one position.
+
+        Parameters
+        ----------
+        layer : glob or list of globs, optional
+            Only the layers whose name (module prefix, e.g. ``layers.0.attn``)
+            or query matrix (``layers.0.attn.in_proj_weight[q]``) matches.
+        heads : int, optional
+            Query heads per layer. By default from the model config kept at
+            ingest (``num_attention_heads``, ``n_head`` or ``num_heads`` of the
+            checkpoints' ``config.json``); a store without one needs it
+            (:class:`~spectral_analyzer.HeadCountError` otherwise). Key/value
+            heads are read off the shapes.
+        **options
+            ``device``, ``cache``.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``qk_sigma``, ``ov_sigma``, ``qk_eig_abs`` (|lambda_j|) and
+            ``qk_eig_phase`` (arg lambda_j) over (step, layer, head, rank),
+            eigenvalues sorted by modulus, descending; per (step, layer, head)
+            ``qk_ratio_12`` = |lambda_1| / |lambda_2| and ``qk_gap_23`` =
+            |lambda_2| - |lambda_3|. Layer coordinates ``layout``, ``query``,
+            ``n_heads``, ``n_kv_heads``, ``d_head``. NaN pads layers with fewer
+            heads or a smaller d_head. Cached in the store.
+
+        Examples
+        --------
+        >>> att = run.attention_spectra(heads=4)                                  # doctest: +SKIP
+        >>> att.qk_gap_23.sel(layer="layers.0.attn").plot.line(x="step")         # doctest: +SKIP
+        >>> lam = att.qk_eig_abs * np.exp(1j * att.qk_eig_phase)                  # doctest: +SKIP
+        """
+        return compute_attention_spectra(self._store, layer, heads=heads, **options)
+
     def grokking(
-        self, metric: str = "test_acc", threshold: float = 0.95, window: int = 10, **options
+        self, metric: str = "test_acc", threshold: float = 0.95, window: int = 10, *, operator: str = "trajectory",
+        **options
     ) -> xr.Dataset:
         """The grokking summary: did the run grok, when, and what the spectrum did before.
+
+        ``operator="trajectory"`` (the default) summarises the window Gram of
+        the parameter updates; ``operator="qk"`` the eigenvalues of the QK
+        circuits, as the paper does for modular arithmetic (below).
 
         * ``grokked``, ``grok_step``: the first logged step where *metric*
           reaches *threshold* (NaN if never).
@@ -299,7 +364,35 @@ class Run:
           ``wq=GLOB``) at grokking and at the last checkpoint.
 
         Options: ``params`` (for the spectra), ``wq``, ``device``.
+
+        With ``operator="qk"``, per head of one attention layer (the first, in
+        natural order of names, or the first whose name or query matrix
+        matches ``wq``) and from the checkpoints, with |lambda_j| the moduli
+        of the eigenvalues of W_QK^h (:meth:`attention_spectra`); *window* is
+        not used:
+
+        * ``grokked``, ``grok_step`` as above;
+        * ``qk_gap_23_decline``: the sub-leading gap |lambda_2| - |lambda_3|
+          at its peak over the checkpoints up to the grok step
+          (``qk_gap_23_peak_step``) over its value at the last checkpoint at
+          or before the grok step (> 1: the gap closed before grokking);
+        * ``qk_ratio_12_early`` (mean over checkpoints before the grok step;
+          over all for a run that never groks), ``qk_ratio_12_grok`` and
+          ``qk_ratio_12_end``: |lambda_1| / |lambda_2|.
+
+        Per head, not pooled: heads of one layer need not agree, and a
+        pooled figure would hide that. Options: ``wq``, ``heads``, ``device``.
+
+        Examples
+        --------
+        >>> run.grokking(metric="test_acc").g23_decline                          # doctest: +SKIP
+        >>> run.grokking(operator="qk", heads=4).qk_gap_23_decline               # doctest: +SKIP
         """
+        if operator == "qk":
+            return describe(compute_qk_grokking(self._store, self.metrics, metric=metric, threshold=threshold,
+                                                **options))
+        if operator != "trajectory":
+            raise ValueError(f"unknown operator {operator!r}; use 'trajectory' or 'qk'")
         spectra = self.spectra(window=window, params=options.pop("params", None))
         return describe(compute_grokking(self._store, spectra, self.metrics, metric=metric, threshold=threshold,
                                          **options))

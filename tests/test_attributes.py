@@ -21,6 +21,8 @@ def test_every_variable_and_coordinate_of_every_result_has_a_long_name(run):
         "dynamics": run.dynamics(window=10),
         "weight spectra": run.weight_spectra(),
         "grokking": run.grokking(window=10),
+        "attention spectra": run.attention_spectra(heads=4),
+        "qk grokking": run.grokking(operator="qk", heads=4),
         "correlate": run.correlate("test_loss", window=10),
         "band": run.band(max_lag=4).to_dataset(),
         "tensors": run.tensors,

@@ -121,6 +121,7 @@ BAD_INPUT = {
     "spectra": (["spectra", "{store}", "-w", "9", "--no-progress"], "window 9 needs at least 9 deltas"),
     "dynamics": (["dynamics", "{store}", "-w", "5", "--no-progress"], "need at least 6 deltas"),
     "weights": (["weights", "{store}", "--match", "nothing*"], "no 2-D weight matches"),
+    "attention": (["attention", "{store}"], "no attention layer recognised"),
     "grokking": (["grokking", "{store}", "-w", "3", "--metric", "test_acc"], "metric 'test_acc' is not logged"),
     "report": (["report", "{store}", "-o", "{tmp}/r.html", "--metric", "acc"], "metric 'acc' is not logged"),
     "demo": (["demo", "-o", "{tmp}/full"], "exists and is not empty; pass --overwrite to replace it"),

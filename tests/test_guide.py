@@ -143,7 +143,7 @@ def test_every_guide_example_runs(tmp_path, monkeypatch):
                 assert result.exit_code == 0, f"{line}\n{result.output}"
                 ran["command"] += 1
     # the parsing found the examples: the skipped S3 spectra line is there twice, the TensorBoard log folder twice
-    assert ran == {"command": 3, "synopsis": 8, "python": 8, "repr": 1, "skipped": len(SKIPPED) + 2}, ran
+    assert ran == {"command": 4, "synopsis": 10, "python": 9, "repr": 1, "skipped": len(SKIPPED) + 2}, ran
     assert (tmp_path / "add-wd1.html").is_file() and (tmp_path / "spectra.nc").is_file()
     recorded = sa.open_run("live.zarr")  # the recording loop's store
     assert list(recorded.checkpoint_steps) == [0, 100, 200]

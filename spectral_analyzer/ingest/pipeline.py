@@ -44,6 +44,7 @@ from ..weights import matrices_of, select_weights
 from ..weights.kernel import singular_values
 from .discover import Checkpoint, discover, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
+from .model_config import read_model_config
 from .readers import KeyOptions, TensorInfo, open_checkpoint
 
 __all__ = ["ingest_store"]
@@ -368,6 +369,10 @@ def ingest_store(
                     "safetensors": __import__("safetensors").__version__,
                 },
             }
+            first = Path(planned[0].checkpoint.label)
+            model_config = read_model_config([first if first.is_dir() else first.parent, src])
+            if model_config:
+                provenance["model_config"] = model_config
             st = writer.create(manifest, chunk_size, {"provenance": provenance})
             if match is not None:
                 picked = select_weights(manifest, match)

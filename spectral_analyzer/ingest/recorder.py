@@ -24,6 +24,7 @@ from .._version import __version__
 from ..errors import RecordingWarning, StepError, StoreError
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter
 from .discover import Checkpoint
+from .model_config import attention_config
 from .pipeline import _check_consistent, _manifest, _Planned, write_rows
 from .readers import CheckpointReader, KeyOptions, _add
 
@@ -132,6 +133,11 @@ class Recorder:
             else:
                 provenance = {"source": "recorder", "options": {"chunk_size": self.chunk_size},
                               "versions": {"spectral_analyzer": __version__, "torch": torch.__version__}}
+                to_dict = getattr(getattr(self.model, "config", None), "to_dict", None)  # a transformers model's
+                config = to_dict() if callable(to_dict) else None
+                model_config = attention_config(config) if isinstance(config, Mapping) else {}
+                if model_config:
+                    provenance["model_config"] = model_config
                 store = writer.create(_manifest(reader.tensors), self.chunk_size, {"provenance": provenance})
             write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._previous)
             self._write_metrics(store)

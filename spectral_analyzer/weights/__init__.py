@@ -10,7 +10,6 @@ import xarray as xr
 from dask.base import tokenize
 
 from .._version import __version__
-from ..dynamics.coupling import MetricError
 from ..gram.build import resolve_device
 from ..groups import SelectionError
 from ..groups import natural_key
@@ -19,12 +18,16 @@ from ..store import Store, TensorEntry
 from ..attributes import describe
 from ..threads import torch_threads
 from .esd import esd_summary
+from .circuits import compute_attention_spectra
+from .grok import compute_qk_grokking, grok_point
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
 from .streaming import tensor_groups, thetas
 
-__all__ = ["WQ_PATTERNS", "compute_grokking", "compute_weight_spectra", "expert_matrices", "find_wq", "select_weights"]
+__all__ = ["WQ_PATTERNS", "compute_attention_spectra", "compute_grokking", "compute_qk_grokking",
+           "compute_weight_spectra", "expert_matrices", "find_wq", "select_weights"]
 
-WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.weight", "*attn.q.weight")
+WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.weight", "*attn.q.weight",
+               "*c_attn.weight[q]")
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
@@ -231,12 +234,7 @@ def compute_grokking(
     device: str = "auto",
 ) -> xr.Dataset:
     """The grokking summary of a run; see :meth:`Run.grokking`."""
-    if metric not in metrics:
-        raise MetricError(f"{store.path}: metric {metric!r} is not logged (metrics: {', '.join(metrics.data_vars) or 'none'})")
-    m = metrics[metric]
-    reached = np.flatnonzero(np.nan_to_num(m.values, nan=-np.inf) >= threshold)
-    grokked = reached.size > 0
-    grok_step = int(m["step"].values[reached[0]]) if grokked else np.nan
+    grokked, grok_step = grok_point(metrics, metric, threshold, store.path)
     steps = spectra["step"].values
     r = spectra["gap_ratio"].values
     lam = spectra["lambda"].values

@@ -9,14 +9,28 @@ __all__ = ["matrix_stats", "singular_values", "split_packed", "top_singular_valu
 
 
 def split_packed(name: str, weight: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Split a packed attention ``in_proj_weight`` (3E, E) into q, k, v (rows [0:E], [E:2E], [2E:3E]).
+    """Split a packed attention projection into its q, k and v matrices, named ``name[q]``, ``[k]``, ``[v]``.
 
-    This is ``nn.MultiheadAttention``'s own slicing (``w.chunk(3)``). Other
-    matrices are returned as they are.
+    * ``in_proj_weight`` (3E, E): rows [0:E], [E:2E], [2E:3E], as
+      ``nn.MultiheadAttention`` slices it (``w.chunk(3)``);
+    * ``c_attn.weight`` (E, 3E), GPT-2's ``Conv1D`` stored (in, out) and
+      applied as ``x @ W``: columns [0:E], [E:2E], [2E:3E], each returned
+      transposed, in ``nn.Linear``'s (out, in) orientation, so that head
+      blocks are row blocks here too (transposing changes no singular value);
+    * ``c_attn.weight`` (3E, E), an ``nn.Linear`` (nanoGPT): rows, as
+      ``in_proj_weight``.
+
+    Other matrices are returned as they are.
     """
-    if name.rsplit(".", 1)[-1] == "in_proj_weight" and weight.ndim == 2 and weight.shape[0] % 3 == 0:
-        e = weight.shape[0] // 3
-        return [(f"{name}[{part}]", weight[i * e : (i + 1) * e]) for i, part in enumerate("qkv")]
+    last = name.rsplit(".", 1)[-1]
+    packed = last == "in_proj_weight" or name == "c_attn.weight" or name.endswith(".c_attn.weight")
+    if packed and weight.ndim == 2:
+        rows, cols = weight.shape
+        if name.endswith("c_attn.weight") and cols == 3 * rows:
+            return [(f"{name}[{part}]", weight[:, i * rows : (i + 1) * rows].T) for i, part in enumerate("qkv")]
+        if rows % 3 == 0 and (last == "in_proj_weight" or rows == 3 * cols):
+            e = rows // 3
+            return [(f"{name}[{part}]", weight[i * e : (i + 1) * e]) for i, part in enumerate("qkv")]
     return [(name, weight)]
 
 

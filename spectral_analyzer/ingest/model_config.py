@@ -1,0 +1,57 @@
+"""The few fields of a model's ``config.json`` the analysis needs (head counts, widths), kept in provenance.
+
+A transformers checkpoint folder holds ``config.json`` beside its weights;
+the attention-circuit spectra need the head count, which the weights' shapes
+do not tell. Only positive integer fields named in :data:`FIELDS` are kept.
+A missing, unreadable, oversized or malformed ``config.json`` is no error:
+the run is ingested as before, and the head count must then be given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FIELDS", "MAX_BYTES", "attention_config", "read_model_config"]
+
+FIELDS = (
+    "num_attention_heads",  # BERT, Llama, GPT-NeoX, ...
+    "n_head",  # GPT-2
+    "num_heads",  # T5 and others
+    "num_key_value_heads",  # grouped-query attention (Llama 2 70B, Mistral, ...)
+    "head_dim",
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_hidden_layers",
+    "n_layer",
+)
+MAX_BYTES = 1 << 20  # a config.json is a few kB; a larger file is not one
+
+
+def attention_config(config: Mapping[str, Any]) -> dict[str, int]:
+    """The positive integer :data:`FIELDS` of *config* (booleans are not integers here).
+
+    Examples
+    --------
+    >>> attention_config({"n_head": 12, "n_embd": 768, "activation_function": "gelu_new", "use_cache": True})
+    {'n_head': 12, 'n_embd': 768}
+    """
+    return {k: v for k in FIELDS if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0}
+
+
+def read_model_config(folders: Sequence[Path]) -> dict[str, int]:
+    """:func:`attention_config` of the first readable ``config.json`` among *folders*; empty if none."""
+    for folder in folders:
+        path = Path(folder) / "config.json"
+        try:
+            if not path.is_file() or path.stat().st_size > MAX_BYTES:
+                continue
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(config, dict):
+            return attention_config(config)
+    return {}

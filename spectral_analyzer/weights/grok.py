@@ -1,0 +1,90 @@
+"""The grok step of a run, and the paper's modular-arithmetic quantities from the QK operator's eigenvalues."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from .._version import __version__
+from ..errors import MetricError
+from ..store import Store
+from .circuits import compute_attention_spectra, model_config
+from .layouts import find_attention_layers
+
+__all__ = ["compute_qk_grokking", "grok_point"]
+
+
+def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) -> tuple[bool, int | float]:
+    """(grokked, grok step): the first logged step where *metric* reaches *threshold* (an int; NaN if never).
+
+    Raises :class:`MetricError` naming *origin* when *metric* is not logged.
+    """
+    if metric not in metrics:
+        logged = ", ".join(map(str, metrics.data_vars)) or "none"
+        raise MetricError(f"{origin}: metric {metric!r} is not logged (metrics: {logged})")
+    m = metrics[metric]
+    reached = np.flatnonzero(np.nan_to_num(m.values, nan=-np.inf) >= threshold)
+    return (True, int(m["step"].values[reached[0]])) if reached.size else (False, np.nan)
+
+
+def _mean(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 of the finite values (NaN where there are none), without numpy's empty-slice warning."""
+    finite = np.isfinite(x)
+    count = finite.sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, np.where(finite, x, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
+
+
+def compute_qk_grokking(
+    store: Store,
+    metrics: xr.Dataset,
+    *,
+    metric: str = "test_acc",
+    threshold: float = 0.95,
+    wq: str | None = None,
+    heads: int | None = None,
+    device: str = "auto",
+) -> xr.Dataset:
+    """The QK-operator grokking summary, per head of one attention layer; see :meth:`Run.grokking`."""
+    grokked, grok_step = grok_point(metrics, metric, threshold, store.path)
+    shapes = {t.name: tuple(t.shape) for t in store.manifest}
+    layer = find_attention_layers(shapes, heads=heads, config=model_config(store), match=wq, origin=store.path)[0]
+    att = compute_attention_spectra(store, layer.name, heads=heads, device=device).sel(layer=layer.name)
+    steps = att["step"].values
+    ratio = att["qk_ratio_12"].values  # (step, head)
+    gap = att["qk_gap_23"].values
+    n_heads = ratio.shape[1]
+    decline = peak_step = ratio_grok = np.full(n_heads, np.nan)
+    at = np.flatnonzero(steps <= grok_step) if grokked else np.array([], dtype=int)
+    if at.size:
+        last = at[-1]
+        before = gap[: last + 1]
+        has = np.isfinite(before).any(axis=0)
+        peak = np.argmax(np.where(np.isfinite(before), before, -np.inf), axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            decline = np.where(has, before[peak, np.arange(n_heads)] / gap[last], np.nan)
+        peak_step = np.where(has, steps[peak].astype(float), np.nan)
+        ratio_grok = ratio[last]
+    early = _mean(ratio[steps < grok_step] if grokked else ratio)
+    ds = xr.Dataset(
+        {
+            "grokked": ((), grokked),
+            "grok_step": ((), float(grok_step)),  # NaN: never; steps as floats so that NaN can say so
+            "qk_gap_23_decline": ("head", decline),
+            "qk_gap_23_peak_step": ("head", peak_step),
+            "qk_ratio_12_early": ("head", early),
+            "qk_ratio_12_grok": ("head", ratio_grok),
+            "qk_ratio_12_end": ("head", ratio[-1]),
+        },
+        coords={"head": att["head"].values},
+    )
+    ds.attrs = {
+        "operator": "qk",
+        "metric": metric,
+        "threshold": threshold,
+        "layer": layer.name,
+        "heads": layer.heads,
+        "store": store.path,
+        "spectral_analyzer_version": __version__,
+    }
+    return ds
