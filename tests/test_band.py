@@ -104,9 +104,9 @@ def test_append_computes_only_new_band_rows(tmp_path, monkeypatch):
         (tmp_path / p.name).rename(p)
     run = sa.ingest(src, tmp_path / "r.zarr")
     read_rows, new_rows = [], []
-    real_read, real_kernel = Store.read_delta_chunk, build.band_rows
+    real_read, real_kernel = Store.read_delta_chunk, build.band_products
     monkeypatch.setattr(Store, "read_delta_chunk", lambda self, r, a, out: read_rows.append(r) or real_read(self, r, a, out))
-    monkeypatch.setattr(build, "band_rows", lambda ring, new, *a, **k: new_rows.append(len(new)) or real_kernel(ring, new, *a, **k))
+    monkeypatch.setattr(build, "band_products", lambda ring, new, *a, **k: new_rows.append(len(new)) or real_kernel(ring, new, *a, **k))
     band = run.band(max_lag=4).values
     n_chunks = -(-run.n_params // 500)
     # rows 19..28 are new; they are computed from the start of row 19's block of 8 (row 16), in

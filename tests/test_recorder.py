@@ -60,8 +60,8 @@ def test_recording_extends_the_band_incrementally(tmp_path, monkeypatch):
     from spectral_analyzer.gram import build
 
     computed = []
-    real = build.band_rows
-    monkeypatch.setattr(build, "band_rows", lambda ring, new, *a, **k: computed.append(len(new)) or real(ring, new, *a, **k))
+    real = build.band_products
+    monkeypatch.setattr(build, "band_products", lambda ring, new, *a, **k: computed.append(len(new)) or real(ring, new, *a, **k))
     band = sa.open_run(tmp_path / "live.zarr").band(max_lag=4)
     assert band.sizes["step"] == 13
     n_chunks = -(-(30 * 30 + 30) // 200)

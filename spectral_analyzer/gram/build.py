@@ -3,22 +3,28 @@
 A task per parameter chunk (and per tile of rows when there are few chunks)
 reads its column range of the delta rows a block of rows at a time into a
 ring on the computing device (:mod:`~spectral_analyzer.gram.ring`), keeps the
-last L rows as a halo, and computes the per-tensor band of each block of new
-rows with :func:`~spectral_analyzer.gram.kernel.band_rows` (torch, float64
-accumulation). Task results are tree-summed per tensor. The band is cached in
-the store and extended, not rebuilt, when deltas are appended.
+last L rows as a halo, and computes the per-tensor products of each block of
+new rows with :func:`~spectral_analyzer.gram.kernel.band_products` (torch,
+float64 accumulation, a few large operations per block whatever the number
+of tensors in the chunk). The products stay on the device and come back to
+the host once per task. Task results are tree-summed per tensor. The band is
+cached in the store and extended, not rebuilt, when deltas are appended.
 
-Memory: each task holds ``(L + BLOCK_ROWS)`` rows of one chunk in float32 (on
-cuda in device memory, with two pinned blocks of ``BLOCK_ROWS`` rows on the
-host); the local scheduler runs as many tasks at once as ``memory_limit``
-allows (at most one per core), so peak memory does not depend on p.
+Each task resolves its device where it runs (:mod:`~spectral_analyzer.devices`).
+
+Memory: on cpu each task holds ``(L + BLOCK_ROWS)`` float32 rows of one chunk
+plus a float64 column block of them, and the local scheduler runs as many
+tasks at once as ``memory_limit`` (default 1 GiB) allows, at most one per
+core, so peak memory does not depend on p. On cuda a task holds its ring in
+device memory and two pinned blocks of ``BLOCK_ROWS`` rows on the host; the
+default ``memory_limit`` is then a quarter of the host's available memory,
+and tasks are also limited by half the free device memory.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import deque
 
 import dask
 import numpy as np
@@ -27,31 +33,21 @@ from dask.base import tokenize
 from dask.callbacks import Callback
 
 from .._version import __version__
-from ..errors import DeviceError, SchedulerError, StoreError, WindowError
+from ..devices import check_device, resolve_device
+from ..errors import SchedulerError, StoreError, WindowError
 from ..store import Store
-from .kernel import COL_BLOCK, DEVICE_COL_BLOCK, band_rows
-from .ring import HostRing, StagedRing
+from .kernel import COL_BLOCK, BandPlan, band_entries, band_products, ring_width
+from .ring import HostRing, StagedRing, staged_slots
 from ..progress import progress_bar
 
-__all__ = ["BLOCK_ROWS", "DEFAULT_MAX_LAG", "build_band", "resolve_device"]
+__all__ = ["BLOCK_ROWS", "DEFAULT_MAX_LAG", "build_band"]
 
 BLOCK_ROWS = 8  # new rows per kernel call
 DEFAULT_MAX_LAG = 16
-DEFAULT_MEMORY_LIMIT = 1 << 30  # bytes of delta rows held by running tasks at once
+DEFAULT_MEMORY_LIMIT = 1 << 30  # cpu: bytes of delta rows held by running tasks at once
+HOST_SHARE = 4  # cuda: running tasks' pinned buffers take at most 1/HOST_SHARE of the available host memory
+PRODUCTS_BYTES = 64 << 20  # products a task keeps on its device before copying them back
 _MERGE_FAN_IN = 8
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is cuda when a GPU is visible, else cpu."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("cuda requested but torch sees no CUDA device; use device='cpu'")
-    return dev
 
 
 def _band_task(
@@ -69,58 +65,101 @@ def _band_task(
 ) -> dict[tuple[int, int], np.ndarray]:
     """Band rows r0..r1-1 of the tensor pieces in columns [start, stop).
 
-    Rows go into a ring of L + BLOCK_ROWS rows on the device (a
+    *device* is resolved here, on the worker that runs the task. Rows go into
+    a ring of delta rows on that device (a
     :class:`~spectral_analyzer.gram.ring.HostRing` on cpu, a
-    :class:`~spectral_analyzer.gram.ring.StagedRing` elsewhere): the last L
+    :class:`~spectral_analyzer.gram.ring.StagedRing` on cuda): the last L
     rows are the halo of each new block.
     """
+    dev = resolve_device(device)
     # torch's intra-op thread count is per OS thread (OpenMP): set it in the worker's own thread.
     torch.set_num_threads(threads)
     store = Store.open(path, storage_options=storage_options, verify=False)
     store.expect_crcs(start // store.chunk_size, crcs)
-    dev = torch.device(device)
+    pieces = [(a - start, b - start) for _, a, b in segments]
     if dev.type == "cpu":
-        ring = HostRing(store, start, stop, max_lag, BLOCK_ROWS)
+        ring = HostRing(store, start, stop, max_lag, BLOCK_ROWS, segments=pieces)
     else:
-        ring = StagedRing(store, start, stop, max_lag, BLOCK_ROWS, dev)
-    rows = _ring_band(ring, [(a - start, b - start) for _, a, b in segments], r0, r1, max_lag)
+        ring = StagedRing(store, start, stop, max_lag, BLOCK_ROWS, dev, segments=pieces)
+    rows = _ring_band(ring, r0, r1, max_lag)
     return {(t, r0): rows[s] for s, (t, _, _) in enumerate(segments)}
 
 
-def _ring_band(
-    ring: HostRing | StagedRing, segments: list[tuple[int, int]], r0: int, r1: int, max_lag: int
-) -> np.ndarray:
-    """Band rows r0..r1-1 of *segments* (columns of the ring's chunk), through *ring*.
+def _ring_band(ring: HostRing | StagedRing, r0: int, r1: int, max_lag: int) -> np.ndarray:
+    """Band rows r0..r1-1 of the ring's segments (tensor pieces of its chunk), through *ring*.
 
     The L rows before r0 land first, then the rows r0..r1-1, BLOCK_ROWS at a
-    time. Block k is computed once it and ``ring.ahead`` blocks after it have
-    landed (on cuda: their copies are queued), and each landing stages the
-    block after it: on cuda the copy of block k + 1 runs while the host reads
-    block k + 2 and then while block k is computed (the operating system
-    reading ahead the block after that).
+    time, in the order of :mod:`~spectral_analyzer.gram.ring`: block k + A
+    lands (A = ``ring.ahead``), block k is computed, then block k + A + 1 is
+    staged. On cuda the host thus reads block k + 2 from the disk while the
+    kernel of block k runs and block k + 1 is copied; the products stay on
+    the device and are copied back once, at the end (or whenever
+    :data:`PRODUCTS_BYTES` of them are held).
     """
     halo = range(max(0, r0 - max_lag), r0)
     blocks = [halo[i : i + BLOCK_ROWS] for i in range(0, len(halo), BLOCK_ROWS)]
     blocks += [range(k, min(r1, k + BLOCK_ROWS)) for k in range(r0, r1, BLOCK_ROWS)]
-    later = [*blocks, range(0), range(0)]  # nothing to stage after the last block
-    parts = []
-    landed: deque[list[int]] = deque()
+
+    def block(j: int) -> range:
+        return blocks[j] if j < len(blocks) else range(0)
+
+    ahead, plan = ring.ahead, ring.plan
     try:
-        ring.stage(later[0], later[1])
         with ring.computing():
+            held = _HeldProducts(plan.n_segments, ring.n_slots, r1 - r0, max_lag, ring.rows.device)
+            ring.stage(range(0), then=block(0))
+            ring.stage(block(0), then=block(1))
+            for j in range(ahead):
+                ring.land(block(j))
+                ring.stage(block(j + 1), then=block(j + 2))
             for k, rows in enumerate(blocks):
-                while len(landed) <= ring.ahead and k + len(landed) < len(blocks):
-                    j = k + len(landed)
-                    landed.append(ring.land(blocks[j]))
-                    ring.stage(later[j + 1], later[j + 2])
-                new = landed.popleft()
+                if k + ahead < len(blocks):
+                    ring.land(blocks[k + ahead])
                 ring.ready()
                 if rows.start >= r0:
-                    parts.append(band_rows(ring.rows, new, ring.logical, segments, max_lag))
+                    held.add(ring, rows, plan)
                     ring.release()
+                ring.stage(block(k + ahead + 1), then=block(k + ahead + 2))
+            return held.band()
     finally:
         ring.drain()
-    return np.concatenate(parts, axis=1)
+
+
+class _HeldProducts:
+    """Products of a task's blocks kept on the device, turned into band entries on the host in one copy.
+
+    Memory: ``n_segments * rows * n_slots * 8`` bytes on the device, at most
+    :data:`PRODUCTS_BYTES` (or one block's): more rows are copied back when
+    it is full.
+    """
+
+    def __init__(self, n_segments: int, n_slots: int, n_rows: int, max_lag: int, device: torch.device):
+        per_row = 8 * n_segments * n_slots
+        cap = max(BLOCK_ROWS, PRODUCTS_BYTES // per_row // BLOCK_ROWS * BLOCK_ROWS)
+        self.products = torch.zeros((n_segments, min(cap, n_rows), n_slots), dtype=torch.float64, device=device)
+        self.max_lag = max_lag
+        self.used = 0
+        self.pending: list[tuple[int, list[int], np.ndarray]] = []  # (first row in products, slots, ring.logical)
+        self.parts: list[np.ndarray] = []
+
+    def add(self, ring: HostRing | StagedRing, rows: range, plan: BandPlan) -> None:
+        if self.used + len(rows) > self.products.shape[1]:
+            self._flush()
+        slots = ring.slots(rows)
+        band_products(ring.rows, slots, plan, self.products[:, self.used : self.used + len(rows)])
+        self.pending.append((self.used, slots, ring.logical.copy()))
+        self.used += len(rows)
+
+    def _flush(self) -> None:
+        host = self.products[:, : self.used].cpu().numpy()  # waits for the kernels
+        for first, slots, logical in self.pending:
+            self.parts.append(band_entries(host[:, first : first + len(slots)], slots, logical, self.max_lag))
+        self.products[:, : self.used].zero_()
+        self.used, self.pending = 0, []
+
+    def band(self) -> np.ndarray:
+        self._flush()
+        return np.concatenate(self.parts, axis=1)
 
 
 def _merge(*parts: dict) -> dict:
@@ -198,31 +237,59 @@ class _TaskProgress(Callback):
 
 
 def local_workers(
-    chunk_size: int, max_lag: int, memory_limit: int, device: str | torch.device = "cpu", remote: bool = False
+    chunk_size: int,
+    max_lag: int,
+    memory_limit: int | None = None,
+    device: str | torch.device = "cpu",
+    remote: bool = False,
+    ring_cols: int | None = None,
 ) -> tuple[int, int]:
     """Tasks run at once by the local scheduler, and torch threads per task.
 
     On cpu a task holds ``L + BLOCK_ROWS`` float32 rows of one chunk plus a
-    float64 column block of them. On cuda those live in device memory, and the
-    task holds two pinned staging blocks of ``BLOCK_ROWS`` rows on the host.
-    Reading from object storage adds the block of rows read ahead and Zarr's
-    decoded copy of it (*remote*). As many tasks run as *memory_limit* allows
-    of host memory (and half the free device memory allows, on cuda), at most
-    one per core.
+    float64 column block of them, and the tasks share *memory_limit* (default
+    :data:`DEFAULT_MEMORY_LIMIT`). On cuda a task's host memory is its two
+    pinned staging blocks of ``BLOCK_ROWS`` rows, shared out of
+    *memory_limit* (default: the host's available memory over
+    :data:`HOST_SHARE`), and its device memory (the float64 ring, the landing
+    block, gathered columns, held products) out of half the free device
+    memory. Reading from object storage adds the block of rows read ahead
+    and Zarr's decoded copy of it (*remote*). *ring_cols* is the widest ring
+    row (:func:`~.kernel.ring_width`; default *chunk_size*). At most one
+    task per core.
     """
     dev = torch.device(device)
+    width = ring_cols or chunk_size
     block = BLOCK_ROWS * chunk_size * 4
-    ring = (max_lag + BLOCK_ROWS) * chunk_size * 4
     ahead = 2 * block if remote else 0
     cores = os.cpu_count() or 1
     if dev.type == "cuda":
+        limit = memory_limit if memory_limit is not None else _available_memory() // HOST_SHARE
         free, _ = torch.cuda.mem_get_info(dev)
-        on_device = ring + block + (max_lag + 2 * BLOCK_ROWS) * DEVICE_COL_BLOCK * 8
-        workers = min(memory_limit // (2 * block + ahead), free // 2 // on_device)
+        spread = BLOCK_ROWS * (width - chunk_size) * 8  # narrow pieces of a landing block, gathered
+        on_device = staged_slots(max_lag, BLOCK_ROWS) * width * 8 + block + spread + PRODUCTS_BYTES
+        workers = min(limit // (2 * block + ahead), free // 2 // on_device)
     else:
-        workers = memory_limit // (ring + (max_lag + BLOCK_ROWS) * COL_BLOCK * 8 + ahead)
+        limit = memory_limit if memory_limit is not None else DEFAULT_MEMORY_LIMIT
+        slots = max_lag + BLOCK_ROWS
+        workers = limit // (slots * width * 4 + 2 * slots * COL_BLOCK * 8 + ahead)
     workers = max(1, min(cores, workers))
     return workers, 1 if workers > 1 else cores
+
+
+def _available_memory() -> int:
+    """Bytes of host memory available to new allocations (``MemAvailable``; the physical memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return HOST_SHARE * DEFAULT_MEMORY_LIMIT
 
 
 def _compute_rows(
@@ -230,15 +297,21 @@ def _compute_rows(
     max_lag: int,
     r0: int,
     r1: int,
-    device: torch.device,
+    device: str | torch.device,
     scheduler,
-    memory_limit: int,
+    memory_limit: int | None,
     progress: bool,
 ) -> np.ndarray:
     chunks = _chunk_segments(store)
-    if scheduler is None:
-        workers, threads = local_workers(store.chunk_size, max_lag, memory_limit, device, store.is_remote)
-    else:  # the cluster's workers size themselves; only the number of row tiles depends on this
+    if scheduler is None:  # the tasks run in this process: the device is resolved here once, to size them
+        device = str(resolve_device(device))
+        compact = torch.device(device).type != "cpu"  # the layout of a StagedRing's rows
+        width = max(ring_width([(a - start, b - start) for _, a, b in segs], stop - start, compact)
+                    for start, stop, segs in chunks)
+        workers, threads = local_workers(store.chunk_size, max_lag, memory_limit, device, store.is_remote, width)
+    else:  # each task resolves the device on its worker, whose hardware may differ from this client's
+        device = check_device(device)
+        # the cluster's workers size themselves; only the number of row tiles depends on this
         workers, threads = local_workers(store.chunk_size, max_lag, memory_limit)[0], 1
     tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
     path = store.path if store.is_remote else os.path.abspath(store.path)  # workers may run elsewhere
@@ -247,7 +320,7 @@ def _compute_rows(
     c = store.chunk_size
     tasks = [
         dask.delayed(_band_task)(
-            path, store.storage_options, a, b, segs, t0, t1, max_lag, str(device), threads, crcs[:t1, a // c].copy(),
+            path, store.storage_options, a, b, segs, t0, t1, max_lag, device, threads, crcs[:t1, a // c].copy(),
             dask_key_name=f"_band_task-{tokenize(store.chain[t1 - 1], store.attrs['tensors'], c, a, t0, t1, max_lag)}",
         )
         for a, b, segs in chunks
@@ -297,7 +370,7 @@ def build_band(
     *,
     device: str | torch.device = "auto",
     scheduler=None,
-    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    memory_limit: int | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, int]:
     """The per-tensor band ``b_T[i, l] = <d_i[T], d_{i-l}[T]>``, computing only what is not cached.
@@ -310,11 +383,15 @@ def build_band(
         The cache is used up to the first row whose generation differs from
         this snapshot's (rows rewritten since) and extended or recomputed
         from there.
-    device : "auto", "cpu", "cuda" or a torch device
+    device : "auto", "cpu", "cuda", "cuda:N" or a torch device
+        Resolved by each task where it runs (:mod:`~spectral_analyzer.devices`):
+        with a cluster, "auto" is cuda on the workers that see a GPU.
     scheduler : None, a dask.distributed address or Client
         None runs Dask's local threaded scheduler.
-    memory_limit : int
-        Bytes of delta rows that running tasks may hold at once (local scheduler).
+    memory_limit : int, optional
+        Host bytes that running tasks may hold at once (local scheduler):
+        default 1 GiB of delta rows on cpu, and on cuda a quarter of the
+        host's available memory for pinned staging buffers.
     progress : bool
 
     Returns
@@ -336,16 +413,16 @@ def build_band(
     found = store.band_cache.lookup(max_lag)
     cached, lag = found if found is not None else (None, max_lag)
     # From the start of the block holding the first row not cached: every row is then computed in
-    # the same blocks of BLOCK_ROWS as in a build from scratch, so the band is bit-identical to it.
+    # the same blocks of BLOCK_ROWS (and ring slots) as in a build from scratch, so the band is bit-identical to it.
     start = 0 if cached is None else min(cached.shape[1], n)
     if start < n:
         start = start // BLOCK_ROWS * BLOCK_ROWS
         cached = None if cached is None else cached[:, :start]
     if start < n:
-        dev = resolve_device(device)
+        check_device(device)
         client, owned = _client(scheduler)
         try:
-            rows = _compute_rows(store, lag, start, n, dev, client, memory_limit, progress)
+            rows = _compute_rows(store, lag, start, n, device, client, memory_limit, progress)
         except OSError as exc:  # the network, permissions (a corrupt chunk is a StoreError already)
             raise StoreError(f"{store.path}: cannot read the deltas ({' '.join(str(exc).split())})") from None
         finally:

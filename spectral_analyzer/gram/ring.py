@@ -2,41 +2,52 @@
 
 A task of the band build keeps the last ``L`` rows of its chunk, the block
 being computed and (on a GPU) the block after it in a circular buffer, the
-ring, on the device that computes the band. Rows arrive a block at a time::
+ring, on the device that computes the band. Delta row i lives in slot
+``i % n_slots``, so a row has the same slot whichever row a task starts from.
+Rows arrive a block at a time (``A = ring.ahead``)::
 
-    ring.stage(block[0], then=block[1])
+    ring.stage(nothing, then=block[0]); ring.stage(block[0], then=block[1])
+    for j < A: ring.land(block[j]); ring.stage(block[j + 1], then=block[j + 2])
     for k:
-        while fewer than ring.ahead blocks past k have landed:
-            ring.land(block[j]); ring.stage(block[j + 1], then=block[j + 2])
-        ring.ready(); band_rows(ring.rows, ...); ring.release()
+        ring.land(block[k + A])
+        ring.ready(); kernel(block k); ring.release()
+        ring.stage(block[k + A + 1], then=block[k + A + 2])
 
 ``stage(rows, then)``
     bring *rows* (the block landed next) into host memory, and let the disk
     start on *then*;
 ``land(rows)``
-    start making *rows* resident in the ring, over its oldest rows, and
-    return the slots they occupy;
+    start making *rows* resident in the ring, over its oldest rows;
 ``ready()``
     the kernel about to run may read the oldest landed block;
 ``release()``
     the kernel has been given the ring: a later ``land`` may overwrite the
     slots it reads once it has run.
 
-:class:`HostRing` (cpu) reads rows straight into the ring when they land and
-only asks the operating system to start reading when they are staged: no row
-is copied, and nothing lands ahead (``ahead = 0``). :class:`StagedRing`
-(cuda; it also runs on cpu, where its stream and event operations do
-nothing) reads a staged block into one of two host buffers, pinned on cuda,
-and lands it with an asynchronous copy on a copy stream, one block ahead
-(``ahead = 1``): the copy of block k + 1 runs while the disk reads block
-k + 2 into the other buffer and while block k is computed. The compute stream waits for a block's copy only
-when that block is computed; a copy into the ring waits for the last kernel
-that read the slots it overwrites. Only the band entries come back from the device.
+:class:`HostRing` (cpu, ``A = 0``) reads rows straight into the ring when
+they land (float32, the kernel's in-place layout: only a chunk's small
+tensors are copied, into padded groups) and only asks the operating system
+to start reading when they are staged, so the disk reads block k + 1 while
+block k is computed. :class:`StagedRing` (cuda; it also runs on cpu, where
+its stream and event operations do nothing) reads a staged block into one of
+two host buffers, pinned on cuda, and lands it one block ahead (``A = 1``)
+with an asynchronous copy on a copy stream, where each row is laid out in
+the kernel's compact layout and converted to float64 once. So
+while the kernel of block k runs, the copy of block k + 1 is queued and the
+host reads block k + 2 from the disk: the kernel's launch returns at once,
+and its products stay on the device until the task ends. The compute stream
+waits for a block's copy only when that block is computed; a copy into the
+ring waits for the last kernel that read the slots it overwrites; a staging
+buffer is refilled only after its copy has finished. Each worker thread
+creates its two streams once and reuses them for every task it runs (the
+caching allocator reuses a freed block only on the stream it was allocated
+on, so fresh streams per task would keep every task's ring reserved).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import deque
 from collections.abc import Sequence
 
@@ -44,26 +55,35 @@ import numpy as np
 import torch
 
 from ..store import Store
+from .kernel import BandPlan, band_plan
 
-__all__ = ["HostRing", "StagedRing"]
+__all__ = ["HostRing", "StagedRing", "staged_slots"]
+
+
+def staged_slots(max_lag: int, block_rows: int) -> int:
+    """Slots of a :class:`StagedRing`: ``L + 2 block_rows`` (halo, block computed, block landing),
+    rounded up to whole blocks so that a block of new rows is always a run of consecutive slots."""
+    return -(-(max_lag + 2 * block_rows) // block_rows) * block_rows
 
 
 class _Ring:
-    """Which delta row each slot holds, and which slots the next rows overwrite."""
+    """Which delta row each slot holds, and the layout of a row (:class:`~.kernel.BandPlan`)."""
 
     ahead = 0  # blocks landed beyond the one being computed
 
-    def __init__(self, store: Store, start: int, n_slots: int):
+    def __init__(self, store: Store, start: int, n_slots: int, plan: BandPlan):
         self.store = store
         self.start = start
+        self.n_slots = n_slots
+        self.plan = plan
         self.logical = np.full(n_slots, -1)  # delta row in each slot, -1 for none yet
-        self._next = 0
+
+    def slots(self, rows: range) -> list[int]:
+        """The slot of each of *rows*."""
+        return [row % self.n_slots for row in rows]
 
     def _take(self, rows: range) -> list[int]:
-        """The slots of the len(rows) oldest rows, now holding *rows*."""
-        n_slots = len(self.logical)
-        slots = [(self._next + j) % n_slots for j in range(len(rows))]
-        self._next = (self._next + len(rows)) % n_slots
+        slots = self.slots(rows)
         self.logical[slots] = list(rows)
         return slots
 
@@ -80,24 +100,27 @@ class HostRing(_Ring):
         L.
     block_rows : int
         The most rows landed at once.
+    segments : sequence of (start, stop)
+        The tensor pieces, as columns of the chunk: they set the row layout.
 
-    Memory: ``(L + block_rows) * (stop - start) * 4`` bytes.
+    Memory: ``(L + block_rows) * width * 4`` bytes, ``width`` the chunk's
+    columns plus its narrow pieces padded (:func:`~.kernel.band_plan`).
     """
 
-    def __init__(self, store: Store, start: int, stop: int, max_lag: int, block_rows: int):
+    def __init__(self, store: Store, start: int, stop: int, max_lag: int, block_rows: int, *, segments):
         n_slots = max_lag + block_rows
-        super().__init__(store, start, n_slots)
-        self._host = np.zeros((n_slots, stop - start), dtype=np.float32)
+        super().__init__(store, start, n_slots, band_plan(segments, stop - start))  # in place
+        self._host = np.zeros((n_slots, self.plan.width), dtype=np.float32)
         self.rows = torch.from_numpy(self._host)
+        self._n_cols = stop - start
 
     def stage(self, rows: range, then: range) -> None:
-        self.store.prefetch_delta_chunks(rows, self.start)
+        self.store.prefetch_delta_chunks(then, self.start)
 
-    def land(self, rows: range) -> list[int]:
-        slots = self._take(rows)
-        for row, slot in zip(rows, slots):
-            self.store.read_delta_chunk(row, self.start, self._host[slot])
-        return slots
+    def land(self, rows: range) -> None:
+        for row, slot in zip(rows, self._take(rows)):
+            self.store.read_delta_chunk(row, self.start, self._host[slot, : self._n_cols])
+            self.plan.spread(self._host[slot : slot + 1])
 
     def computing(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -113,7 +136,7 @@ class HostRing(_Ring):
 
 
 class StagedRing(_Ring):
-    """A ring on *device*, filled through two host staging buffers.
+    """A float64 ring on *device*, filled through two host staging buffers.
 
     Parameters
     ----------
@@ -125,54 +148,60 @@ class StagedRing(_Ring):
     block_rows : int
         The most rows staged (and landed) at once.
     device : torch.device
+    segments : sequence of (start, stop)
+        The tensor pieces, as columns of the chunk: they set the row layout.
 
-    Memory: ``(L + 2 block_rows) * (stop - start) * 4`` bytes on *device*
-    (the halo, the block computed, the block landing), and
+    Memory: ``staged_slots(L, block_rows) * width * 8`` bytes on *device*
+    (the halo, the block computed, the block landing, in float64; ``width``
+    the chunk's columns plus its narrow pieces padded) plus a float32
+    landing block of ``block_rows`` rows there, and
     ``2 * block_rows * (stop - start) * 4`` bytes of host memory, pinned when
     *device* is cuda.
     """
 
     ahead = 1
 
-    def __init__(self, store: Store, start: int, stop: int, max_lag: int, block_rows: int, device: torch.device):
-        n_slots = max_lag + (1 + self.ahead) * block_rows
-        super().__init__(store, start, n_slots)
+    def __init__(
+        self, store: Store, start: int, stop: int, max_lag: int, block_rows: int, device: torch.device, *, segments
+    ):
+        n_slots = staged_slots(max_lag, block_rows)
+        super().__init__(store, start, n_slots, band_plan(segments, stop - start, device, compact=True))
         self._mod = torch.get_device_module(device)
-        self._copy_stream = _new_stream(device)
-        self._compute_stream = _new_stream(device)
+        self._copy_stream, self._compute_stream = thread_streams(device)
         self._copied = [self._mod.Event(), self._mod.Event()]  # the last copy out of each staging buffer
         self._computed = self._mod.Event()  # the kernel's last read of the ring
         n_cols = stop - start
         pin = device.type == "cuda"
         self._staging = [torch.empty((block_rows, n_cols), dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         self._host = [buf.numpy() for buf in self._staging]
+        with self._mod.stream(self._copy_stream):  # rows as read, and a zero column that padding gathers
+            self._landing = torch.zeros((block_rows, n_cols + 1), dtype=torch.float32, device=device)
         with self.computing():
-            self.rows = torch.zeros((n_slots, n_cols), dtype=torch.float32, device=device)
+            self.rows = torch.zeros((n_slots, self.plan.width), dtype=torch.float64, device=device)
         self._computed.record(self._compute_stream)  # the first copy into the ring waits for its zeroing
         self._staged: deque[int] = deque()  # staging buffers holding the blocks not landed yet, in order
         self._landed: deque[int] = deque()  # staging buffers of the blocks landed and not computed yet
         self._turn = 0
 
     def stage(self, rows: range, then: range) -> None:
-        if not rows:
-            return
-        b, self._turn = self._turn, 1 - self._turn
-        self._copied[b].synchronize()  # the block staged here before has left for the device
-        for j, row in enumerate(rows):
-            self.store.read_delta_chunk(row, self.start, self._host[b][j])
-        self._staged.append(b)
+        if rows:
+            b, self._turn = self._turn, 1 - self._turn
+            self._copied[b].synchronize()  # the block staged here before has left for the device
+            for j, row in enumerate(rows):
+                self.store.read_delta_chunk(row, self.start, self._host[b][j])
+            self._staged.append(b)
         self.store.prefetch_delta_chunks(then, self.start)
 
-    def land(self, rows: range) -> list[int]:
+    def land(self, rows: range) -> None:
         b = self._staged.popleft()
         slots = self._take(rows)
         with self._mod.stream(self._copy_stream):
             self._copy_stream.wait_event(self._computed)  # the kernel is done with the slots overwritten
+            self._landing[: len(rows), :-1].copy_(self._staging[b][: len(rows)], non_blocking=True)
             for a, z, j in _runs(slots):
-                self.rows[a:z].copy_(self._staging[b][j : j + z - a], non_blocking=True)
+                self.plan.land(self.rows[a:z], self._landing[j : j + z - a])  # laid out, to float64, once per row
             self._copied[b].record(self._copy_stream)
         self._landed.append(b)
-        return slots
 
     def ready(self) -> None:
         """The compute stream waits for the copy of the oldest landed block (not for the one after it)."""
@@ -189,6 +218,19 @@ class StagedRing(_Ring):
         """Wait for every copy queued: none may write into the ring after it is freed (after an error too)."""
         for event in self._copied:
             event.synchronize()
+
+
+_local = threading.local()
+
+
+def thread_streams(device: torch.device) -> tuple:
+    """The (copy, compute) streams of this thread on *device*, created on first use and then reused."""
+    mod = torch.get_device_module(device)
+    streams = _local.__dict__.setdefault("streams", {})
+    key = (mod, str(device))
+    if key not in streams:
+        streams[key] = (_new_stream(device), _new_stream(device))
+    return streams[key]
 
 
 def _new_stream(device: torch.device):

@@ -10,7 +10,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from .._version import __version__
-from ..gram.build import resolve_device
+from ..devices import resolve_device
 from ..groups import SelectionError
 from ..groups import natural_key
 from ..progress import progress_bar

@@ -11,7 +11,7 @@ from dask.base import tokenize
 
 from .._version import __version__
 from ..attributes import describe
-from ..gram.build import resolve_device
+from ..devices import resolve_device
 from ..store import Store
 from ..threads import torch_threads
 from .attention import circuit_spectra
