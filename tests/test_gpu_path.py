@@ -371,3 +371,25 @@ def test_build_on_cuda_equals_cpu(runs):
         close(build_rows(store, 6, torch.device("cuda")), build_rows(store, 6, CPU))
     workers, _ = build.local_workers(store.chunk_size, 6, build.DEFAULT_MEMORY_LIMIT, "cuda")
     assert workers >= 1
+
+
+def test_cuda_tasks_are_sized_from_host_memory_cores_and_device_memory(monkeypatch):
+    """A 16-core, 128 GB host with an H200 runs a task per core (not 4 from a 1 GiB limit); a 16 GB card
+    runs as many as half its free memory holds; an explicit memory_limit still caps them; cpu is unchanged."""
+    GB = 10**9
+    monkeypatch.setattr(build.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(build, "_available_memory", lambda: 120 * GB)
+    chunk, lag = 4 * 2**20, 16
+
+    def card(free):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, free))
+
+    card(140 * GB)
+    assert build.local_workers(chunk, lag, None, "cuda:0") == (16, 1)
+    card(15 * GB)
+    ring = build.staged_slots(lag, build.BLOCK_ROWS) * chunk * 8 + build.BLOCK_ROWS * chunk * 4 + build.PRODUCTS_BYTES
+    assert build.local_workers(chunk, lag, None, "cuda:0") == (15 * GB // 2 // ring, 1) == (5, 1)
+    card(140 * GB)
+    assert build.local_workers(chunk, lag, 1 << 30, "cuda:0") == (4, 1)  # 256 MiB of pinned buffers a task
+    assert build.local_workers(chunk, lag, None, "cpu") == (2, 1)  # 1 GiB of rings
+    assert build.local_workers(chunk, lag, None, "cpu", ring_cols=2 * chunk) == (1, 16)

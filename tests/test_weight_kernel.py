@@ -83,3 +83,51 @@ def test_top_k_by_subspace_iteration_to_its_stated_tolerance(shape):
     np.testing.assert_allclose(values, np.linalg.svd(bulk, compute_uv=False)[:4], rtol=0, atol=TOLERANCE * values[0])
     (values,) = singular_values([w], top=4)
     assert values.shape == (4,) and np.max(np.abs(values - want[:4])) <= TOP_TOLERANCE * want[0]
+
+
+def test_a_batch_is_capped_by_its_memory_budget():
+    from spectral_analyzer.weights.kernel import batch_limit
+
+    assert batch_limit((768, 768), 1 << 30) == (1 << 30) // (8 * 5 * 768 * 768)
+    assert batch_limit((30_522, 384), 1 << 20) == 1  # one matrix always goes, whatever its size
+    assert batch_limit((400, 96), 8 * (2 * 400 * 96 + 3 * 96 * 96) * 7) == 7
+
+
+def test_budgeted_batches_give_the_same_values(monkeypatch):
+    """A budget splits the matrices of a shape into batches of batch_limit, with the same values."""
+    from spectral_analyzer.weights import kernel
+    from spectral_analyzer.weights.kernel import batch_limit
+
+    rng = np.random.default_rng(5)
+    matrices = [rng.standard_normal((60, 20)) for _ in range(11)] + [rng.standard_normal((20, 20)) for _ in range(5)]
+    want = singular_values(matrices)
+    sizes = []
+    real = kernel._gram_batch
+    monkeypatch.setattr(kernel, "_gram_batch", lambda batch: sizes.append(batch.shape[0]) or real(batch))
+    budget = 8 * (2 * 60 * 20 + 3 * 20 * 20) * 4
+    got = singular_values(matrices, budget=budget)
+    assert batch_limit((60, 20), budget) == 4 and sizes == [4, 4, 3]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_the_device_path_batches_checkpoints_together(tmp_path, monkeypatch):
+    """On a GPU the matrices of many checkpoints go in one call (the held bytes); the values are those of the
+    checkpoint-at-a-time path. Run on the cpu by giving it the device path's held bytes."""
+    from conftest import write_run
+
+    import spectral_analyzer as sa
+    import spectral_analyzer.weights as weights
+
+    write_run(tmp_path / "src", 12, {"a.weight": (24, 8), "b.weight": (8, 8), "c": (5,)}, seed=3)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr")  # no weights recorded: reconstructed
+    want = run.weight_spectra(device="cpu", cache=False)
+    calls = []
+    real = weights.singular_values
+    monkeypatch.setattr(weights, "singular_values",
+                        lambda mats, dev, top=None: calls.append(len(mats)) or real(mats, dev, top))
+    monkeypatch.setattr(weights, "_held_bytes", lambda device: 5 * (24 * 8 + 8 * 8) * 8)
+    got = run.weight_spectra(device="cpu", cache=False)
+    assert calls == [10, 10, 4]  # 12 checkpoints x 2 matrices, five checkpoints a call
+    np.testing.assert_array_equal(got.sigma.values, want.sigma.values)
+    np.testing.assert_array_equal(got.stable_rank.values, want.stable_rank.values)

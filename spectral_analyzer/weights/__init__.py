@@ -21,7 +21,7 @@ from .esd import esd_summary
 from .circuits import compute_attention_spectra
 from .grok import compute_qk_grokking, grok_point
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
-from .streaming import tensor_groups, thetas
+from .streaming import GROUP_BYTES, tensor_groups, thetas
 
 __all__ = ["WQ_PATTERNS", "compute_attention_spectra", "compute_grokking", "compute_qk_grokking",
            "compute_weight_spectra", "expert_matrices", "find_wq", "select_weights"]
@@ -182,21 +182,43 @@ def _reconstruct(
     sigma = np.full((n_steps, len(names), rank), np.nan)
     frobenius2 = np.zeros((n_steps, len(names)))
     bar = progress_bar(total=n_steps * len(names), desc="weights", unit="matrix", leave=False) if progress else None
+    held = _held_bytes(dev)
+    pending: list[tuple[int, str, np.ndarray]] = []
+
+    def decompose() -> None:
+        for (k, name, _), values in zip(pending, singular_values([m for _, _, m in pending], dev, top)):
+            sigma[k, column[name], : values.size] = values
+        if bar is not None:
+            bar.update(len(pending))
+        pending.clear()
+
     try:
         with torch_threads(None if dev.type == "cpu" else 1):
             for group in tensor_groups([t for t, _ in picked]):
                 members = [picked[i] for i in group]
                 for k, flats in enumerate(thetas(store, [t for t, _ in members])):
                     mats = matrices_of(members, flats, heads)
-                    for (name, m), values in zip(mats, singular_values([m for _, m in mats], dev, top)):
-                        sigma[k, column[name], : values.size] = values
+                    for name, m in mats:
                         frobenius2[k, column[name]] = np.einsum("ij,ij->", m, m)
-                    if bar is not None:
-                        bar.update(len(mats))
+                    if not held:  # decomposed as they come: the arrays are updated in place for the next step
+                        pending += [(k, name, m) for name, m in mats]
+                        decompose()
+                        continue
+                    pending += [(k, name, m.copy()) for name, m in mats]
+                    if sum(m.nbytes for _, _, m in pending) >= held:
+                        decompose()
+                decompose()
     finally:
         if bar is not None:
             bar.close()
     return names, sigma, frobenius2
+
+
+def _held_bytes(device) -> int:
+    """Bytes of matrices collected over checkpoints before one batched decomposition: none on cpu (each
+    checkpoint as it comes); on a GPU a group's worth, so that every matrix of a shape over many checkpoints
+    goes to the device in one batch (capped by device memory in ``singular_values``)."""
+    return 0 if device.type == "cpu" else GROUP_BYTES
 
 
 def matrices_of(picked, flats, heads: int | None = None) -> list[tuple[str, np.ndarray]]:

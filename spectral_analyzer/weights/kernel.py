@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["matrix_stats", "singular_values", "split_packed", "top_singular_values"]
+from ..devices import resolve_device
+
+__all__ = ["batch_limit", "matrix_stats", "singular_values", "split_packed", "top_singular_values"]
 
 
 def split_packed(name: str, weight: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -116,8 +118,27 @@ def top_singular_values(a: torch.Tensor, k: int) -> torch.Tensor | None:
     return None
 
 
+def batch_limit(shape: tuple[int, int], budget: int) -> int:
+    """Matrices of *shape* that one batched decomposition may hold in *budget* bytes (at least 1).
+
+    Per matrix, float64: the matrix and a copy (the refinement's product,
+    or the SVD's working copy), the k x k Gram, its eigenvectors and the
+    solver's workspace of about as much again (k = the smaller side):
+    ``8 (2 m n + 3 k^2)`` bytes.
+
+    >>> batch_limit((768, 768), 1 << 30)
+    45
+    """
+    m, n = shape
+    k = min(m, n)
+    return max(1, budget // (8 * (2 * m * n + 3 * k * k)))
+
+
 def singular_values(
-    matrices: list[np.ndarray], device: str | torch.device = "cpu", top: int | None = None
+    matrices: list[np.ndarray],
+    device: str | torch.device = "cpu",
+    top: int | None = None,
+    budget: int | None = None,
 ) -> list[np.ndarray]:
     """Singular values (descending, float64) of each matrix; matrices of one shape go in one batch.
 
@@ -129,7 +150,21 @@ def singular_values(
     With *top*, only the top values are returned, through
     :func:`top_singular_values` where that is cheaper and converges (to
     ``TOP_TOLERANCE`` relative to sigma_1), else from the full spectrum.
+
+    Parameters
+    ----------
+    matrices : list of 2-D arrays
+    device : "auto", "cpu", "cuda" or "cuda:N"
+        An unavailable device is refused with a ``DeviceError``.
+    top : int, optional
+        Only the top values (above).
+    budget : int, optional
+        Bytes a batch may take on the device (:func:`batch_limit`); default
+        none on cpu, half the free device memory on cuda.
     """
+    device = resolve_device(device)
+    if budget is None and device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 2
     out: list[np.ndarray | None] = [None] * len(matrices)
     if top:
         rest = []
@@ -141,13 +176,17 @@ def singular_values(
                 rest.append(i)
             else:
                 out[i] = found.cpu().numpy()
-        for i, values in zip(rest, singular_values([matrices[i] for i in rest], device)):
+        for i, values in zip(rest, singular_values([matrices[i] for i in rest], device, budget=budget)):
             out[i] = values[:top]
         return out  # type: ignore[return-value]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(matrices):
         by_shape.setdefault(m.shape, []).append(i)
-    for idx in by_shape.values():
+    batches = []
+    for shape, idx in by_shape.items():
+        step = len(idx) if budget is None or len(shape) != 2 else batch_limit(shape, budget)
+        batches += [idx[i : i + step] for i in range(0, len(idx), step)]
+    for idx in batches:
         if len(idx) == 1:  # no stacked copy: a vocabulary-sized matrix is decomposed in place
             batch = torch.from_numpy(np.ascontiguousarray(matrices[idx[0]], dtype=np.float64))[None].to(device)
         else:
