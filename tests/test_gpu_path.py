@@ -342,6 +342,7 @@ def test_kernel_on_cuda_equals_cpu():
     close(got, want)
     got = band_rows(ring.cuda(), [19, 20, 0, 1], logical, segs, 13, col_block=4096)  # a block that wraps
     close(got, band_rows(ring, [19, 20, 0, 1], logical, segs, 13))
+    close(band_rows(ring.cuda().double(), [0, 1, 2, 3, 4], logical, segs, 13), want)  # the compact layout
 
 
 @cuda
@@ -359,9 +360,9 @@ def test_staged_ring_on_cuda_equals_cpu(runs, max_lag):
 @cuda
 def test_staged_ring_on_cuda_pins_its_staging(runs):
     store = Store.open(runs[333].path)
-    ring = StagedRing(store, 0, 333, 4, build.BLOCK_ROWS, torch.device("cuda"))
+    ring = StagedRing(store, 0, 333, 4, build.BLOCK_ROWS, torch.device("cuda"), segments=[(0, 100), (100, 333)])
     assert all(buf.is_pinned() for buf in ring._staging)
-    assert ring.rows.is_cuda
+    assert ring.rows.is_cuda and ring.rows.dtype == torch.float64 and ring.plan.compact
 
 
 @cuda
@@ -369,7 +370,7 @@ def test_build_on_cuda_equals_cpu(runs):
     for run in runs.values():
         store = Store.open(run.path)
         close(build_rows(store, 6, torch.device("cuda")), build_rows(store, 6, CPU))
-    workers, _ = build.local_workers(store.chunk_size, 6, build.DEFAULT_MEMORY_LIMIT, "cuda")
+    workers, _ = build.local_workers(store.chunk_size, 6, None, "cuda")
     assert workers >= 1
 
 

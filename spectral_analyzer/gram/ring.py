@@ -155,8 +155,8 @@ class StagedRing(_Ring):
     (the halo, the block computed, the block landing, in float64; ``width``
     the chunk's columns plus its narrow pieces padded) plus a float32
     landing block of ``block_rows`` rows there, and
-    ``2 * block_rows * (stop - start) * 4`` bytes of host memory, pinned when
-    *device* is cuda.
+    ``2 * block_rows * (stop - start + 1) * 4`` bytes of host memory, pinned
+    when *device* is cuda.
     """
 
     ahead = 1
@@ -172,10 +172,11 @@ class StagedRing(_Ring):
         self._computed = self._mod.Event()  # the kernel's last read of the ring
         n_cols = stop - start
         pin = device.type == "cuda"
-        self._staging = [torch.empty((block_rows, n_cols), dtype=torch.float32, pin_memory=pin) for _ in range(2)]
-        self._host = [buf.numpy() for buf in self._staging]
-        with self._mod.stream(self._copy_stream):  # rows as read, and a zero column that padding gathers
-            self._landing = torch.zeros((block_rows, n_cols + 1), dtype=torch.float32, device=device)
+        # rows as read, and a zero column that the layout's padding gathers
+        self._staging = [torch.zeros((block_rows, n_cols + 1), dtype=torch.float32, pin_memory=pin) for _ in range(2)]
+        self._host = [buf.numpy()[:, :n_cols] for buf in self._staging]
+        with self._mod.stream(self._copy_stream):
+            self._landing = torch.empty((block_rows, n_cols + 1), dtype=torch.float32, device=device)
         with self.computing():
             self.rows = torch.zeros((n_slots, self.plan.width), dtype=torch.float64, device=device)
         self._computed.record(self._compute_stream)  # the first copy into the ring waits for its zeroing
@@ -197,7 +198,7 @@ class StagedRing(_Ring):
         slots = self._take(rows)
         with self._mod.stream(self._copy_stream):
             self._copy_stream.wait_event(self._computed)  # the kernel is done with the slots overwritten
-            self._landing[: len(rows), :-1].copy_(self._staging[b][: len(rows)], non_blocking=True)
+            self._landing[: len(rows)].copy_(self._staging[b][: len(rows)], non_blocking=True)
             for a, z, j in _runs(slots):
                 self.plan.land(self.rows[a:z], self._landing[j : j + z - a])  # laid out, to float64, once per row
             self._copied[b].record(self._copy_stream)
