@@ -7,7 +7,7 @@ in the same run:
 
 * the read floor: every chunk file of ``deltas`` read once, sequentially,
   16 MiB at a time (cold, then warm);
-* the kernel floor: the build's own task (``_band_task``: ``band_rows`` on a
+* the kernel floor: the build's own task (``_band_task``: ``band_products`` on a
   halo of L rows and BLOCK_ROWS new rows per call) with its store replaced by
   rows already in memory, as many tasks in parallel and torch threads per
   task as the build's local scheduler uses, and one task with every core's

@@ -11,7 +11,10 @@ next block, as a band task does:
   ``preadv`` of the chunk file, its crc32c trailer checked and the
   checksum recorded at commit compared), warm page cache;
 * **raw**: the same ``preadv`` of each chunk file, no checksum: what the
-  reader costs at least.
+  reader costs at least;
+* **gil** (``--gil``): the reader with its crc32c computed by
+  ``google_crc32c`` on the numpy buffer, which holds the GIL, as the reader
+  did before: the difference the released GIL makes, in the same run.
 
 With the page cache warm the disk is out of the way: what is left is
 copying from the page cache and the crc32c, on as many cores as there are
@@ -94,9 +97,17 @@ def read_columns(store, threads: int, *, raw: bool = False, alloc=None) -> float
     return time.perf_counter() - t0
 
 
-def scaling(path: Path, thread_counts: list[int], cold: bool, repeats: int, alloc=None) -> dict:
-    """Reader and raw read rates (GB/s of chunk files) for each thread count, best of *repeats*."""
-    from spectral_analyzer.store import Store
+def _gil_crc32c(data: np.ndarray, crc: int = 0) -> int:
+    """crc32c by ``google_crc32c`` on a numpy buffer: the GIL is held for the whole call."""
+    import google_crc32c
+
+    return int(google_crc32c.extend(crc, np.ascontiguousarray(data).view(np.uint8).reshape(-1)))
+
+
+def scaling(path: Path, thread_counts: list[int], cold: bool, repeats: int, alloc=None, gil: bool = False) -> dict:
+    """Reader and raw read rates (GB/s of chunk files) for each thread count, best of *repeats* (and the reader
+    with a crc32c that holds the GIL, *gil*)."""
+    from spectral_analyzer.store import Store, chunks
     from spectral_analyzer.store.crc import releases_gil
 
     store = Store.open(path)
@@ -105,17 +116,24 @@ def scaling(path: Path, thread_counts: list[int], cold: bool, repeats: int, allo
     out: dict = {"store_bytes": nbytes, "crc32c_releases_gil": releases_gil(), "cache": {}}
     if not cold:
         read_columns(store, max(thread_counts), raw=True, alloc=alloc)  # into the page cache
+    kinds = ("reader", "raw", "gil") if gil else ("reader", "raw")
     for threads in thread_counts:
-        for kind in ("reader", "raw"):
+        for kind in kinds:
             best = float("inf")
             for _ in range(repeats):
                 if cold:
                     drop_cache(store_files(path))
                 out["cache"][f"{kind}_{threads}"] = cache_state(resident_fraction(files))
-                best = min(best, read_columns(store, threads, raw=kind == "raw", alloc=alloc))
+                real = chunks.crc32c
+                if kind == "gil":
+                    chunks.crc32c = _gil_crc32c
+                try:
+                    best = min(best, read_columns(store, threads, raw=kind == "raw", alloc=alloc))
+                finally:
+                    chunks.crc32c = real
             out[f"{kind}_{threads}_gbps"] = nbytes / best / 1e9
     for threads in thread_counts:
-        for kind in ("reader", "raw"):
+        for kind in kinds:
             out[f"{kind}_{threads}_scaling"] = out[f"{kind}_{threads}_gbps"] / out[f"{kind}_{thread_counts[0]}_gbps"]
     return out
 
@@ -131,6 +149,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2,4", help="thread counts, comma-separated (default 1,2,4)")
     ap.add_argument("--repeats", type=int, default=3, help="best of (default 3)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each read")
+    ap.add_argument("--gil", action="store_true", help="also the reader with a crc32c that holds the GIL")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_reader"))
     ap.add_argument("--keep", action="store_true", help="leave the workdir in place")
     args = ap.parse_args()
@@ -143,7 +162,7 @@ def main() -> None:
     try:
         print(f"writing {args.deltas} deltas x {args.params:,} float32 params ...", flush=True)
         make_store(path, args.deltas, args.params, args.chunk_size, SEED)
-        f = scaling(path, counts, args.cold, args.repeats)
+        f = scaling(path, counts, args.cold, args.repeats, gil=args.gil)
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -157,7 +176,8 @@ def main() -> None:
     for threads in counts:
         print(f"{threads:3d} threads   reader {f[f'reader_{threads}_gbps']:6.2f} GB/s (x{f[f'reader_{threads}_scaling']:.2f})"
               f"   raw {f[f'raw_{threads}_gbps']:6.2f} GB/s (x{f[f'raw_{threads}_scaling']:.2f})"
-              f"   [{f['cache'][f'reader_{threads}']}]")
+              + (f"   GIL held {f[f'gil_{threads}_gbps']:6.2f} GB/s (x{f[f'gil_{threads}_scaling']:.2f})" if args.gil else "")
+              + f"   [{f['cache'][f'reader_{threads}']}]")
     print(json.dumps(f))
 
 
