@@ -144,3 +144,40 @@ def test_frozen_tensor_band_is_zero(tmp_path):
     run = sa.ingest(src, tmp_path / "r.zarr", chunk_size=32)
     band = run.band(max_lag=3).sel(tensor="frozen").values
     assert np.all(band[~np.isnan(band)] == 0)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_plan_layout_holds_every_column_once_and_zero_padding(compact):
+    """Every chunk column lands where the plan says, padding stays zero, and ring_width is the plan's width."""
+    from spectral_analyzer.gram.kernel import band_plan, ring_width
+
+    rng = np.random.default_rng(4)
+    n_cols = 200_000
+    cuts = np.concatenate([[0, 50_001], np.sort(rng.choice(np.arange(50_002, n_cols), 300, replace=False)), [n_cols]])
+    segments = list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+    plan = band_plan(segments, n_cols, compact=compact, col_block=4096)
+    assert ring_width(segments, n_cols, compact) == band_plan(segments, n_cols, compact=compact).width
+    row = np.arange(1, n_cols + 1, dtype=np.float64)  # column j holds j + 1: zero only in padding
+    ring = torch.zeros((1, plan.width), dtype=torch.float64)
+    if compact:
+        plan.land(ring, torch.from_numpy(np.append(row, 0.0))[None])
+    else:
+        ring[0, :n_cols] = torch.from_numpy(row)
+        plan.spread(ring.numpy())
+    got = ring[0].numpy()
+    covered = np.zeros(plan.width, dtype=bool)
+    seen: dict[int, int] = {}
+    for s, a, w in plan.pieces:
+        j = seen[s] = seen.get(s, -1) + 1  # the j-th piece of tensor s
+        first = segments[s][0] + j * 4096 if compact else a
+        np.testing.assert_array_equal(got[a : a + w] - 1, np.arange(first, first + w))
+        covered[a : a + w] = True
+    assert seen[0] == 50_001 // 4096 - 1  # a tensor of 50,001 columns: 12 whole pieces, its rest grouped
+    for group in plan.groups:
+        area = got[group.start : group.start + len(group.segments) * group.width].reshape(-1, group.width)
+        for seg, cols in zip(group.segments.tolist(), area):
+            a, b = segments[seg]
+            tail = cols[cols > 0] - 1
+            assert tail.size <= group.width and tail[-1] == b - 1 and (cols[tail.size :] == 0).all()
+        covered[group.start : group.start + area.size] = True
+    assert covered[n_cols if not compact else 0 :].all()
