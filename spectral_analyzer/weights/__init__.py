@@ -186,6 +186,8 @@ def _reconstruct(
     pending: list[tuple[int, str, np.ndarray]] = []
 
     def decompose() -> None:
+        if not pending:
+            return
         for (k, name, _), values in zip(pending, singular_values([m for _, _, m in pending], dev, top)):
             sigma[k, column[name], : values.size] = values
         if bar is not None:
