@@ -200,6 +200,11 @@ def _human_bytes(n: float) -> str:
                    "pip install \"spectral-analyzer[tensorboard]\").")
 @click.option("--steps", default=None, metavar="S0,S1,...",
               help="Steps of the checkpoints in name order, when names hold none.")
+@click.option("--select", default=None, metavar="A..B[:K]|S0,S1,...",
+              help="Only the checkpoints at these steps: a range (both ends included, every K-th step from A), "
+                   "single steps, or both, comma-separated.")
+@click.option("--every", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Only the checkpoints whose step is a multiple of K (Pythia's uniform grid: --every 1000).")
 @click.option("--strip-prefix", multiple=True, metavar="PREFIX",
               help="Tensor-name prefixes to strip [default: module. and _orig_mod.].")
 @click.option("--weights", "weight_globs", multiple=True, metavar="GLOB",
@@ -209,9 +214,13 @@ def _human_bytes(n: float) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace whatever is at the output path.")
 @click.option("--wait", is_flag=True, help="Wait while another process writes the store, instead of failing.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_prefix, weight_globs,
+def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select, every, strip_prefix, weight_globs,
            lightning_prefix, overwrite, wait, progress):
     """Ingest a folder of checkpoints into a store of parameter deltas.
+
+    CKPT_DIR may also be one model's folder of the Hugging Face hub cache
+    (~/.cache/huggingface/hub/models--ORG--NAME): every cached revision with
+    a step in its name is ingested in step order.
 
     Metrics come from --metrics, else from the newest checkpoint's
     trainer_state.json, else from trainer_state.json, metrics.csv or
@@ -223,11 +232,13 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
     try:
         step_list = [int(s) for s in steps.split(",")] if steps else None
     except ValueError:
-        raise click.BadParameter(f"not a comma-separated list of integers: {steps}", param_hint="--steps") from None
+        hint = "; to choose checkpoints by step, use --select A..B[:K]" if ".." in steps else ""
+        raise click.BadParameter(f"not a comma-separated list of integers: {steps}{hint}", param_hint="--steps") from None
     options = {"strip_prefix": strip_prefix} if strip_prefix else {}
     run = sa.ingest(
         ckpt_dir, store, chunk_size=chunk_size, include=include, exclude=exclude, metrics=metrics,
-        steps=step_list, weights=list(weight_globs) or None, lightning_prefix=lightning_prefix or None,
+        steps=step_list, select=select, every=every, weights=list(weight_globs) or None,
+        lightning_prefix=lightning_prefix or None,
         overwrite=overwrite, progress=progress, wait=wait,
         storage_options=_storage(),
         **options,
@@ -237,6 +248,10 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
         f"{run.path}: {run.n_deltas} deltas over steps {steps_[0]}..{steps_[-1]}, "
         f"p = {run.n_params:,} in {run.tensors.sizes['tensor']} tensors"
     )
+    for note in run.provenance.get("hub_cache", {}).get("left_out", []):
+        name = f"revision {note['revision']}" if note["revision"] else "snapshot"
+        commit = f" ({note['commit'][:12]})" if note["commit"] else ""
+        click.echo(f"left out {printable(name)}{commit}: {note['reason']}")
 
 
 @main.command()
