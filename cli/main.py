@@ -363,6 +363,8 @@ def _print_table(ds, n_sigma: int = 4) -> None:
               help="One spectrum per group.")
 @click.option("--center", is_flag=True, help="Mean-centre each window (H G H).")
 @click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--steps", "step_range", default=None, metavar="A..B",
+              help="Only the deltas between the checkpoints at steps A..B (both included; A.. or ..B open-ended).")
 @click.option("--max-lag", type=click.IntRange(min=1), default=None,
               help="Lags L of the band to build (default max(16, W)).")
 @click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu or cuda.")
@@ -372,8 +374,8 @@ def _print_table(ds, n_sigma: int = 4) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_QUIET
-def spectra(store, window, params, group_by, center, stride, max_lag, device, scheduler, output, overwrite, progress,
-            quiet):
+def spectra(store, window, params, group_by, center, stride, step_range, max_lag, device, scheduler, output, overwrite,
+            progress, quiet):
     """Windowed spectra: k*, gap ratio R, gap and singular values per step."""
     import numpy as np
     from spectral_analyzer.exporting import check_output, export
@@ -383,7 +385,7 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
     run = _open_run(store)
     ds = run.spectra(
         window=window, params=list(params) or None, group_by=group_by, center=center, stride=stride,
-        max_lag=max_lag, device=device, scheduler=scheduler, progress=progress,
+        steps=step_range, max_lag=max_lag, device=device, scheduler=scheduler, progress=progress,
     )
     if output:
         export(ds, output, overwrite=overwrite)
@@ -412,6 +414,8 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
               help="Windows an event must hold for.")
 @click.option("--lr", type=float, default=None, help="Learning rate for the adiabatic parameter (default: metrics).")
 @click.option("--constant", type=float, default=1.0, show_default=True, help="C of the Davis-Kahan stability.")
+@click.option("--steps", "step_range", default=None, metavar="A..B",
+              help="Only the deltas between the checkpoints at steps A..B (both included; A.. or ..B open-ended).")
 @click.option("--device", default="auto", show_default=True, callback=_device)
 @click.option("--scheduler", default=None, metavar="ADDRESS", callback=_scheduler)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -419,8 +423,8 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
 @click.option("--overwrite", is_flag=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_QUIET
-def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, device, scheduler, output,
-             overwrite, progress, quiet):
+def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, step_range, device, scheduler,
+             output, overwrite, progress, quiet):
     """Stability, rotation, gap flow, mode energy and events of the spectrum."""
     from spectral_analyzer.exporting import check_output, events_table, export
 
@@ -429,7 +433,8 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
     run = _open_run(store)
     ds = run.dynamics(
         window=window, params=list(params) or None, group_by=group_by, tau=tau, factor=factor,
-        persistence=persistence, lr=lr, constant=constant, device=device, scheduler=scheduler, progress=progress,
+        persistence=persistence, lr=lr, constant=constant, steps=step_range, device=device, scheduler=scheduler,
+        progress=progress,
     )
     if output:
         export(ds, output, overwrite=overwrite)
