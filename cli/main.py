@@ -200,6 +200,11 @@ def _human_bytes(n: float) -> str:
                    "pip install \"spectral-analyzer[tensorboard]\").")
 @click.option("--steps", default=None, metavar="S0,S1,...",
               help="Steps of the checkpoints in name order, when names hold none.")
+@click.option("--select", default=None, metavar="A..B[:K]|S0,S1,...",
+              help="Only the checkpoints at these steps: a range (both ends included, every K-th step from A), "
+                   "single steps, or both, comma-separated.")
+@click.option("--every", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Only the checkpoints whose step is a multiple of K (Pythia's uniform grid: --every 1000).")
 @click.option("--strip-prefix", multiple=True, metavar="PREFIX",
               help="Tensor-name prefixes to strip [default: module. and _orig_mod.].")
 @click.option("--weights", "weight_globs", multiple=True, metavar="GLOB",
@@ -209,9 +214,13 @@ def _human_bytes(n: float) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace whatever is at the output path.")
 @click.option("--wait", is_flag=True, help="Wait while another process writes the store, instead of failing.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_prefix, weight_globs,
+def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select, every, strip_prefix, weight_globs,
            lightning_prefix, overwrite, wait, progress):
     """Ingest a folder of checkpoints into a store of parameter deltas.
+
+    CKPT_DIR may also be one model's folder of the Hugging Face hub cache
+    (~/.cache/huggingface/hub/models--ORG--NAME): every cached revision with
+    a step in its name is ingested in step order.
 
     Metrics come from --metrics, else from the newest checkpoint's
     trainer_state.json, else from trainer_state.json, metrics.csv or
@@ -223,11 +232,13 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
     try:
         step_list = [int(s) for s in steps.split(",")] if steps else None
     except ValueError:
-        raise click.BadParameter(f"not a comma-separated list of integers: {steps}", param_hint="--steps") from None
+        hint = "; to choose checkpoints by step, use --select A..B[:K]" if ".." in steps else ""
+        raise click.BadParameter(f"not a comma-separated list of integers: {steps}{hint}", param_hint="--steps") from None
     options = {"strip_prefix": strip_prefix} if strip_prefix else {}
     run = sa.ingest(
         ckpt_dir, store, chunk_size=chunk_size, include=include, exclude=exclude, metrics=metrics,
-        steps=step_list, weights=list(weight_globs) or None, lightning_prefix=lightning_prefix or None,
+        steps=step_list, select=select, every=every, weights=list(weight_globs) or None,
+        lightning_prefix=lightning_prefix or None,
         overwrite=overwrite, progress=progress, wait=wait,
         storage_options=_storage(),
         **options,
@@ -237,6 +248,10 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, strip_
         f"{run.path}: {run.n_deltas} deltas over steps {steps_[0]}..{steps_[-1]}, "
         f"p = {run.n_params:,} in {run.tensors.sizes['tensor']} tensors"
     )
+    for note in run.provenance.get("hub_cache", {}).get("left_out", []):
+        name = f"revision {note['revision']}" if note["revision"] else "snapshot"
+        commit = f" ({note['commit'][:12]})" if note["commit"] else ""
+        click.echo(f"left out {printable(name)}{commit}: {note['reason']}")
 
 
 @main.command()
@@ -348,6 +363,8 @@ def _print_table(ds, n_sigma: int = 4) -> None:
               help="One spectrum per group.")
 @click.option("--center", is_flag=True, help="Mean-centre each window (H G H).")
 @click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--steps", "step_range", default=None, metavar="A..B",
+              help="Only the deltas between the checkpoints at steps A..B (both included; A.. or ..B open-ended).")
 @click.option("--max-lag", type=click.IntRange(min=1), default=None,
               help="Lags L of the band to build (default max(16, W)).")
 @click.option("--device", default="auto", show_default=True, callback=_device, help="auto, cpu or cuda.")
@@ -357,8 +374,8 @@ def _print_table(ds, n_sigma: int = 4) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_QUIET
-def spectra(store, window, params, group_by, center, stride, max_lag, device, scheduler, output, overwrite, progress,
-            quiet):
+def spectra(store, window, params, group_by, center, stride, step_range, max_lag, device, scheduler, output, overwrite,
+            progress, quiet):
     """Windowed spectra: k*, gap ratio R, gap and singular values per step."""
     import numpy as np
     from spectral_analyzer.exporting import check_output, export
@@ -368,7 +385,7 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
     run = _open_run(store)
     ds = run.spectra(
         window=window, params=list(params) or None, group_by=group_by, center=center, stride=stride,
-        max_lag=max_lag, device=device, scheduler=scheduler, progress=progress,
+        steps=step_range, max_lag=max_lag, device=device, scheduler=scheduler, progress=progress,
     )
     if output:
         export(ds, output, overwrite=overwrite)
@@ -397,6 +414,8 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
               help="Windows an event must hold for.")
 @click.option("--lr", type=float, default=None, help="Learning rate for the adiabatic parameter (default: metrics).")
 @click.option("--constant", type=float, default=1.0, show_default=True, help="C of the Davis-Kahan stability.")
+@click.option("--steps", "step_range", default=None, metavar="A..B",
+              help="Only the deltas between the checkpoints at steps A..B (both included; A.. or ..B open-ended).")
 @click.option("--device", default="auto", show_default=True, callback=_device)
 @click.option("--scheduler", default=None, metavar="ADDRESS", callback=_scheduler)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -404,8 +423,8 @@ def spectra(store, window, params, group_by, center, stride, max_lag, device, sc
 @click.option("--overwrite", is_flag=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_QUIET
-def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, device, scheduler, output,
-             overwrite, progress, quiet):
+def dynamics(store, window, params, group_by, tau, factor, persistence, lr, constant, step_range, device, scheduler,
+             output, overwrite, progress, quiet):
     """Stability, rotation, gap flow, mode energy and events of the spectrum."""
     from spectral_analyzer.exporting import check_output, events_table, export
 
@@ -414,7 +433,8 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
     run = _open_run(store)
     ds = run.dynamics(
         window=window, params=list(params) or None, group_by=group_by, tau=tau, factor=factor,
-        persistence=persistence, lr=lr, constant=constant, device=device, scheduler=scheduler, progress=progress,
+        persistence=persistence, lr=lr, constant=constant, steps=step_range, device=device, scheduler=scheduler,
+        progress=progress,
     )
     if output:
         export(ds, output, overwrite=overwrite)

@@ -28,6 +28,8 @@ __all__ = [
     "SchedulerError",
     "CacheWarning",
     "DuplicateCheckpointWarning",
+    "OutlierDeltaWarning",
+    "MixedIntervalsWarning",
     "RecordingWarning",
     "printable",
 ]
@@ -82,7 +84,7 @@ class WindowError(SpectralAnalyzerError):
 
 
 class SelectionError(SpectralAnalyzerError):
-    """A parameter selection, grouping or head split matches nothing or does not fit."""
+    """A parameter or step selection, grouping or head split matches nothing or does not fit."""
 
 
 class HeadCountError(SelectionError):
@@ -116,6 +118,14 @@ class CacheWarning(UserWarning):
 
 class DuplicateCheckpointWarning(UserWarning):
     """Two consecutive checkpoints have identical contents (an all-zero delta)."""
+
+
+class OutlierDeltaWarning(UserWarning):
+    """A delta's norm per step is far above that of the deltas before it: a replaced or mislabelled checkpoint?"""
+
+
+class MixedIntervalsWarning(UserWarning):
+    """A window's deltas span step intervals of very different lengths, so its spectrum mixes unlike updates."""
 
 
 class RecordingWarning(UserWarning):

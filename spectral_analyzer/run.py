@@ -143,6 +143,7 @@ class Run:
         group_by: str | None = None,
         center: bool = False,
         stride: int = 1,
+        steps: slice | tuple | str | None = None,
         **options,
     ) -> xr.Dataset:
         """Spectra of every window of *window* consecutive deltas.
@@ -166,9 +167,15 @@ class Run:
             Use H G H, H = I - 11^T / W.
         stride : int
             Distance between the ends of consecutive windows.
+        steps : slice, (first, last) or "A..B", optional
+            Only the deltas between the checkpoints at steps A..B (both
+            included, either end open): ``slice(1000, None)`` leaves out
+            Pythia's log-spaced early steps. Windows are formed within them.
         **options
-            ``max_lag``, ``null_draws``, ``device``, ``scheduler``,
-            ``progress``, ``cache``.
+            ``interval_factor`` (default 2: a :class:`MixedIntervalsWarning`,
+            once, when a window's deltas span step intervals differing by
+            more than this factor; None: no check), ``max_lag``,
+            ``null_draws``, ``device``, ``scheduler``, ``progress``, ``cache``.
 
         Returns
         -------
@@ -181,9 +188,10 @@ class Run:
         >>> ds = run.spectra(window=10)                        # doctest: +SKIP
         >>> ds.k_star.to_series().value_counts()               # doctest: +SKIP
         >>> run.spectra(window=10, group_by="layer").gap_ratio # doctest: +SKIP
+        >>> run.spectra(window=10, steps=slice(1000, 143000))  # doctest: +SKIP
         """
         ds = compute_spectra(
-            self._store, window, params=params, group_by=group_by, center=center, stride=stride,
+            self._store, window, params=params, group_by=group_by, center=center, stride=stride, steps=steps,
             **self._options(options),
         )
         return ds
@@ -218,8 +226,9 @@ class Run:
             the energy, ``constant`` (C, default 1), ``lr`` (else the metrics'
             learning rate), ``top_k`` (3), ``tau`` (1.2), ``factor`` (relative
             collapse, off by default), ``persistence`` (2 windows),
-            ``phase_fraction`` (0.8), ``max_lag``, ``device``, ``scheduler``,
-            ``progress``, ``cache``.
+            ``phase_fraction`` (0.8), ``steps`` (a step range, as for
+            :meth:`spectra`), ``interval_factor`` (2), ``max_lag``,
+            ``device``, ``scheduler``, ``progress``, ``cache``.
 
         Examples
         --------

@@ -128,3 +128,47 @@ def s3():
     fs.call_s3("create_bucket", Bucket="runs")  # a bucket in us-east-1 takes no location constraint
     yield options, fs
     server.stop()
+
+
+# A GPT-NeoX-shaped model (Pythia's architecture) small enough for many checkpoints per test.
+TINY_NEOX = {
+    "gpt_neox.embed_in.weight": (32, 8),
+    "gpt_neox.layers.0.attention.query_key_value.weight": (24, 8),
+    "gpt_neox.layers.0.attention.query_key_value.bias": (24,),
+    "gpt_neox.layers.0.attention.dense.weight": (8, 8),
+    "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": (16, 8),
+    "gpt_neox.final_layer_norm.weight": (8,),
+    "embed_out.weight": (32, 8),
+}
+
+
+def trajectory(steps, shapes=TINY_NEOX, seed: int = 0, scale: float = 1e-2,
+               dtype: torch.dtype = torch.float32) -> dict[int, dict[str, torch.Tensor]]:
+    """States of a random walk at *steps*: each move of size ~ scale * sqrt(its interval)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    out, prev = {}, None
+    for step in steps:
+        if prev is not None:
+            move = scale * (step - prev) ** 0.5
+            state = {k: v + move * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+        out[step] = {k: v.to(dtype) for k, v in state.items()}
+        prev = step
+    return out
+
+
+def write_safetensors_run(folder: Path, states: dict[int, dict[str, torch.Tensor]]) -> Path:
+    """The same states as one safetensors file per step: the reference every other layout is compared with."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for step, state in states.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"step_{step}.safetensors"))
+    return folder
+
+
+def assert_same_run(run, reference) -> None:
+    """Bit-identical deltas, base, steps and manifest."""
+    assert list(run.checkpoint_steps) == list(reference.checkpoint_steps)
+    assert list(run.tensors["tensor"].values) == list(reference.tensors["tensor"].values)
+    assert list(run.tensors["dtype"].values) == list(reference.tensors["dtype"].values)
+    assert np.array_equal(run.base.values, reference.base.values)
+    assert np.array_equal(run.deltas.values, reference.deltas.values)

@@ -19,11 +19,11 @@ import spectral_analyzer as sa
 
 
 def _new_checkpoint(hf: Path, step: int, edit) -> Path:
-    """Add checkpoint-<step> to an HF folder: the last state, changed by *edit*."""
+    """Add checkpoint-<step> to an HF folder: the last state moved by a training-sized step, changed by *edit*."""
     d = hf / f"checkpoint-{step}"
     shutil.copytree(hf / "checkpoint-30", d)
     state = load_file(str(d / "model.safetensors"))
-    state = {k: v + 0.5 if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
     state = edit(state)
     if state is not None:
         save_file(state, str(d / "model.safetensors"))

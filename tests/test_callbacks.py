@@ -28,7 +28,8 @@ def _assert_same_run(live: sa.Run, saved: sa.Run, window: int = 3) -> None:
     assert live.tensors.equals(saved.tensors)
     assert np.array_equal(live.base.values.view(np.uint32), saved.base.values.view(np.uint32))
     assert np.array_equal(live.deltas.values.view(np.uint32), saved.deltas.values.view(np.uint32))
-    a, b = live.spectra(window=window), saved.spectra(window=window)
+    # the Trainer's last save at max_steps makes a short last interval: the mixed-interval warning is not asked about
+    a, b = (r.spectra(window=window, interval_factor=None) for r in (live, saved))
     np.testing.assert_array_equal(a["sigma"].values, b["sigma"].values)
 
 

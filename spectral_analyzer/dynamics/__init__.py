@@ -9,7 +9,15 @@ from dask.base import tokenize
 from .._version import __version__
 from ..attributes import windowed
 from ..groups import group_tensors
-from ..spectra import WindowError, band_for, check_window
+from ..spectra import (
+    INTERVAL_FACTOR,
+    WindowError,
+    band_for,
+    check_window,
+    step_range_label,
+    step_rows,
+    warn_mixed_intervals,
+)
 from ..spectra.kernel import spectral_quantities, window_grams
 from ..store import Store
 from .events import detect_events, phases
@@ -51,6 +59,8 @@ def compute_dynamics(
     factor: float | None = None,
     persistence: int = 2,
     phase_fraction: float = 0.8,
+    steps=None,
+    interval_factor: float | None = INTERVAL_FACTOR,
     max_lag: int | None = None,
     device: str = "auto",
     scheduler=None,
@@ -58,18 +68,24 @@ def compute_dynamics(
     cache: bool = True,
 ) -> xr.Dataset:
     """Stability, rotation, flow, energy and events; see :meth:`Run.dynamics`."""
-    check_window(store, window)
-    if store.n_deltas < window + 1:
+    rows = step_rows(store, steps)
+    check_window(store, window, rows=rows)
+    n_rows = rows.stop - rows.start
+    if n_rows < window + 1:
+        where = "the store has" if n_rows == store.n_deltas else "the step range holds"
         raise WindowError(
             f"{store.path}: dynamics with window {window} compare consecutive windows and need at least "
-            f"{window + 1} deltas; the store has {store.n_deltas}"
+            f"{window + 1} deltas; {where} {n_rows}"
         )
-    steps = store.steps
+    warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop), window, interval_factor)
     options = (window, params, group_by, constant, lr, top_k, tau, factor, persistence, phase_fraction)
-    name = f"dynamics-{tokenize('dynamics', options, store.results_identity, __version__)[:20]}"
+    part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
+    name = f"dynamics-{tokenize('dynamics', options, store.results_identity, __version__, *part)[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
     band, lag, _, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
+    band = band[:, rows]
+    steps = store.steps[rows]
     w = window
     ends, ext = window_grams(band[picked].sum(axis=0), w + 1)  # d_{i-W} .. d_i
     lam_p, u_p = eig_desc(ext[:, :w, :w])
@@ -149,6 +165,7 @@ def compute_dynamics(
     )
     ds.attrs = {
         "window": w,
+        "steps": step_range_label(store, rows),
         "params": params if isinstance(params, str) else ",".join(params or []),
         "group_by": group_by,
         "constant": constant,

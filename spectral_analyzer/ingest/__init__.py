@@ -27,6 +27,8 @@ def ingest(
     lightning_prefix: str | None = "model.",
     metrics: str | os.PathLike | None = None,
     steps: Sequence[int] | None = None,
+    select: str | Sequence[int] | None = None,
+    every: int | None = None,
     weights: str | Sequence[str] | None = None,
     overwrite: bool = False,
     wait: bool | float = False,
@@ -44,7 +46,10 @@ def ingest(
     ----------
     src : path
         Folder of checkpoints (any layout listed in
-        :mod:`spectral_analyzer.ingest.discover`).
+        :mod:`spectral_analyzer.ingest.discover`), or one model's folder of
+        the Hugging Face hub cache (``~/.cache/huggingface/hub/models--org--name``:
+        every cached revision with a step in its name, see
+        :mod:`spectral_analyzer.ingest.hub_cache`).
     store : path or URL
         The store to create or append to: a folder, or an fsspec URL such
         as ``s3://bucket/run.zarr`` (with *storage_options*).
@@ -61,6 +66,15 @@ def ingest(
         by default the newest ``trainer_state.json`` of an HF Trainer run.
     steps : sequence of int, optional
         Steps of the checkpoints in natural name order, when names hold none.
+    select : str or sequence of int, optional
+        Only the checkpoints at these steps: ``"A..B"`` (both ends included,
+        either may be left out), ``"A..B:K"`` (every K-th step from A),
+        single steps, or a mix (``"0,1000..143000:1000"``); a sequence of steps.
+        Each single step must be a checkpoint's.
+    every : int, optional
+        Only the checkpoints whose step is a multiple of *every* (with
+        *select*: those it selects). ``every=1000`` takes Pythia's uniform
+        grid, step 0 included, without its log-spaced early steps.
     weights : glob or sequence of globs, optional
         Record the singular values of the matching 2-D weights (packed
         ``in_proj_weight`` split into q, k, v) from the source tensors while
@@ -90,6 +104,8 @@ def ingest(
     >>> run = sa.ingest("fixtures/layouts/hf_trainer", "/tmp/hf.zarr", overwrite=True)
     >>> run.n_params
     1051
+    >>> sa.ingest("fixtures/layouts/hf_trainer", "/tmp/hf.zarr", select="10..30", overwrite=True).checkpoint_steps
+    array([10, 20, 30])
     """
     from ..run import open_run
 
@@ -106,6 +122,8 @@ def ingest(
         lightning_prefix=lightning_prefix,
         metrics=metrics,
         steps=steps,
+        select=select,
+        every=every,
         weights=weights,
         overwrite=overwrite,
         wait=wait,

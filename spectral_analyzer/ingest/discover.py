@@ -7,7 +7,10 @@ Layouts, detected automatically:
   share a stem, the safetensors file is used;
 * one folder per checkpoint (HF Trainer ``checkpoint-<step>/``): a
   ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
-  or ``pytorch_model.bin`` (and its index). Optimizer, scheduler, RNG and
+  or ``pytorch_model.bin`` (and its index); else a DeepSpeed checkpoint
+  (``global_step<N>/mp_rank_00_model_states.pt``, see :mod:`.deepspeed`) or a
+  torch.distributed.checkpoint folder (``.metadata`` and ``__*_*.distcp``, as
+  FSDP and torchtitan write them, see :mod:`.dcp`). Optimizer, scheduler, RNG and
   training-argument pickles are never treated as checkpoints. Weight files at
   the top of such a folder with no step in their name (the Trainer's final
   copy of the model) are left out.
@@ -24,15 +27,18 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import NoCheckpointsError, StepError
 from ..groups import natural_key
+from .dcp import dcp_files
+from .deepspeed import deepspeed_files
 from .readers import shard_files
 
-__all__ = ["Checkpoint", "discover", "natural_key", "order_by_step", "step_from_name"]
+__all__ = ["Checkpoint", "checkpoint_files", "discover", "natural_key", "order_by_step", "step_from_name"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 NOT_WEIGHTS = (
@@ -50,18 +56,26 @@ _NUMBER = re.compile(r"\d+")
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One checkpoint: its files, the name its step is read from, and its step."""
+    """One checkpoint: its files, the name its step is read from, and its step.
+
+    *origin* is recorded with the checkpoint's files in provenance (a hub
+    revision's name and commit); *digests* are the sha256 of its files where
+    known without reading them (a hub cache's blob names), else None.
+    """
 
     label: str  # path shown in messages
     files: tuple[Path, ...]
     step: int | None
+    origin: Mapping[str, Any] = field(default_factory=dict)
+    digests: tuple[str | None, ...] = ()
 
 
-def step_from_name(name: str) -> int | None:
+def step_from_name(name: str, last_number: bool = True) -> int | None:
+    """The step in *name*: after ``step``, ``checkpoint``, ``iter``... else (with *last_number*) its last number."""
     match = _STEP_WORD.findall(name)
     if match:
         return int(match[-1])
-    numbers = _NUMBER.findall(name)
+    numbers = _NUMBER.findall(name) if last_number else []
     return int(numbers[-1]) if numbers else None
 
 
@@ -78,16 +92,22 @@ def _is_weight_file(path: Path) -> bool:
     )
 
 
-def _folder_files(folder: Path) -> tuple[Path, ...] | None:
-    """The weight files of a one-checkpoint folder, safetensors first."""
+def checkpoint_files(folder: Path, root: Path | None = None) -> tuple[Path, ...] | None:
+    """The weight files of a one-checkpoint folder, safetensors first; ``None`` if it holds none.
+
+    Shards named by an index must resolve inside *root* (default: *folder*).
+    """
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if _present(folder / index_name):
-            shards = shard_files(folder / index_name)
+            shards = shard_files(folder / index_name, root)
             if index_name.startswith("model.safetensors") or not _present(folder / "model.safetensors"):
                 return tuple(shards)
     for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin"):
         if _present(folder / name):
             return (folder / name,)
+    distributed = deepspeed_files(folder) or dcp_files(folder)
+    if distributed:
+        return distributed
     files = sorted((f for f in folder.iterdir() if _is_weight_file(f)), key=lambda f: natural_key(f.name))
     safetensors = [f for f in files if f.suffix == ".safetensors"]
     if safetensors:
@@ -125,7 +145,7 @@ def discover(src: str | Path, steps: Sequence[int] | None = None) -> list[Checkp
     for d in subdirs:
         if _NUMBER.search(d.name) is None:
             continue
-        files = _folder_files(d)
+        files = checkpoint_files(d)
         if files:
             found.append(Checkpoint(str(d), files, step_from_name(d.name)))
     has_folders = bool(found)
@@ -144,7 +164,7 @@ def discover(src: str | Path, steps: Sequence[int] | None = None) -> list[Checkp
         steps = [int(s) for s in steps]
         if len(steps) != len(found):
             raise StepError(f"{src}: {len(steps)} steps given for {len(found)} checkpoints")
-        found = [Checkpoint(c.label, c.files, s) for c, s in zip(found, steps)]
+        found = [replace(c, step=s) for c, s in zip(found, steps)]
         for a, b in zip(found, found[1:]):
             if b.step <= a.step:
                 raise StepError(f"steps given are not increasing: {a.step} ({a.label}) then {b.step} ({b.label})")

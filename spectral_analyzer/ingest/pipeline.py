@@ -13,12 +13,13 @@ Bad input found part-way leaves an existing store exactly as it was.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +32,22 @@ from ..errors import (
     DuplicateCheckpointWarning,
     InconsistentCheckpointsError,
     NonFiniteError,
+    OutlierDeltaWarning,
     SelectionError,
     StepError,
     StoreError,
     StoreExistsError,
 )
 from ..progress import progress_bar
+from ..steps import StepSelection
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter, TensorEntry
 from ..store.generations import base_link, hex_of
 from ..threads import torch_threads
 from ..weights import matrices_of, select_weights
 from ..weights.kernel import singular_values
+from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_norm
 from .discover import Checkpoint, discover, natural_key, order_by_step
+from .hub_cache import is_hub_cache, list_cache
 from .metrics import find_trainer_state, read_metrics
 from .model_config import read_model_config
 from .readers import KeyOptions, TensorInfo, open_checkpoint
@@ -88,13 +93,27 @@ class _Planned:
     tensors: dict[str, TensorInfo]
 
 
-def _preflight(checkpoints: Sequence[Checkpoint], keys: KeyOptions) -> list[_Planned]:
-    """Open every checkpoint's header: steps, tensor names, shapes, dtypes."""
+def _preflight(
+    checkpoints: Sequence[Checkpoint], keys: KeyOptions, selection: StepSelection | None = None, src: Path = Path()
+) -> list[_Planned]:
+    """Open the header of every selected checkpoint: steps, tensor names, shapes, dtypes.
+
+    Checkpoints whose step is known from their name and not selected are
+    never opened; those whose step is stored inside are opened to learn it.
+    """
+    if selection is not None:
+        checkpoints = [c for c in checkpoints if c.step is None or selection.keeps(c.step)]
     planned = []
     for c in checkpoints:
         reader = open_checkpoint(c.files, c.label, keys)
         step = c.step if c.step is not None else reader.step_hint
-        planned.append(_Planned(Checkpoint(c.label, c.files, step), step, reader.tensors))
+        planned.append(_Planned(replace(c, step=step), step, reader.tensors))
+    if selection is not None:
+        selection.check_exact([p.step for p in planned], str(src))
+        kept = [p for p in planned if p.step is not None and selection.keeps(p.step)]
+        if not kept:
+            raise SelectionError(f"{src}: the step selection '{selection}' keeps none of its checkpoints")
+        planned = kept
     by_checkpoint = {id(p.checkpoint): p for p in planned}
     ordered = order_by_step([p.checkpoint for p in planned])
     return [by_checkpoint[id(c)] for c in ordered]
@@ -313,6 +332,8 @@ def ingest_store(
     lightning_prefix: str | None = "model.",
     metrics: str | os.PathLike | None = None,
     steps: Sequence[int] | None = None,
+    select: str | Sequence[int] | StepSelection | None = None,
+    every: int | None = None,
     weights: str | Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -322,7 +343,11 @@ def ingest_store(
     """Ingest the checkpoints under *src* into the store at *store*; see :func:`spectral_analyzer.ingest`."""
     src, path = Path(src), str(store)
     keys = KeyOptions(tuple(strip_prefix), lightning_prefix, tuple(include), tuple(exclude))
-    planned = _preflight(discover(src, steps), keys)
+    selection = StepSelection.parse(select, every)
+    cache = list_cache(src) if is_hub_cache(src) else None
+    if cache is not None and steps is not None:
+        raise StepError(f"{src}: a hub cache's steps come from its revision names; select steps with select=")
+    planned = _preflight(cache.checkpoints if cache is not None else discover(src, steps), keys, selection, src)
     if not planned[0].tensors and (include or exclude):
         raise SelectionError(
             f"{src}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
@@ -358,6 +383,8 @@ def ingest_store(
                 "lightning_prefix": lightning_prefix,
                 "weights": match,
             }
+            if selection is not None:
+                options["select"] = str(selection)
             provenance = {
                 "source": str(src.resolve()),
                 "options": options,
@@ -373,6 +400,8 @@ def ingest_store(
             model_config = read_model_config([first if first.is_dir() else first.parent, src])
             if model_config:
                 provenance["model_config"] = model_config
+            if cache is not None:
+                provenance["hub_cache"] = cache.provenance()
             st = writer.create(manifest, chunk_size, {"provenance": provenance})
             if match is not None:
                 picked = select_weights(manifest, match)
@@ -383,6 +412,20 @@ def ingest_store(
         if metric_table is not None:
             st.write_metrics(*metric_table)
     return path
+
+
+def _shown(checkpoint: Checkpoint) -> str:
+    """A checkpoint as messages name it: its path, and its hub revision if it has one."""
+    revision = checkpoint.origin.get("revision")
+    return f"{checkpoint.label}, revision {revision}" if revision else checkpoint.label
+
+
+def _recent_norms(st: Store, n: int) -> list[tuple[int, int, float]]:
+    """(start step, end step, norm) of the store's last few committed deltas whose norm was recorded."""
+    first = max(0, n - OUTLIER_HISTORY)
+    entries = [st.sources_at(i)[0] for i in range(first, n + 1)] if n else []
+    return [(a["step"], b["step"], b["delta_norm"]) for a, b in zip(entries, entries[1:])
+            if isinstance(b.get("delta_norm"), float)]
 
 
 def write_rows(
@@ -413,16 +456,54 @@ def write_rows(
             [hasher.submit(_sha256, f) for f in p.checkpoint.files] for p in new
         ]
 
-        def source_entry(i: int) -> dict[str, Any]:
+        def known(i: int) -> tuple[str | None, ...]:
+            return new[i].checkpoint.digests or (None,) * len(hashes[i])
+
+        def verify(i: int) -> None:
+            """Refuse, before anything of it is written, a file whose sha256 is not the one its name promised."""
+            for f, h, digest in zip(new[i].checkpoint.files, hashes[i], known(i)):
+                if digest is not None and h.result() != digest:
+                    raise CheckpointError(
+                        f"{f}: its sha256 is {h.result()[:16]}..., not the {digest[:16]}... its hub cache blob is "
+                        "named by; the cache is damaged: download the revision again"
+                    )
+
+        def source_entry(i: int, delta_norm: float | None = None) -> dict[str, Any]:
             p = new[i]
-            files = []
-            for f, h in zip(p.checkpoint.files, hashes[i]):
-                files.append({**_fingerprint(f), "sha256": h.result()})
-            return {"step": p.step, "label": p.checkpoint.label, "files": files}
+            files = [{**_fingerprint(f), "sha256": h.result()} for f, h in zip(p.checkpoint.files, hashes[i])]
+            entry = {**p.checkpoint.origin, "step": p.step, "label": p.checkpoint.label, "files": files}
+            if delta_norm is not None:
+                entry["delta_norm"] = delta_norm
+            return entry
+
+        # Checkpoints by the sha256 of their files: the first new one is compared with the
+        # store's last, and every later one with every one before it in this ingest.
+        identities: dict[tuple[str, ...], tuple[int, str]] = {}
+        pending: list[int] = []
+        if record is not None:
+            last_source = st.sources_at(record["n_deltas"])[0]
+            files = last_source.get("files") or []
+            if files and all(isinstance(f, dict) and f.get("sha256") for f in files):
+                identities[tuple(f["sha256"] for f in files)] = (last_source["step"], last_source["label"])
+
+        def identical(i: int) -> str | None:
+            """Whether checkpoint *i*'s files are an earlier one's (known or hashed before any tensor is read)."""
+            for j in pending:
+                if new[j].checkpoint.files:
+                    identities.setdefault(tuple(d or h.result() for d, h in zip(known(j), hashes[j])),
+                                          (new[j].step, _shown(new[j].checkpoint)))
+            pending[:] = [i]
+            if not new[i].checkpoint.files:
+                return None
+            key = tuple(d or h.result() for d, h in zip(known(i), hashes[i]))
+            earlier = identities.get(key)
+            return None if earlier is None else identical_message(earlier, (new[i].step, _shown(new[i].checkpoint)),
+                                                                  key[0])
 
         start = 0
         if record is None:  # a new store: the first checkpoint is the base
             base = new[0]
+            verify(0)
             reader = open_reader(base)
             row = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("base", None, s, b))
             last = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("last_theta", 0, s, b))
@@ -448,6 +529,7 @@ def write_rows(
                       "chain": c0, "last_crc": [f.result() for f in last.written]}
             st.commit(commit=record, base_step=base.step, base_crc=crcs)
             start = 1
+            pending.append(0)
         if start >= len(new):
             return
         n0 = record["n_deltas"]
@@ -467,9 +549,15 @@ def write_rows(
                 "the folder and the store's copy of it was not committed; ingest from a folder holding it"
             )
         prev_step = last_step
+        norms = DeltaNorms(_recent_norms(st, n0))
         st.reserve_rows(n0 + len(new) - start)
         for k, i in enumerate(range(start, len(new))):
             cur = new[i]
+            same_files = identical(i)
+            if same_files is not None:
+                warnings.warn(same_files, DuplicateCheckpointWarning, stacklevel=3)
+                found_warnings.append(same_files)
+            verify(i)
             reader = open_reader(cur)
             r = n0 + k
             final = i == len(new) - 1
@@ -480,15 +568,14 @@ def write_rows(
                 if final
                 else None
             )
-            nonzero = False
+            squares = 0.0
             for t in manifest:
                 b = reader.read(t.name)
                 _check_finite(b, t.name, cur.checkpoint.label, cur.step)
                 dt = _delta(b, prev.read(t.name))
                 _check_float32(dt, t.name, cur.checkpoint.label, cur.step, "delta from the previous checkpoint")
                 d = dt.reshape(-1).numpy()
-                if not nonzero:
-                    nonzero = bool(np.any(d))
+                squares += squared_norm(d)
                 row.add(d)
                 if last is not None:
                     b32 = b.to(torch.float32)
@@ -501,8 +588,13 @@ def write_rows(
             recorder.write(r + 1)
             crcs = [f.result() for f in row.written]
             st.write_row_meta(r, cur.step, crcs)
-            st.write_source(r + 1, source_entry(i))
-            if not nonzero:
+            delta_norm = math.sqrt(squares)
+            st.write_source(r + 1, source_entry(i, delta_norm))
+            outlier = norms.check(prev_step, cur.step, delta_norm, _shown(cur.checkpoint))
+            if outlier is not None:
+                warnings.warn(outlier, OutlierDeltaWarning, stacklevel=3)
+                found_warnings.append(outlier)
+            if squares == 0 and same_files is None:
                 message = (
                     f"checkpoints at steps {prev_step} ({prev_label}) and {cur.step} "
                     f"({cur.checkpoint.label}) have identical contents"

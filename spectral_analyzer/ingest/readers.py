@@ -1,6 +1,8 @@
 """Checkpoint file formats: safetensors and torch pickles (state dicts, Lightning).
 
-The only code that touches checkpoint formats. A :class:`CheckpointReader`
+With :mod:`.dcp` (torch.distributed.checkpoint folders) and :mod:`.deepspeed`
+(DeepSpeed model states), the only code that touches checkpoint formats. A
+:class:`CheckpointReader`
 lists a checkpoint's floating tensors under canonical names without loading
 them, and loads one tensor at a time. Pickle-based files are opened only with
 ``torch.load(weights_only=True)``; safetensors is preferred where both exist.
@@ -35,6 +37,7 @@ from ..errors import CheckpointError, InconsistentCheckpointsError, StepError, U
 __all__ = [
     "CheckpointReader",
     "KeyOptions",
+    "add_state_dict",
     "TensorInfo",
     "open_checkpoint",
     "require_regular_file",
@@ -406,38 +409,54 @@ def _state_dict(obj, path: Path) -> tuple[dict, int | None, bool]:
 def _read_torch(files: Sequence[Path], label: str, keys: KeyOptions) -> CheckpointReader:
     reader = CheckpointReader(label, {})
     for path in files:
-        state, step, lightning = _state_dict(_torch_load(path), path)
-        reader.step_hint = step if step is not None else reader.step_hint
-        names = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
-        prefix = keys.lightning_prefix
-        strip_lightning = lightning and prefix and names and all(k.startswith(prefix) for k in names)
-        seen_storage: dict[tuple, str] = {}
-        for key in names:
-            t = state[key]
-            raw = key[len(prefix) :] if strip_lightning else key
-            # Tied weights: the same storage saved under two names is one parameter.
-            if t.is_floating_point() and t.numel() > 0:
-                ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-                if ident in seen_storage:
-                    continue
-                seen_storage[ident] = key
-            _add(reader, raw, t.shape, t.dtype, t, keys, str(path))
+        add_state_dict(reader, _torch_load(path), path, keys)
     return reader
 
 
+def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) -> None:
+    """Add the floating tensors of a loaded pickle *obj* (read from *path*) to *reader*."""
+    state, step, lightning = _state_dict(obj, path)
+    reader.step_hint = step if step is not None else reader.step_hint
+    names = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+    prefix = keys.lightning_prefix
+    strip_lightning = lightning and prefix and names and all(k.startswith(prefix) for k in names)
+    seen_storage: dict[tuple, str] = {}
+    for key in names:
+        t = state[key]
+        raw = key[len(prefix) :] if strip_lightning else key
+        # Tied weights: the same storage saved under two names is one parameter.
+        if t.is_floating_point() and t.numel() > 0:
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if ident in seen_storage:
+                continue
+            seen_storage[ident] = key
+        _add(reader, raw, t.shape, t.dtype, t, keys, str(path))
+
+
 def open_checkpoint(files: Sequence[Path], label: str, keys: KeyOptions) -> CheckpointReader:
-    """Open the files of one checkpoint (all safetensors, or all torch pickles)."""
+    """Open the files of one checkpoint: all safetensors, all torch pickles, a
+    torch.distributed.checkpoint folder's (``.metadata`` first) or a DeepSpeed
+    ``mp_rank_00_model_states.pt``."""
+    from .dcp import METADATA, read_dcp
+    from .deepspeed import is_model_states, read_deepspeed
+
+    if files and files[0].name == METADATA:
+        return read_dcp(files, label, keys)
+    if len(files) == 1 and is_model_states(files[0]):
+        return read_deepspeed(files[0], label, keys)
     if all(f.suffix == ".safetensors" for f in files):
         return _read_safetensors(files, label, keys)
     return _read_torch(files, label, keys)
 
 
-def shard_files(index: Path) -> list[Path]:
+def shard_files(index: Path, root: Path | None = None) -> list[Path]:
     """The shard files named by a ``*.index.json`` weight map, in order of first use.
 
-    Each shard must resolve (symlinks followed) to a file inside the index's
-    folder: a weight map naming ``../other/model.safetensors`` or an absolute
-    path would ingest another checkpoint's tensors.
+    Each shard must be named inside the index's folder and resolve (symlinks
+    followed) to a file inside *root* (default: that folder): a weight map
+    naming ``../other/model.safetensors`` or an absolute path would ingest
+    another checkpoint's tensors. A hub cache's snapshot links its files into
+    the repository's ``blobs/``, so its root is the repository folder.
     """
     require_regular_file(index)
     try:
@@ -447,6 +466,7 @@ def shard_files(index: Path) -> list[Path]:
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not an object of tensor: file")
     folder = index.parent.resolve()
+    inside = folder if root is None else Path(root).resolve()
     shards: dict[Path, Path] = {}  # resolved: as named
     for tensor, name in weight_map.items():
         entry = f"weight_map entry {tensor!r}: {name!r}"
@@ -455,9 +475,10 @@ def shard_files(index: Path) -> list[Path]:
         path = index.parent / name
         try:
             resolved = path.resolve()
+            named = (folder / name).parent.resolve() / path.name  # the name's own folders, not the link's target
         except (OSError, RuntimeError):  # RuntimeError: a symlink loop
-            resolved = None
-        if resolved is None or not resolved.is_relative_to(folder):
+            resolved = named = None
+        if resolved is None or not (named.is_relative_to(folder) and resolved.is_relative_to(inside)):
             raise CheckpointError(f"{index}: {entry} is outside the checkpoint folder; shards must be in {folder}")
         shards.setdefault(resolved, path)
     for path in shards.values():

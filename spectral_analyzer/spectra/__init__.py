@@ -2,33 +2,83 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
 from .._version import __version__
 from ..attributes import windowed
-from ..errors import WindowError
+from ..errors import MixedIntervalsWarning, WindowError
 from ..gram.build import DEFAULT_MAX_LAG, build_band
 from ..groups import group_tensors, select_tensors
+from ..steps import delta_rows, parse_step_range
 from ..store import Store
 from .kernel import bbp, spectral_quantities, window_grams, wishart_max_ratio
 
-__all__ = ["WindowError", "compute_spectra"]
+__all__ = ["INTERVAL_FACTOR", "WindowError", "compute_spectra", "step_range_label", "step_rows", "warn_mixed_intervals"]
 
 NULL_SEED = 20240601
+INTERVAL_FACTOR = 2.0
 
 
-def check_window(store: Store, window: int, stride: int = 1) -> None:
+def step_rows(store: Store, steps) -> slice:
+    """The delta rows between the checkpoints whose steps lie in *steps* (``(A, B)``, ``slice(A, B)``, ``"A..B"``).
+
+    All rows when *steps* is None; see :func:`spectral_analyzer.steps.delta_rows`.
+    """
+    return delta_rows(store.checkpoint_steps, parse_step_range(steps))
+
+
+def step_range_label(store: Store, rows: slice) -> str:
+    """``"A..B"``, the steps of the first and last checkpoint of *rows*, or ``""`` for all of them."""
+    if rows == slice(0, store.n_deltas):
+        return ""
+    steps = store.checkpoint_steps
+    return f"{steps[rows.start]}..{steps[rows.stop]}"
+
+
+def check_window(store: Store, window: int, stride: int = 1, rows: slice | None = None) -> None:
     if window < 2:
         raise WindowError(f"window must be at least 2, got {window}")
     if stride < 1:
         raise WindowError(f"stride must be at least 1, got {stride}")
-    n = store.n_deltas
+    rows = slice(0, store.n_deltas) if rows is None else rows
+    n = rows.stop - rows.start
     if n < window:
         steps = store.steps
-        span = f" (steps {steps[0]}..{steps[-1]})" if n else ""
-        raise WindowError(f"{store.path}: window {window} needs at least {window} deltas; the store has {n}{span}")
+        span = f" (steps {steps[rows.start]}..{steps[rows.stop - 1]})" if n else ""
+        where = "the store has" if n == store.n_deltas else "the step range holds"
+        raise WindowError(f"{store.path}: window {window} needs at least {window} deltas; {where} {n}{span}")
+
+
+def warn_mixed_intervals(store: Store, ends: np.ndarray, window: int, factor: float | None) -> None:
+    """Warn once if windows (ending at delta rows *ends*) hold deltas whose step intervals differ by > *factor*.
+
+    The spectrum of such a window mixes updates of different lengths: with
+    Pythia's steps 1, 2, 4, ..., 512, 1000, 2000, a window over the early
+    deltas spans intervals from 1 to 488 steps.
+    """
+    if factor is None or not ends.size:
+        return
+    intervals = np.diff(store.checkpoint_steps).astype(np.float64)
+    spans = np.lib.stride_tricks.sliding_window_view(intervals, window)[ends - window + 1]
+    lo, hi = spans.min(axis=1), spans.max(axis=1)
+    mixed = np.nonzero(hi > factor * lo)[0]
+    if not mixed.size:
+        return
+    first = int(mixed[0])
+    steps = store.checkpoint_steps
+    end = int(ends[first])
+    warnings.warn(
+        f"{store.path}: {mixed.size} of {ends.size} windows of {window} deltas mix step intervals differing by more "
+        f"than {factor:g}x, the first from step {steps[end - window + 1]} to {steps[end + 1]} (intervals of "
+        f"{lo[first]:.0f} to {hi[first]:.0f} steps); their spectra mix updates of different lengths: choose steps "
+        "with equal intervals (steps=(A, B), --steps A..B)",
+        MixedIntervalsWarning,
+        stacklevel=2,
+    )
 
 
 def band_for(store: Store, window: int, params, max_lag, device, scheduler, progress):
@@ -63,6 +113,8 @@ def compute_spectra(
     group_by: str | None = None,
     center: bool = False,
     stride: int = 1,
+    steps=None,
+    interval_factor: float | None = INTERVAL_FACTOR,
     max_lag: int | None = None,
     null_draws: int = 4000,
     device: str = "auto",
@@ -71,15 +123,20 @@ def compute_spectra(
     cache: bool = True,
 ) -> xr.Dataset:
     """Spectra of every window of *window* consecutive deltas; see :meth:`Run.spectra`."""
-    check_window(store, window, stride)
-    steps = store.steps
-    key = tokenize("spectra", window, params, group_by, center, stride, null_draws, store.results_identity, __version__)
+    rows = step_rows(store, steps)
+    check_window(store, window, stride, rows)
+    warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop, stride), window, interval_factor)
+    part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
+    key = tokenize("spectra", window, params, group_by, center, stride, null_draws, store.results_identity, __version__,
+                   *part)
     name = f"spectra-{key[:20]}"
     if cache:
         cached = store.read_result(name)
         if cached is not None:
             return cached
     band, lag, manifest, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
+    band = band[:, rows]
+    steps = store.steps[rows]
     groups = group_tensors(names, picked, group_by) if group_by else {"all": picked}
     results = {}
     for label, members in groups.items():
@@ -108,6 +165,7 @@ def compute_spectra(
     ds.attrs = {
         "window": window,
         "stride": stride,
+        "steps": step_range_label(store, rows),
         "center": int(center),
         "params": params if isinstance(params, str) else ",".join(params or []),
         "group_by": group_by or "",

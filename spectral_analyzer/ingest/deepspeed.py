@@ -1,0 +1,119 @@
+"""DeepSpeed checkpoint folders: ``global_step<N>/mp_rank_00_model_states.pt`` and its ``module`` state dict.
+
+DeepSpeed saves under a ``save_dir`` one tag folder per checkpoint
+(``global_step<N>``, the step in its name), a ``latest`` file naming the
+newest tag, and a copy of ``zero_to_fp32.py``. Without ZeRO stage 3 the tag
+folder holds ``mp_rank_00_model_states.pt``, a pickle whose ``module`` entry is
+the model's full state dict (in the model's own dtype: fp16/bf16 under mixed
+precision, the fp32 master weights being in the optimizer shards) beside
+``global_steps`` and DeepSpeed's bookkeeping; ZeRO-1/2 add
+``zero_pp_rank_*_mp_rank_00_optim_states.pt`` optimizer shards, never read.
+
+Under ZeRO-3 the parameters themselves are partitioned:
+``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` hold placeholders for them,
+and the weights exist only split across the optimizer shards. Such folders
+are refused with the one command that consolidates them, DeepSpeed's
+``zero_to_fp32.py``. So are model-parallel checkpoints (``mp_rank_01`` ...),
+whose tensors are split across files in layouts DeepSpeed does not record.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .readers import CheckpointReader, KeyOptions, _torch_load, add_state_dict
+
+__all__ = ["deepspeed_files", "is_model_states", "read_deepspeed"]
+
+_MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_ZERO3_STATES = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
+_TAG = re.compile(r"^global_step\d+$")
+
+
+def is_model_states(path: Path) -> bool:
+    return _MODEL_STATES.match(path.name) is not None
+
+
+def _consolidate(folder: Path) -> str:
+    """The command that writes a consolidated fp32 copy of the checkpoint in tag folder *folder*."""
+    save_dir = folder.parent
+    out = save_dir.parent / f"{save_dir.name}-fp32" / folder.name
+    return f"python {save_dir / 'zero_to_fp32.py'} {save_dir} {out} -t {folder.name}"
+
+
+def _refuse_zero3(folder: Path, file: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{file}: a DeepSpeed ZeRO-3 checkpoint, its parameters partitioned across ranks; consolidate it first "
+        f"with: {_consolidate(folder)} (then ingest {folder.parent.name}-fp32/)"
+    )
+
+
+def _tag_folder(folder: Path) -> Path | None:
+    """The DeepSpeed tag folder of *folder*: itself, the one ``latest`` names, or its only ``global_step*``."""
+    if any(_MODEL_STATES.match(f.name) or _ZERO3_STATES.match(f.name) for f in folder.iterdir()):
+        return folder
+    latest = folder / "latest"
+    if latest.is_file() and latest.stat().st_size < 4096:
+        try:
+            tag = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            tag = ""
+        if tag and "/" not in tag and tag not in (".", "..") and (folder / tag).is_dir():
+            return folder / tag
+    tags = [d for d in folder.iterdir() if d.is_dir() and _TAG.match(d.name)]
+    return tags[0] if len(tags) == 1 else None
+
+
+def deepspeed_files(folder: Path) -> tuple[Path, ...] | None:
+    """``(mp_rank_00_model_states.pt,)`` of the DeepSpeed checkpoint in *folder*, ``None`` if it holds none.
+
+    *folder* is a tag folder (``global_step<N>``) or one holding tag folders
+    and ``latest`` (an HF Trainer's ``checkpoint-<N>`` under DeepSpeed). ZeRO-3
+    and model-parallel checkpoints are refused here, naming the file.
+    """
+    tag = _tag_folder(folder)
+    if tag is None:
+        return None
+    names = sorted(f.name for f in tag.iterdir())
+    ranks = sorted(f for f in names if _MODEL_STATES.match(f))
+    zero3 = [f for f in names if _ZERO3_STATES.match(f)]
+    if not ranks and zero3:
+        raise _refuse_zero3(tag, tag / zero3[0])
+    if not ranks:
+        return None
+    if len(ranks) > 1:
+        raise CheckpointError(
+            f"{tag / ranks[1]}: a model-parallel DeepSpeed checkpoint ({len(ranks)} mp_rank files); its tensors are "
+            "split across them: merge them into one state dict (or save with the model gathered) first"
+        )
+    return (tag / ranks[0],)
+
+
+def read_deepspeed(path: Path, label: str, keys: KeyOptions) -> CheckpointReader:
+    """The ``module`` state dict of ``mp_rank_00_model_states.pt``, its step from ``global_steps``.
+
+    A ``module`` whose parameters are empty placeholders where ``param_shapes``
+    records real shapes (ZeRO-3 states under another name) is refused with
+    the consolidation command.
+    """
+    obj = _torch_load(path)
+    module = obj.get("module") if isinstance(obj, dict) else None
+    if not isinstance(module, dict) or not any(isinstance(v, torch.Tensor) for v in module.values()):
+        raise CheckpointError(f"{path}: no 'module' state dict, which DeepSpeed model states hold")
+    shapes: dict = {}
+    for group in obj.get("param_shapes") or ():
+        if isinstance(group, dict):
+            shapes.update(group)
+    for name, t in module.items():
+        shape = shapes.get(name)
+        real = isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape) and math.prod(shape) > 0
+        if isinstance(t, torch.Tensor) and t.numel() == 0 and real:
+            raise _refuse_zero3(path.parent, path)
+    reader = CheckpointReader(label, {})
+    add_state_dict(reader, {"state_dict": module, "global_step": obj.get("global_steps")}, path, keys)
+    return reader
