@@ -138,17 +138,27 @@ def _storage_options(ctx, param, values) -> dict:
         options = None
     if not isinstance(options, dict):
         raise click.BadParameter(f"{STORAGE_OPTIONS_ENV} is not a JSON object: {env}")
+    return _key_values(options, values, "--storage-option")
+
+
+def _source_options(ctx, param, values) -> dict | None:
+    """``--source-option KEY=VALUE`` pairs, as ``--storage-option`` takes them; None when none is given."""
+    return _key_values({}, values, "--source-option") if values else None
+
+
+def _key_values(options: dict, values, hint: str) -> dict:
+    """*options* with the ``KEY=VALUE`` items of *values* added (the option *hint* named in errors)."""
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"not KEY=VALUE: {item}", param_hint="--storage-option")
+            raise click.BadParameter(f"not KEY=VALUE: {item}", param_hint=hint)
         if value in ("true", "false"):
             options[key] = value == "true"
         elif value.startswith(("{", "[")):
             try:
                 options[key] = json.loads(value)
             except json.JSONDecodeError:
-                raise click.BadParameter(f"{key}: not JSON: {value}", param_hint="--storage-option") from None
+                raise click.BadParameter(f"{key}: not JSON: {value}", param_hint=hint) from None
         else:
             options[key] = value
     return options
@@ -211,16 +221,25 @@ def _human_bytes(n: float) -> str:
               help="Record singular values of these 2-D weights while reading (repeatable).")
 @click.option("--lightning-prefix", default="model.", show_default=True,
               help="Prefix stripped from Lightning .ckpt keys when every key has it ('' to keep).")
+@click.option("--revisions", default=None, metavar="SPEC",
+              help="hf:// sources: revisions to ingest, comma-separated names, globs ('step*') or step ranges "
+                   "(step1000..step143000:1000) [default: every revision named by a step].")
+@click.option("--source-option", "source_options", multiple=True, metavar="KEY=VALUE", callback=_source_options,
+              help="fsspec option for a CKPT_DIR given as a URL, when it differs from the --storage-option "
+                   "ones (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace whatever is at the output path.")
 @click.option("--wait", is_flag=True, help="Wait while another process writes the store, instead of failing.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select, every, strip_prefix, weight_globs,
-           lightning_prefix, overwrite, wait, progress):
+           lightning_prefix, revisions, source_options, overwrite, wait, progress):
     """Ingest a folder of checkpoints into a store of parameter deltas.
 
     CKPT_DIR may also be one model's folder of the Hugging Face hub cache
     (~/.cache/huggingface/hub/models--ORG--NAME): every cached revision with
-    a step in its name is ingested in step order.
+    a step in its name is ingested in step order; a folder at an fsspec URL
+    (s3://bucket/ckpts, read with the --storage-option or --source-option
+    options); or hf://org/name: the revisions of a hub model repository
+    (--revisions), read through huggingface_hub (HF_TOKEN, HF_ENDPOINT apply).
 
     Metrics come from --metrics, else from the newest checkpoint's
     trainer_state.json, else from trainer_state.json, metrics.csv or
@@ -240,7 +259,7 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select
         steps=step_list, select=select, every=every, weights=list(weight_globs) or None,
         lightning_prefix=lightning_prefix or None,
         overwrite=overwrite, progress=progress, wait=wait,
-        storage_options=_storage(),
+        storage_options=_storage(), revisions=revisions, source_options=source_options,
         **options,
     )
     steps_ = run.checkpoint_steps

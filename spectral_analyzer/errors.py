@@ -14,6 +14,7 @@ __all__ = [
     "NonFiniteError",
     "StepError",
     "NoCheckpointsError",
+    "SourceError",
     "StoreError",
     "StoreVersionError",
     "StoreExistsError",
@@ -61,6 +62,11 @@ class StepError(SpectralAnalyzerError):
 
 class NoCheckpointsError(SpectralAnalyzerError):
     """A folder holds no checkpoint this package can read."""
+
+
+class SourceError(SpectralAnalyzerError):
+    """A remote source of checkpoints (an fsspec URL, a hub repository) cannot be listed or read: no such
+    repository, revision or file, no access, or a transfer that still fails after its retries."""
 
 
 class StoreError(SpectralAnalyzerError):

@@ -1,4 +1,4 @@
-"""Checkpoint folders in, a store of float32 parameter deltas out."""
+"""Checkpoints in (a folder, a folder at an fsspec URL, hub revisions), a store of float32 parameter deltas out."""
 
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ def ingest(
     wait: bool | float = False,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    revisions: str | Sequence[str] | None = None,
+    source_options: Mapping[str, Any] | None = None,
 ) -> Run:
-    """Ingest a folder of checkpoints into a Zarr store of parameter deltas.
+    """Ingest a folder of checkpoints, or the revisions of a hub repository, into a Zarr store of parameter deltas.
 
     Row i of ``deltas`` is ``d_i = float32(theta_i - theta_{i-1})``, labelled
     by the end step ``s_i``; ``base`` holds ``theta_0``. Into an existing store
@@ -44,12 +46,18 @@ def ingest(
 
     Parameters
     ----------
-    src : path
+    src : path or URL
         Folder of checkpoints (any layout listed in
-        :mod:`spectral_analyzer.ingest.discover`), or one model's folder of
+        :mod:`spectral_analyzer.ingest.discover`), local or at an fsspec URL
+        (``s3://bucket/ckpts``, with *source_options*); one model's folder of
         the Hugging Face hub cache (``~/.cache/huggingface/hub/models--org--name``:
         every cached revision with a step in its name, see
-        :mod:`spectral_analyzer.ingest.hub_cache`).
+        :mod:`spectral_analyzer.ingest.hub_cache`); or ``hf://org/name``, the
+        revisions of a hub model repository (with *revisions*). Remote
+        safetensors are read by byte range: only the selected tensors are
+        fetched, each once; remote pickles are downloaded into a temporary
+        folder, two checkpoints' at a time (see
+        :mod:`spectral_analyzer.ingest.sources`).
     store : path or URL
         The store to create or append to: a folder, or an fsspec URL such
         as ``s3://bucket/run.zarr`` (with *storage_options*).
@@ -90,13 +98,27 @@ def ingest(
         Show a progress bar.
     storage_options : dict, optional
         Options of the fsspec filesystem of a URL *store* (``key``,
-        ``secret``, ``endpoint_url``, ...).
+        ``secret``, ``endpoint_url``, ...), and of a URL *src* unless
+        *source_options* are given.
+    revisions : str or sequence of str, optional
+        For ``hf://`` sources: the revisions to ingest, comma-separated
+        items (a string) or a sequence of items, each a name
+        (``step1000``), a glob (``'step*'``), a range of steps ``A..B`` or a
+        grid ``A..B:K`` (``step1000..step143000:1000``); by default every
+        revision named by a step. Steps come from the names
+        (``stage1-step1000-tokens4B``: 1000); checkpoints go in step order.
+    source_options : dict, optional
+        Options of the fsspec filesystem of a URL *src*, when they differ
+        from *storage_options*.
 
     Returns
     -------
     Run
 
-    Memory: about two copies of the largest tensor plus four chunk buffers.
+    Memory: about two copies of the largest tensor plus four chunk buffers;
+    from a remote source, also up to 256 MiB of tensors kept for the next
+    delta (beyond that they are kept in a temporary folder: local disk up to
+    one checkpoint's selected tensors).
 
     Examples
     --------
@@ -129,5 +151,7 @@ def ingest(
         wait=wait,
         progress=progress,
         storage_options=storage_options,
+        revisions=revisions,
+        source_options=source_options,
     )
     return open_run(path, storage_options=storage_options)

@@ -21,6 +21,10 @@ stored in the file, else they must be given; they must fit a 64-bit integer.
 
 A weight file that is not a regular file (a FIFO, a device) is listed all the
 same, and refused with its name when it is opened, rather than skipped.
+
+The same rules read a remote folder (:class:`~.sources.RemoteFolder`: a
+folder at an fsspec URL, a hub revision), whose files are then
+:class:`~.sources.RemoteFile` objects.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from ..groups import natural_key
 from .dcp import dcp_files
 from .deepspeed import deepspeed_files
 from .readers import shard_files
+from .sources import RemoteFile, RemoteFolder
 
 __all__ = ["Checkpoint", "checkpoint_files", "discover", "natural_key", "order_by_step", "step_from_name"]
 
@@ -63,8 +68,8 @@ class Checkpoint:
     known without reading them (a hub cache's blob names), else None.
     """
 
-    label: str  # path shown in messages
-    files: tuple[Path, ...]
+    label: str  # path or URL shown in messages
+    files: tuple[Path | RemoteFile, ...]
     step: int | None
     origin: Mapping[str, Any] = field(default_factory=dict)
     digests: tuple[str | None, ...] = ()
@@ -92,10 +97,12 @@ def _is_weight_file(path: Path) -> bool:
     )
 
 
-def checkpoint_files(folder: Path, root: Path | None = None) -> tuple[Path, ...] | None:
+def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> tuple[Path | RemoteFile, ...] | None:
     """The weight files of a one-checkpoint folder, safetensors first; ``None`` if it holds none.
 
     Shards named by an index must resolve inside *root* (default: *folder*).
+    DeepSpeed and torch.distributed.checkpoint folders are found on local
+    disk only: a remote folder's are not read.
     """
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if _present(folder / index_name):
@@ -105,7 +112,7 @@ def checkpoint_files(folder: Path, root: Path | None = None) -> tuple[Path, ...]
     for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin"):
         if _present(folder / name):
             return (folder / name,)
-    distributed = deepspeed_files(folder) or dcp_files(folder)
+    distributed = None if isinstance(folder, RemoteFolder) else deepspeed_files(folder) or dcp_files(folder)
     if distributed:
         return distributed
     files = sorted((f for f in folder.iterdir() if _is_weight_file(f)), key=lambda f: natural_key(f.name))
@@ -126,14 +133,14 @@ def _top_level_files(folder: Path) -> list[Path]:
     return list(by_stem.values())
 
 
-def discover(src: str | Path, steps: Sequence[int] | None = None) -> list[Checkpoint]:
+def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None) -> list[Checkpoint]:
     """List the checkpoints under *src*, in order of natural name.
 
     Steps are those found in names; ``None`` where a name has none (the
     reader then looks inside the file). Explicit *steps* are assigned in
     natural name order and must increase.
     """
-    src = Path(src)
+    src = src if isinstance(src, RemoteFolder) else Path(src)
     if not src.exists():
         raise NoCheckpointsError(f"{src}: no such folder")
     if not src.is_dir():

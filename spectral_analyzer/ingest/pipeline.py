@@ -8,6 +8,11 @@ buffers, whatever the model's size. A row is committed (one atomic metadata
 write) only after its data and step are written; a killed ingest run again
 resumes after the last commit and ends bit-identical to an uninterrupted one.
 Bad input found part-way leaves an existing store exactly as it was.
+
+The checkpoints come from a source (sources.py): a local folder, a folder at
+an fsspec URL, or the revisions of a hub repository. A remote source that
+still fails after its retries stops the ingest with the rows committed so far
+kept, as an interruption does: the same ingest run again resumes after them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..errors import (
     NonFiniteError,
     OutlierDeltaWarning,
     SelectionError,
+    SourceError,
     StepError,
     StoreError,
     StoreExistsError,
@@ -46,11 +52,11 @@ from ..threads import torch_threads
 from ..weights import matrices_of, select_weights
 from ..weights.kernel import singular_values
 from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_norm
-from .discover import Checkpoint, discover, natural_key, order_by_step
-from .hub_cache import is_hub_cache, list_cache
+from .discover import Checkpoint, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
 from .model_config import read_model_config
-from .readers import KeyOptions, TensorInfo, open_checkpoint
+from .readers import KeyOptions, TensorInfo, needs_download, open_checkpoint
+from .sources import RemoteFile, Source, open_source
 
 __all__ = ["ingest_store"]
 
@@ -76,35 +82,42 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _same_file(path: Path, recorded: dict[str, Any]) -> bool:
-    """Whether *path* holds what was ingested (size and mtime, else sha256)."""
+def _same_file(path: Path | RemoteFile, recorded: dict[str, Any]) -> bool:
+    """Whether *path* holds what was ingested (size and mtime, else sha256; a remote file: its identity)."""
+    if isinstance(path, RemoteFile):
+        return path.matches(recorded)
     st = path.stat()
     if st.st_size != recorded["size"]:
         return False
-    if st.st_mtime_ns == recorded["mtime_ns"]:
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
         return True
-    return _sha256(path) == recorded["sha256"]
+    return _sha256(path) == recorded.get("sha256")
 
 
 @dataclass
 class _Planned:
     checkpoint: Checkpoint
     step: int
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, TensorInfo] | None  # None: a remote pickle, not read until its row is written
 
 
 def _preflight(
-    checkpoints: Sequence[Checkpoint], keys: KeyOptions, selection: StepSelection | None = None, src: Path = Path()
+    checkpoints: Sequence[Checkpoint], keys: KeyOptions, selection: StepSelection | None = None, src: str = ""
 ) -> list[_Planned]:
     """Open the header of every selected checkpoint: steps, tensor names, shapes, dtypes.
 
     Checkpoints whose step is known from their name and not selected are
     never opened; those whose step is stored inside are opened to learn it.
+    A remote pickle with a step in its name, other than the first checkpoint,
+    is only opened when its row is written (opening it downloads it whole).
     """
     if selection is not None:
         checkpoints = [c for c in checkpoints if c.step is None or selection.keeps(c.step)]
     planned = []
     for c in checkpoints:
+        if planned and c.step is not None and needs_download(c.files):
+            planned.append(_Planned(c, c.step, None))
+            continue
         reader = open_checkpoint(c.files, c.label, keys)
         step = c.step if c.step is not None else reader.step_hint
         planned.append(_Planned(replace(c, step=step), step, reader.tensors))
@@ -339,27 +352,57 @@ def ingest_store(
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     wait: bool | float = False,
+    revisions: str | Sequence[str] | None = None,
+    source_options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Ingest the checkpoints under *src* into the store at *store*; see :func:`spectral_analyzer.ingest`."""
-    src, path = Path(src), str(store)
+    """Ingest the checkpoints at *src* into the store at *store*; see :func:`spectral_analyzer.ingest`."""
+    options = storage_options if source_options is None else source_options
+    with open_source(src, revisions=revisions, storage_options=options) as source:
+        return _ingest_source(
+            source, str(store), chunk_size=chunk_size, include=include, exclude=exclude, strip_prefix=strip_prefix,
+            lightning_prefix=lightning_prefix, metrics=metrics, steps=steps, select=select, every=every,
+            weights=weights, overwrite=overwrite, progress=progress, storage_options=storage_options, wait=wait,
+        )
+
+
+def _ingest_source(
+    source: Source,
+    path: str,
+    *,
+    chunk_size: int,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    strip_prefix: Sequence[str],
+    lightning_prefix: str | None,
+    metrics: str | os.PathLike | None,
+    steps: Sequence[int] | None,
+    select: str | Sequence[int] | StepSelection | None,
+    every: int | None,
+    weights: str | Sequence[str] | None,
+    overwrite: bool,
+    progress: bool,
+    storage_options: Mapping[str, Any] | None,
+    wait: bool | float,
+) -> str:
     keys = KeyOptions(tuple(strip_prefix), lightning_prefix, tuple(include), tuple(exclude))
     selection = StepSelection.parse(select, every)
-    cache = list_cache(src) if is_hub_cache(src) else None
-    if cache is not None and steps is not None:
-        raise StepError(f"{src}: a hub cache's steps come from its revision names; select steps with select=")
-    planned = _preflight(cache.checkpoints if cache is not None else discover(src, steps), keys, selection, src)
+    planned = _preflight(source.checkpoints(steps), keys, selection, source.label)
     if not planned[0].tensors and (include or exclude):
         raise SelectionError(
-            f"{src}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
+            f"{source.url}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
             f"in {planned[0].checkpoint.label}; check the patterns against its tensor names"
         )
     first = {n: t.shape for n, t in planned[0].tensors.items()}
     for p in planned[1:]:
-        _check_consistent(first, planned[0].checkpoint.label, p)
+        if p.tensors is not None:
+            _check_consistent(first, planned[0].checkpoint.label, p)
     manifest = _manifest(planned[0].tensors)
-    metrics_path = Path(metrics) if metrics is not None else find_trainer_state(
-        src, [p.checkpoint.label for p in planned]
-    )
+    if metrics is not None:
+        metrics_path = Path(metrics)
+    elif source.is_local:
+        metrics_path = find_trainer_state(source.folder, [p.checkpoint.label for p in planned])
+    else:  # a remote source's metrics are given with metrics=
+        metrics_path = None
     metric_table = read_metrics(metrics_path) if metrics_path is not None else None
 
     match = None if weights is None else ([weights] if isinstance(weights, str) else list(weights))
@@ -386,7 +429,8 @@ def ingest_store(
             if selection is not None:
                 options["select"] = str(selection)
             provenance = {
-                "source": str(src.resolve()),
+                "source": source.url,
+                **source.provenance(),
                 "options": options,
                 "versions": {
                     "spectral_analyzer": __version__,
@@ -396,21 +440,37 @@ def ingest_store(
                     "safetensors": __import__("safetensors").__version__,
                 },
             }
-            first = Path(planned[0].checkpoint.label)
-            model_config = read_model_config([first if first.is_dir() else first.parent, src])
-            if model_config:
-                provenance["model_config"] = model_config
-            if cache is not None:
-                provenance["hub_cache"] = cache.provenance()
+            if source.is_local:
+                first = Path(planned[0].checkpoint.label)
+                model_config = read_model_config([first if first.is_dir() else first.parent, source.folder])
+                if model_config:
+                    provenance["model_config"] = model_config
             st = writer.create(manifest, chunk_size, {"provenance": provenance})
             if match is not None:
                 picked = select_weights(manifest, match)
                 shapes = [(n, m.shape) for n, m in
                           matrices_of(picked, [np.empty(t.size, dtype=np.bool_) for t, _ in picked])]
                 st.weights.create(match, [n for n, _ in shapes], max(min(s) for _, s in shapes))
-        write_rows(st, planned, new, lambda p: open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys), progress)
-        if metric_table is not None:
-            st.write_metrics(*metric_table)
+
+        def open_reader(p: _Planned):
+            reader = open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys)
+            if p.tensors is None:  # a remote pickle, read for the first time
+                p.tensors = reader.tensors
+                _check_consistent(first, planned[0].checkpoint.label, p)
+            return reader
+
+        failure = None
+        try:
+            write_rows(st, planned, new, open_reader, progress)
+        except SourceError as exc:
+            if overwrite or st.commit_record is None:
+                raise  # an overwrite, or a store with nothing committed yet: undone
+            failure = exc  # the rows committed so far stay, as after an interruption
+        else:
+            if metric_table is not None:
+                st.write_metrics(*metric_table)
+    if failure is not None:
+        raise failure
     return path
 
 
@@ -452,8 +512,8 @@ def write_rows(
     recorder = _WeightRecorder(st)
     bar = _progress(progress, 4 * st.n_params * (len(new) + (record is None)))
     try:
-        hashes = [
-            [hasher.submit(_sha256, f) for f in p.checkpoint.files] for p in new
+        hashes = [  # a remote file's identity (sha256 or ETag) comes from its source: it is not hashed here
+            [hasher.submit(_sha256, f) if isinstance(f, Path) else None for f in p.checkpoint.files] for p in new
         ]
 
         def known(i: int) -> tuple[str | None, ...]:
@@ -462,7 +522,7 @@ def write_rows(
         def verify(i: int) -> None:
             """Refuse, before anything of it is written, a file whose sha256 is not the one its name promised."""
             for f, h, digest in zip(new[i].checkpoint.files, hashes[i], known(i)):
-                if digest is not None and h.result() != digest:
+                if digest is not None and h is not None and h.result() != digest:  # remote: checked by its source
                     raise CheckpointError(
                         f"{f}: its sha256 is {h.result()[:16]}..., not the {digest[:16]}... its hub cache blob is "
                         "named by; the cache is damaged: download the revision again"
@@ -470,7 +530,8 @@ def write_rows(
 
         def source_entry(i: int, delta_norm: float | None = None) -> dict[str, Any]:
             p = new[i]
-            files = [{**_fingerprint(f), "sha256": h.result()} for f, h in zip(p.checkpoint.files, hashes[i])]
+            files = [f.identity() if h is None else {**_fingerprint(f), "sha256": h.result()}
+                     for f, h in zip(p.checkpoint.files, hashes[i])]
             entry = {**p.checkpoint.origin, "step": p.step, "label": p.checkpoint.label, "files": files}
             if delta_norm is not None:
                 entry["delta_norm"] = delta_norm
@@ -486,16 +547,21 @@ def write_rows(
             if files and all(isinstance(f, dict) and f.get("sha256") for f in files):
                 identities[tuple(f["sha256"] for f in files)] = (last_source["step"], last_source["label"])
 
+        def digests(j: int) -> tuple[str, ...] | None:
+            """The sha256 of checkpoint *j*'s files, known or hashed; None where one is not (a remote file
+            whose source gives none)."""
+            key = tuple(d or (h.result() if h is not None else None) for d, h in zip(known(j), hashes[j]))
+            return key if key and None not in key else None
+
         def identical(i: int) -> str | None:
             """Whether checkpoint *i*'s files are an earlier one's (known or hashed before any tensor is read)."""
             for j in pending:
-                if new[j].checkpoint.files:
-                    identities.setdefault(tuple(d or h.result() for d, h in zip(known(j), hashes[j])),
-                                          (new[j].step, _shown(new[j].checkpoint)))
+                if (key := digests(j)) is not None:
+                    identities.setdefault(key, (new[j].step, _shown(new[j].checkpoint)))
             pending[:] = [i]
-            if not new[i].checkpoint.files:
+            key = digests(i)
+            if key is None:
                 return None
-            key = tuple(d or h.result() for d, h in zip(known(i), hashes[i]))
             earlier = identities.get(key)
             return None if earlier is None else identical_message(earlier, (new[i].step, _shown(new[i].checkpoint)),
                                                                   key[0])

@@ -13,12 +13,21 @@ Every input is refused unless it is a regular file (a FIFO would block the
 reader, ``/dev/zero`` never ends), and paths named by a shard index must
 stay inside the checkpoint's folder. float8 tensors are read upcast to
 float32, which holds every float8 value exactly.
+
+Remote files (:class:`~.sources.RemoteFile`, from an fsspec URL or a hub
+revision): a safetensors file is read by byte range, its header first
+(checked here as the safetensors library checks a local one: size limit,
+dtypes, shapes, contiguous spans that end at the end of the file), then each
+selected tensor's span when it is read; a pickle is read from a local copy
+(:meth:`~.sources.RemoteFile.local_copy`); a shard index may name only files
+beside it.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import pickle
 import stat
@@ -33,12 +42,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, InconsistentCheckpointsError, StepError, UnsafeCheckpointError
+from ..groups import natural_key
+from .sources import AHEAD_BYTES, RemoteFile, is_remote
 
 __all__ = [
     "CheckpointReader",
     "KeyOptions",
     "add_state_dict",
     "TensorInfo",
+    "needs_download",
     "open_checkpoint",
     "require_regular_file",
     "shard_files",
@@ -252,6 +264,143 @@ def _span_loader(path: Path, start: int, stop: int, dtype: torch.dtype | None):
     return lambda: torch.from_numpy(_read_span(path, start, stop)).view(dtype)
 
 
+# -- remote safetensors: the header by range, checked as the safetensors library checks it ---------
+
+_HEADER_LIMIT = 100_000_000  # the safetensors library's limit on a header's size
+# Bits per element of every safetensors dtype (F4 and F6 pack elements into bytes).
+_SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64,
+    "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+
+def _safetensors_header(f: RemoteFile) -> tuple[int, dict, dict]:
+    """Start of the data section, the tensor entries and the metadata of a remote safetensors file.
+
+    Fetched once per file (then kept in ``f.memo``). Refused as the
+    safetensors library refuses a local file: a header past its size limit
+    or past the file's end, not a JSON object, an unknown dtype, a shape or
+    span that is not a list of non-negative integers, spans that do not
+    follow one another from the start of the data section to the end of the
+    file, or a span whose length is not its shape's.
+    """
+    if "safetensors" not in f.memo:
+        f.memo["safetensors"] = _fetch_safetensors_header(f)
+    return f.memo["safetensors"]
+
+
+def _fetch_safetensors_header(f: RemoteFile) -> tuple[int, dict, dict]:
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{f.label}: unreadable safetensors file ({why})")
+
+    if f.size < 8:
+        raise bad(f"{f.size} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(f.read(0, 8, keep=False).tobytes(), "little")
+    if n > _HEADER_LIMIT or 8 + n > f.size:
+        raise bad(f"header of {n} bytes in a file of {f.size}")
+    try:
+        header = json.loads(f.read(8, 8 + n, keep=False).tobytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"header is not JSON: {_one_line(exc)}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not an object of strings")
+
+    def ints(value, length=None) -> bool:
+        return (isinstance(value, list) and (length is None or len(value) == length)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_BITS:
+            raise bad(f"tensor {name!r}: unknown dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}")
+        if not ints(entry.get("shape")) or not ints(entry.get("data_offsets"), 2):
+            raise bad(f"tensor {name!r}: shape and data_offsets must be lists of non-negative integers")
+        begin, end = entry["data_offsets"]
+        bits = _SAFETENSORS_BITS[entry["dtype"]] * math.prod(entry["shape"])
+        if bits % 8 or end - begin != bits // 8:
+            raise bad(f"tensor {name!r}: span {begin}..{end} does not hold its shape {entry['shape']}")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise bad(f"tensor {name!r}: span starts at {begin}, not {position}")
+        position = end
+    if 8 + n + position != f.size:
+        raise bad(f"the tensors end at byte {8 + n + position} of a file of {f.size}")
+    return 8 + n, header, metadata
+
+
+class _Spans:
+    """The byte spans of a remote checkpoint's tensors; reading one fetches the next ones ahead.
+
+    "Next" in natural order of the canonical names: the order of the
+    manifest, in which the ingest reads a checkpoint's tensors.
+    """
+
+    def __init__(self):
+        self.spans: dict[str, tuple[RemoteFile, int, int]] = {}
+        self._order: list[str] | None = None
+
+    def loader(self, name: str, f: RemoteFile, start: int, stop: int, dtype: torch.dtype | None):
+        if start == stop:
+            return lambda: torch.empty(0, dtype=dtype)
+        self.spans[name] = (f, start, stop)
+        return lambda: torch.from_numpy(self.read(name)).view(dtype)
+
+    def read(self, name: str) -> np.ndarray:
+        if self._order is None:
+            self._order = sorted(self.spans, key=natural_key)
+        ahead = 0
+        for other in self._order[self._order.index(name) + 1 :]:
+            if ahead >= AHEAD_BYTES:
+                break
+            f, start, stop = self.spans[other]
+            f.fetch_ahead(start, stop)
+            ahead += stop - start
+        f, start, stop = self.spans[name]
+        return f.read(start, stop)
+
+
+def _read_remote_safetensors(files: Sequence[RemoteFile], label: str, keys: KeyOptions) -> CheckpointReader:
+    reader = CheckpointReader(label, {})
+    spans = _Spans()
+    for f in files:
+        data_start, header, metadata = _safetensors_header(f)
+        for step_key in ("step", "global_step"):
+            step = _stored_step(metadata.get(step_key), step_key, f.label)
+            reader.step_hint = step if step is not None else reader.step_hint
+        for key in sorted(header):
+            dtype_name, shape = header[key]["dtype"], header[key]["shape"]
+            dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name if dtype_name.startswith("F") else None)
+            begin, end = header[key]["data_offsets"]
+            name = keys.canonical(key)
+            loader = spans.loader(name, f, data_start + begin, data_start + end, dtype)
+            _add(reader, key, shape, dtype, loader, keys, f.label)
+    spans.spans = {n: s for n, s in spans.spans.items() if n in reader.tensors}  # selected tensors only
+    return reader
+
+
+def _read_remote_torch(files: Sequence[RemoteFile], label: str, keys: KeyOptions) -> CheckpointReader:
+    """Pickles read from local copies; messages name the remote files, not the copies."""
+    copies = [f.local_copy(label) for f in files]
+    try:
+        return _read_torch(copies, label, keys)
+    except CheckpointError as exc:
+        message = str(exc)
+        for f, copy in zip(files, copies):
+            message = message.replace(str(copy), f.label)
+        raise type(exc)(message) from None
+
+
+def needs_download(files: Sequence[Path | RemoteFile]) -> bool:
+    """Whether opening the checkpoint in *files* reads them whole: remote pickles, downloaded first."""
+    return is_remote(files) and not all(f.suffix == ".safetensors" for f in files)
+
+
 _INT64 = range(-(2**63), 2**63)
 
 
@@ -433,13 +582,17 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
         _add(reader, raw, t.shape, t.dtype, t, keys, str(path))
 
 
-def open_checkpoint(files: Sequence[Path], label: str, keys: KeyOptions) -> CheckpointReader:
-    """Open the files of one checkpoint: all safetensors, all torch pickles, a
+def open_checkpoint(files: Sequence[Path | RemoteFile], label: str, keys: KeyOptions) -> CheckpointReader:
+    """Open the files of one checkpoint: all safetensors, all torch pickles (local or remote), a
     torch.distributed.checkpoint folder's (``.metadata`` first) or a DeepSpeed
     ``mp_rank_00_model_states.pt``."""
     from .dcp import METADATA, read_dcp
     from .deepspeed import is_model_states, read_deepspeed
 
+    if is_remote(files):
+        if all(f.suffix == ".safetensors" for f in files):
+            return _read_remote_safetensors(files, label, keys)
+        return _read_remote_torch(files, label, keys)
     if files and files[0].name == METADATA:
         return read_dcp(files, label, keys)
     if len(files) == 1 and is_model_states(files[0]):
@@ -449,15 +602,18 @@ def open_checkpoint(files: Sequence[Path], label: str, keys: KeyOptions) -> Chec
     return _read_torch(files, label, keys)
 
 
-def shard_files(index: Path, root: Path | None = None) -> list[Path]:
+def shard_files(index: Path | RemoteFile, root: Path | None = None) -> list[Path | RemoteFile]:
     """The shard files named by a ``*.index.json`` weight map, in order of first use.
 
     Each shard must be named inside the index's folder and resolve (symlinks
     followed) to a file inside *root* (default: that folder): a weight map
     naming ``../other/model.safetensors`` or an absolute path would ingest
     another checkpoint's tensors. A hub cache's snapshot links its files into
-    the repository's ``blobs/``, so its root is the repository folder.
+    the repository's ``blobs/``, so its root is the repository folder. A
+    remote index may name only files beside it.
     """
+    if isinstance(index, RemoteFile):
+        return _remote_shard_files(index)
     require_regular_file(index)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -485,4 +641,30 @@ def shard_files(index: Path, root: Path | None = None) -> list[Path]:
         if not path.exists():
             raise CheckpointError(f"{index}: names shard {path.name!r}, which is missing")
         require_regular_file(path)
+    return list(shards.values())
+
+
+def _weight_map(index: RemoteFile) -> dict:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{index.label}: unreadable shard index ({_one_line(exc)})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{index.label}: 'weight_map' is a {type(weight_map).__name__}, not an object of tensor: file"
+        )
+    return weight_map
+
+
+def _remote_shard_files(index: RemoteFile) -> list[RemoteFile]:
+    siblings = index.parent.children()
+    shards: dict[str, RemoteFile] = {}
+    for tensor, name in _weight_map(index).items():
+        entry = f"weight_map entry {tensor!r}: {name!r}"
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(f"{index.label}: {entry} is not the name of a file beside the index")
+        shard = siblings.get(name)
+        if not isinstance(shard, RemoteFile):
+            raise CheckpointError(f"{index.label}: names shard {name!r}, which is missing")
+        shards.setdefault(name, shard)
     return list(shards.values())

@@ -1,0 +1,371 @@
+"""The revisions of a Hugging Face hub repository as checkpoints: ``hf://org/name``.
+
+Pythia, OLMo and LLM360 publish their training trajectories as branches of
+one model repository (``step1000``, ``stage1-step1000-tokens4B``,
+``ckpt_120``); each selected revision is one checkpoint, its step read from
+its name, in step order. A revision holds one checkpoint folder as
+discover.py's :func:`~.discover.checkpoint_files` reads it: sharded
+``*.safetensors`` or ``pytorch_model*.bin`` with their index, as on the hub.
+
+The requests, all through huggingface_hub (the ``[hub]`` extra) and its HTTP
+session, so that its authentication (``HF_TOKEN``, a saved login) and its
+endpoint (``HF_ENDPOINT``) apply:
+
+* refs: :meth:`HfApi.list_repo_refs`, ``GET /api/models/{repo}/refs``:
+  branches and tags, each with its commit;
+* the files of a revision: :meth:`HfApi.list_repo_tree` at that commit,
+  ``GET /api/models/{repo}/tree/{commit}``: size, git blob id and, for LFS
+  files, sha256;
+* a file, at its first read: :func:`get_hf_file_metadata` of
+  :func:`hf_hub_url` at the commit, ``HEAD /{repo}/resolve/{commit}/{file}``:
+  ``X-Repo-Commit`` must be the listed commit and the ETag
+  (``X-Linked-Etag`` for LFS files) the listed sha256 or blob id;
+  ``Location`` is where the bytes are (storage, for LFS files);
+* bytes: ``GET`` of that location with a ``Range`` header; only a 206
+  answer whose ``Content-Range`` is the range asked for is read (a 200
+  would be the whole file). An answer of 401/403/404/410 from a storage
+  location (a signed URL that expired) resolves the file again.
+
+Every URL names the revision's commit, never its branch: a branch that moves
+during an ingest cannot mix two revisions, and the store records each
+revision's commit and each file's sha256 (or blob id), which an append
+checks again.
+
+Why byte ranges rather than downloading each revision into a temporary
+folder: the ingest then fetches only the selected tensors (an ``--include``
+of the attention weights fetches those), holds no whole file on local disk
+(a tensor is kept, in memory or in the workspace, only until the next delta
+has read it: sources.py), and fetches each byte once, where a download would
+write and then read every byte again. Pickles (``pytorch_model.bin``) cannot
+be read by range: they are downloaded into the workspace, the previous and
+the current revision's at a time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+import json
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import NoCheckpointsError, SourceError, StepError
+from .discover import Checkpoint, checkpoint_files
+from .sources import RemoteFile, RemoteFolder, ResponseError, Source, Workspace, retrying
+
+__all__ = ["HubSource", "select_revisions", "step_from_revision"]
+
+_REPO = re.compile(r"hf://(?:models/)?([A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*)/?")
+_REVISION_STEP = re.compile(r"(?:^|[^a-z])(?:global_step|step|checkpoint|ckpt|iteration|iter)[=_\-]?(\d+)",
+                            re.IGNORECASE)
+_RANGE = re.compile(r"(?P<a>[^.:]+)\.\.(?P<b>[^.:]+)(?::(?P<k>\d+))?")
+_GLOB = re.compile(r"[*?\[]")
+
+
+def step_from_revision(name: str) -> int | None:
+    """The step in a revision's name: ``step1000``, ``stage1-step1000-tokens4B``, ``ckpt_120``; None without one.
+
+    Only a number after a step word counts (``main`` and ``v1.1`` have no step).
+
+    >>> step_from_revision("stage1-step1000-tokens4B"), step_from_revision("main")
+    (1000, None)
+    """
+    found = _REVISION_STEP.findall(name)
+    return int(found[-1]) if found else None
+
+
+def _range_end(text: str, item: str) -> int:
+    if text.isdigit():
+        return int(text)
+    step = step_from_revision(text)
+    if step is None:
+        raise StepError(f"revisions {item!r}: {text!r} is neither a step nor a revision named by its step")
+    return step
+
+
+def select_revisions(repo: str, available: Sequence[str], spec: str | Sequence[str] | None) -> list[tuple[str, int]]:
+    """The revisions of *available* that *spec* selects, as ``(name, step)`` in step order.
+
+    *spec*: None (every revision with a step in its name), or comma-separated
+    items (a string) or a sequence of items, each
+
+    * a name (``step1000``) or a glob on names (``'step*'``);
+    * a range of steps ``A..B``: every revision with a step from A to B;
+    * ``A..B:K``: the steps A, A+K, ... up to B, each of which must have a
+      revision. A and B are steps or revision names (``step1000..step143000:1000``).
+
+    >>> select_revisions("hf://org/m", ["main", "step0", "step1000", "step2000", "step3000"], "step1000..step3000:2000")
+    [('step1000', 1000), ('step3000', 3000)]
+    """
+    steps = {name: step_from_revision(name) for name in available}
+    if spec is None:
+        chosen = [n for n in available if steps[n] is not None]
+        if not chosen:
+            raise SourceError(f"{repo}: no revision is named by a step (revisions: {', '.join(sorted(available)[:10])})")
+    else:
+        items = [i.strip() for i in (spec.split(",") if isinstance(spec, str) else spec)]
+        chosen = []
+        for item in items:
+            picked = _select(repo, item, available, steps)
+            chosen.extend(n for n in picked if n not in chosen)
+    for name in chosen:
+        if steps[name] is None:
+            raise StepError(f"{repo}@{name}: no step in the revision's name; select revisions named by their step "
+                            "(step1000, stage1-step1000-tokens4B, ckpt_120)")
+    return sorted(((n, steps[n]) for n in chosen), key=lambda pair: pair[1])
+
+
+def _select(repo: str, item: str, available: Sequence[str], steps: Mapping[str, int | None]) -> list[str]:
+    if not item:
+        raise StepError(f"{repo}: an empty item in the revisions asked for")
+    by_step: dict[int, list[str]] = {}
+    for name in available:
+        if steps[name] is not None:
+            by_step.setdefault(steps[name], []).append(name)
+    match = _RANGE.fullmatch(item)
+    if match:
+        a, b = _range_end(match["a"], item), _range_end(match["b"], item)
+        if b < a:
+            raise StepError(f"revisions {item!r}: the range ends before it starts")
+        if match["k"] is None:
+            picked = [n for s in sorted(by_step) if a <= s <= b for n in by_step[s]]
+        else:
+            k = int(match["k"])
+            if k < 1:
+                raise StepError(f"revisions {item!r}: the step of a range must be at least 1")
+            missing = next((s for s in range(a, b + 1, k) if s not in by_step), None)
+            if missing is not None:
+                raise SourceError(f"{repo}: no revision for step {missing}, which {item!r} asks for")
+            picked = [n for s in range(a, b + 1, k) for n in by_step[s]]
+    elif _GLOB.search(item):
+        picked = [n for n in available if fnmatch.fnmatchcase(n, item)]
+    else:
+        picked = [item] if item in available else []
+    if not picked:
+        raise SourceError(f"{repo}: no revision matches {item!r}")
+    return picked
+
+
+def _http_module():
+    """httpx, or the httpx2 of huggingface_hub >= 2: the module of the session huggingface_hub uses."""
+    from huggingface_hub.utils import get_session
+
+    return importlib.import_module(type(get_session()).__module__.partition(".")[0])
+
+
+def _transient(exc: Exception) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        return status is not None and (status in (408, 429) or status >= 500)
+    return isinstance(exc, (ResponseError, _http_module().TransportError))
+
+
+class HubFile(RemoteFile):
+    """A file of a hub revision, pinned to the revision's commit, read by ranged GETs."""
+
+    def __init__(self, revision: HubRevision, entry, workspace: Workspace):
+        from huggingface_hub import hf_hub_url
+
+        source = revision.source
+        super().__init__(f"{revision.label}/{entry.path}", entry.path, entry.size, workspace, revision)
+        self.source, self.revision, self.commit = source, revision.revision, revision.commit
+        self.sha256 = entry.lfs.sha256 if entry.lfs is not None else None
+        self.etag = self.sha256 or entry.blob_id  # the hub's ETag: sha256 of an LFS file, else its git blob id
+        self.url = hf_hub_url(source.repo_id, entry.path, revision=self.commit, endpoint=source.endpoint)
+        self._location: str | None = None
+        self._resolving = threading.Lock()  # ranges are fetched on several threads: one HEAD per file
+
+    def _resolve(self) -> str:
+        from huggingface_hub import get_hf_file_metadata
+
+        with self._resolving:
+            if self._location is not None:
+                return self._location
+            meta = get_hf_file_metadata(self.url, endpoint=self.source.endpoint)
+            if meta.commit_hash != self.commit:
+                raise SourceError(f"{self.label}: the hub answered for commit {meta.commit_hash}, not the "
+                                  f"revision's {self.commit}")
+            if meta.etag != self.etag:
+                raise SourceError(f"{self.label}: the hub serves ETag {meta.etag}, but listed {self.etag}; the "
+                                  "revision changed while it was read: run the ingest again")
+            self._location = meta.location
+            return self._location
+
+    def _headers(self, location: str) -> dict[str, str]:
+        from huggingface_hub.utils import build_hf_headers
+
+        headers = {"Accept-Encoding": "identity"}
+        if urlsplit(location).netloc == urlsplit(self.source.endpoint).netloc:
+            headers.update(build_hf_headers())  # the token goes to the hub, never to a storage URL it signed
+        return headers
+
+    def _get(self, location: str, headers: Mapping[str, str]):
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        return get_session().stream("GET", location, headers=dict(headers), timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+    def _refused(self, response, location: str) -> Exception:
+        """The error for a response that is not the one expected."""
+        from huggingface_hub.utils import hf_raise_for_status
+
+        status = response.status_code
+        if location != self.url and status in (401, 403, 404, 410):
+            return ResponseError(f"HTTP {status} from the storage location (expired?)")
+        response.read()
+        try:
+            hf_raise_for_status(response)
+        except Exception as exc:  # noqa: BLE001 -- huggingface_hub's error for this status
+            return exc
+        return SourceError(f"{self.label}: the server answered HTTP {status} to a range request; "
+                           "it must serve byte ranges (206)")
+
+    def _fetch(self, start: int, stop: int, out: memoryview) -> None:
+        location = self._resolve()
+        headers = {**self._headers(location), "Range": f"bytes={start}-{stop - 1}"}
+        with self._get(location, headers) as response:
+            if response.status_code != 206:
+                raise self._refused(response, location)
+            expected = f"bytes {start}-{stop - 1}/{self.size}"
+            if response.headers.get("Content-Range") != expected:
+                raise ResponseError(f"Content-Range {response.headers.get('Content-Range')!r}, not {expected!r}")
+            position = 0
+            for chunk in response.iter_bytes():
+                end = position + len(chunk)
+                if end > len(out):
+                    raise ResponseError(f"more than the {len(out)} bytes asked for")
+                out[position:end] = chunk
+                position = end
+        if position != len(out):
+            raise ResponseError(f"{position} of {len(out)} bytes")
+
+    def _download(self, path: Path) -> None:
+        location = self._resolve()
+        digest = hashlib.sha256()
+        size = 0
+        with self._get(location, self._headers(location)) as response, open(path, "wb") as f:
+            if response.status_code != 200:
+                raise self._refused(response, location)
+            for chunk in response.iter_bytes():
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+        if size != self.size:
+            raise ResponseError(f"downloaded {size} bytes of {self.size}")
+        if self.sha256 is not None and digest.hexdigest() != self.sha256:
+            raise ResponseError(f"downloaded bytes have sha256 {digest.hexdigest()}, not the {self.sha256} listed")
+
+    def _transient(self, exc: Exception) -> bool:
+        return _transient(exc)
+
+    def _reset(self) -> None:
+        self._location = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"url": self.label, "revision": self.revision, "commit": self.commit, "size": self.size,
+                "sha256": self.sha256, "etag": self.etag}
+
+    def matches(self, recorded: Mapping[str, Any]) -> bool:
+        """The same size and content: sha256 for LFS files, else the git blob id."""
+        return recorded.get("size") == self.size and recorded.get("etag") == self.etag
+
+
+class HubRevision(RemoteFolder):
+    """The top folder of one revision of a hub repository, at the revision's commit."""
+
+    def __init__(self, source: HubSource, revision: str, commit: str):
+        super().__init__(f"{source.url}@{revision}")
+        self.source, self.revision, self.commit = source, revision, commit
+
+    def exists(self) -> bool:
+        return True
+
+    def _list(self) -> dict[str, RemoteFile | RemoteFolder]:
+        from huggingface_hub.hf_api import RepoFile
+
+        entries = retrying(self.label, "listing files", lambda: list(
+            self.source.api.list_repo_tree(self.source.repo_id, revision=self.commit)), _transient)
+        return {e.path: HubFile(self, e, self.source.workspace) for e in entries if isinstance(e, RepoFile)}
+
+
+class HubSource(Source):
+    """The selected revisions of a hub model repository, one checkpoint each."""
+
+    def __init__(self, url: str, revisions: str | Sequence[str] | None, workspace: Workspace):
+        match = _REPO.fullmatch(url)
+        if match is None:
+            raise SourceError(f"{url}: not a hub model repository; write hf://org/name and select revisions "
+                              "with revisions (--revisions)")
+        try:
+            from huggingface_hub import HfApi
+        except ImportError:
+            raise SourceError(f"{url}: reading the hub needs huggingface_hub: "
+                              "pip install 'spectral-analyzer[hub]'") from None
+        self.repo_id = match[1]
+        self.url = f"hf://{self.repo_id}"
+        self.revisions = revisions
+        self.workspace = workspace
+        self.api = HfApi()
+        self.endpoint = self.api.endpoint
+        self._provenance: dict[str, Any] = {}
+
+    def _refs(self) -> dict[str, str]:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        def list_refs():
+            try:
+                return self.api.list_repo_refs(self.repo_id)
+            except GatedRepoError:
+                raise SourceError(f"{self.url}: a gated repository; accept its terms on the hub and log in "
+                                  "(hf auth login) or set HF_TOKEN") from None
+            except RepositoryNotFoundError:
+                raise SourceError(f"{self.url}: no such repository at {self.endpoint} (a private one needs a "
+                                  "login: hf auth login, or HF_TOKEN)") from None
+
+        refs = retrying(self.url, "listing revisions", list_refs, _transient)
+        available: dict[str, str] = {}
+        for ref in [*refs.branches, *refs.tags]:
+            available.setdefault(ref.name, ref.target_commit)
+        return available
+
+    def checkpoints(self, steps: Sequence[int] | None = None) -> list[Checkpoint]:
+        if steps is not None:
+            raise StepError(f"{self.url}: steps come from the revisions' names; select revisions instead")
+        available = self._refs()
+        found = []
+        for name, step in select_revisions(self.url, list(available), self.revisions):
+            revision = HubRevision(self, name, available[name])
+            files = checkpoint_files(revision)
+            if not files:
+                raise NoCheckpointsError(
+                    f"{revision.label}: no weights (looked for model.safetensors, pytorch_model.bin, their shard "
+                    "indexes and other *.safetensors / *.bin files at the top of the revision)"
+                )
+            if not found:
+                self._provenance = self._model_config(revision)
+            found.append(Checkpoint(revision.label, files, step))
+        return found
+
+    def _model_config(self, revision: HubRevision) -> dict[str, Any]:
+        """``{"model_config": ...}``: the revision's config.json (architecture, heads), if it has one."""
+        config = revision.children().get("config.json")
+        if not isinstance(config, RemoteFile):
+            return {}
+        try:
+            value = json.loads(config.read_text())
+        except (ValueError, RecursionError):
+            return {}
+        return {"model_config": value} if isinstance(value, dict) else {}
+
+    def provenance(self) -> dict[str, Any]:
+        return {**self._provenance, "endpoint": self.endpoint}
+
+    def close(self) -> None:
+        self.workspace.close()
