@@ -199,6 +199,21 @@ def ingest_child(src: str, store: str, chunk_size: int, kill_at: int | None, tor
         sa.ingest(src, store, chunk_size=chunk_size)
 
 
+def hub_ingest_child(endpoint: str, src: str, store: str, revisions: str, chunk_size: int,
+                     kill_at: int | None) -> None:
+    """``ingest(src, store, revisions=revisions)`` from the loopback hub at *endpoint*; killed at write *kill_at*.
+
+    The endpoint is set here: the fork server's environment is the one it started with.
+    """
+    from huggingface_hub import constants
+
+    constants.ENDPOINT = endpoint
+    constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    with broken_writes(kill_at), warnings.catch_warnings():
+        warnings.simplefilter("ignore", sa.DuplicateCheckpointWarning)
+        sa.ingest(src, store, revisions=revisions, chunk_size=chunk_size)
+
+
 def _holding(started, release):
     """Store.commit_rows that, at its first call (the writer lock held), sets *started* and waits for *release*."""
     commit_rows = Store.commit_rows
