@@ -338,12 +338,16 @@ class _Spans:
     """The byte spans of a remote checkpoint's tensors; reading one fetches the next ones ahead.
 
     "Next" in natural order of the canonical names: the order of the
-    manifest, in which the ingest reads a checkpoint's tensors.
+    manifest, in which the ingest reads a checkpoint's tensors. The tensors
+    up to ``AHEAD_BYTES`` past the one read (at least one) are asked for.
     """
 
     def __init__(self):
         self.spans: dict[str, tuple[RemoteFile, int, int]] = {}
-        self._order: list[str] | None = None
+        self._names: list[str] = []  # in the order they are read, once the first is
+        self._index: dict[str, int] = {}
+        self._ends = np.zeros(0, dtype=np.int64)  # cumulative bytes along that order
+        self._asked = 0  # tensors [0, _asked) of the order have been asked for
 
     def loader(self, name: str, f: RemoteFile, start: int, stop: int, dtype: torch.dtype | None):
         if start == stop:
@@ -352,15 +356,17 @@ class _Spans:
         return lambda: torch.from_numpy(self.read(name)).view(dtype)
 
     def read(self, name: str) -> np.ndarray:
-        if self._order is None:
-            self._order = sorted(self.spans, key=natural_key)
-        ahead = 0
-        for other in self._order[self._order.index(name) + 1 :]:
-            if ahead >= AHEAD_BYTES:
-                break
-            f, start, stop = self.spans[other]
+        if not self._names:
+            self._names = sorted(self.spans, key=natural_key)
+            self._index = {n: i for i, n in enumerate(self._names)}
+            self._ends = np.cumsum([self.spans[n][2] - self.spans[n][1] for n in self._names])
+        i = self._index[name]
+        limit = self._ends[i] + AHEAD_BYTES
+        self._asked = max(self._asked, i + 1)
+        while self._asked < len(self._names) and (self._asked == i + 1 or self._ends[self._asked - 1] < limit):
+            f, start, stop = self.spans[self._names[self._asked]]
             f.fetch_ahead(start, stop)
-            ahead += stop - start
+            self._asked += 1
         f, start, stop = self.spans[name]
         return f.read(start, stop)
 

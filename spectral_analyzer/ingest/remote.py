@@ -57,10 +57,14 @@ class FsspecFile(RemoteFile):
         return {"url": self.label, "size": self.size, **self.version}
 
     def matches(self, recorded: Mapping[str, Any]) -> bool:
-        """Same size and the same version fields (ETag, generation, mtime, ...) as recorded."""
+        """Same size and the same version fields (ETag, generation, mtime, ...) as recorded.
+
+        A file whose filesystem reports none is judged by its size.
+        """
         if recorded.get("size") != self.size:
             return False
-        return all(recorded.get(k) == v for k, v in self.version.items() if k in recorded)
+        common = [k for k in self.version if k in recorded]
+        return all(recorded[k] == self.version[k] for k in common) and (bool(common) or not self.version)
 
 
 class FsspecFolder(RemoteFolder):

@@ -72,8 +72,8 @@ __all__ = [
 ATTEMPTS = 5
 FIRST_WAIT = 1.0  # seconds
 MAX_WAIT = 16.0
-KEEP_IN_MEMORY = 256 * 1024 * 1024  # bytes of kept ranges held in memory; the rest goes to the workspace
-AHEAD_BYTES = 64 * 1024 * 1024  # bytes fetched ahead of the tensor being read
+KEEP_IN_MEMORY = 128 * 1024 * 1024  # bytes of kept ranges held in memory; the rest goes to the workspace
+AHEAD_BYTES = 32 * 1024 * 1024  # bytes fetched ahead of the tensor being read
 FETCH_THREADS = 4
 TEXT_LIMIT = 64 * 1024 * 1024  # the largest JSON file (shard index, config.json) read whole
 
@@ -90,11 +90,12 @@ def one_line(exc: BaseException) -> str:
 
 
 def retrying(label: str, what: str, call: Callable[[], T], transient: Callable[[Exception], bool],
-             reset: Callable[[], None] | None = None) -> T:
+             reset: Callable[[], None] | None = None, stop: threading.Event | None = None) -> T:
     """``call()``, tried up to ``ATTEMPTS`` times while it fails with an exception *transient* accepts.
 
-    *reset* runs before each new try. The package's own errors pass through;
-    any other failure becomes a one-line :class:`SourceError` naming *label*.
+    *reset* runs before each new try; none is made once *stop* is set (the
+    source is being closed). The package's own errors pass through; any other
+    failure becomes a one-line :class:`SourceError` naming *label*.
     """
     wait = FIRST_WAIT
     for attempt in range(1, ATTEMPTS + 1):
@@ -112,7 +113,10 @@ def retrying(label: str, what: str, call: Callable[[], T], transient: Callable[[
                 ) from None
             if reset is not None:
                 reset()
-            time.sleep(wait)
+            if stop is None:
+                time.sleep(wait)
+            elif stop.wait(wait):
+                raise SourceError(f"{label}: {what} failed ({one_line(exc)}); not tried again: the ingest stopped")
             wait = min(MAX_WAIT, 2 * wait)
     raise AssertionError("unreachable")
 
@@ -130,6 +134,7 @@ class Workspace:
         self._pool: ThreadPoolExecutor | None = None
         self._names = count()
         self._lock = threading.Lock()
+        self.closing = threading.Event()  # set by close(): requests in flight are not tried again
 
     @property
     def folder(self) -> Path:
@@ -201,6 +206,7 @@ class Workspace:
         return folder
 
     def close(self) -> None:
+        self.closing.set()
         with self._lock:
             pool, self._pool = self._pool, None
             self._fetching.clear()
@@ -302,7 +308,7 @@ class RemoteFile:
 
     def retrying(self, what: str, call: Callable[[], T]) -> T:
         """``call()``, tried again after a transient failure (see the module's docstring)."""
-        return retrying(self.label, what, call, self._transient, self._reset)
+        return retrying(self.label, what, call, self._transient, self._reset, self.workspace.closing)
 
     # -- the transport ---------------------------------------------------------
 
