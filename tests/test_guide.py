@@ -27,6 +27,8 @@ CALLBACKS = "tests/test_callbacks.py runs the callback in small Trainers"
 S3 = ("an S3 bucket: against the tests' S3 server (moto) the guide's examples take ~45 s on 2 cores, and "
       "tests/test_object_storage.py runs them: ingest and spectra through the CLI with storage options, "
       "sa.ingest, open_run with a cluster client and a Recorder on S3")
+HUB = ("the Hugging Face hub, which the sandbox cannot reach; tests/test_hub.py ingests Pythia-style revisions "
+       "from a hub on loopback through the same huggingface_hub calls, with the CLI and sa.ingest")
 TENSORBOARD = ("a training's own TensorBoard log folder, which the sandbox has none of; tests/test_tensorboard.py "
                "ingests event files written by torch's SummaryWriter, through the CLI and sa.ingest")
 SKIPPED = {
@@ -39,6 +41,10 @@ SKIPPED = {
     "ingest runs/add-wd1 -o s3://bucket/run.zarr": S3,
     "spectra s3://bucket/run.zarr": S3,  # twice: options from the environment, then given
     'sa.ingest("runs/add-wd1", "s3://bucket/run.zarr"': S3,
+    "ingest s3://bucket/run-42/": ("an S3 bucket of checkpoints; tests/test_remote_sources.py ingests folders "
+                                   "from S3 (moto) and memory:// with the CLI's storage and source options"),
+    "ingest hf://EleutherAI/pythia-160m": HUB,  # three commands
+    'sa.ingest("hf://EleutherAI/pythia-160m"': HUB,
     "--metrics runs/": TENSORBOARD,  # both lines of the block
     'metrics="lightning_logs/version_0"': TENSORBOARD,
     "ingest ~/.cache/huggingface/hub/models--EleutherAI--pythia-70m": (
@@ -145,8 +151,9 @@ def test_every_guide_example_runs(tmp_path, monkeypatch):
                 result = runner.invoke(main, [*args[1:], *quiet])
                 assert result.exit_code == 0, f"{line}\n{result.output}"
                 ran["command"] += 1
-    # the parsing found the examples: the skipped S3 spectra line is there twice, the TensorBoard log folder twice
-    assert ran == {"command": 6, "synopsis": 12, "python": 10, "repr": 1, "skipped": len(SKIPPED) + 2}, ran
+    # the parsing found the examples: the skipped S3 spectra line is there twice, the TensorBoard log folder
+    # twice, the hub's ingest three times
+    assert ran == {"command": 6, "synopsis": 12, "python": 10, "repr": 1, "skipped": len(SKIPPED) + 4}, ran
     assert (tmp_path / "add-wd1.html").is_file() and (tmp_path / "spectra.nc").is_file()
     recorded = sa.open_run("live.zarr")  # the recording loop's store
     assert list(recorded.checkpoint_steps) == [0, 100, 200]

@@ -42,6 +42,7 @@ SHARDED = "EleutherAI/pythia-tiny-sharded"  # model-0000k-of-00003.safetensors +
 SHARDED_BIN = "EleutherAI/pythia-tiny-sharded-bin"  # pytorch_model-0000k-of-00002.bin + index
 STAGES = "allenai/olmo-tiny"  # OLMo's revision names
 PRIVATE = "lab/private-tiny"
+BROKEN = "EleutherAI/pythia-tiny-broken"  # pytorch_model.bin; step2 lacks a tensor
 TOKEN = "hf_loopbacktoken"
 CHUNK = 500
 
@@ -72,6 +73,8 @@ def hub(states):
         hub.add_revision(REPO, "main", {"model.safetensors": safetensors_bytes(states["step3000"])})
         for rev in PYTHIA_REVISIONS[:3]:
             hub.add_revision(PRIVATE, rev, {"model.safetensors": safetensors_bytes(states[rev])})
+            tensors = {k: v for k, v in states[rev].items() if rev != "step2" or k != "embed_out.weight"}
+            hub.add_revision(BROKEN, rev, {"pytorch_model.bin": pickle_bytes(tensors)})
         hub.private[PRIVATE] = TOKEN
         yield hub
 
@@ -297,6 +300,17 @@ def test_pickles_are_downloaded_two_revisions_at_a_time_and_deleted(hub, local, 
     assert made and not any(__import__("os").path.exists(m) for m in made)  # the workspace is gone
     downloads = [e for e in hub.log if e.path.startswith("/lfs/") and e.method == "GET"]
     assert len(downloads) == len(PYTHIA_REVISIONS) and all(e.range is None for e in downloads)  # each once
+
+
+def test_a_bad_pickled_revision_found_when_it_is_read_leaves_the_store_as_it_was(tmp_path):
+    """A remote pickle is downloaded only when its row is written: its tensors are checked then."""
+    store = tmp_path / "hub.zarr"
+    sa.ingest(f"hf://{BROKEN}", store, revisions="step0", chunk_size=CHUNK)
+    before = contents(store)
+    with pytest.raises(sa.InconsistentCheckpointsError, match=rf"^tensor 'embed_out\.weight' is in hf://{BROKEN}@step0 "
+                                                              rf"but missing from hf://{BROKEN}@step2$"):
+        sa.ingest(f"hf://{BROKEN}", store, revisions="step*", chunk_size=CHUNK)
+    assert_same_contents(contents(store), before)
 
 
 def test_killed_and_run_again_a_hub_ingest_ends_bit_identical(hub, tmp_path):
