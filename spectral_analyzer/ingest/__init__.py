@@ -116,7 +116,7 @@ def ingest(
     Run
 
     Memory: about two copies of the largest tensor plus four chunk buffers;
-    from a remote source, also up to 256 MiB of tensors kept for the next
+    from a remote source, also up to 128 MiB of tensors kept for the next
     delta (beyond that they are kept in a temporary folder: local disk up to
     one checkpoint's selected tensors).
 
