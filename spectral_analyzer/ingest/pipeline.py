@@ -402,7 +402,7 @@ def _ingest_source(
     planned = _preflight(source.checkpoints(steps), keys, selection, source.label)
     if not planned[0].tensors and (include or exclude):
         raise SelectionError(
-            f"{source.url}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
+            f"{source.label}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
             f"in {planned[0].checkpoint.label}; check the patterns against its tensor names"
         )
     first = {n: t.shape for n, t in planned[0].tensors.items()}

@@ -403,6 +403,11 @@ class Source:
     url: str  # recorded as the store's source
     is_local = False
 
+    @property
+    def label(self) -> str:
+        """What messages call the source."""
+        return self.url
+
     def checkpoints(self, steps: Sequence[int] | None = None) -> list[Checkpoint]:
         raise NotImplementedError
 
@@ -429,6 +434,10 @@ class LocalSource(Source):
         self.folder = folder
         self.url = str(folder.resolve())
         self.cache = None
+
+    @property
+    def label(self) -> str:
+        return str(self.folder)
 
     def checkpoints(self, steps: Sequence[int] | None = None) -> list[Checkpoint]:
         from .discover import discover
