@@ -425,11 +425,17 @@ def float_state(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in tensors.items() if v.is_floating_point()}
 
 
-def patch_endpoint(monkeypatch, url: str) -> None:
+def patch_endpoint(monkeypatch, url: str, home: Path) -> None:
     """Point huggingface_hub at *url*: ``HF_ENDPOINT`` for new processes, and the constants read from it at
-    import (``constants.ENDPOINT``, and the resolve-URL template built from it) in this one."""
+    import (``constants.ENDPOINT``, and the resolve-URL template built from it) in this one. No token but
+    ``HF_TOKEN``: a login saved on this machine (its token file) is not read (the file is looked for in the
+    empty folder *home*)."""
     from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setattr(constants, "ENDPOINT", url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")

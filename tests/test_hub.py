@@ -80,10 +80,8 @@ def hub(states):
 
 
 @pytest.fixture(autouse=True)
-def endpoint(hub, monkeypatch):
-    patch_endpoint(monkeypatch, hub.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+def endpoint(hub, monkeypatch, tmp_path):
+    patch_endpoint(monkeypatch, hub.url, tmp_path)
     monkeypatch.setattr(sources, "FIRST_WAIT", 0.01)
     hub.clear_faults()
 
