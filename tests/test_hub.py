@@ -245,6 +245,16 @@ def test_a_failure_before_anything_is_committed_leaves_no_store(hub, tmp_path):
     assert not (tmp_path / "hub.zarr").exists()
 
 
+def test_a_server_that_ignores_ranges_is_refused_at_once(hub, tmp_path):
+    hub.log.clear()
+    hub.fail("/lfs/", None, 200, after=4)  # a 200 (the whole file) to every range request after the headers
+    with pytest.raises(sa.SourceError, match=r"^hf://EleutherAI/pythia-tiny@step0/model\.safetensors: the server "
+                                             r"answered HTTP 200 where a range \(206\) was asked for$"):
+        sa.ingest(f"hf://{REPO}", tmp_path / "hub.zarr", revisions="step0,step1", chunk_size=CHUNK)
+    refused = [(e.path, e.range) for e in hub.log if e.status == 200 and e.path.startswith("/lfs/")]
+    assert refused and len(set(refused)) == len(refused)  # none tried again
+
+
 def test_cli_ingests_revisions_and_fails_in_one_line(hub, tmp_path):
     from spectral_analyzer.cli.main import main
 

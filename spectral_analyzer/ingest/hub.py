@@ -56,7 +56,7 @@ from urllib.parse import urlsplit
 
 from ..errors import NoCheckpointsError, SourceError, StepError
 from .discover import Checkpoint, checkpoint_files
-from .sources import RemoteFile, RemoteFolder, ResponseError, Source, Workspace, retrying
+from .sources import RemoteFile, RemoteFolder, Source, Workspace, retrying
 
 __all__ = ["HubSource", "select_revisions", "step_from_revision"]
 
@@ -159,12 +159,14 @@ def _http_module():
 
 
 def _transient(exc: Exception) -> bool:
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if isinstance(exc, OfflineModeIsEnabled):  # HF_HUB_OFFLINE: a ConnectionError that no retry mends
+        return False
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else None
         return status is not None and (status in (408, 429) or status >= 500)
-    return isinstance(exc, (ResponseError, _http_module().TransportError))
+    return isinstance(exc, (_http_module().TransportError))
 
 
 class HubFile(RemoteFile):
@@ -218,14 +220,17 @@ class HubFile(RemoteFile):
 
         status = response.status_code
         if location != self.url and status in (401, 403, 404, 410):
-            return ResponseError(f"HTTP {status} from the storage location (expired?)")
-        response.read()
-        try:
-            hf_raise_for_status(response)
-        except Exception as exc:  # noqa: BLE001 -- huggingface_hub's error for this status
-            return exc
-        return SourceError(f"{self.label}: the server answered HTTP {status} to a range request; "
-                           "it must serve byte ranges (206)")
+            return ConnectionError(f"HTTP {status} from the storage location (expired?)")
+        if status >= 400:
+            response.read()  # an error's body, for huggingface_hub's message
+            try:
+                hf_raise_for_status(response)
+            except Exception as exc:  # noqa: BLE001 -- huggingface_hub's error for this status
+                return exc
+        # not read: a 200 to a range request would be the whole file
+        return SourceError(f"{self.label}: the server answered HTTP {status} where "
+                           f"{'a range (206)' if 'Range' in response.request.headers else 'the file (200)'} "
+                           "was asked for")
 
     def _fetch(self, start: int, stop: int, out: memoryview) -> None:
         location = self._resolve()
@@ -235,16 +240,16 @@ class HubFile(RemoteFile):
                 raise self._refused(response, location)
             expected = f"bytes {start}-{stop - 1}/{self.size}"
             if response.headers.get("Content-Range") != expected:
-                raise ResponseError(f"Content-Range {response.headers.get('Content-Range')!r}, not {expected!r}")
+                raise ConnectionError(f"Content-Range {response.headers.get('Content-Range')!r}, not {expected!r}")
             position = 0
             for chunk in response.iter_bytes():
                 end = position + len(chunk)
                 if end > len(out):
-                    raise ResponseError(f"more than the {len(out)} bytes asked for")
+                    raise ConnectionError(f"more than the {len(out)} bytes asked for")
                 out[position:end] = chunk
                 position = end
         if position != len(out):
-            raise ResponseError(f"{position} of {len(out)} bytes")
+            raise ConnectionError(f"{position} of {len(out)} bytes")
 
     def _download(self, path: Path) -> None:
         location = self._resolve()
@@ -258,9 +263,9 @@ class HubFile(RemoteFile):
                 digest.update(chunk)
                 size += len(chunk)
         if size != self.size:
-            raise ResponseError(f"downloaded {size} bytes of {self.size}")
+            raise ConnectionError(f"downloaded {size} bytes of {self.size}")
         if self.sha256 is not None and digest.hexdigest() != self.sha256:
-            raise ResponseError(f"downloaded bytes have sha256 {digest.hexdigest()}, not the {self.sha256} listed")
+            raise ConnectionError(f"downloaded bytes have sha256 {digest.hexdigest()}, not the {self.sha256} listed")
 
     def _transient(self, exc: Exception) -> bool:
         return _transient(exc)
@@ -273,8 +278,9 @@ class HubFile(RemoteFile):
                 "sha256": self.sha256, "etag": self.etag}
 
     def matches(self, recorded: Mapping[str, Any]) -> bool:
-        """The same size and content: sha256 for LFS files, else the git blob id."""
-        return recorded.get("size") == self.size and recorded.get("etag") == self.etag
+        """The same size and content: sha256 for LFS files (also against a local file's), else the git blob id."""
+        same = recorded.get("etag") == self.etag or (self.sha256 is not None and recorded.get("sha256") == self.sha256)
+        return recorded.get("size") == self.size and same
 
 
 class HubRevision(RemoteFolder):

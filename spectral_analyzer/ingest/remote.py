@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import SourceError
 from .discover import Checkpoint, discover
-from .sources import RemoteFile, RemoteFolder, ResponseError, Source, Workspace, one_line, retrying
+from .sources import RemoteFile, RemoteFolder, Source, Workspace, one_line, retrying
 
 __all__ = ["FsspecSource"]
 
@@ -42,13 +42,13 @@ class FsspecFile(RemoteFile):
     def _fetch(self, start: int, stop: int, out: memoryview) -> None:
         data = self.fs.cat_file(self.path, start=start, end=stop)
         if len(data) != stop - start:
-            raise ResponseError(f"asked for {stop - start} bytes, got {len(data)}")
+            raise ConnectionError(f"asked for {stop - start} bytes, got {len(data)}")
         out[:] = data
 
     def _download(self, path: Path) -> None:
         self.fs.get_file(self.path, str(path))
         if path.stat().st_size != self.size:
-            raise ResponseError(f"downloaded {path.stat().st_size} bytes of {self.size}")
+            raise ConnectionError(f"downloaded {path.stat().st_size} bytes of {self.size}")
 
     def _transient(self, exc: Exception) -> bool:
         return _transient(exc)

@@ -27,7 +27,8 @@ Local disk and memory, whatever the number of checkpoints:
   source is closed. A process killed outright leaves it behind.
 
 Each request is tried up to ``ATTEMPTS`` times on transient failures (a lost
-connection, a timeout, a 5xx or 429 answer, a short or malformed response),
+connection, a timeout, a 5xx or 429 answer, a short or malformed response:
+the transports raise ``ConnectionError`` for the last two),
 waiting ``FIRST_WAIT`` seconds, doubled after each failure up to ``MAX_WAIT``;
 then, or at once for a permanent failure (no such file, no access), a
 one-line :class:`~spectral_analyzer.errors.SourceError` names the file, and
@@ -42,8 +43,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import count
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -78,10 +79,6 @@ FETCH_THREADS = 4
 TEXT_LIMIT = 64 * 1024 * 1024  # the largest JSON file (shard index, config.json) read whole
 
 T = TypeVar("T")
-
-
-class ResponseError(Exception):
-    """A response that is not what was asked for (a short body, the wrong range): retried as transient."""
 
 
 def one_line(exc: BaseException) -> str:
@@ -319,7 +316,7 @@ class RemoteFile:
         raise NotImplementedError
 
     def _transient(self, exc: Exception) -> bool:
-        return isinstance(exc, ResponseError)
+        return isinstance(exc, ConnectionError)
 
     def _reset(self) -> None:
         """Forget what a failed request may have left stale (a resolved location), before it is tried again."""
