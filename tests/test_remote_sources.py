@@ -61,7 +61,9 @@ def test_every_layout_in_memory_is_bit_identical_to_the_local_folder(layout, mem
     fs, root = memory
     upload(fs, FIXTURES / "layouts" / layout, root)
     remote = sa.ingest(f"memory://{root}", tmp_path / "r.zarr")
-    same_bits(remote, sa.ingest(FIXTURES / "layouts" / layout, tmp_path / "l.zarr"))
+    local = sa.ingest(FIXTURES / "layouts" / layout, tmp_path / "l.zarr")
+    same_bits(remote, local)
+    assert remote.provenance.get("model_config") == local.provenance.get("model_config")
     assert remote.provenance["source"] == f"memory://{root}"
     assert all(f["url"].startswith(f"memory://{root}/") for s in remote.sources for f in s["files"])
 
@@ -122,6 +124,8 @@ def test_each_selected_tensor_is_read_once_and_nothing_else(memory, monkeypatch,
         save_file({"a.w": torch.randn(30, 20, generator=gen), "b.w": torch.randn(7, generator=gen),
                    "skip.w": torch.randn(50, generator=gen)}, str(folder / "model.safetensors"))
         torch.save({"state": torch.randn(100, generator=gen)}, folder / "optimizer.pt")
+    (tmp_path / "src" / "checkpoint-0" / "config.json").write_text(
+        json.dumps({"num_attention_heads": 2, "hidden_size": 20, "use_cache": True}))
     upload(fs, tmp_path / "src", root)
     asked: list[tuple[str, int, int]] = []
     real = MemoryFileSystem.cat_file
@@ -133,6 +137,7 @@ def test_each_selected_tensor_is_read_once_and_nothing_else(memory, monkeypatch,
     monkeypatch.setattr(MemoryFileSystem, "cat_file", counting)
     run = sa.ingest(f"memory://{root}", tmp_path / "r.zarr", exclude=["skip.*"])
     assert list(run.tensors["tensor"].values) == ["a.w", "b.w"]
+    assert run.provenance["model_config"] == {"num_attention_heads": 2, "hidden_size": 20}  # as from a folder
     assert not any("optimizer" in path for path, _, _ in asked)
     for step in (0, 10, 20):
         path = f"{root}/checkpoint-{step}/model.safetensors"

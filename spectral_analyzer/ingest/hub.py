@@ -46,7 +46,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import importlib
-import json
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -320,7 +319,6 @@ class HubSource(Source):
         self.workspace = workspace
         self.api = HfApi()
         self.endpoint = self.api.endpoint
-        self._provenance: dict[str, Any] = {}
 
     def _refs(self) -> dict[str, str]:
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -354,24 +352,11 @@ class HubSource(Source):
                     f"{revision.label}: no weights (looked for model.safetensors, pytorch_model.bin, their shard "
                     "indexes and other *.safetensors / *.bin files at the top of the revision)"
                 )
-            if not found:
-                self._provenance = self._model_config(revision)
             found.append(Checkpoint(revision.label, files, step))
         return found
 
-    def _model_config(self, revision: HubRevision) -> dict[str, Any]:
-        """``{"model_config": ...}``: the revision's config.json (architecture, heads), if it has one."""
-        config = revision.children().get("config.json")
-        if not isinstance(config, RemoteFile):
-            return {}
-        try:
-            value = json.loads(config.read_text())
-        except (ValueError, RecursionError):
-            return {}
-        return {"model_config": value} if isinstance(value, dict) else {}
-
     def provenance(self) -> dict[str, Any]:
-        return {**self._provenance, "endpoint": self.endpoint}
+        return {"endpoint": self.endpoint}
 
     def close(self) -> None:
         self.workspace.close()

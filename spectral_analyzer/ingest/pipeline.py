@@ -54,7 +54,6 @@ from ..weights.kernel import singular_values
 from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_norm
 from .discover import Checkpoint, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
-from .model_config import read_model_config
 from .readers import KeyOptions, TensorInfo, needs_download, open_checkpoint
 from .sources import RemoteFile, Source, open_source
 
@@ -453,11 +452,9 @@ def _ingest_source(
                     "safetensors": __import__("safetensors").__version__,
                 },
             }
-            if source.is_local:
-                first = Path(planned[0].checkpoint.label)
-                model_config = read_model_config([first if first.is_dir() else first.parent, source.folder])
-                if model_config:
-                    provenance["model_config"] = model_config
+            model_config = source.model_config(planned[0].checkpoint)
+            if model_config:
+                provenance["model_config"] = model_config
             st = writer.create(manifest, chunk_size, {"provenance": provenance})
             if match is not None:
                 picked = select_weights(manifest, match)

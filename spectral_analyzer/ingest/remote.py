@@ -108,10 +108,15 @@ class FsspecSource(Source):
         except (ImportError, ValueError) as exc:  # the protocol's package (s3fs, gcsfs, ...) is missing; bad options
             raise SourceError(f"{self.url}: {one_line(exc)}") from None
         self.root = root.rstrip("/")
+        self.folder: FsspecFolder | None = None
         self.fs.invalidate_cache(self.root)  # listings cached by an earlier ingest in this process may be stale
 
     def checkpoints(self, steps: Sequence[int] | None = None) -> list[Checkpoint]:
-        return discover(FsspecFolder(self.fs, self.root, self.workspace), steps)
+        self.folder = FsspecFolder(self.fs, self.root, self.workspace)
+        return discover(self.folder, steps)
+
+    def _top(self) -> list[RemoteFolder]:
+        return [self.folder]
 
     def close(self) -> None:
         self.workspace.close()

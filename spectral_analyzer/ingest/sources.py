@@ -37,6 +37,7 @@ for a hub source its revision.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from ..errors import CheckpointError, SourceError, SpectralAnalyzerError, StepError
+from .model_config import MAX_BYTES, attention_config, read_model_config
 
 if TYPE_CHECKING:
     from .discover import Checkpoint
@@ -409,8 +411,17 @@ class Source:
         raise NotImplementedError
 
     def provenance(self) -> dict[str, Any]:
-        """Entries for the store's provenance beside ``source`` (a hub repository's ``model_config``)."""
+        """Entries for the store's provenance beside ``source`` (a hub's endpoint)."""
         return {}
+
+    def model_config(self, first: Checkpoint) -> dict[str, int]:
+        """The head counts and widths of the ``config.json`` beside the first checkpoint, else at the top of
+        the source (see :mod:`~.model_config`); empty if there is none."""
+        folders = [f.parent for f in first.files[:1] if isinstance(f, RemoteFile) and f.parent is not None]
+        return read_remote_model_config([*folders, *self._top()])
+
+    def _top(self) -> list[RemoteFolder]:
+        return []
 
     def close(self) -> None:
         """Delete what the source kept locally."""
@@ -450,6 +461,26 @@ class LocalSource(Source):
 
     def provenance(self) -> dict[str, Any]:
         return {} if self.cache is None else {"hub_cache": self.cache.provenance()}
+
+    def model_config(self, first: Checkpoint) -> dict[str, int]:
+        label = Path(first.label)
+        return read_model_config([label if label.is_dir() else label.parent, self.folder])
+
+
+def read_remote_model_config(folders: Sequence[RemoteFolder]) -> dict[str, int]:
+    """:func:`~.model_config.read_model_config` for remote folders: a missing, unreadable or malformed
+    ``config.json`` is no error."""
+    for folder in folders:
+        config = folder / "config.json"
+        if not isinstance(config, RemoteFile) or config.size > MAX_BYTES:
+            continue
+        try:
+            value = json.loads(config.read_text())
+        except (SpectralAnalyzerError, ValueError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            return attention_config(value)
+    return {}
 
 
 def open_source(
