@@ -267,7 +267,8 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select
         f"{run.path}: {run.n_deltas} deltas over steps {steps_[0]}..{steps_[-1]}, "
         f"p = {run.n_params:,} in {run.tensors.sizes['tensor']} tensors"
     )
-    for note in run.provenance.get("hub_cache", {}).get("left_out", []):
+    source = run.provenance.get("hub_cache") or run.provenance.get("hub") or {}
+    for note in source.get("left_out", []):
         name = f"revision {note['revision']}" if note["revision"] else "snapshot"
         commit = f" ({note['commit'][:12]})" if note["commit"] else ""
         click.echo(f"left out {printable(name)}{commit}: {note['reason']}")

@@ -107,20 +107,26 @@ def same_bits(a: sa.Run, b: sa.Run) -> None:
 
 @pytest.mark.parametrize("repo", [REPO, BIN, SHARDED, SHARDED_BIN])
 def test_revisions_are_bit_identical_to_the_same_tensors_in_local_safetensors(repo, hub, local, tmp_path):
-    with duplicate():
+    with duplicate() as caught:  # told from the sha256 the hub lists, before step3000's tensors are fetched
         run = sa.ingest(f"hf://{repo}", tmp_path / "hub.zarr", chunk_size=CHUNK)  # every revision named by a step
+    assert len(caught) == 1 and "byte-identical files (sha256" in str(caught[0].message)
     same_bits(run, local[1])
     assert run.n_params == local[1].n_params  # the bool causal-mask buffers are not parameters
     assert run.provenance["source"] == f"hf://{repo}"
     assert run.provenance["model_config"] == {"num_attention_heads": 4, "hidden_size": 16, "num_hidden_layers": 1}
-    assert [s["label"] for s in run.sources] == [f"hf://{repo}@{r}" for r in PYTHIA_REVISIONS]  # not main
+    record = run.provenance["hub"]
+    assert record["repo"] == repo and record["endpoint"] == hub.url
+    assert record["config"]["architectures"] == ["GPTNeoXForCausalLM"]
+    assert record["left_out"] == ([{"revision": "main", "commit": hub.repos[repo]["main"].commit,
+                                    "reason": "no step in the revision name"}] if repo == REPO else [])
+    assert [s["label"] for s in run.sources] == [f"hf://{repo}@{r}" for r in PYTHIA_REVISIONS]
     for source, rev in zip(run.sources, PYTHIA_REVISIONS):
         revision = hub.repos[repo][rev]
         names = sorted(n for n in revision.files if n.endswith((".safetensors", ".bin")))
+        assert (source["revision"], source["commit"]) == (rev, revision.commit)
         assert source["files"] == [
-            {"url": f"hf://{repo}@{rev}/{name}", "revision": rev, "commit": revision.commit,
-             "size": revision.files[name].size, "sha256": revision.files[name].sha256,
-             "etag": revision.files[name].sha256} for name in names]
+            {"url": f"hf://{repo}@{rev}/{name}", "size": revision.files[name].size,
+             "sha256": revision.files[name].sha256, "etag": revision.files[name].sha256} for name in names]
 
 
 def test_stage_names_give_steps_in_step_order(local, tmp_path):

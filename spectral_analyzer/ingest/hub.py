@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 from ..errors import NoCheckpointsError, SourceError, StepError
 from .discover import Checkpoint, checkpoint_files
-from .sources import RemoteFile, RemoteFolder, Source, Workspace, retrying
+from .sources import RemoteFile, RemoteFolder, Source, Workspace, read_config, retrying
 
 __all__ = ["HubSource", "select_revisions", "step_from_revision"]
 
@@ -273,8 +273,8 @@ class HubFile(RemoteFile):
         self._location = None
 
     def identity(self) -> dict[str, Any]:
-        return {"url": self.label, "revision": self.revision, "commit": self.commit, "size": self.size,
-                "sha256": self.sha256, "etag": self.etag}
+        """The file's URL, size, sha256 (LFS files) and ETag; its revision and commit are its checkpoint's."""
+        return {"url": self.label, "size": self.size, "sha256": self.sha256, "etag": self.etag}
 
     def matches(self, recorded: Mapping[str, Any]) -> bool:
         """The same size and content: sha256 for LFS files (also against a local file's), else the git blob id."""
@@ -319,6 +319,7 @@ class HubSource(Source):
         self.workspace = workspace
         self.api = HfApi()
         self.endpoint = self.api.endpoint
+        self.record: dict[str, Any] = {}
 
     def _refs(self) -> dict[str, str]:
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -340,23 +341,48 @@ class HubSource(Source):
         return available
 
     def checkpoints(self, steps: Sequence[int] | None = None) -> list[Checkpoint]:
+        """One checkpoint per selected revision, in step order.
+
+        Each records its revision and commit (and, as ``aliases``, the
+        revisions without a step at the same commit) and, as digests, the
+        sha256 the hub lists for its files: byte-identical revisions are told
+        before a tensor is fetched. Revisions without a step that no selected
+        revision shares a commit with are left out (when no revisions are
+        asked for), and recorded so.
+        """
         if steps is not None:
             raise StepError(f"{self.url}: steps come from the revisions' names; select revisions instead")
         available = self._refs()
+        chosen = select_revisions(self.url, list(available), self.revisions)
+        unstepped = [n for n in available if step_from_revision(n) is None]
         found = []
-        for name, step in select_revisions(self.url, list(available), self.revisions):
-            revision = HubRevision(self, name, available[name])
+        for name, step in chosen:
+            commit = available[name]
+            revision = HubRevision(self, name, commit)
             files = checkpoint_files(revision)
             if not files:
                 raise NoCheckpointsError(
                     f"{revision.label}: no weights (looked for model.safetensors, pytorch_model.bin, their shard "
                     "indexes and other *.safetensors / *.bin files at the top of the revision)"
                 )
-            found.append(Checkpoint(revision.label, files, step))
+            origin: dict[str, Any] = {"revision": name, "commit": commit}
+            aliases = [n for n in unstepped if available[n] == commit]
+            if aliases:
+                origin["aliases"] = aliases
+            found.append(Checkpoint(revision.label, files, step, origin, tuple(f.sha256 for f in files)))
+        commits = {available[n] for n, _ in chosen}
+        left_out = [] if self.revisions is not None else [
+            {"revision": n, "commit": available[n], "reason": "no step in the revision name"}
+            for n in unstepped if available[n] not in commits]
+        config = read_config(found[0].files[0].parent) if found else None
+        self.record = {"repo": self.repo_id, "endpoint": self.endpoint, "left_out": left_out,
+                       **({"config": config} if config is not None else {})}
         return found
 
     def provenance(self) -> dict[str, Any]:
-        return {"endpoint": self.endpoint}
+        """``{"hub": ...}``: the repository, the endpoint, the revisions left out and the first revision's
+        ``config.json`` (architecture, heads, widths), as a hub cache records its own."""
+        return {"hub": self.record}
 
     def close(self) -> None:
         self.workspace.close()

@@ -487,7 +487,9 @@ def _ingest_source(
 def _shown(checkpoint: Checkpoint) -> str:
     """A checkpoint as messages name it: its path, and its hub revision if it has one."""
     revision = checkpoint.origin.get("revision")
-    return f"{checkpoint.label}, revision {revision}" if revision else checkpoint.label
+    if not revision or checkpoint.label.endswith(f"@{revision}"):  # hf://org/name@step1000 names it already
+        return checkpoint.label
+    return f"{checkpoint.label}, revision {revision}"
 
 
 def _recent_norms(st: Store, n: int) -> list[tuple[int, int, float]]:

@@ -69,6 +69,8 @@ __all__ = [
     "Workspace",
     "is_remote",
     "open_source",
+    "read_config",
+    "read_remote_model_config",
     "retrying",
 ]
 
@@ -467,19 +469,25 @@ class LocalSource(Source):
         return read_model_config([label if label.is_dir() else label.parent, self.folder])
 
 
+def read_config(folder: RemoteFolder) -> dict[str, Any] | None:
+    """The ``config.json`` of a remote folder as a dict; None if it is missing, unreadable or not an object."""
+    config = folder / "config.json"
+    if not isinstance(config, RemoteFile) or config.size > MAX_BYTES:
+        return None
+    try:
+        value = json.loads(config.read_text())
+    except (SpectralAnalyzerError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_remote_model_config(folders: Sequence[RemoteFolder]) -> dict[str, int]:
     """:func:`~.model_config.read_model_config` for remote folders: a missing, unreadable or malformed
     ``config.json`` is no error."""
     for folder in folders:
-        config = folder / "config.json"
-        if not isinstance(config, RemoteFile) or config.size > MAX_BYTES:
-            continue
-        try:
-            value = json.loads(config.read_text())
-        except (SpectralAnalyzerError, ValueError, RecursionError):
-            continue
-        if isinstance(value, dict):
-            return attention_config(value)
+        config = read_config(folder)
+        if config is not None:
+            return attention_config(config)
     return {}
 
 
