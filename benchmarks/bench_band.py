@@ -6,7 +6,9 @@ split into a few uneven tensors) in WORKDIR with the Store API, then measures,
 in the same run:
 
 * the read floor: every chunk file of ``deltas`` read once, sequentially,
-  16 MiB at a time (cold, then warm);
+  16 MiB at a time (cold, then warm), and cold with ``O_DIRECT`` (straight
+  into an aligned buffer, past the page cache, as the build reads what the
+  cache does not hold); the cold floor is the faster of the two cold reads;
 * the kernel floor: the build's own task (``_band_task``: ``band_products`` on a
   halo of L rows and BLOCK_ROWS new rows per call) with its store replaced by
   rows already in memory, as many tasks in parallel and torch threads per
@@ -19,7 +21,8 @@ in the same run:
   checked against the kernel's band of the same columns);
 * the band build, ``sa.open_run(STORE).band(max_lag=L)`` in a child process:
   wall time of the call (timed in the child) and the child's peak RSS, first
-  with a cold page cache, then warm after deleting the cached band; the child
+  with a cold page cache, then warm (the store read once to fill the cache)
+  after deleting the cached band; the child
   then computes the spectra of every window of W = min(10, L) deltas off the
   band (timed apart; the peak RSS includes them);
 * the build's peak RSS on a second store of about P/4 parameters (same
@@ -180,6 +183,34 @@ def read_floor(paths: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
+def direct_read_floor(paths: list[Path]) -> tuple[float, int] | None:
+    """Every file read once with ``O_DIRECT`` (16 MiB reads into an aligned buffer), None where refused."""
+    from spectral_analyzer.store.direct_io import ALIGN, aligned_zeros
+
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    buf = aligned_zeros((BUF + ALIGN,), np.uint8)
+    total = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            return None
+        try:
+            offset = 0
+            while n := os.preadv(fd, [buf], offset):
+                total += n
+                offset += n
+                if n % ALIGN:
+                    break  # the end of the file
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0, total
+
+
 def build_workers(chunk_size: int, max_lag: int) -> tuple[int, int]:
     """Parallel tasks and torch threads per task of the build's local scheduler."""
     from spectral_analyzer.gram.build import DEFAULT_MEMORY_LIMIT, local_workers
@@ -201,7 +232,7 @@ class _RowsInMemory:
     def read_delta_row(self, row: int, start: int, stop: int) -> np.ndarray:
         return self._rows[row, start]
 
-    def read_delta_chunk(self, row: int, start: int, out: np.ndarray) -> None:
+    def read_delta_chunk(self, row: int, start: int, out: np.ndarray, **_) -> None:
         out[:] = self._rows[row, start]
 
     def __getattr__(self, name: str):
@@ -379,6 +410,14 @@ def main() -> None:
         warm_read_cache = cache_state(resident_fraction(files))
         print(f"read floor ({warm_read_cache}) ...", flush=True)
         warm_read_s, _ = read_floor(files)
+        drop_cache(store_files(big))
+        direct_cache = cache_state(resident_fraction(files))
+        print(f"read floor, O_DIRECT ({direct_cache}) ...", flush=True)
+        direct = direct_read_floor(files)
+        direct_read_s = None
+        if direct is not None:
+            direct_read_s, got = direct
+            assert got == store_bytes, (got, store_bytes)
 
         print("kernel floor ...", flush=True)
         kern = kernel_floor(big, args.sample_chunks, L, repeats=3)
@@ -402,6 +441,7 @@ def main() -> None:
         print(f"band build ({build_cache}) ...", flush=True)
         cold = run_build(big, L)
         shutil.rmtree(big / "gram")
+        read_floor(files)  # the cold build read past the page cache: fill it
         warm_cache = cache_state(resident_fraction(files))
         print(f"band build ({warm_cache}, cached band deleted) ...", flush=True)
         warm = run_build(big, L)
@@ -420,6 +460,9 @@ def main() -> None:
     # the kernel on both cores, whichever way runs it faster (a store of one chunk column runs one
     # task at a time in the build's configuration, but the build splits it into row tiles)
     kernel_s = min(kernel_s, alt_kernel_s)
+    buffered_read_s = read_s
+    if direct_read_s is not None:  # the faster way to read the store cold is the floor
+        read_s = min(read_s, direct_read_s)
     floor = max(read_s, kernel_s)
     warm_floor = max(warm_read_s, kernel_s)
     ratio = cold["build_s"] / floor
@@ -451,6 +494,7 @@ def main() -> None:
         "warm_build_cache": warm_cache, "warm_build_s": warm["build_s"],
         "warm_build_gbps": store_bytes / warm["build_s"] / 1e9,
         "read_cache": read_cache, "read_s": read_s, "read_gbps": store_bytes / read_s / 1e9,
+        "buffered_read_s": buffered_read_s, "direct_read_cache": direct_cache, "direct_read_s": direct_read_s,
         "warm_read_cache": warm_read_cache, "warm_read_s": warm_read_s,
         "warm_read_gbps": store_bytes / warm_read_s / 1e9,
         "kernel_s": kernel_s, "kernel_gbps": data_bytes / kernel_s / 1e9,
@@ -482,7 +526,9 @@ def main() -> None:
     print(f"band build             {f['warm_build_s']:8.1f} s    {f['warm_build_gbps']:.2f} GB/s ({warm_cache})")
     print(f"spectra                {f['spectra_s']:8.1f} s    ({cold['windows']} windows of W = {min(10, L)} off the "
           f"cached band, in the same child: its peak RSS below includes them)")
-    print(f"raw read               {read_s:8.1f} s    {f['read_gbps']:.2f} GB/s ({read_cache})")
+    print(f"raw read               {buffered_read_s:8.1f} s    {store_bytes / buffered_read_s / 1e9:.2f} GB/s ({read_cache})")
+    if direct_read_s is not None:
+        print(f"raw read, O_DIRECT     {direct_read_s:8.1f} s    {store_bytes / direct_read_s / 1e9:.2f} GB/s ({direct_cache})")
     print(f"raw read               {warm_read_s:8.1f} s    {f['warm_read_gbps']:.2f} GB/s ({warm_read_cache})")
     print(f"kernel                 {kernel_s:8.1f} s    {f['kernel_gbps']:.2f} GB/s ({kern['workers']} tasks x "
           f"{kern['torch_threads']} torch thread(s); {kern['sample_chunks']} chunks x {n} rows in memory, "

@@ -40,6 +40,31 @@ def test_kernel_matches_dense():
     assert np.isnan(band_rows(ring, new, logical, segs, 4)[:, 0, 4]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_window_takes_products_with_its_runs_only(dtype):
+    """A window of two runs that wraps around the ring: products with its rows, in their order, and no others."""
+    from spectral_analyzer.gram.kernel import band_plan, band_products
+
+    gen = torch.Generator().manual_seed(1)
+    ring = torch.randn(12, 3000, generator=gen).to(dtype)
+    segs = [(0, 5), (5, 2600), (2600, 3000)]
+    plan = band_plan(segs, 3000)
+    if plan.width > 3000:
+        laid = torch.zeros((12, plan.width), dtype=dtype)
+        laid[:, :3000] = ring
+        plan.spread(laid.numpy())
+        ring = laid
+    window = [(9, 12), (0, 3)]  # slots 9, 10, 11, 0, 1, 2
+    new = [1, 2]
+    out = torch.zeros((3, 2, 6), dtype=torch.float64)
+    band_products(ring, new, plan, out, window)
+    x = ring[:, :3000].double()[[9, 10, 11, 0, 1, 2]]
+    want = torch.stack([x[[4, 5], a:b] @ x[:, a:b].T for a, b in segs])
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not all in the window"):
+        band_products(ring, [5], plan, out, window)
+
+
 @pytest.mark.parametrize("chunk", [50, 333, 10_000])
 def test_band_matches_dense_per_tensor(tmp_path, chunk):
     write_run(tmp_path / "src", 40, ODD, seed=2)
@@ -105,7 +130,7 @@ def test_append_computes_only_new_band_rows(tmp_path, monkeypatch):
     run = sa.ingest(src, tmp_path / "r.zarr")
     read_rows, new_rows = [], []
     real_read, real_kernel = Store.read_delta_chunk, build.band_products
-    monkeypatch.setattr(Store, "read_delta_chunk", lambda self, r, a, out: read_rows.append(r) or real_read(self, r, a, out))
+    monkeypatch.setattr(Store, "read_delta_chunk", lambda self, r, a, out, **kw: read_rows.append(r) or real_read(self, r, a, out, **kw))
     monkeypatch.setattr(build, "band_products", lambda ring, new, *a, **k: new_rows.append(len(new)) or real_kernel(ring, new, *a, **k))
     band = run.band(max_lag=4).values
     n_chunks = -(-run.n_params // 500)
@@ -181,3 +206,75 @@ def test_plan_layout_holds_every_column_once_and_zero_padding(compact):
             assert tail.size <= group.width and tail[-1] == b - 1 and (cols[tail.size :] == 0).all()
         covered[group.start : group.start + area.size] = True
     assert covered[n_cols if not compact else 0 :].all()
+
+
+def _ring_store(tmp_path, n=37, chunk=2048):
+    """A store whose chunks are whole 4 KiB pages (read past the page cache) plus a padded last chunk."""
+    write_run(tmp_path / "src", n, {"a.w": (64, 64), "b": (1000,), "c": (3000,), "z": (7,)}, seed=11)
+    return sa.ingest(tmp_path / "src", tmp_path / "r.zarr", chunk_size=chunk)
+
+
+@pytest.mark.parametrize("r0", [0, 16])
+def test_ring_reading_ahead_overlaps_and_never_reads_into_the_kernels_rows(tmp_path, monkeypatch, r0):
+    """The read of block k + 1 is under way while block k is computed, into slots the kernel does not read;
+    the band equals a ring that reads each block when it lands, bit for bit, and a float64 dense one."""
+    from spectral_analyzer.gram.ring import HostRing
+
+    run = _ring_store(tmp_path)
+    store = Store.open(str(tmp_path / "r.zarr"))
+    assert store.reads_chunk_files
+    L, n = 6, store.n_deltas
+    segs = [(0, 2048)]
+    events = []
+    real_read, real_kernel = HostRing._read, build.band_products
+
+    def read(self, rows):
+        events.append(("read start", rows))
+        real_read(self, rows)
+        events.append(("read end", rows))
+
+    holder = {}
+
+    def kernel(rows, new, plan, out, window=None):
+        delta_rows = [int(holder["ring"].logical[q]) for q in new]
+        events.append(("kernel", delta_rows, [q for a, b in window for q in range(a, b)]))
+        real_kernel(rows, new, plan, out, window)
+
+    monkeypatch.setattr(HostRing, "_read", read)
+    monkeypatch.setattr(build, "band_products", kernel)
+    got = {}
+    for ahead in (True, False):
+        ring = holder["ring"] = HostRing(store, 0, 2048, L, build.BLOCK_ROWS, segments=segs, read_ahead=ahead)
+        assert ring.ahead == int(ahead) and ring.n_slots == L + build.BLOCK_ROWS * (2 if ahead else 1)
+        events.clear()
+        got[ahead] = build._ring_band(ring, r0, n, L)
+        kernels = [e for e in events if e[0] == "kernel"]
+        assert sum(len(e[1]) for e in kernels) == n - r0
+        if ahead:
+            for e in kernels:
+                i = events.index(e)
+                finished = {tuple(x[1]) for x in events[:i] if x[0] == "read end"}
+                started = [x[1] for x in events[:i] if x[0] == "read start"]
+                new_rows = e[1]
+                assert tuple(range(new_rows[0], new_rows[-1] + 1)) in finished  # ready() waited for it
+                if new_rows[-1] + 1 < n:  # the next block is being read meanwhile, outside the kernel's slots
+                    nxt = next(r for r in started if r.start == new_rows[-1] + 1)
+                    assert not set(ring.slots(nxt)) & set(e[2])
+    np.testing.assert_array_equal(got[True], got[False])
+    x = run.deltas.values.astype(np.float64)
+    want = dense_band(x, segs, L)[:, r0:]
+    np.testing.assert_allclose(got[True], want, rtol=1e-12, atol=1e-12 * np.nanmax(np.abs(want)))
+    assert np.array_equal(np.isnan(got[True]), np.isnan(want))
+
+
+def test_a_read_that_fails_ahead_is_reported_and_ends_the_reader(tmp_path):
+    import threading
+
+    _ring_store(tmp_path)
+    chunk = tmp_path / "r.zarr" / "deltas" / "c" / "21" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(sa.StoreError, match=r"chunk 21/1 of deltas .*crc32c"):
+        sa.open_run(tmp_path / "r.zarr").band(max_lag=4)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("spectral-analyzer-ring")]

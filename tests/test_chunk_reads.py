@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spectral_analyzer.store import chunks
+from spectral_analyzer.store import chunks, direct_io
 from spectral_analyzer.store.crc import crc32c, releases_gil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -63,3 +63,126 @@ def test_prefetch_brings_the_whole_chunk_file_into_the_page_cache(tmp_path):
 
 def test_prefetch_of_absent_chunks_is_ignored(tmp_path):
     chunks.DirectChunks(str(tmp_path), 16).prefetch(range(3), 0)  # unwritten chunks: the read reports them
+
+
+def _chunk_file(tmp_path: Path, n: int, seed: int = 0) -> tuple[Path, np.ndarray]:
+    """One chunk file as Zarr writes it (values, then their crc32c), under ``tmp_path/c/0/0``."""
+    values = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    folder = tmp_path / "c"
+    (folder / "0").mkdir(parents=True, exist_ok=True)
+    path = folder / "0" / "0"
+    path.write_bytes(values.tobytes() + crc32c(values).to_bytes(4, "little"))
+    return path, values
+
+
+N = 1 << 20  # 4 MiB of float32: a whole number of 4 KiB pages
+
+
+def test_aligned_zeros_start_on_a_page():
+    for shape in [(3, 1000), (1,), (7, 1024)]:
+        a = direct_io.aligned_zeros(shape)
+        assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous
+        assert a.ctypes.data % direct_io.ALIGN == 0 and not a.any()
+
+
+def test_cached_prefix_reads_nothing_and_counts_whole_pages(tmp_path):
+    path, _ = _chunk_file(tmp_path, N, seed=5)
+    size = path.stat().st_size
+    drop_cache([path])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first = direct_io.cached_prefix(fd, size)
+        if first is None or first > 0:
+            pytest.skip(f"this file system keeps the file cached ({first})")
+        assert direct_io.cached_prefix(fd, size) == 0  # asking read nothing
+        os.pread(fd, 3 * 4096 + 10, 0)
+        assert direct_io.cached_prefix(fd, size) >= 4 * 4096  # the cache's own read-ahead may add pages
+        os.pread(fd, size, 0)
+        assert direct_io.cached_prefix(fd, size) == size
+    finally:
+        os.close(fd)
+
+
+def test_uncached_read_goes_past_the_page_cache(tmp_path):
+    path, values = _chunk_file(tmp_path, N)
+    reader = chunks.DirectChunks(str(tmp_path / "c"), N)
+    drop_cache([path])
+    before = resident_fraction([path])
+    if before is None or before > 0.1:
+        pytest.skip(f"this file system keeps the file cached ({before})")
+    out = direct_io.aligned_zeros((N,))
+    assert reader.read(0, 0, out, uncached=True) == crc32c(values)
+    np.testing.assert_array_equal(out, values)
+    if not reader._past_cache.direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    assert resident_fraction([path]) < 0.1  # read from the disk, not through the cache
+    out[:] = 0
+    reader.read(0, 0, out)  # a buffered read fills the cache
+    assert resident_fraction([path]) == 1.0
+    out[:] = 0
+    assert reader.read(0, 0, out, uncached=True) == crc32c(values)  # served by the cache now
+    np.testing.assert_array_equal(out, values)
+
+
+@pytest.mark.parametrize("cached_bytes", [4096, 3 * 4096 + 100, N * 2, N * 4])
+def test_uncached_read_of_a_partly_cached_chunk(tmp_path, cached_bytes):
+    """The cache's part is read from the cache; the rest from the disk, from the page where it stops."""
+    path, values = _chunk_file(tmp_path, N, seed=1)
+    drop_cache([path])
+    with open(path, "rb") as f:
+        f.read(cached_bytes)
+    out = direct_io.aligned_zeros((N,))
+    assert chunks.DirectChunks(str(tmp_path / "c"), N).read(0, 0, out, uncached=True) == crc32c(values)
+    np.testing.assert_array_equal(out, values)
+
+
+def test_uncached_read_where_o_direct_is_refused(tmp_path, monkeypatch):
+    """tmpfs and some network file systems refuse O_DIRECT with EINVAL: the read goes through the cache, once and for all."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT here")
+    path, values = _chunk_file(tmp_path, N, seed=2)
+    drop_cache([path])
+    real_open, refused = os.open, []
+
+    def refusing_open(p, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            refused.append(p)
+            raise OSError(22, "Invalid argument", p)
+        return real_open(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    reader = chunks.DirectChunks(str(tmp_path / "c"), N)
+    for _ in range(2):
+        out = direct_io.aligned_zeros((N,))
+        assert reader.read(0, 0, out, uncached=True) == crc32c(values)
+        np.testing.assert_array_equal(out, values)
+        drop_cache([path])
+    assert len(refused) <= 1 and not reader._past_cache.direct
+
+
+def test_uncached_read_of_an_unaligned_or_partial_buffer_reads_as_usual(tmp_path):
+    path, values = _chunk_file(tmp_path, N, seed=3)
+    reader = chunks.DirectChunks(str(tmp_path / "c"), N)
+    out = np.zeros(N + 1, dtype=np.float32)[1:]  # 4 bytes off a page
+    assert reader.read(0, 0, out, uncached=True) == crc32c(values)
+    np.testing.assert_array_equal(out, values)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "delete"])
+def test_uncached_read_reports_damage(tmp_path, damage):
+    path, values = _chunk_file(tmp_path, N, seed=4)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[12345] ^= 0x10
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[:-4096]))
+    elif damage == "extend":
+        path.write_bytes(bytes(data) + b"\0" * 10)
+    else:
+        path.unlink()
+    drop_cache([path]) if path.exists() else None
+    reader = chunks.DirectChunks(str(tmp_path / "c"), N)
+    error = chunks._Missing if damage == "delete" else chunks._Corrupt
+    with pytest.raises(error):
+        reader.read(0, 0, direct_io.aligned_zeros((N,)), uncached=True)

@@ -12,10 +12,11 @@ cached in the store and extended, not rebuilt, when deltas are appended.
 
 Each task resolves its device where it runs (:mod:`~spectral_analyzer.devices`).
 
-Memory: on cpu each task holds ``(L + BLOCK_ROWS)`` float32 rows of one chunk
-plus a float64 column block of them, and the local scheduler runs as many
-tasks at once as ``memory_limit`` (default 1 GiB) allows, at most one per
-core, so peak memory does not depend on p. On cuda a task holds its ring in
+Memory: on cpu each task holds ``L + 2 BLOCK_ROWS`` float32 rows of one
+chunk (``L + BLOCK_ROWS`` from object storage, which reads ahead its own
+way) plus a float64 column block of them, and the local scheduler runs as
+many tasks at once as ``memory_limit`` (default 1.25 GiB) allows, at most
+one per core, so peak memory does not depend on p. On cuda a task holds its ring in
 device memory and two pinned blocks of ``BLOCK_ROWS`` rows on the host; the
 default ``memory_limit`` is then a quarter of the host's available memory,
 and tasks are also limited by half the free device memory.
@@ -44,7 +45,7 @@ __all__ = ["BLOCK_ROWS", "DEFAULT_MAX_LAG", "build_band"]
 
 BLOCK_ROWS = 8  # new rows per kernel call
 DEFAULT_MAX_LAG = 16
-DEFAULT_MEMORY_LIMIT = 1 << 30  # cpu: bytes of delta rows held by running tasks at once
+DEFAULT_MEMORY_LIMIT = 5 << 28  # cpu: bytes of delta rows held by running tasks at once
 HOST_SHARE = 4  # cuda: running tasks' pinned buffers take at most 1/HOST_SHARE of the available host memory
 PRODUCTS_BYTES = 64 << 20  # products a task keeps on its device before copying them back
 _MERGE_FAN_IN = 8
@@ -139,21 +140,25 @@ class _HeldProducts:
         self.products = torch.zeros((n_segments, min(cap, n_rows), n_slots), dtype=torch.float64, device=device)
         self.max_lag = max_lag
         self.used = 0
-        self.pending: list[tuple[int, list[int], np.ndarray]] = []  # (first row in products, slots, ring.logical)
+        # (first row in products, the new rows among the rows multiplied, the delta row of each of those)
+        self.pending: list[tuple[int, list[int], np.ndarray]] = []
         self.parts: list[np.ndarray] = []
 
     def add(self, ring: HostRing | StagedRing, rows: range, plan: BandPlan) -> None:
         if self.used + len(rows) > self.products.shape[1]:
             self._flush()
-        slots = ring.slots(rows)
-        band_products(ring.rows, slots, plan, self.products[:, self.used : self.used + len(rows)])
-        self.pending.append((self.used, slots, ring.logical.copy()))
+        slots, window = ring.slots(rows), ring.window(rows)
+        held = list(range(ring.n_slots)) if window is None else [q for a, b in window for q in range(a, b)]
+        out = self.products[:, self.used : self.used + len(rows), : len(held)]
+        band_products(ring.rows, slots, plan, out, window)
+        self.pending.append((self.used, [held.index(q) for q in slots], ring.logical[held]))
         self.used += len(rows)
 
     def _flush(self) -> None:
         host = self.products[:, : self.used].cpu().numpy()  # waits for the kernels
-        for first, slots, logical in self.pending:
-            self.parts.append(band_entries(host[:, first : first + len(slots)], slots, logical, self.max_lag))
+        for first, new, logical in self.pending:
+            part = host[:, first : first + len(new), : len(logical)]
+            self.parts.append(band_entries(part, new, logical, self.max_lag))
         self.products[:, : self.used].zero_()
         self.used, self.pending = 0, []
 
@@ -246,8 +251,9 @@ def local_workers(
 ) -> tuple[int, int]:
     """Tasks run at once by the local scheduler, and torch threads per task.
 
-    On cpu a task holds ``L + BLOCK_ROWS`` float32 rows of one chunk plus a
-    float64 column block of them, and the tasks share *memory_limit* (default
+    On cpu a task holds ``L + 2 BLOCK_ROWS`` float32 rows of one chunk (its
+    ring reads a block ahead; ``L + BLOCK_ROWS`` from object storage) plus a
+    float64 column block of ``L + BLOCK_ROWS`` of them, and the tasks share *memory_limit* (default
     :data:`DEFAULT_MEMORY_LIMIT`). On cuda a task's host memory is its two
     pinned staging blocks of ``BLOCK_ROWS`` rows, shared out of
     *memory_limit* (default: the host's available memory over
@@ -271,8 +277,8 @@ def local_workers(
         workers = min(limit // (2 * block + ahead), free // 2 // on_device)
     else:
         limit = memory_limit if memory_limit is not None else DEFAULT_MEMORY_LIMIT
-        slots = max_lag + BLOCK_ROWS
-        workers = limit // (slots * width * 4 + 2 * slots * COL_BLOCK * 8 + ahead)
+        slots = max_lag + BLOCK_ROWS * (1 if remote else 2)  # a local store's ring reads a block ahead
+        workers = limit // (slots * width * 4 + 2 * (max_lag + BLOCK_ROWS) * COL_BLOCK * 8 + ahead)
     workers = max(1, min(cores, workers))
     return workers, 1 if workers > 1 else cores
 
@@ -390,7 +396,8 @@ def build_band(
         None runs Dask's local threaded scheduler.
     memory_limit : int, optional
         Host bytes that running tasks may hold at once (local scheduler):
-        default 1 GiB of delta rows on cpu, and on cuda a quarter of the
+        default 1.25 GiB of delta rows on cpu (two tasks of L = 16 with
+        the default chunks), and on cuda a quarter of the
         host's available memory for pinned staging buffers.
     progress : bool
 

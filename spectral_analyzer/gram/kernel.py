@@ -193,12 +193,16 @@ def band_plan(
     )
 
 
-def band_products(ring: torch.Tensor, new: Sequence[int], plan: BandPlan, out: torch.Tensor) -> None:
-    """Add to *out* the products of the new rows with every row of the ring, per segment.
+def band_products(
+    ring: torch.Tensor, new: Sequence[int], plan: BandPlan, out: torch.Tensor,
+    window: Sequence[tuple[int, int]] | None = None,
+) -> None:
+    """Add to *out* the products of the new rows with every row of the ring (or of *window*), per segment.
 
     ``out[s, r, q] += <ring[new[r], seg_s], ring[q, seg_s]>``, float64,
     computed on ``ring.device`` in its current stream; nothing comes back to
-    the host and nothing waits.
+    the host and nothing waits. With *window*, q counts the rows of its runs
+    instead, in their order.
 
     Parameters
     ----------
@@ -212,6 +216,11 @@ def band_products(ring: torch.Tensor, new: Sequence[int], plan: BandPlan, out: t
     plan : BandPlan
         From :func:`band_plan` for the chunk's segments, on ``ring.device``.
     out : float64 tensor (n_segments, len(new), R) on ``ring.device``
+        (R the rows of *window* when given).
+    window : sequence of (first, stop), optional
+        Runs of ring rows to take the products with, *new* among them (a
+        host ring reads only a block's halo of its slots this way); each
+        run costs an operation more per piece.
 
     Cost: ``2 len(new) R C`` flops, plus as many again at most on the padding
     of the remainders. Operations per block: compact, three for all the
@@ -232,16 +241,28 @@ def band_products(ring: torch.Tensor, new: Sequence[int], plan: BandPlan, out: t
     tensor([[ 2.,  4.],
             [ 6., 12.]], dtype=torch.float64)
     """
-    n_rows, n = ring.shape[0], len(new)
-    new = list(new)
+    runs = [(0, ring.shape[0])] if window is None else list(window)
+    n_rows, n = sum(b - a for a, b in runs), len(new)
+    offsets = np.cumsum([0] + [b - a for a, b in runs])
+    new = [int(offsets[i] + r - a) for r in new for i, (a, b) in enumerate(runs) if a <= r < b]  # rows of the window
+    if len(new) != n:
+        raise ValueError(f"new rows {new} are not all in the window {runs}")
     contiguous = new == list(range(new[0], new[0] + n))
     index = None if contiguous else torch.as_tensor(new, dtype=torch.long, device=ring.device)
 
     def take(y: torch.Tensor) -> torch.Tensor:  # the new rows of y (a view when they are consecutive)
         return y[new[0] : new[0] + n] if contiguous else y.index_select(0, index)
 
+    def rows(cols: slice, into: torch.Tensor | None = None) -> torch.Tensor:  # the window's rows of ring[:, cols]
+        if into is not None:
+            for (a, b), o in zip(runs, offsets):
+                into[o : o + b - a].copy_(ring[a:b, cols])
+            return into
+        parts = [ring[a:b, cols] for a, b in runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def batched(start: int, count: int, width: int) -> torch.Tensor:  # (count, n, R) products of side-by-side pieces
-        y = ring[:, start : start + count * width]
+        y = rows(slice(start, start + count * width))
         if y.dtype != torch.float64:
             y = y.to(torch.float64)
         y = y.view(n_rows, count, width)
@@ -255,7 +276,7 @@ def band_products(ring: torch.Tensor, new: Sequence[int], plan: BandPlan, out: t
         if ring.dtype != torch.float64:
             buf = torch.empty((n_rows, max(w for _, _, w in plan.pieces)), dtype=torch.float64, device=ring.device)
         for s, a, w in plan.pieces:
-            y = ring[:, a : a + w] if buf is None else buf[:, :w].copy_(ring[:, a : a + w])
+            y = rows(slice(a, a + w), None if buf is None else buf[:, :w])
             out[s].addmm_(take(y), y.T)
     for group in plan.groups:
         products = batched(group.start, len(group.segments), group.width)

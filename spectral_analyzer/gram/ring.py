@@ -24,11 +24,17 @@ Rows arrive a block at a time (``A = ring.ahead``)::
     the kernel has been given the ring: a later ``land`` may overwrite the
     slots it reads once it has run.
 
-:class:`HostRing` (cpu, ``A = 0``) reads rows straight into the ring when
-they land (float32, the kernel's in-place layout: only a chunk's small
-tensors are copied, into padded groups) and only asks the operating system
-to start reading when they are staged, so the disk reads block k + 1 while
-block k is computed. :class:`StagedRing` (cuda; it also runs on cpu, where
+:class:`HostRing` (cpu) reads rows straight into the ring (float32, the
+kernel's in-place layout: only a chunk's small tensors are copied, into
+padded groups). On local chunk files (``A = 1``) it has a block of slots
+more, and a reader thread of its own reads block k + 1 into them while block
+k is computed, past the page cache (``O_DIRECT``) for what the cache does
+not hold: cold, a buffered read cost more CPU than the kernel can spare on
+a small machine. ``land`` then only assigns the slots and ``ready`` waits
+for the block's read. Elsewhere (``A = 0``) rows are read when they land,
+and staging only asks the operating system to start reading them. The
+kernel reads only the slots of the block and its halo (:meth:`_Ring.window`).
+:class:`StagedRing` (cuda; it also runs on cpu, where
 its stream and event operations do nothing) reads a staged block into one of
 two host buffers, pinned on cuda, and lands it one block ahead (``A = 1``)
 with an asynchronous copy on a copy stream, where each row is laid out in
@@ -50,11 +56,12 @@ import contextlib
 import threading
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from ..store import Store
+from ..store import Store, aligned_zeros
 from .kernel import BandPlan, band_plan
 
 __all__ = ["HostRing", "StagedRing", "staged_slots"]
@@ -87,6 +94,10 @@ class _Ring:
         self.logical[slots] = list(rows)
         return slots
 
+    def window(self, rows: range) -> list[tuple[int, int]] | None:
+        """Runs of slots ``(first, stop)`` whose products the kernel computes for *rows*: None for all of them."""
+        return None
+
 
 class HostRing(_Ring):
     """A ring in host memory, filled straight from the store.
@@ -102,37 +113,74 @@ class HostRing(_Ring):
         The most rows landed at once.
     segments : sequence of (start, stop)
         The tensor pieces, as columns of the chunk: they set the row layout.
+    read_ahead : bool, optional
+        A reader thread reads the next block while one is computed; default
+        where the store reads local chunk files (:attr:`Store.reads_chunk_files`).
 
-    Memory: ``(L + block_rows) * width * 4`` bytes, ``width`` the chunk's
-    columns plus its narrow pieces padded (:func:`~.kernel.band_plan`).
+    Memory: ``n_slots * width * 4`` bytes, ``n_slots`` = L + block_rows
+    (twice block_rows when reading ahead), ``width`` the chunk's columns plus
+    its narrow pieces padded (:func:`~.kernel.band_plan`), rounded up to 4 KiB.
     """
 
-    def __init__(self, store: Store, start: int, stop: int, max_lag: int, block_rows: int, *, segments):
-        n_slots = max_lag + block_rows
+    def __init__(self, store: Store, start: int, stop: int, max_lag: int, block_rows: int, *, segments,
+                 read_ahead: bool | None = None):
+        if read_ahead is None:
+            read_ahead = store.reads_chunk_files
+        n_slots = max_lag + block_rows * (2 if read_ahead else 1)
         super().__init__(store, start, n_slots, band_plan(segments, stop - start))  # in place
-        self._host = np.zeros((n_slots, self.plan.width), dtype=np.float32)
+        width = self.plan.width
+        self._host = aligned_zeros((n_slots, -(-width // 1024) * 1024))[:, :width]  # each slot on a 4 KiB boundary
         self.rows = torch.from_numpy(self._host)
         self._n_cols = stop - start
+        self.max_lag = max_lag
+        self._first: int | None = None  # the first row landed
+        self.ahead = 1 if read_ahead else 0
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="spectral-analyzer-ring") if read_ahead else None
+        self._reads: deque[Future] = deque()  # reads of the blocks staged, in order
 
     def stage(self, rows: range, then: range) -> None:
-        self.store.prefetch_delta_chunks(then, self.start)
+        if self._reader is None:
+            self.store.prefetch_delta_chunks(then, self.start)
+        elif rows:
+            self._reads.append(self._reader.submit(self._read, rows))
+
+    def _read(self, rows: range) -> None:
+        for row, slot in zip(rows, self.slots(rows)):
+            self.store.read_delta_chunk(row, self.start, self._host[slot, : self._n_cols], uncached=True)
+            self.plan.spread(self._host[slot : slot + 1])
 
     def land(self, rows: range) -> None:
-        for row, slot in zip(rows, self._take(rows)):
-            self.store.read_delta_chunk(row, self.start, self._host[slot, : self._n_cols])
-            self.plan.spread(self._host[slot : slot + 1])
+        if self._first is None:
+            self._first = rows.start
+        if self._reader is None:
+            self._read(rows)
+        self._take(rows)
+
+    def window(self, rows: range) -> list[tuple[int, int]]:
+        """The slots of *rows* and of the L rows before them (those landed), in the order of the rows."""
+        runs, row = [], max(rows.start - self.max_lag, self._first)
+        while row < rows.stop:
+            slot = row % self.n_slots
+            n = min(rows.stop - row, self.n_slots - slot)
+            runs.append((slot, slot + n))
+            row += n
+        return runs
 
     def computing(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def ready(self) -> None:
-        pass
+        """Wait for the oldest block staged to be read (its read's error is raised here)."""
+        if self._reads:
+            self._reads.popleft().result()
 
     def release(self) -> None:
         pass
 
     def drain(self) -> None:
-        pass
+        """Wait for the reads in flight (none may write into the ring after it is freed), and end the reader."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
 
 
 class StagedRing(_Ring):

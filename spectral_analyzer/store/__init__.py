@@ -22,7 +22,7 @@ from .layout import DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, TensorEntry
 
 # Imported on first use: these import zarr (the layout's constants do not).
 _LAZY = {"Store": ".core", "Location": ".location", "is_url": ".location", "writer_lock": ".lock",
-         "StoreWriter": ".writer", "unwritable": ".writer"}
+         "StoreWriter": ".writer", "unwritable": ".writer", "aligned_zeros": ".direct_io"}
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -32,6 +32,7 @@ __all__ = [
     "Store",
     "StoreWriter",
     "TensorEntry",
+    "aligned_zeros",
     "is_url",
     "unwritable",
     "writer_lock",

@@ -10,6 +10,10 @@ default chunk keys with ``/``); :func:`direct_layout` says so, and a test
 writes through Zarr and reads back through both, so a Zarr upgrade that
 changes the layout fails a test instead of switching paths silently.
 
+:meth:`DirectChunks.read` with ``uncached=True`` (the band build's reader
+threads) reads what the page cache does not hold past it, with
+``O_DIRECT`` (:mod:`.direct_io`).
+
 Both return the chunk's values; :meth:`Store.read_delta_chunk` then checks
 them against the crc32c recorded when the row was committed, which catches
 a missing chunk (read as zeros), a chunk from another row and a stale
@@ -28,6 +32,7 @@ import numpy as np
 import zarr
 
 from .crc import crc32c
+from .direct_io import ALIGN, aligned_zeros, read_file
 
 __all__ = ["DirectChunks", "ReadAhead", "ZarrChunks", "direct_layout"]
 
@@ -60,15 +65,23 @@ class DirectChunks:
 
     def __init__(self, folder: str, chunk_size: int):
         self.folder, self.chunk_size = folder, chunk_size
+        self._past_cache = read_file()
 
-    def read(self, row: int, j: int, out: np.ndarray) -> int:
-        """Chunk (row, j) into *out*; returns the crc32c of its values."""
+    def read(self, row: int, j: int, out: np.ndarray, uncached: bool = False) -> int:
+        """Chunk (row, j) into *out*; returns the crc32c of its values.
+
+        *uncached*: what the page cache does not hold is read with
+        ``O_DIRECT`` (when *out* is a whole chunk on an :data:`ALIGN`
+        boundary), and so is not added to the cache (:mod:`.direct_io`).
+        """
         path = os.path.join(self.folder, str(row), str(j))
+        full = self.chunk_size * 4  # chunks on disk are whole, the last one padded
+        if uncached and self._past_cache.direct and out.nbytes == full and full % ALIGN == 0 and out.ctypes.data % ALIGN == 0:
+            return self._read_uncached(path, out)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise _Missing(path) from None
-        full = self.chunk_size * 4  # chunks on disk are whole, the last one padded
         crc = np.empty(4, dtype=np.uint8)
         tail = np.empty(full - out.size * 4, dtype=np.uint8)
         try:
@@ -82,6 +95,20 @@ class DirectChunks:
         if whole != int.from_bytes(crc.tobytes(), "little"):
             raise _Corrupt("fails its crc32c check")
         return data_crc
+
+    def _read_uncached(self, path: str, out: np.ndarray) -> int:
+        trailer = aligned_zeros((ALIGN,), np.uint8)  # the crc32c, then nothing (the file ends)
+        try:
+            got = self._past_cache(path, [out, trailer])
+        except FileNotFoundError:
+            raise _Missing(path) from None
+        full = out.nbytes
+        if got != full + 4:
+            raise _Corrupt(f"truncated ({got} bytes)" if got < full + 4 else f"{got} bytes long, not {full + 4}")
+        crc = crc32c(out)
+        if crc != int.from_bytes(trailer[:4].tobytes(), "little"):
+            raise _Corrupt("fails its crc32c check")
+        return crc
 
     def prefetch(self, rows: range, j: int) -> None:
         """Ask the OS to read these chunk files ahead (costs no memory; returns at once)."""
@@ -176,8 +203,11 @@ class ZarrChunks:
         self.array, self.chunk_size, self.n_cols = array, chunk_size, n_cols
         self.ahead: ReadAhead | None = None
 
-    def read(self, row: int, j: int, out: np.ndarray) -> int:
-        """Chunk (row, j) into *out* (an absent chunk reads as zeros); returns the crc32c of its values."""
+    def read(self, row: int, j: int, out: np.ndarray, uncached: bool = False) -> int:
+        """Chunk (row, j) into *out* (an absent chunk reads as zeros); returns the crc32c of its values.
+
+        *uncached* is for local chunk files (:class:`DirectChunks`): here Zarr reads.
+        """
         start = j * self.chunk_size
         ahead = self.ahead
         if ahead is not None and ahead.start == start and row in ahead.rows:

@@ -48,15 +48,24 @@ class RowReading:
         column = self._crc_columns.get(j)
         return int(column[row] if column is not None else self.crcs[row, j])
 
-    def read_delta_chunk(self, row: int, start: int, out: np.ndarray) -> None:
+    @property
+    def reads_chunk_files(self) -> bool:
+        """Whether delta chunks are read straight from local files (any thread may read; see :mod:`.chunks`)."""
+        return isinstance(self._chunks(), DirectChunks)
+
+    def read_delta_chunk(self, row: int, start: int, out: np.ndarray, *, uncached: bool = False) -> None:
         """Read the chunk of ``deltas`` at (row, start) into *out* (float32, its length), checked.
 
         The values must have the crc32c recorded when the row was committed:
         an absent chunk is legitimate only where that crc32c is the one of zeros.
+        *uncached*: from local chunk files, what the page cache does not hold
+        is read past it, with ``O_DIRECT`` (*out* from
+        :func:`~.chunks.aligned_zeros`, a whole chunk), for a reader that
+        reads each chunk once.
         """
         j = start // self.chunk_size
         try:
-            got = self._chunks().read(row, j, out)
+            got = self._chunks().read(row, j, out, uncached)
         except _Missing:
             out[:] = 0.0
             got = generations.zero_crc(out.size)
