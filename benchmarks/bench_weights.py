@@ -6,14 +6,15 @@ update), ingested with ``sa.ingest``:
 
 * ``gpt2``: GPT-2-small-shaped, 124M parameters (12 layers, d 768, vocab
   50257, GPT-2's own Conv1D names and layouts), 20 checkpoints. Measured in the
-  same run: the job (``weight_spectra`` of every 2-D matrix, in a child
-  process, cold page cache: wall time of the call and peak RSS); the read
+  same run: the job (``weight_spectra`` of every 2-D matrix, then
+  ``attention_spectra``: the QK and OV circuits of all 144 heads, in a child
+  process, cold page cache: wall time of the calls and peak RSS); the read
   floor (the deltas' chunk files read once, cold); the compute floor (the
-  flops of the method the job chooses per matrix, at this machine's float64
-  GEMM rate measured now); and WeightWatcher's method, ``scipy.linalg.svdvals``
-  per matrix, timed on one checkpoint's matrices and scaled to every
-  checkpoint. Targets: job <= 2 x max(floors); scipy >= 5 x job; peak RSS
-  < 1.5 GiB.
+  flops of the methods the job takes, at this machine's float64 GEMM rate
+  measured now); and WeightWatcher's method, ``scipy.linalg.svdvals`` per
+  matrix, timed on one checkpoint's matrices and scaled to every checkpoint,
+  against the job's weight spectra (the same matrices). Targets: job <= 2 x
+  max(floors); scipy >= 5 x the weight spectra; peak RSS < 1.5 GiB.
 * ``minilm``: MiniLM-L6-shaped (22.7M parameters, BERT names), 8 checkpoints.
   The job against a plain loop that reads each checkpoint file and takes
   ``eigvalsh`` of each matrix's smaller Gram in float64, timed in the same
@@ -53,16 +54,25 @@ import spectral_analyzer.run, spectral_analyzer.weights  # imported on first use
 def status():
     return dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 run = sa.open_run(sys.argv[1])
+heads = int(sys.argv[2])
 t0 = time.perf_counter()
 ws = run.weight_spectra(cache=False)
 t1 = time.perf_counter()
-print(json.dumps({"job_s": t1 - t0, "matrices": int(ws.sizes["matrix"]), "steps": int(ws.sizes["step"]),
-                  "vm_hwm_kib": int(status()["VmHWM"].split()[0])}))
+out = {"weights_s": t1 - t0, "matrices": int(ws.sizes["matrix"]), "steps": int(ws.sizes["step"])}
+if heads:
+    at = run.attention_spectra(heads=heads, cache=False)
+    out.update(attention_s=time.perf_counter() - t1, layers=int(at.sizes["layer"]), heads=int(at.sizes["head"]))
+out["job_s"] = time.perf_counter() - t0
+out["vm_hwm_kib"] = int(status()["VmHWM"].split()[0])
+print(json.dumps(out))
 """
 
 
+GPT2_D, GPT2_LAYERS, GPT2_HEADS = 768, 12, 12
+
+
 def gpt2_layout() -> list[tuple[str, tuple[int, ...]]]:
-    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    d, vocab, ctx, layers = GPT2_D, 50257, 1024, GPT2_LAYERS
     out = [("wte.weight", (vocab, d)), ("wpe.weight", (ctx, d))]
     for i in range(layers):
         h = f"h.{i}."
@@ -117,14 +127,19 @@ def matrix_shapes(layout) -> list[tuple[int, int]]:
 
 
 def method_flops(m: int, n: int) -> float:
-    """Flops of the method ``singular_values`` chooses for an m x n matrix (LAPACK's counts)."""
-    from spectral_analyzer.weights.kernel import ASPECT, REFINED
-
+    """Flops of ``singular_values`` on an m x n matrix: the smaller Gram (2 m n^2) and its tridiagonalisation
+    (4 n^3 / 3, LAPACK's count; the eigenvalues of the tridiagonal are O(n^2)). The leading values' refinement
+    and the SVD fallback are taken only by matrices whose spectra need them (outliers above a bulk, or a
+    condition number over 1e5); the random-walk matrices here need neither."""
     big, small = max(m, n), min(m, n)
-    if big < ASPECT * small:  # svdvals: bidiagonalisation, 4 m n^2 - 4 n^3 / 3
-        return 4 * big * small**2 - 4 * small**3 / 3
-    # Gram (2 m n^2), tridiagonalisation (4 n^3 / 3), the leading values refined (2 m n per vector)
-    return 2 * big * small**2 + 4 * small**3 / 3 + 2 * big * small * min(REFINED, small)
+    return 2 * big * small**2 + 4 * small**3 / 3
+
+
+def circuit_flops(d_model: int, d_head: int) -> float:
+    """Flops of one head's QK and OV circuits in the d_head space: QR of the four (d_model, d_head) blocks,
+    the two d_head x d_head products of their R factors, their singular values and the QK eigenvalues."""
+    qr = 2 * d_model * d_head**2 - 2 * d_head**3 / 3
+    return 4 * qr + 2 * 2 * d_head**3 + 2 * 4 * d_head**3 + 10 * d_head**3
 
 
 def gemm_rate() -> float:
@@ -156,9 +171,10 @@ def read_floor(store: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
-def run_job(store: Path) -> dict:
+def run_job(store: Path, heads: int = 0) -> dict:
+    """weight_spectra of every 2-D matrix (and, given *heads*, attention_spectra) in a child, cold."""
     drop_cache([p for p in store.rglob("*") if p.is_file()])
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(store)], stdout=subprocess.PIPE, text=True,
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(store), str(heads)], stdout=subprocess.PIPE, text=True,
                              cwd=store.parent)
     poller = RssPoller(child.pid)
     poller.start()
@@ -224,17 +240,20 @@ def bench_gpt2(work: Path) -> dict:
 
     ws = sa.open_run(str(store)).weight_spectra(cache=False, top=1)  # the matrices as the job splits them
     shapes = _job_shapes(store, ws)
-    flops = sum(method_flops(*s) for s in shapes) * int(ws.sizes["step"])
+    steps = int(ws.sizes["step"])
+    weight_flops = sum(method_flops(*s) for s in shapes) * steps
+    flops = weight_flops + GPT2_LAYERS * GPT2_HEADS * circuit_flops(GPT2_D, GPT2_D // GPT2_HEADS) * steps
     compute_s = flops / rate
     print("  job (cold) ...", flush=True)
-    job = run_job(store)
+    job = run_job(store, heads=GPT2_HEADS)
     print("  scipy per matrix (one checkpoint) ...", flush=True)
     scipy_s = scipy_per_matrix(paths[-1], layout) * job["steps"]
     floor = max(read_s, compute_s)
-    return {"job_s": job["job_s"], "matrices": job["matrices"], "steps": job["steps"], "read_s": read_s,
-            "read_gb": read_bytes / 1e9, "gemm_gflops": rate / 1e9, "flops": flops, "compute_s": compute_s,
-            "floor_ratio": job["job_s"] / floor, "scipy_s": scipy_s, "scipy_ratio": scipy_s / job["job_s"],
-            "peak_rss_gib": job["peak_rss_gib"]}
+    return {"job_s": job["job_s"], "weights_s": job["weights_s"], "attention_s": job["attention_s"],
+            "matrices": job["matrices"], "circuits": job["layers"] * job["heads"], "steps": job["steps"],
+            "read_s": read_s, "read_gb": read_bytes / 1e9, "gemm_gflops": rate / 1e9, "flops": flops,
+            "weight_flops": weight_flops, "compute_s": compute_s, "floor_ratio": job["job_s"] / floor,
+            "scipy_s": scipy_s, "scipy_ratio": scipy_s / job["weights_s"], "peak_rss_gib": job["peak_rss_gib"]}
 
 
 def _job_shapes(store: Path, ws) -> list[tuple[int, int]]:
@@ -256,7 +275,7 @@ def bench_minilm(work: Path) -> dict:
     print("  job beside two CPU-bound processes ...", flush=True)
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
-        time.sleep(3)  # the load average starts to show them
+        time.sleep(1)  # running before the job samples the cores free
         busy = run_job(store)
     finally:
         for h in hogs:
@@ -285,12 +304,12 @@ def main() -> None:
                   f"(target <= {BUSY_TARGET}: {_verdict(m['busy_ratio'] <= BUSY_TARGET)})")
         if args.only in (None, "gpt2"):
             g = out["gpt2"] = bench_gpt2(work)
-            print(f"gpt2: {g['matrices']} matrices x {g['steps']} checkpoints in {g['job_s']:.1f} s; "
-                  f"read floor {g['read_s']:.1f} s ({g['read_gb']:.1f} GB cold), compute floor {g['compute_s']:.1f} s "
+            print(f"gpt2: {g['matrices']} matrices x {g['steps']} checkpoints in {g['weights_s']:.1f} s, "
+                  f"{g['circuits']} heads' QK and OV circuits in {g['attention_s']:.1f} s: {g['job_s']:.1f} s; read floor {g['read_s']:.1f} s ({g['read_gb']:.1f} GB cold), compute floor {g['compute_s']:.1f} s "
                   f"({g['flops'] / 1e12:.2f} Tflop at {g['gemm_gflops']:.0f} Gflop/s)")
             print(f"gpt2: job / max(floors) {g['floor_ratio']:.2f} (target <= {FLOOR_TARGET}: "
                   f"{_verdict(g['floor_ratio'] <= FLOOR_TARGET)})")
-            print(f"gpt2: scipy svdvals per matrix {g['scipy_s']:.1f} s: {g['scipy_ratio']:.2f}x the job "
+            print(f"gpt2: scipy svdvals per matrix {g['scipy_s']:.1f} s: {g['scipy_ratio']:.2f}x the job's matrices "
                   f"(target >= {SCIPY_TARGET}: {_verdict(g['scipy_ratio'] >= SCIPY_TARGET)})")
             print(f"gpt2: peak RSS {g['peak_rss_gib']:.2f} GiB (target < {RSS_TARGET_GIB}: "
                   f"{_verdict(g['peak_rss_gib'] < RSS_TARGET_GIB)})")

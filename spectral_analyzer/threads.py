@@ -3,26 +3,68 @@
 torch's default intra-op pool takes every core; beside other processes (or
 Dask tasks) its threads contend, and one SVD was measured 40x slower beside
 two CPU-bound processes on 2 cores. Work that runs torch outside Dask tasks
-(the weight spectra) takes the cores free now instead.
+(the weight spectra, weights recorded at ingest) takes the cores free now
+instead: the cores less those other threads and processes keep busy, measured
+over a twentieth of a second.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 __all__ = ["free_cores", "torch_threads"]
 
 
+SAMPLE_S = 0.05  # how long the machine's CPU time is sampled
+REUSE_S = 5.0  # a measurement is reused this long (a loop asking per tensor pays for one sample at most)
+_last: tuple[float, int] | None = None
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from ``/proc/stat`` (idle and iowait are not busy)."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    total = sum(fields)
+    return total - fields[3] - fields[4], total
+
+
+def _busy_cores() -> float:
+    """Cores kept busy by other threads and processes now: the busy share of the CPUs' time over
+    :data:`SAMPLE_S`, while the calling thread sleeps, times the CPUs online."""
+    busy0, total0 = _cpu_times()
+    time.sleep(SAMPLE_S)
+    busy1, total1 = _cpu_times()
+    online = os.cpu_count() or 1
+    return online * (busy1 - busy0) / max(1, total1 - total0)
+
+
 def free_cores() -> int:
-    """Cores this process may use, less the 1-minute load average of the machine; at least 1."""
+    """Cores this process may use, less those busy now; at least 1.
+
+    Busy means busy in the last :data:`SAMPLE_S` (measured from ``/proc/stat``,
+    reused for :data:`REUSE_S`), not the 1-minute load average, which lags:
+    just after this process's own work (ingesting a run, say) the load
+    average still counts it, and an idle machine was read as a busy one.
+    Where ``/proc/stat`` is missing, the load average is all there is.
+    """
+    global _last
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    now = time.monotonic()
+    if _last is not None and now - _last[0] < REUSE_S:
+        return min(cores, _last[1])
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform
-        load = 0.0
-    return max(1, min(cores, cores - int(load)))
+        busy = _busy_cores()
+    except (OSError, ValueError, IndexError):
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform
+            busy = 0.0
+    free = max(1, min(cores, (os.cpu_count() or 1) - int(busy + 0.5)))
+    _last = (time.monotonic(), free)
+    return free
 
 
 @contextmanager

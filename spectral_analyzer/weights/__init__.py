@@ -165,9 +165,9 @@ def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np
 
 def _reconstruct(
     store: Store, picked, heads: int | None, device: str, progress: bool, top: int | None = None
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Singular values (the *top* ones, if given) and squared Frobenius norms of the picked matrices
-    rebuilt from base + deltas at every checkpoint.
+) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """Singular values (the *top* ones, if given) of the picked matrices rebuilt from base + deltas at every
+    checkpoint, and with *top* their squared Frobenius norms.
 
     A group of adjacent tensors at a time (:func:`~.streaming.tensor_groups`),
     each checkpoint's matrices decomposed while the next delta row is read.
@@ -200,8 +200,9 @@ def _reconstruct(
                 members = [picked[i] for i in group]
                 for k, flats in enumerate(thetas(store, [t for t, _ in members])):
                     mats = matrices_of(members, flats, heads)
-                    for name, m in mats:
-                        frobenius2[k, column[name]] = np.einsum("ij,ij->", m, m)
+                    if top:  # the full spectrum gives ||W||_F^2 as the sum of sigma_j^2
+                        for name, m in mats:
+                            frobenius2[k, column[name]] = np.einsum("ij,ij->", m, m)
                     if not held:  # decomposed as they come: the arrays are updated in place for the next step
                         pending += [(k, name, m) for name, m in mats]
                         decompose()
@@ -213,7 +214,7 @@ def _reconstruct(
     finally:
         if bar is not None:
             bar.close()
-    return names, sigma, frobenius2
+    return names, sigma, frobenius2 if top else None
 
 
 def _held_bytes(device) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -47,32 +49,39 @@ def split_heads(name: str, weight: np.ndarray, heads: int) -> list[tuple[str, np
 # Singular values through the smaller Gram G (W W^T or W^T W, k x k, float64) and eigvalsh. eigvalsh is
 # backward stable: |d lambda_j| <= c eps ||G|| = c eps sigma_1^2, so sqrt(lambda_j) has an absolute error
 # of about c eps sigma_1^2 / (2 sigma_j): relative to sigma_1, c eps (sigma_1 / sigma_j) / 2, and relative
-# to sigma_j itself c eps (sigma_1 / sigma_j)^2 / 2. Two measures keep it exact enough:
-# * the top REFINED values are recomputed as ||W v_j|| from their eigenvectors (error ~ eps sigma_1 plus a
-#   term second order in the eigenvector's error), so the leading values are as good as an SVD's;
+# to sigma_j itself c eps (sigma_1 / sigma_j)^2 / 2. Two measures keep it exact enough, each taken only by
+# the matrices that need it:
+# * where that bound exceeds LEAD_TOLERANCE for one of the top REFINED values (sigma_1 / sigma_16 above
+#   about 3.7: outliers above a bulk), those values are recomputed as ||W v_j|| from their eigenvectors
+#   (error ~ eps sigma_1 plus a term second order in the eigenvector's error), so the leading values are as
+#   good as an SVD's; eigenvectors cost eigh about 1.5-2x eigvalsh, so they are asked only then;
 # * a matrix whose smallest sigma is below TAIL_LIMIT * sigma_1 (ill-conditioned or rank-deficient: the
 #   bound above would exceed TOLERANCE relative to sigma_1) goes to a full SVD instead.
+# Near-square matrices go the same way: for a square k x k matrix the Gram and eigvalsh take about 0.7x
+# the time of svdvals (batched, float64, 768 x 768: 49 ms against 75 ms a matrix on 2 threads).
 TOLERANCE = 1e-9  # wanted: every sigma_j to this, relative to sigma_1
+LEAD_TOLERANCE = 1e-13  # wanted: the top REFINED values to this, relative to themselves
 GRAM_CONSTANT = 64.0  # c above, measured with margin over random matrices of size up to 4096
-TAIL_LIMIT = GRAM_CONSTANT * np.finfo(np.float64).eps / (2 * TOLERANCE)
+_EPS = float(np.finfo(np.float64).eps)
+TAIL_LIMIT = GRAM_CONSTANT * _EPS / (2 * TOLERANCE)
 REFINED = 16
-ASPECT = 2  # the Gram is used for matrices at least this much longer than wide (measured: 2.4x faster than
-            # svdvals at 30522 x 384, 1.8x at 384 x 1536, 0.8x at 768 x 768, one thread)
 
 
 def _gram_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma descending, whether each matrix needs a full SVD) of a float64 batch (b, m, n) via its Gram."""
     wide = batch.shape[-2] <= batch.shape[-1]
     gram = batch @ batch.mT if wide else batch.mT @ batch
-    lam, vec = torch.linalg.eigh(gram)  # ascending
-    lam, vec = lam.flip(-1), vec.flip(-1)
+    lam = torch.linalg.eigvalsh(gram).flip(-1)  # descending
     sigma = lam.clamp(min=0).sqrt()
     top = min(REFINED, sigma.shape[-1])
-    lead = vec[..., :top]
-    sigma[..., :top] = torch.linalg.vector_norm(batch.mT @ lead if wide else batch @ lead, dim=-2)
-    sigma = sigma.sort(dim=-1, descending=True).values
-    s1 = sigma[..., :1]
-    fallback = (lam[..., -1:] < (TAIL_LIMIT * s1) ** 2).squeeze(-1) & (s1.squeeze(-1) > 0)
+    fallback = (lam[..., -1] < (TAIL_LIMIT * sigma[..., 0]) ** 2) & (sigma[..., 0] > 0)
+    # the bound relative to sigma_j, c eps (lambda_1 / lambda_j) / 2, above LEAD_TOLERANCE for j = top
+    refine = ~fallback & (lam[..., top - 1] * (2 * LEAD_TOLERANCE) < GRAM_CONSTANT * _EPS * lam[..., 0])
+    if bool(refine.any()):
+        sub = batch[refine]
+        lead = torch.linalg.eigh(gram[refine]).eigenvectors.flip(-1)[..., :top]
+        sigma[refine, :top] = torch.linalg.vector_norm(sub.mT @ lead if wide else sub @ lead, dim=-2)
+        sigma = sigma.sort(dim=-1, descending=True).values
     return sigma, fallback
 
 
@@ -140,13 +149,14 @@ def singular_values(
     top: int | None = None,
     budget: int | None = None,
 ) -> list[np.ndarray]:
-    """Singular values (descending, float64) of each matrix; matrices of one shape go in one batch.
+    """Singular values (descending, float64) of each matrix: on the cpu one matrix per torch thread at a
+    time, on a GPU the matrices of one shape in one batch.
 
-    A matrix at least ``ASPECT`` times longer than wide goes through its
-    smaller Gram and ``eigvalsh``, the leading values refined from their
-    vectors, with a full SVD for a matrix whose condition number makes the
-    Gram inexact: every value to ``TOLERANCE`` relative to sigma_1 (see the
-    bound above this function). Near-square matrices take ``svdvals``.
+    Each matrix goes through its smaller Gram and ``eigvalsh``, the leading
+    values refined from their vectors where the Gram leaves them less exact
+    than ``LEAD_TOLERANCE``, with a full SVD for a matrix whose condition
+    number makes the Gram inexact: every value to ``TOLERANCE`` relative to
+    sigma_1 (see the bounds above :func:`_gram_batch`).
     With *top*, only the top values are returned, through
     :func:`top_singular_values` where that is cheaper and converges (to
     ``TOP_TOLERANCE`` relative to sigma_1), else from the full spectrum.
@@ -159,8 +169,8 @@ def singular_values(
     top : int, optional
         Only the top values (above).
     budget : int, optional
-        Bytes a batch may take on the device (:func:`batch_limit`); default
-        none on cpu, half the free device memory on cuda.
+        Bytes a batch may take on a GPU (:func:`batch_limit`); default half
+        its free memory. (The cpu holds one matrix's Gram per thread.)
     """
     device = resolve_device(device)
     if budget is None and device.type == "cuda":
@@ -179,6 +189,53 @@ def singular_values(
         for i, values in zip(rest, singular_values([matrices[i] for i in rest], device, budget=budget)):
             out[i] = values[:top]
         return out  # type: ignore[return-value]
+    if device.type == "cpu":
+        return _cpu_values(matrices)
+    return _batched_values(matrices, device, budget)
+
+
+# On the cpu, each matrix on its own, straight from the caller's array (no stacked copy: stacking a layer's
+# transposed c_attn slices cost 0.7 s a GPT-2 checkpoint), the small ones one per torch thread at a time:
+# eigvalsh's tridiagonalisation is mostly matrix-vector products, which one thread drives about as fast as
+# two (48 Grams of 768 x 768: 1.84 s batched on 2 threads, 1.25 s as two halves on 1 thread each). A
+# matrix of at least SHARED_SIZE elements (an embedding) takes all the threads: its Gram is a large GEMM.
+SHARED_SIZE = 1 << 23
+
+
+def _one(matrix: np.ndarray) -> np.ndarray:
+    """Singular values of one matrix on the cpu: the Gram route, or ``svdvals`` where it falls back."""
+    if min(matrix.shape) == 0:
+        return np.zeros(0)
+    m = np.asarray(matrix, dtype=np.float64)
+    if not m.flags.writeable or any(st < 0 for st in m.strides):  # from_numpy wants writeable, positive strides
+        m = np.array(m)
+    w = torch.from_numpy(m)
+    values, fallback = _gram_batch(w[None])
+    return (torch.linalg.svdvals(w) if bool(fallback[0]) else values[0]).numpy()
+
+
+def _cpu_values(matrices: list[np.ndarray]) -> list[np.ndarray]:
+    threads = torch.get_num_threads()
+    out: list[np.ndarray | None] = [None] * len(matrices)
+    shared = [i for i, m in enumerate(matrices) if threads < 2 or np.size(m) >= SHARED_SIZE]
+    for i in shared:
+        out[i] = _one(matrices[i])
+    alone = [i for i in range(len(matrices)) if out[i] is None]
+    if alone:
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(min(threads, len(alone)), thread_name_prefix="spectral-analyzer-svd") as pool:
+                for i, values in zip(alone, pool.map(_one, [matrices[i] for i in alone])):
+                    out[i] = values
+        finally:
+            torch.set_num_threads(threads)
+    return out  # type: ignore[return-value]
+
+
+def _batched_values(matrices: list[np.ndarray], device: torch.device, budget: int | None) -> list[np.ndarray]:
+    """On a GPU: the matrices of one shape in one batch (at most :func:`batch_limit` of *budget*), each
+    batch through the Gram route, ``svdvals`` for those that fall back."""
+    out: list[np.ndarray | None] = [None] * len(matrices)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(matrices):
         by_shape.setdefault(m.shape, []).append(i)
@@ -190,12 +247,9 @@ def singular_values(
         if len(idx) == 1:  # no stacked copy: a vocabulary-sized matrix is decomposed in place
             batch = torch.from_numpy(np.ascontiguousarray(matrices[idx[0]], dtype=np.float64))[None].to(device)
         else:
-            batch = torch.from_numpy(np.stack([matrices[i] for i in idx]).astype(np.float64)).to(device)
-        m, n = batch.shape[-2:]
-        if min(m, n) == 0:
+            batch = torch.from_numpy(np.stack([matrices[i] for i in idx], dtype=np.float64)).to(device)
+        if min(batch.shape[-2:]) == 0:
             values = torch.zeros(batch.shape[:-2] + (0,), dtype=torch.float64)
-        elif max(m, n) < ASPECT * min(m, n):  # near square: the Gram saves nothing over the SVD
-            values = torch.linalg.svdvals(batch)
         else:
             values, fallback = _gram_batch(batch)
             if fallback.any():
