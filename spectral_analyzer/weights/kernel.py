@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
 from ..devices import resolve_device
+from ..threads import one_thread_each
 
 __all__ = ["batch_limit", "matrix_stats", "singular_values", "split_packed", "top_singular_values"]
 
@@ -195,10 +194,11 @@ def singular_values(
 
 
 # On the cpu, each matrix on its own, straight from the caller's array (no stacked copy: stacking a layer's
-# transposed c_attn slices cost 0.7 s a GPT-2 checkpoint), the small ones one per torch thread at a time:
-# eigvalsh's tridiagonalisation is mostly matrix-vector products, which one thread drives about as fast as
-# two (48 Grams of 768 x 768: 1.84 s batched on 2 threads, 1.25 s as two halves on 1 thread each). A
-# matrix of at least SHARED_SIZE elements (an embedding) takes all the threads: its Gram is a large GEMM.
+# transposed c_attn slices cost 0.7 s a GPT-2 checkpoint), the small ones one per torch thread at a time
+# (threads.one_thread_each): eigvalsh's tridiagonalisation is mostly matrix-vector products, which one
+# thread drives about as fast as two (48 Grams of 768 x 768: 1.84 s batched on 2 threads, 1.25 s as two
+# halves on 1 thread each). A matrix of at least SHARED_SIZE elements (an embedding) takes all the
+# threads: its Gram is a large GEMM.
 SHARED_SIZE = 1 << 23
 
 
@@ -215,20 +215,13 @@ def _one(matrix: np.ndarray) -> np.ndarray:
 
 
 def _cpu_values(matrices: list[np.ndarray]) -> list[np.ndarray]:
-    threads = torch.get_num_threads()
     out: list[np.ndarray | None] = [None] * len(matrices)
-    shared = [i for i, m in enumerate(matrices) if threads < 2 or np.size(m) >= SHARED_SIZE]
+    shared = [i for i, m in enumerate(matrices) if np.size(m) >= SHARED_SIZE]
     for i in shared:
         out[i] = _one(matrices[i])
     alone = [i for i in range(len(matrices)) if out[i] is None]
-    if alone:
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(min(threads, len(alone)), thread_name_prefix="spectral-analyzer-svd") as pool:
-                for i, values in zip(alone, pool.map(_one, [matrices[i] for i in alone])):
-                    out[i] = values
-        finally:
-            torch.set_num_threads(threads)
+    for i, values in zip(alone, one_thread_each(_one, [matrices[i] for i in alone], "spectral-analyzer-svd")):
+        out[i] = values
     return out  # type: ignore[return-value]
 
 
