@@ -214,3 +214,19 @@ def test_a_row_with_part_of_its_spectrum_is_refused():
     sigma[1, :6] = np.linspace(2, 1, 6)
     with pytest.raises(ValueError, match=r"matrix \(1,\) of shape \(30, 10\) has 6 finite singular values"):
         esd_summary(sigma, (30, 10))
+
+
+def test_summaries_are_the_same_fitted_in_threads_or_one_after_another(monkeypatch):
+    import spectral_analyzer.weights.esd as esd
+
+    rng = np.random.default_rng(11)
+    sigma = np.sort(np.abs(rng.standard_normal((3, 5, 40))), axis=-1)[..., ::-1]
+    sigma[1, 2] = np.nan  # padding
+    monkeypatch.setattr(esd, "free_cores", lambda: 2)
+    threaded = esd.esd_summary(sigma, (40, 90))
+    monkeypatch.setattr(esd, "free_cores", lambda: 1)
+    serial = esd.esd_summary(sigma, (40, 90))
+    assert threaded.keys() == serial.keys()
+    for key in serial:
+        np.testing.assert_array_equal(threaded[key], serial[key])
+    assert np.isnan(serial["alpha"][1, 2]) and np.isfinite(serial["alpha"]).sum() == 14

@@ -87,8 +87,10 @@ def head_factors(
     d = rows // heads
     group = heads // kv_heads
     q = w_q.reshape(*lead, heads, d, n)
-    k = w_k.reshape(*lead, kv_heads, d, n).repeat_interleave(group, dim=-3)
-    v = w_v.reshape(*lead, kv_heads, d, n).repeat_interleave(group, dim=-3)
+    k = w_k.reshape(*lead, kv_heads, d, n)
+    v = w_v.reshape(*lead, kv_heads, d, n)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     o = w_o.reshape(*lead, n, heads, d).movedim(-3, -1)
     return q, k, v, o
 

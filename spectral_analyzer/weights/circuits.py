@@ -81,10 +81,10 @@ def _circuits(store: Store, layers: list[AttentionLayer], device: str) -> dict[s
                     stacked = [torch.from_numpy(np.stack([m[j] for m in mats])).to(dev) for j in range(4)]
                     return {k: v.cpu().numpy() for k, v in circuit_spectra(*stacked, heads=h, kv_heads=g).items()}
 
-                # on the cpu the layers split across the threads, one torch thread each (QR of many small
-                # blocks: 1.6x faster so than batched on 2 threads); on a GPU one batch
-                split = torch.get_num_threads() if dev.type == "cpu" else 1
-                parts = [[int(i) for i in p] for p in np.array_split(members, split) if p.size]
+                # on the cpu one layer per torch thread at a time (QR of many small blocks: 1.6x faster so
+                # than batched on 2 threads; a layer's factors at a time, not a stack of all layers'); on a
+                # GPU the layers of a shape in one batch
+                parts = [[i] for i in members] if dev.type == "cpu" else [members]
                 for part, values in zip(parts, one_thread_each(spectra, parts)):
                     for key, value in values.items():
                         out[key][s, part, :h, :d] = value

@@ -6,7 +6,7 @@ chunk is read by at most the two groups it straddles), at most
 :data:`GROUP_BYTES` of float64 parameters unless one tensor alone is
 larger: memory is bounded by the group, not by the model. While the caller
 computes on checkpoint i, a background thread reads the delta row of
-checkpoint i + 1 (the store's reads release the GIL, as torch's kernels do).
+checkpoint i + 1 (once row i has been added: one delta row in memory) (the store's reads release the GIL, as torch's kernels do).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def thetas(store: Store, entries: Sequence[TensorEntry]) -> Iterator[list[np.nda
     The same arrays are yielded each time, updated in place: copy what must
     outlive the next step. *entries* must be sorted by offset.
 
-    Memory: 8 bytes per parameter of *entries*, plus two delta rows of their
-    spans in float32 (the one being added and the one being read).
+    Memory: 8 bytes per parameter of *entries*, plus one delta row of their
+    spans in float32 (the one being added, then the one being read).
     """
     spans = _spans(entries, store.chunk_size)
     theta = [store.read_base(t.offset, t.offset + t.size).astype(np.float64) for t in entries]
@@ -74,10 +74,10 @@ def thetas(store: Store, entries: Sequence[TensorEntry]) -> Iterator[list[np.nda
         yield theta
         for row in range(n):
             deltas = ahead.result()
-            ahead = pool.submit(read, row + 1) if row + 1 < n else None
             for (a, _, members), d in zip(spans, deltas):
                 for i in members:
                     t = entries[i]
                     theta[i] += d[t.offset - a : t.offset - a + t.size]
-            del deltas
+            del deltas  # before the next row is read: one delta row in memory at a time
+            ahead = pool.submit(read, row + 1) if row + 1 < n else None
             yield theta
