@@ -216,8 +216,10 @@ def _ring_store(tmp_path, n=37, chunk=2048):
 
 @pytest.mark.parametrize("r0", [0, 16])
 def test_ring_reading_ahead_overlaps_and_never_reads_into_the_kernels_rows(tmp_path, monkeypatch, r0):
-    """The read of block k + 1 is under way while block k is computed, into slots the kernel does not read;
-    the band equals a ring that reads each block when it lands, bit for bit, and a float64 dense one."""
+    """The read of block k + 1 is handed to the reader thread before block k is computed, into slots the
+    kernel does not read; the band equals a ring that reads each block when it lands, bit for bit, and a
+    float64 dense one. (Events of the reader thread are not ordered against the kernel's: the test orders
+    the hand-over and the read's end, both seen from the task's thread.)"""
     from spectral_analyzer.gram.ring import HostRing
 
     run = _ring_store(tmp_path)
@@ -226,12 +228,15 @@ def test_ring_reading_ahead_overlaps_and_never_reads_into_the_kernels_rows(tmp_p
     L, n = 6, store.n_deltas
     segs = [(0, 2048)]
     events = []
-    real_read, real_kernel = HostRing._read, build.band_products
+    real_read, real_stage, real_kernel = HostRing._read, HostRing.stage, build.band_products
 
     def read(self, rows):
-        events.append(("read start", rows))
         real_read(self, rows)
         events.append(("read end", rows))
+
+    def stage(self, rows, then):  # on the task's thread: the read handed to the reader (it may start later)
+        events.append(("read submitted", rows))
+        real_stage(self, rows, then)
 
     holder = {}
 
@@ -241,6 +246,7 @@ def test_ring_reading_ahead_overlaps_and_never_reads_into_the_kernels_rows(tmp_p
         real_kernel(rows, new, plan, out, window)
 
     monkeypatch.setattr(HostRing, "_read", read)
+    monkeypatch.setattr(HostRing, "stage", stage)
     monkeypatch.setattr(build, "band_products", kernel)
     got = {}
     for ahead in (True, False):
@@ -254,7 +260,7 @@ def test_ring_reading_ahead_overlaps_and_never_reads_into_the_kernels_rows(tmp_p
             for e in kernels:
                 i = events.index(e)
                 finished = {tuple(x[1]) for x in events[:i] if x[0] == "read end"}
-                started = [x[1] for x in events[:i] if x[0] == "read start"]
+                started = [x[1] for x in events[:i] if x[0] == "read submitted"]
                 new_rows = e[1]
                 assert tuple(range(new_rows[0], new_rows[-1] + 1)) in finished  # ready() waited for it
                 if new_rows[-1] + 1 < n:  # the next block is being read meanwhile, outside the kernel's slots
