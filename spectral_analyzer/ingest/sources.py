@@ -43,6 +43,7 @@ import shutil
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -222,7 +223,7 @@ class Workspace:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-class RemoteFile:
+class RemoteFile(ABC):
     """A remote file: its name, size and identity, read by byte range.
 
     Subclasses give the transport: :meth:`_fetch` (a byte range into a
@@ -313,11 +314,13 @@ class RemoteFile:
 
     # -- the transport ---------------------------------------------------------
 
+    @abstractmethod
     def _fetch(self, start: int, stop: int, out: memoryview) -> None:
-        raise NotImplementedError
+        """Bytes [start, stop) of the file into *out*."""
 
+    @abstractmethod
     def _download(self, path: Path) -> None:
-        raise NotImplementedError
+        """The whole file to the local *path*."""
 
     def _transient(self, exc: Exception) -> bool:
         return isinstance(exc, ConnectionError)
@@ -325,13 +328,13 @@ class RemoteFile:
     def _reset(self) -> None:
         """Forget what a failed request may have left stale (a resolved location), before it is tried again."""
 
+    @abstractmethod
     def identity(self) -> dict[str, Any]:
         """What the store's provenance records of this file."""
-        raise NotImplementedError
 
+    @abstractmethod
     def matches(self, recorded: Mapping[str, Any]) -> bool:
         """Whether this file holds what *recorded* (an :meth:`identity`) describes."""
-        raise NotImplementedError
 
 
 class _Absent:
@@ -351,7 +354,7 @@ class _Absent:
         return self.label
 
 
-class RemoteFolder:
+class RemoteFolder(ABC):
     """A remote folder, listed once: what discover.py's layout rules read (``/``, ``iterdir``, ``exists``)."""
 
     def __init__(self, label: str):
@@ -372,16 +375,18 @@ class RemoteFolder:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label!r})"
 
+    @abstractmethod
     def _list(self) -> dict[str, RemoteFile | RemoteFolder]:
-        raise NotImplementedError
+        """The folder's entries by name, asked of the remote end (once: :meth:`children` keeps them)."""
 
     def children(self) -> dict[str, RemoteFile | RemoteFolder]:
         if self._listing is None:
             self._listing = self._list()
         return self._listing
 
+    @abstractmethod
     def exists(self) -> bool:
-        raise NotImplementedError
+        """Whether the folder is there."""
 
     def is_dir(self) -> bool:
         return self.exists()
@@ -398,7 +403,7 @@ def is_remote(files: Sequence[Any]) -> bool:
     return any(isinstance(f, RemoteFile) for f in files)
 
 
-class Source:
+class Source(ABC):
     """Checkpoints and where they came from; a context manager that deletes its workspace on exit."""
 
     url: str  # recorded as the store's source
@@ -409,8 +414,9 @@ class Source:
         """What messages call the source."""
         return self.url
 
+    @abstractmethod
     def checkpoints(self, steps: Sequence[int] | None = None) -> list[Checkpoint]:
-        raise NotImplementedError
+        """The source's checkpoints in step order (only *steps*, if given)."""
 
     def provenance(self) -> dict[str, Any]:
         """Entries for the store's provenance beside ``source`` (a hub's endpoint)."""
