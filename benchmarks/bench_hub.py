@@ -19,6 +19,13 @@ writes), and the ingest of the same files from the local folder (the pipeline's 
 hub ingest adds its requests to).
 
     python benchmarks/bench_hub.py --revisions 20 --workdir /tmp/bench_hub
+    python benchmarks/bench_hub.py --revisions 20 --link-mbps 1000 --workdir /tmp/bench_hub
+
+On loopback the bytes arrive faster than this machine writes the float32 deltas they become (float16
+sources give twice as many delta bytes as they fetch), so the ratio there measures the ingest's own
+cost. ``--link-mbps`` paces the hub's storage to a network link's rate, shared by all connections (the
+floor's and the ingest's alike): a distant hub, where the transfer is the floor that counts and the
+ingest's work should hide behind it.
 
 The server's files are in the page cache for the floor and the ingest alike (just written and hashed).
 The last line of output is one JSON object with all figures.
@@ -61,7 +68,7 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from hub_server import Blob, LoopbackHub
 manifest = json.loads(Path(sys.argv[2]).read_text())
-hub = LoopbackHub()
+hub = LoopbackHub(link=None if sys.argv[3] == "none" else float(sys.argv[3]))
 for rev in manifest["revisions"]:
     hub.add_revision(manifest["repo"], rev["name"], {
         "model.safetensors": Blob.on_disk(Path(rev["path"]), rev["sha256"]),
@@ -175,6 +182,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=640, help="GPT-NeoX hidden size (default 640)")
     ap.add_argument("--layers", type=int, default=7, help="GPT-NeoX layers (default 7: 98.9M parameters)")
     ap.add_argument("--vocab", type=int, default=50304, help="vocabulary (default 50304, Pythia's)")
+    ap.add_argument("--link-mbps", type=float, default=None,
+                    help="the hub's storage sends at this many megabits per second, shared by all connections, "
+                         "as a distant hub over a network link would (default: as fast as loopback goes)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_hub"))
     ap.add_argument("--keep", action="store_true", help="leave the workdir in place")
     args = ap.parse_args()
@@ -205,7 +215,8 @@ def main() -> None:
         manifest = work / "manifest.json"
         manifest.write_text(json.dumps({"repo": REPO, "revisions": revisions,
                                         "config": gpt_neox_config(args.hidden, args.layers, args.vocab)}))
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT / "tests"), str(manifest)],
+        link = "none" if args.link_mbps is None else str(args.link_mbps * 1e6 / 8)
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT / "tests"), str(manifest), link],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         urls = json.loads(server.stdout.readline())
         files = [(r["sha256"], ranges_of(Path(r["path"]))) for r in revisions]
@@ -243,6 +254,7 @@ def main() -> None:
                     "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
                     "python": platform.python_version()},
         "revisions": n,
+        "link_mbps": args.link_mbps,
         "params": p,
         "shape": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "dtype": "float16"},
         "checkpoint_bytes": checkpoint_bytes,
@@ -278,7 +290,8 @@ def main() -> None:
 
     f = figures
     print()
-    print(f"{n} revisions x {p:,} float16 params (GPT-NeoX, hidden {args.hidden}, {args.layers} layers)")
+    print(f"{n} revisions x {p:,} float16 params (GPT-NeoX, hidden {args.hidden}, {args.layers} layers); "
+          + ("loopback" if args.link_mbps is None else f"a link of {args.link_mbps:g} Mbit/s"))
     print(f"fetched bytes          {fetched / 1e9:8.2f} GB   (files {checkpoint_bytes / 1e9:.2f} GB)")
     print(f"delta bytes            {delta_bytes / 1e9:8.2f} GB   (store on disk {store_bytes / 1e9:.2f} GB)")
     print(f"transfer floor         {floor:8.1f} s    {f['transfer_gbps']:.2f} GB/s  "

@@ -37,6 +37,7 @@ import zarr
 import zarr.storage._local as zarr_local
 
 import spectral_analyzer as sa
+import spectral_analyzer.store.chunk_writes as store_chunks
 from spectral_analyzer.store import Store
 
 WINDOW = 4
@@ -133,6 +134,7 @@ def broken_writes(kill_at: int | None = None, torn: bool = False, enospc_after: 
     writes = _Writes(kill_at, torn, enospc_after)
     put, delete, delete_dir, pwrite = zarr_local._put, zarr.storage.LocalStore.delete, \
         zarr.storage.LocalStore.delete_dir, os.pwrite
+    put_chunk, remove_chunk = store_chunks.put_file, store_chunks.remove_file  # chunk files written directly
 
     def broken_put(path, value, exclusive=False):
         n = writes.next(f"put {path}")
@@ -145,6 +147,23 @@ def broken_writes(kill_at: int | None = None, torn: bool = False, enospc_after: 
                 path.with_suffix(f".{uuid.uuid4().hex}.partial").write_bytes(raw[: len(raw) // 2])
             _die()
         return put(path, value, exclusive=exclusive)
+
+    def broken_put_chunk(path, buffers):
+        n = writes.next(f"put {path}")
+        if writes.full(n):
+            raise _no_space(path)
+        if n == writes.kill_at:
+            if writes.torn:
+                raw = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Path(f"{path}.{uuid.uuid4().hex}.partial").write_bytes(raw[: len(raw) // 2])
+            _die()
+        return put_chunk(path, buffers)
+
+    def broken_remove_chunk(path):
+        if writes.next(f"delete {path}") == writes.kill_at:
+            _die()
+        return remove_chunk(path)
 
     async def broken_delete(self, key):
         if writes.next(f"delete {key}") == writes.kill_at:
@@ -164,6 +183,7 @@ def broken_writes(kill_at: int | None = None, torn: bool = False, enospc_after: 
         return pwrite(fd, data, offset)
 
     zarr_local._put = broken_put
+    store_chunks.put_file, store_chunks.remove_file = broken_put_chunk, broken_remove_chunk
     zarr.storage.LocalStore.delete = broken_delete
     zarr.storage.LocalStore.delete_dir = broken_delete_dir
     os.pwrite = broken_pwrite
@@ -171,6 +191,7 @@ def broken_writes(kill_at: int | None = None, torn: bool = False, enospc_after: 
         yield writes
     finally:
         zarr_local._put = put
+        store_chunks.put_file, store_chunks.remove_file = put_chunk, remove_chunk
         zarr.storage.LocalStore.delete = delete
         zarr.storage.LocalStore.delete_dir = delete_dir
         os.pwrite = pwrite

@@ -18,15 +18,19 @@ Served, as huggingface_hub (2.x; the same endpoints since 1.0) requests and chec
 
 Every answer is logged (method, path, range, status, body bytes sent) for the tests that count bytes;
 :meth:`LoopbackHub.fail` makes chosen requests answer 503 (or drop the connection) a number of times.
+``LoopbackHub(link=bytes_per_second)`` sends the storage's bytes at that rate, shared by all connections, as
+a network link between the hub and the user would (the benchmark's distant hub).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -85,10 +89,33 @@ class Logged:
     token: bool = False  # whether an Authorization header came with it
 
 
-class LoopbackHub:
-    """Model repositories served on 127.0.0.1; use as a context manager (or start / stop)."""
+class Link:
+    """A link of *rate* bytes per second shared by every body sent: each piece waits for its turn."""
 
-    def __init__(self):
+    PIECE = 1 << 20
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self, n: int) -> None:
+        """Block until *n* more bytes have had their time on the link."""
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + n / self.rate
+            done = self._free_at
+        time.sleep(max(0.0, done - time.monotonic()))
+
+
+class LoopbackHub:
+    """Model repositories served on 127.0.0.1; use as a context manager (or start / stop).
+
+    *link*: the storage's bytes per second, shared by all connections (None: as fast as loopback goes).
+    """
+
+    def __init__(self, link: float | None = None):
+        self.link = None if link is None else Link(link)
         self.repos: dict[str, dict[str, Revision]] = {}
         self.private: dict[str, str] = {}  # repo id: the token that reads it (401 RepoNotFound without)
         self.blobs: dict[str, Blob] = {}
@@ -334,12 +361,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub._record(Logged(self.command, urlsplit(self.path).path, asked, status, stop - start if body else 0,
                                 "authorization" in self.headers))
         self.end_headers()
-        if body:
-            if blob.data is not None:
-                self.wfile.write(memoryview(blob.data)[start:stop])
-            else:
-                with open(blob.path, "rb") as f:
-                    self.connection.sendfile(f, start, stop - start)
+        if not body:
+            return
+        link = self.hub.link
+        piece = max(stop - start, 1) if link is None else Link.PIECE
+        with contextlib.nullcontext() if blob.data is not None else open(blob.path, "rb") as f:
+            for a in range(start, stop, piece):
+                n = min(piece, stop - a)
+                if link is not None:
+                    link.wait(n)
+                if blob.data is not None:
+                    self.wfile.write(memoryview(blob.data)[a : a + n])
+                else:
+                    self.connection.sendfile(f, a, n)
 
 
 # -- a GPT-NeoX-shaped model under Pythia-style revisions ---------------------------------------------

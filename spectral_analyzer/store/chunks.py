@@ -14,6 +14,8 @@ changes the layout fails a test instead of switching paths silently.
 threads) reads what the page cache does not hold past it, with
 ``O_DIRECT`` (:mod:`.direct_io`).
 
+Writing such chunk files directly is :mod:`.chunk_writes`.
+
 Both return the chunk's values; :meth:`Store.read_delta_chunk` then checks
 them against the crc32c recorded when the row was committed, which catches
 a missing chunk (read as zeros), a chunk from another row and a stale

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from . import generations
+from .chunk_writes import write_direct
+from .chunks import direct_layout
 from .layout import check_manifest, chunk_lengths, damaged
 
 __all__ = ["CommitProtocol"]
@@ -98,8 +100,20 @@ class CommitProtocol:
                 arr.resize((n_rows + 1, *arr.shape[1:]))
 
     def write_chunk(self, name: str, row: int | None, start: int, data: np.ndarray) -> int:
-        """Write one whole chunk of array *name* (row ``None`` for the 1-D ``base``); returns its crc32c."""
+        """Write one whole chunk of array *name* (row ``None`` for the 1-D ``base``); returns its crc32c.
+
+        *start* is the chunk's first parameter. A local store's chunk files are written directly
+        (chunk_writes.write_direct), others through Zarr.
+        """
         arr = self.array(name)
+        if name not in self._direct_folders:
+            self._direct_folders[name] = direct_layout(arr)
+        folder = self._direct_folders[name]
+        if folder is not None and start % self.chunk_size == 0:
+            if row is not None and not 0 <= row < arr.shape[0]:
+                raise IndexError(f"row {row} of '{name}' is past its {arr.shape[0]} rows")
+            key = (start // self.chunk_size,) if row is None else (row, start // self.chunk_size)
+            return write_direct(folder, key, data, self.chunk_size)
         if row is None:
             arr[start : start + data.shape[0]] = data
         else:

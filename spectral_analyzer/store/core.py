@@ -44,6 +44,7 @@ class Store(RowReading, CommitProtocol):
         self.location = location
         self._attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}
+        self._direct_folders: dict[str, str | None] = {}  # where write_chunk writes chunk files itself
         self._reader: DirectChunks | ZarrChunks | None = None
         self._steps: np.ndarray | None = None
         self._crcs: np.ndarray | None = None
