@@ -189,6 +189,31 @@ def test_each_selected_tensor_is_fetched_once_and_nothing_else(hub, states, tmp_
     assert not any(e.token for e in hub.log if e.path.startswith("/lfs/"))  # no credentials to the storage
 
 
+def test_the_read_ahead_goes_on_into_the_next_revision_before_a_row_is_committed(hub, monkeypatch, tmp_path):
+    """The transfer does not stop between revisions: the next revision's first tensors are asked for while the
+    current one is still being ingested, before its row is committed (and, as above, each only once)."""
+    events: list[tuple] = []
+    fetch_ahead, commit_rows = sources.Workspace.fetch_ahead, sa.store.Store.commit_rows
+
+    def asked(self, key, fetch):
+        events.append(("ahead", key[0]))
+        return fetch_ahead(self, key, fetch)
+
+    def committed(self, record, steps, *args, **kwargs):
+        events.append(("commit", int(steps[-1])))
+        return commit_rows(self, record, steps, *args, **kwargs)
+
+    monkeypatch.setattr(sources.Workspace, "fetch_ahead", asked)
+    monkeypatch.setattr(sa.store.Store, "commit_rows", committed)
+    revisions = ["step0", "step1", "step2", "step4", "step1000"]
+    sa.ingest(f"hf://{REPO}", tmp_path / "hub.zarr", revisions=",".join(revisions), chunk_size=CHUNK)
+    commits = [i for i, e in enumerate(events) if e[0] == "commit"]
+    assert [events[i][1] for i in commits] == [1, 2, 4, 1000]
+    for row, rev in enumerate(revisions[2:]):  # revision rev is asked for before the row before it commits
+        first = next(i for i, e in enumerate(events) if e[0] == "ahead" and f"@{rev}/" in e[1])
+        assert first < commits[row], (rev, events)
+
+
 def test_an_append_checks_the_revisions_already_ingested(hub, states, tmp_path):
     store = tmp_path / "hub.zarr"
     sa.ingest(f"hf://{REPO}", store, revisions="step0,step1,step2", chunk_size=CHUNK)

@@ -55,7 +55,7 @@ from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_n
 from .discover import Checkpoint, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
 from .readers import KeyOptions, TensorInfo, needs_download, open_checkpoint
-from .sources import RemoteFile, Source, open_source
+from .sources import RemoteFile, Source, is_remote, open_source
 
 __all__ = ["ingest_store"]
 
@@ -515,6 +515,19 @@ def _ingest_source(
     return path
 
 
+def _open_following(new: list[_Planned], i: int, open_reader: Callable[[_Planned], Any]) -> Any:
+    """Checkpoint *i*'s reader, opened while the one before it is ingested, where that lets its
+    transfer start early: remote safetensors (read by byte range; their headers were read when the
+    ingest was planned). None otherwise, or if it cannot be opened now: it is opened again in its
+    turn, and a failure is reported there, after the rows before it are committed."""
+    if i >= len(new) or not is_remote(new[i].checkpoint.files) or needs_download(new[i].checkpoint.files):
+        return None
+    try:
+        return open_reader(new[i])
+    except (CheckpointError, SourceError):
+        return None
+
+
 def _shown(checkpoint: Checkpoint) -> str:
     """A checkpoint as messages name it: its path, and its hub revision if it has one."""
     revision = checkpoint.origin.get("revision")
@@ -628,10 +641,14 @@ def _write_rows(
                                                                   key[0])
 
         start = 0
+        following = None  # the next checkpoint's reader, opened early where its transfer can start early
         if record is None:  # a new store: the first checkpoint is the base
             base = new[0]
             verify(0)
             reader = open_reader(base)
+            following = _open_following(new, 1, open_reader)
+            if following is not None:
+                reader.read_on_into(following)
             row = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("base", None, s, b))
             last = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("last_theta", 0, s, b))
             for t in manifest:
@@ -685,7 +702,10 @@ def _write_rows(
                 warnings.warn(same_files, DuplicateCheckpointWarning, stacklevel=3)
                 found_warnings.append(same_files)
             verify(i)
-            reader = open_reader(cur)
+            reader = following if following is not None else open_reader(cur)
+            following = _open_following(new, i + 1, open_reader)
+            if following is not None:
+                reader.read_on_into(following)
             r = n0 + k
             final = i == len(new) - 1
             slot = 1 - record["last_slot"]

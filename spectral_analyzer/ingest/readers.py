@@ -138,6 +138,14 @@ class CheckpointReader:
     tensors: dict[str, TensorInfo]
     step_hint: int | None = None  # a step stored inside the file, if any
     _loaders: dict[str, object] = field(default_factory=dict, repr=False)
+    _spans: _Spans | None = field(default=None, repr=False)  # a remote safetensors checkpoint's byte spans
+
+    def read_on_into(self, following: CheckpointReader) -> None:
+        """Let this checkpoint's read-ahead go on into the first tensors of *following* (the next
+        checkpoint), so a remote transfer does not stop between checkpoints. Remote safetensors
+        checkpoints only; others are read as they are asked for."""
+        if self._spans is not None and following._spans is not None:
+            self._spans.then = following._spans
 
     def read(self, name: str) -> torch.Tensor:
         """Load tensor *name* (canonical) on the CPU, in its source dtype (float8: upcast to float32)."""
@@ -339,7 +347,9 @@ class _Spans:
 
     "Next" in natural order of the canonical names: the order of the
     manifest, in which the ingest reads a checkpoint's tensors. The tensors
-    up to ``AHEAD_BYTES`` past the one read (at least one) are asked for.
+    up to ``AHEAD_BYTES`` past the one read (at least one) are asked for,
+    going on into the next checkpoint's first tensors once this one's are
+    all asked for (``then``, set by :meth:`CheckpointReader.read_on_into`).
     """
 
     def __init__(self):
@@ -348,6 +358,21 @@ class _Spans:
         self._index: dict[str, int] = {}
         self._ends = np.zeros(0, dtype=np.int64)  # cumulative bytes along that order
         self._asked = 0  # tensors [0, _asked) of the order have been asked for
+        self.then: _Spans | None = None  # the next checkpoint's, where the read-ahead goes on past this one
+
+    def _order(self) -> None:
+        if not self._names:
+            self._names = sorted(self.spans, key=natural_key)
+            self._index = {n: i for i, n in enumerate(self._names)}
+            self._ends = np.cumsum([self.spans[n][2] - self.spans[n][1] for n in self._names])
+
+    def ahead(self, budget: int) -> None:
+        """Fetch this checkpoint's first tensors ahead, up to *budget* bytes (at least one)."""
+        self._order()
+        while self._asked < len(self._names) and (self._asked == 0 or self._ends[self._asked - 1] < budget):
+            f, start, stop = self.spans[self._names[self._asked]]
+            f.fetch_ahead(start, stop)
+            self._asked += 1
 
     def loader(self, name: str, f: RemoteFile, start: int, stop: int, dtype: torch.dtype | None):
         if start == stop:
@@ -356,10 +381,7 @@ class _Spans:
         return lambda: torch.from_numpy(self.read(name)).view(dtype)
 
     def read(self, name: str) -> np.ndarray:
-        if not self._names:
-            self._names = sorted(self.spans, key=natural_key)
-            self._index = {n: i for i, n in enumerate(self._names)}
-            self._ends = np.cumsum([self.spans[n][2] - self.spans[n][1] for n in self._names])
+        self._order()
         i = self._index[name]
         limit = self._ends[i] + AHEAD_BYTES
         self._asked = max(self._asked, i + 1)
@@ -367,6 +389,9 @@ class _Spans:
             f, start, stop = self.spans[self._names[self._asked]]
             f.fetch_ahead(start, stop)
             self._asked += 1
+        following = self.then
+        if following is not None and self._asked == len(self._names) and limit > self._ends[-1]:
+            following.ahead(int(limit - self._ends[-1]))
         f, start, stop = self.spans[name]
         return f.read(start, stop)
 
@@ -387,6 +412,7 @@ def _read_remote_safetensors(files: Sequence[RemoteFile], label: str, keys: KeyO
             loader = spans.loader(name, f, data_start + begin, data_start + end, dtype)
             _add(reader, key, shape, dtype, loader, keys, f.label)
     spans.spans = {n: s for n, s in spans.spans.items() if n in reader.tensors}  # selected tensors only
+    reader._spans = spans
     return reader
 
 
