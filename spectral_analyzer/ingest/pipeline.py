@@ -17,6 +17,7 @@ kept, as an interruption does: the same ingest run again resumes after them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -544,6 +545,16 @@ def _recent_norms(st: Store, n: int) -> list[tuple[int, int, float]]:
             if isinstance(b.get("delta_norm"), float)]
 
 
+def _on_one_torch_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch_threads(1):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_on_one_torch_thread
 def write_rows(
     st: Store,
     planned: list[_Planned],
@@ -564,18 +575,6 @@ def write_rows(
     thread, spinning between operations, took the writers' core (a 4-revision
     ingest of 100M float16 parameters: 6.2 s with 2 threads, 4.6 s with 1).
     """
-    with torch_threads(1):
-        _write_rows(st, planned, new, open_reader, progress, prev_reader)
-
-
-def _write_rows(
-    st: Store,
-    planned: list[_Planned],
-    new: list[_Planned],
-    open_reader: Callable[[_Planned], Any],
-    progress: bool,
-    prev_reader: Any = None,
-) -> None:
     manifest = st.manifest
     record = st.commit_record
     found_warnings = list(st.attrs.get("warnings", []))
