@@ -87,3 +87,54 @@ def test_short_writes_are_completed(tmp_path, monkeypatch):
     for j, start in enumerate(range(0, P, C)):
         chunk_writes.write_direct(folder, (0, j), values[start : start + C], C)
     np.testing.assert_array_equal(arr[0], values)
+
+
+def test_what_is_not_one_whole_float32_chunk_is_refused(tmp_path):
+    from spectral_analyzer.store import Store
+
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    import torch
+    from safetensors.torch import save_file
+
+    for step in (0, 1):
+        save_file({"w": torch.full((P,), float(step))}, str(src / f"step{step}.safetensors"))
+    import spectral_analyzer as sa
+
+    sa.ingest(src, tmp_path / "run.zarr", chunk_size=C)
+    st = Store.open(tmp_path / "run.zarr")
+    for bad in (np.zeros(C, dtype=np.float64), np.zeros(C - 1, dtype=np.float32), np.zeros(2 * C, dtype=np.float32)[::2]):
+        with pytest.raises(ValueError, match="not one whole chunk"):
+            st.write_chunk("deltas", 0, 0, bad)
+    with pytest.raises(IndexError):
+        st.write_chunk("deltas", 5, 0, np.zeros(C, dtype=np.float32))
+
+
+def test_temporary_files_of_a_killed_write_are_removed_and_not_counted(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    import spectral_analyzer as sa
+    from spectral_analyzer.store import Store, location
+
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    for step in (0, 1, 2):
+        save_file({"w": torch.full((P,), float(step + 1))}, str(src / f"step{step}.safetensors"))
+        if step == 1:
+            sa.ingest(src, tmp_path / "run.zarr", chunk_size=C)
+    leftovers = [tmp_path / "run.zarr" / "base" / "c" / "1.0a1b.partial",
+                 tmp_path / "run.zarr" / "last_theta" / "c" / "0" / "2.0a1b.partial"]
+    for f in leftovers:
+        f.write_bytes(b"half a chunk")
+    walk = os.walk
+
+    def listed_then_gone(top):  # a file listed that is renamed before its size is read
+        for root, dirs, files in walk(top):
+            yield root, dirs, [*files, "3.vanished.partial"]
+
+    monkeypatch.setattr(location.os, "walk", listed_then_gone)
+    assert Store.open(tmp_path / "run.zarr").size_on_disk() > 0
+    monkeypatch.undo()
+    sa.ingest(src, tmp_path / "run.zarr", chunk_size=C)  # the next writer clears them
+    assert not any(f.exists() for f in leftovers)

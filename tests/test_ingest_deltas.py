@@ -74,3 +74,38 @@ def test_float64_values_beyond_float32_are_refused_by_name(tmp_path):
                   str(src / f"step{step}.safetensors"))
     with pytest.raises(sa.NonFiniteError, match=r"'w' at step 1 .*1 values of its delta"):
         sa.ingest(src, tmp_path / "run.zarr")
+
+
+def test_an_overflow_is_counted_over_the_whole_tensor_across_chunks(tmp_path):
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    edge = torch.full((10,), 3.0e38).to(torch.bfloat16)
+    for step, w in ((0, -edge), (1, edge)):
+        save_file({"w": w.clone()}, str(src / f"step{step}.safetensors"))
+    with pytest.raises(sa.NonFiniteError, match=r"'w' at step 1 .*: 10 values of its delta"):
+        sa.ingest(src, tmp_path / "run.zarr", chunk_size=4)
+
+
+def test_a_resumed_recorder_whose_model_holds_inf_is_refused(tmp_path):
+    """The previous values of a delta come from the recorder's snapshot at resume: checked like any checkpoint,
+    so an infinity there is an error naming the step, not an infinite delta committed (float16: no overflow
+    check of the delta would catch it)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4).half()
+    store = tmp_path / "run.zarr"
+    recorder = sa.Recorder(store, model)
+    for step in (0, 1, 2):
+        with torch.no_grad():
+            model.weight.add_(1)
+        recorder.record(step)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    resumed = sa.Recorder(store, model)
+    with pytest.warns(sa.RecordingWarning, match="dropping the 1 rows"):
+        resumed.resume(1)
+    with torch.no_grad():
+        model.weight[0, 0] = 1.0
+    with pytest.raises(sa.NonFiniteError, match=r"'weight' at step 1 .*1 NaN/Inf"):
+        resumed.record(2)
+    run = sa.open_run(store)
+    assert np.isfinite(run.deltas.values).all()

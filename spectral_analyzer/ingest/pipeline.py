@@ -719,13 +719,14 @@ def write_rows(
                 b = reader.read(t.name)
                 _check_finite(b, t.name, cur.checkpoint.label, cur.step)
                 a = prev.read(t.name)
+                _check_finite(a, t.name, prev_label, prev_step)  # a recorder's snapshot is checked only here
                 check = _may_overflow_float32(b.dtype, a.dtype)
                 b_flat, a_flat = b.reshape(-1), a.reshape(-1)
                 for view, lo, hi in row.segments(b_flat.numel()):
                     out = torch.from_numpy(view)
                     _delta_into(out, b_flat[lo:hi], a_flat[lo:hi])
-                    if check:
-                        _check_float32(out, t.name, cur.checkpoint.label, cur.step,
+                    if check and not _all_finite(out):  # counted over the whole tensor
+                        _check_float32(_delta(b_flat, a_flat), t.name, cur.checkpoint.label, cur.step,
                                        "delta from the previous checkpoint")
                 del a, a_flat, b_flat
                 if last is not None:

@@ -26,6 +26,7 @@ at their end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -109,9 +110,13 @@ class CommitProtocol:
         if name not in self._direct_folders:
             self._direct_folders[name] = direct_layout(arr)
         folder = self._direct_folders[name]
-        if folder is not None and start % self.chunk_size == 0:
+        if folder is not None and start % self.chunk_size == 0 and arr.chunks[-1] == self.chunk_size:
             if row is not None and not 0 <= row < arr.shape[0]:
                 raise IndexError(f"row {row} of '{name}' is past its {arr.shape[0]} rows")
+            if (data.dtype != np.dtype("=f4") or data.ndim != 1 or not data.flags.c_contiguous
+                    or data.size != min(self.chunk_size, arr.shape[-1] - start)):
+                raise ValueError(f"chunk at {start} of '{name}': {data.size} values of {data.dtype}, "
+                                 "not one whole chunk of float32")
             key = (start // self.chunk_size,) if row is None else (row, start // self.chunk_size)
             return write_direct(folder, key, data, self.chunk_size)
         if row is None:
@@ -184,3 +189,9 @@ class CommitProtocol:
             for entry in os.listdir(folder) if os.path.isdir(folder) else ():
                 if entry.isdigit() and int(entry) >= n:
                     shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+            for name in ("deltas", "base", "last_theta"):  # a killed chunk write's temporary file
+                for root, _dirs, files in os.walk(os.path.join(self.path, name, "c")):
+                    for f in files:
+                        if f.endswith(".partial"):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(os.path.join(root, f))

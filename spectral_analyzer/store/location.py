@@ -202,5 +202,8 @@ class Location:
         total = 0
         for root, _dirs, files in os.walk(self.path):
             for f in files:
-                total += os.path.getsize(os.path.join(root, f))
+                try:
+                    total += os.path.getsize(os.path.join(root, f))
+                except FileNotFoundError:  # a writer's temporary file, renamed or removed since it was listed
+                    pass
         return total
