@@ -128,12 +128,18 @@ def matrix_shapes(layout) -> list[tuple[int, int]]:
 
 
 def method_flops(m: int, n: int) -> float:
-    """Flops of ``singular_values`` on an m x n matrix: the smaller Gram (2 m n^2) and its tridiagonalisation
-    (4 n^3 / 3, LAPACK's count; the eigenvalues of the tridiagonal are O(n^2)). The leading values' refinement
-    and the SVD fallback are taken only by matrices whose spectra need them (outliers above a bulk, or a
-    condition number over 1e5); the random-walk matrices here need neither."""
+    """Flops of ``singular_values`` on an m x n matrix on the cpu: the smaller Gram's lower triangle, a block
+    row at a time as the kernel computes it (2 m n^2 for the whole product; (k + 1) / 2k of that in k
+    blocks), and its tridiagonalisation (4 n^3 / 3, LAPACK's count; the eigenvalues of the tridiagonal are
+    O(n^2)). The leading values' refinement and the SVD fallback are taken only by matrices whose spectra
+    need them (outliers above a bulk, or a condition number over 1e5); the random-walk matrices here need
+    neither."""
+    from spectral_analyzer.weights.kernel import gram_blocks
+
     big, small = max(m, n), min(m, n)
-    return 2 * big * small**2 + 4 * small**3 / 3
+    step = -(-small // gram_blocks(small))
+    gram = sum(2 * big * min(step, small - i) * min(i + step, small) for i in range(0, small, step))
+    return gram + 4 * small**3 / 3
 
 
 def circuit_flops(d_model: int, d_head: int) -> float:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from spectral_analyzer.weights.kernel import TOLERANCE, singular_values
 
@@ -20,7 +21,8 @@ def _planted(m: int, n: int, cond: float, rng, rank: int | None = None) -> np.nd
     return (u * s) @ v.T
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (30, 200), (96, 400), (400, 96), (500, 7), (97, 128)])
+@pytest.mark.parametrize("shape", [(64, 64), (30, 200), (96, 400), (400, 96), (500, 7), (97, 128),
+                                   (300, 1100), (1100, 300), (520, 520)])  # the last three: Grams in blocks
 def test_every_value_to_the_tolerance_and_the_leading_ones_to_their_own_precision(shape):
     rng = np.random.default_rng(sum(shape))
     matrices = [_planted(*shape, cond, rng) for cond in (1, 10, 1e3, 1e5, 1e6, 1e8)]
@@ -36,7 +38,23 @@ def test_every_value_to_the_tolerance_and_the_leading_ones_to_their_own_precisio
         np.testing.assert_array_less(np.abs(got[:10] - ref[:10])[lead], 1e-12 * ref[:10][lead])
 
 
-@pytest.mark.parametrize("shape", [(128, 128), (96, 400)])
+@pytest.mark.parametrize("shape", [(1030, 1500), (2000, 1030), (255, 300), (300, 256)])
+def test_the_gram_in_blocks_is_the_lower_triangle_of_the_product(shape):
+    from spectral_analyzer.weights import kernel
+
+    batch = torch.from_numpy(np.random.default_rng(3).standard_normal((2, *shape)))
+    rows = batch if shape[0] <= shape[1] else batch.mT
+    full = rows @ rows.mT
+    got = kernel._lower_gram(batch)
+    k = min(shape)
+    assert kernel.gram_blocks(k) == min(8, k // 128) and kernel.gram_blocks(k, "meta") == 1
+    lower = torch.tril(torch.ones(k, k, dtype=torch.bool))
+    np.testing.assert_allclose(got[:, lower], full[:, lower], rtol=1e-13, atol=1e-12 * float(full.abs().max()))
+    lam, want = torch.linalg.eigvalsh(got), torch.linalg.eigvalsh(full)  # read the lower triangle
+    np.testing.assert_allclose(lam, want, rtol=0, atol=1e-13 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (96, 400), (300, 700)])
 def test_outliers_above_a_bulk_keep_the_bulk_s_leading_values_to_their_own_precision(shape):
     """Spikes 1e4x above a bulk: the Gram alone leaves the bulk's top values about 1e-9 off relative to
     themselves (measured); the refinement, taken only by such matrices, brings them to 1e-12."""
