@@ -11,6 +11,7 @@ over a twentieth of a second.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,18 +73,35 @@ def free_cores() -> int:
     return free
 
 
+# torch's thread count is one setting for the process, and blocks that set it may run in several threads
+# at once (an ingest beside a notebook's analysis, two analyses in threads). Each restoring the count it
+# found would leave it wrong when they end out of order (A sets 1, B sets 2, A restores 2, B restores 1:
+# the process stays at 1 thread). So the blocks in progress are kept in a list: each sets its count on
+# entry, and on exit the count returns to the latest block still running, or to what it was before the first.
+_setting = threading.Lock()
+_blocks: list[tuple[object, int]] = []  # (a token, n) of each block in progress, in the order they began
+_before: int | None = None
+
+
 @contextmanager
 def torch_threads(n: int | None = None) -> Iterator[int]:
     """Run the block with *n* torch threads (default :func:`free_cores`), restoring the count after."""
     import torch
 
-    previous = torch.get_num_threads()
+    global _before
     n = n or free_cores()
-    torch.set_num_threads(n)
+    token = object()
+    with _setting:
+        if not _blocks:
+            _before = torch.get_num_threads()
+        _blocks.append((token, n))
+        torch.set_num_threads(n)
     try:
         yield n
     finally:
-        torch.set_num_threads(previous)
+        with _setting:
+            _blocks[:] = [b for b in _blocks if b[0] is not token]
+            torch.set_num_threads(_blocks[-1][1] if _blocks else _before)
 
 
 def one_thread_each(fn: Callable[[T], R], items: Sequence[T], prefix: str = "spectral-analyzer") -> list[R]:
@@ -99,9 +117,5 @@ def one_thread_each(fn: Callable[[T], R], items: Sequence[T], prefix: str = "spe
     threads = torch.get_num_threads()
     if threads < 2 or len(items) < 2:
         return [fn(x) for x in items]
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix=prefix) as pool:
-            return list(pool.map(fn, items))
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix=prefix) as pool:
+        return list(pool.map(fn, items))

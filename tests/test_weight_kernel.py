@@ -251,3 +251,41 @@ def test_the_device_path_batches_checkpoints_together(tmp_path, monkeypatch):
     assert calls == [10, 10, 4]  # 12 checkpoints x 2 matrices, five checkpoints a call
     np.testing.assert_array_equal(got.sigma.values, want.sigma.values)
     np.testing.assert_array_equal(got.stable_rank.values, want.stable_rank.values)
+
+
+def test_thread_counts_set_by_blocks_in_several_threads_come_back_whatever_order_they_end_in():
+    """A sets 1, B sets 2, A ends, B ends: the count is the one before A, not A's 1 (restoring what each block
+    found would leave the process at 1 thread)."""
+    import threading
+
+    from spectral_analyzer.threads import torch_threads
+
+    before = torch.get_num_threads()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with torch_threads(1):
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with torch_threads(3):
+            b_in.set()
+            a_out.wait()
+            seen["after A ended"] = torch.get_num_threads()  # B's block is still running
+        seen["after both"] = torch.get_num_threads()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"after A ended": 3, "after both": before}
+    with torch_threads(1):
+        with torch_threads(2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
