@@ -692,6 +692,7 @@ def write_rows(
                 "the folder and the store's copy of it was not committed; ingest from a folder holding it"
             )
         prev_step = last_step
+        prev_checked = False
         norms = DeltaNorms(_recent_norms(st, n0))
         st.reserve_rows(n0 + len(new) - start)
         for k, i in enumerate(range(start, len(new))):
@@ -719,7 +720,8 @@ def write_rows(
                 b = reader.read(t.name)
                 _check_finite(b, t.name, cur.checkpoint.label, cur.step)
                 a = prev.read(t.name)
-                _check_finite(a, t.name, prev_label, prev_step)  # a recorder's snapshot is checked only here
+                if not prev_checked:  # a recorder's snapshot, the store's copy or an earlier ingest's file
+                    _check_finite(a, t.name, prev_label, prev_step)
                 check = _may_overflow_float32(b.dtype, a.dtype)
                 b_flat, a_flat = b.reshape(-1), a.reshape(-1)
                 for view, lo, hi in row.segments(b_flat.numel()):
@@ -760,6 +762,7 @@ def write_rows(
             st.commit_rows(record, [cur.step], [crcs], warnings=found_warnings)
             record = st.commit_record
             prev, prev_label, prev_step = reader, cur.checkpoint.label, cur.step
+            prev_checked = True  # its values were checked above, as the current checkpoint
     finally:
         if bar is not None:
             bar.close()
