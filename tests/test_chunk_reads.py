@@ -186,3 +186,73 @@ def test_uncached_read_reports_damage(tmp_path, damage):
     error = chunks._Missing if damage == "delete" else chunks._Corrupt
     with pytest.raises(error):
         reader.read(0, 0, direct_io.aligned_zeros((N,)), uncached=True)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """A store of 6 checkpoints, 1,270 parameters in chunks of 300 (the last one partial)."""
+    import spectral_analyzer as sa
+    from conftest import write_run
+
+    root = tmp_path_factory.mktemp("reads")
+    write_run(root / "ckpts", 6, {"a.weight": (40, 24), "b.bias": (40,), "c.weight": (30, 10)}, seed=4, scale=0.2)
+    return sa.ingest(root / "ckpts", root / "r.zarr", chunk_size=300, progress=False).path
+
+
+SPANS = [(0, 1270), (0, 300), (300, 600), (7, 1270), (299, 301), (0, 1), (1200, 1270), (610, 890)]
+
+
+@pytest.mark.parametrize("start, stop", SPANS)
+def test_direct_reads_equal_zarr_reads_for_any_span(small_store, monkeypatch, start, stop):
+    """base, last_theta and delta rows read from the chunk files themselves, into a caller's buffer or not,
+    equal Zarr's reads of the same spans (whole chunks, parts of chunks, the partial last chunk)."""
+    from spectral_analyzer.store import Store, reading
+
+    direct = Store.open(small_store)
+    assert direct._direct("base") is not None and direct.reads_chunk_files
+    monkeypatch.setattr(reading, "direct_layout", lambda array: None)
+    zarr_read = Store.open(small_store)
+    assert zarr_read._direct("base") is None and not zarr_read.reads_chunk_files
+    np.testing.assert_array_equal(direct.read_last_theta(start, stop), zarr_read.read_last_theta(start, stop))
+    want = zarr_read.read_base(start, stop)
+    np.testing.assert_array_equal(direct.read_base(start, stop), want)
+    out = np.full(stop - start, np.nan, dtype=np.float32)
+    assert direct.read_base(start, stop, out) is out
+    np.testing.assert_array_equal(out, want)
+    for row in range(direct.n_deltas):
+        want = zarr_read.read_delta_row(row, start, stop)
+        assert direct.read_delta_row(row, start, stop, out) is out
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(zarr_read.read_delta_row(row, start, stop, out), want)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "swap"])
+@pytest.mark.parametrize("direct", [True, False])
+def test_damaged_base_chunk_is_named(small_store, tmp_path, monkeypatch, damage, direct):
+    """A base chunk flipped, cut short, deleted or replaced by another chunk is an error naming it, read
+    directly or through Zarr; the chunks around it still read."""
+    import shutil
+
+    import spectral_analyzer as sa
+    from spectral_analyzer.store import Store, reading
+
+    path = tmp_path / "r.zarr"
+    shutil.copytree(small_store, path)
+    victim = path / "base" / "c" / "1"
+    raw = victim.read_bytes()
+    if damage == "flip":
+        victim.write_bytes(raw[:50] + bytes([raw[50] ^ 4]) + raw[51:])
+    elif damage == "truncate":
+        victim.write_bytes(raw[:-9])
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        shutil.copy(path / "base" / "c" / "2", victim)
+    if not direct:
+        monkeypatch.setattr(reading, "direct_layout", lambda array: None)
+    store = Store.open(str(path))
+    np.testing.assert_array_equal(store.read_base(0, 300), Store.open(small_store).read_base(0, 300))
+    with pytest.raises(sa.StoreError, match=r"chunk 1 of 'base' (fails its checksum|is missing or holds other)"):
+        store.read_base(250, 700)
+    with pytest.raises(sa.StoreError, match=r"chunk 1 of 'base'"):
+        sa.open_run(str(path)).weight_spectra(cache=False)

@@ -63,20 +63,21 @@ class _Corrupt(Exception):
 
 
 class DirectChunks:
-    """Local chunk files of a 2-D float32 array with chunks (1, C), read with no intermediate copy."""
+    """Local chunk files of a float32 array with chunks (1, C) (or (C,): *row* None), read with no
+    intermediate copy."""
 
     def __init__(self, folder: str, chunk_size: int):
         self.folder, self.chunk_size = folder, chunk_size
         self._past_cache = read_file()
 
-    def read(self, row: int, j: int, out: np.ndarray, uncached: bool = False) -> int:
-        """Chunk (row, j) into *out*; returns the crc32c of its values.
+    def read(self, row: int | None, j: int, out: np.ndarray, uncached: bool = False) -> int:
+        """Chunk (row, j) (chunk j of a 1-D array: *row* None) into *out*; returns the crc32c of its values.
 
         *uncached*: what the page cache does not hold is read with
         ``O_DIRECT`` (when *out* is a whole chunk on an :data:`ALIGN`
         boundary), and so is not added to the cache (:mod:`.direct_io`).
         """
-        path = os.path.join(self.folder, str(row), str(j))
+        path = os.path.join(self.folder, str(j)) if row is None else os.path.join(self.folder, str(row), str(j))
         full = self.chunk_size * 4  # chunks on disk are whole, the last one padded
         if uncached and self._past_cache.direct and out.nbytes == full and full % ALIGN == 0 and out.ctypes.data % ALIGN == 0:
             return self._read_uncached(path, out)

@@ -46,6 +46,7 @@ class Store(RowReading, CommitProtocol):
         self._arrays: dict[str, zarr.Array] = {}
         self._direct_folders: dict[str, str | None] = {}  # where write_chunk writes chunk files itself
         self._reader: DirectChunks | ZarrChunks | None = None
+        self._direct_readers: dict[str, DirectChunks | None] = {}  # base, last_theta
         self._steps: np.ndarray | None = None
         self._crcs: np.ndarray | None = None
         self._chain: np.ndarray | None = None

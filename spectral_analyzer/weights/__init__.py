@@ -21,7 +21,7 @@ from .esd import esd_summary
 from .circuits import compute_attention_spectra
 from .grok import compute_qk_grokking, grok_point
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
-from .streaming import GROUP_BYTES, tensor_groups, thetas
+from .streaming import GROUP_BYTES, Scratch, tensor_groups, thetas
 
 __all__ = ["WQ_PATTERNS", "compute_attention_spectra", "compute_grokking", "compute_qk_grokking",
            "compute_weight_spectra", "expert_matrices", "find_wq", "select_weights"]
@@ -196,9 +196,10 @@ def _reconstruct(
 
     try:
         with torch_threads(None if dev.type == "cpu" else 1):
+            scratch = Scratch()  # each group's theta in the same memory: a group is done before the next starts
             for group in tensor_groups([t for t, _ in picked]):
                 members = [picked[i] for i in group]
-                for k, flats in enumerate(thetas(store, [t for t, _ in members])):
+                for k, flats in enumerate(thetas(store, [t for t, _ in members], scratch)):
                     mats = matrices_of(members, flats, heads)
                     if top:  # the full spectrum gives ||W||_F^2 as the sum of sigma_j^2
                         for name, m in mats:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..store import Store, TensorEntry
 
-__all__ = ["GROUP_BYTES", "tensor_groups", "thetas"]
+__all__ = ["GROUP_BYTES", "Scratch", "tensor_groups", "thetas"]
 
 GROUP_BYTES = 256 << 20
 
@@ -53,31 +53,68 @@ def _spans(entries: Sequence[TensorEntry], chunk: int) -> list[tuple[int, int, l
     return spans
 
 
-def thetas(store: Store, entries: Sequence[TensorEntry]) -> Iterator[list[np.ndarray]]:
+class Scratch:
+    """Buffers kept from one group of tensors to the next, each grown to the largest asked for.
+
+    Fresh pages cost their first touch (a fault and zeroing per 4 KiB page:
+    about 2 s a GB on a virtual machine, against 0.15 s to write them again);
+    a new theta and delta row per group and per checkpoint cost a GPT-2-small
+    run about a second a checkpoint of the reader's and the main thread's time.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def take(self, key: str, n: int, dtype) -> np.ndarray:
+        """*n* elements of *dtype* (contents undefined): the buffer named *key*, grown if it is smaller."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.size < n or buf.dtype != dtype:
+            self._buffers.pop(key, None)  # released before the larger one is allocated
+            buf = self._buffers[key] = np.empty(n, dtype=dtype)
+        return buf[:n]
+
+
+def _split(buf: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    return np.split(buf, np.cumsum(sizes)[:-1]) if sizes else []
+
+
+def thetas(store: Store, entries: Sequence[TensorEntry], scratch: Scratch | None = None) -> Iterator[list[np.ndarray]]:
     """theta_i of each entry, flat float64, for the checkpoints i = 0 .. n_deltas in order.
 
     The same arrays are yielded each time, updated in place: copy what must
-    outlive the next step. *entries* must be sorted by offset.
+    outlive the next step. They are views of *scratch*'s buffers when given
+    (which the next call with the same *scratch* overwrites). *entries* must
+    be sorted by offset.
 
     Memory: 8 bytes per parameter of *entries*, plus one delta row of their
-    spans in float32 (the one being added, then the one being read).
+    spans in float32 (the one being added, then the one being read into the
+    same buffer).
     """
+    scratch = Scratch() if scratch is None else scratch
     spans = _spans(entries, store.chunk_size)
-    theta = [store.read_base(t.offset, t.offset + t.size).astype(np.float64) for t in entries]
+    theta = _split(scratch.take("theta", sum(t.size for t in entries), np.float64), [t.size for t in entries])
+    pieces = _split(scratch.take("row", sum(b - a for a, b, _ in spans), np.float32), [b - a for a, b, _ in spans])
     n = store.n_deltas
 
-    def read(row: int) -> list[np.ndarray]:
-        return [store.read_delta_row(row, a, b) for a, b, _ in spans]
+    def members(values: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(theta of an entry, its part of the row just read), for every entry."""
+        for (a, _, idx), piece in zip(spans, values):
+            for i in idx:
+                t = entries[i]
+                yield theta[i], piece[t.offset - a : t.offset - a + t.size]
 
+    def read(row: int) -> list[np.ndarray]:
+        return [store.read_delta_row(row, a, b, piece) for (a, b, _), piece in zip(spans, pieces)]
+
+    for (a, b, _), piece in zip(spans, pieces):
+        store.read_base(a, b, piece)
+    for th, part in members(pieces):
+        th[:] = part
     with ThreadPoolExecutor(1, thread_name_prefix="spectral-analyzer-weights") as pool:
         ahead = pool.submit(read, 0) if n else None
         yield theta
         for row in range(n):
-            deltas = ahead.result()
-            for (a, _, members), d in zip(spans, deltas):
-                for i in members:
-                    t = entries[i]
-                    theta[i] += d[t.offset - a : t.offset - a + t.size]
-            del deltas  # before the next row is read: one delta row in memory at a time
-            ahead = pool.submit(read, row + 1) if row + 1 < n else None
+            for th, part in members(ahead.result()):
+                th += part
+            ahead = pool.submit(read, row + 1) if row + 1 < n else None  # into the same buffer, now added
             yield theta
