@@ -72,7 +72,18 @@ def test_float64_values_beyond_float32_are_refused_by_name(tmp_path):
     for step in (0, 1):
         save_file({"w": torch.tensor([1.0, 1e39 if step else 1.0], dtype=torch.float64)},
                   str(src / f"step{step}.safetensors"))
-    with pytest.raises(sa.NonFiniteError, match=r"'w' at step 1 .*1 values of its delta"):
+    with pytest.raises(sa.NonFiniteError, match=r"'w' at step 1 .*: 1 of its values overflow float32"):
+        sa.ingest(src, tmp_path / "run.zarr")
+
+
+def test_a_float64_delta_beyond_float32_is_refused_by_name(tmp_path):
+    """Values float32 holds, a difference it does not: the delta is named."""
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    for step in (0, 1):
+        save_file({"w": torch.tensor([1.0, 3e38 if step else -3e38], dtype=torch.float64)},
+                  str(src / f"step{step}.safetensors"))
+    with pytest.raises(sa.NonFiniteError, match=r"'w' at step 1 .*: 1 values of its delta from the previous"):
         sa.ingest(src, tmp_path / "run.zarr")
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StepError
 from ..store import DEFAULT_CHUNK_SIZE
+from ..store.layout import check_chunk_size
 from .pipeline import ingest_store
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ def ingest(
     """
     from ..run import open_run
 
+    chunk_size = check_chunk_size(chunk_size)
     for step in steps or ():
         if not -(2**63) <= step < 2**63:  # steps are stored as int64
             raise StepError(f"{src}: step {step} is out of range; steps must fit in a signed 64-bit integer")

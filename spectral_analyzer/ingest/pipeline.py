@@ -299,9 +299,17 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _check_finite(t: torch.Tensor, name: str, label: str, step: int) -> None:
-    if not _all_finite(t):
+    """NaN/Inf refused; so are float64 values that float32 cannot hold (|x| rounds past 3.4e38), at every
+    checkpoint: the base and ``last_theta`` are float32, and a run is accepted or refused as a whole,
+    whichever of its checkpoints holds such values."""
+    if t.numel() == 0:
+        return
+    low, high = torch.aminmax(t)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         n_bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteError(f"tensor '{name}' at step {step} ({label}) holds {n_bad} NaN/Inf values")
+    if t.dtype == torch.float64 and not _all_finite(torch.stack([low, high]).to(torch.float32)):
+        _check_float32(t.to(torch.float32), name, label, step, "of its values")
 
 
 def _delta(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -329,9 +337,20 @@ def _check_float32(t: torch.Tensor, name: str, label: str, step: int, what: str)
     """Values finite in the source may overflow float32 (|x| > 3.4e38) once stored."""
     if not _all_finite(t):
         n_bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(
-            f"tensor {name!r} at step {step} ({label}): {n_bad} values of its {what} overflow float32"
-        )
+        raise NonFiniteError(f"tensor {name!r} at step {step} ({label}): {n_bad} {what} overflow float32")
+
+
+def _exact_in_float32(x: torch.Tensor, x32: torch.Tensor) -> bool:
+    """Whether *x32* (``x`` in float32) is *x* exactly: always but for float64 values float32 rounds."""
+    return x.dtype != torch.float64 or torch.equal(x32.to(torch.float64), x)
+
+
+def _stored_is_exact(st: Store, record: dict[str, Any]) -> bool:
+    """Whether ``last_theta`` (float32) holds the last checkpoint exactly, so that deltas can be taken from
+    it: as recorded when it was written; for a store written before that was recorded, when no tensor of
+    the manifest comes from float64."""
+    exact = record.get("last_exact")
+    return bool(exact) if exact is not None else all(t.dtype != "float64" for t in st.manifest)
 
 
 def _progress(enabled: bool, total: int):
@@ -650,11 +669,12 @@ def write_rows(
                 reader.read_on_into(following)
             row = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("base", None, s, b))
             last = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("last_theta", 0, s, b))
+            exact = True  # whether last_theta will hold the base exactly
             for t in manifest:
                 x = reader.read(t.name)
                 _check_finite(x, t.name, base.checkpoint.label, base.step)
-                x32 = x.to(torch.float32)
-                _check_float32(x32, t.name, base.checkpoint.label, base.step, "values")
+                x32 = x.to(torch.float32)  # finite: float64 values past float32's range were refused above
+                exact = exact and _exact_in_float32(x, x32)
                 flat = x32.reshape(-1).numpy()
                 row.add(flat)
                 last.add(flat)
@@ -669,7 +689,7 @@ def write_rows(
             crcs = row.crcs()
             c0 = hex_of(base_link(st.attrs["tensors"], st.chunk_size, base.step, crcs))
             record = {"n_deltas": 0, "head_step": base.step, "last_slot": 0, "last_step": base.step, "base": c0,
-                      "chain": c0, "last_crc": last.crcs()}
+                      "chain": c0, "last_crc": last.crcs(), "last_exact": exact}
             st.commit(commit=record, base_step=base.step, base_crc=crcs)
             start = 1
             pending.append(0)
@@ -684,8 +704,14 @@ def write_rows(
         elif prev_planned is not None:
             prev = open_reader(prev_planned)
             prev_label = prev_planned.checkpoint.label
-        elif record["last_step"] == last_step:
+        elif record["last_step"] == last_step and _stored_is_exact(st, record):
             prev, prev_label = _StoredTheta(st), f"{st.path} at step {last_step}"
+        elif record["last_step"] == last_step:
+            raise StepError(
+                f"{st.path}: cannot append: the checkpoint at the store's last step {last_step} is not in the "
+                "folder, and the store's float32 copy of it rounds its float64 values (the deltas would be "
+                "taken from the rounded values); ingest from a folder holding it"
+            )
         else:
             raise StepError(
                 f"{st.path}: cannot append: the checkpoint at the store's last step {last_step} is not in "
@@ -716,6 +742,7 @@ def write_rows(
                 if final
                 else None
             )
+            exact = True
             for t in manifest:
                 b = reader.read(t.name)
                 _check_finite(b, t.name, cur.checkpoint.label, cur.step)
@@ -729,11 +756,11 @@ def write_rows(
                     _delta_into(out, b_flat[lo:hi], a_flat[lo:hi])
                     if check and not _all_finite(out):  # counted over the whole tensor
                         _check_float32(_delta(b_flat, a_flat), t.name, cur.checkpoint.label, cur.step,
-                                       "delta from the previous checkpoint")
+                                       "values of its delta from the previous checkpoint")
                 del a, a_flat, b_flat
                 if last is not None:
-                    b32 = b.to(torch.float32)
-                    _check_float32(b32, t.name, cur.checkpoint.label, cur.step, "values")
+                    b32 = b.to(torch.float32)  # finite: checked with b
+                    exact = exact and _exact_in_float32(b, b32)
                     last.add(b32.reshape(-1).numpy())
                 recorder.add(t.name, b)
                 if bar is not None:
@@ -758,7 +785,7 @@ def write_rows(
                 found_warnings.append(message)
             record = {**record, "n_deltas": r + 1}
             if final:
-                record.update(last_slot=slot, last_step=cur.step, last_crc=last.crcs())
+                record.update(last_slot=slot, last_step=cur.step, last_crc=last.crcs(), last_exact=exact)
             st.commit_rows(record, [cur.step], [crcs], warnings=found_warnings)
             record = st.commit_record
             prev, prev_label, prev_step = reader, cur.checkpoint.label, cur.step

@@ -23,6 +23,7 @@ import torch
 from .._version import __version__
 from ..errors import RecordingWarning, StepError, StoreError
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter
+from ..store.layout import check_chunk_size
 from .discover import Checkpoint
 from .model_config import attention_config
 from .pipeline import _check_consistent, _manifest, _Planned, write_rows
@@ -74,6 +75,7 @@ class Recorder:
     ):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        chunk_size = check_chunk_size(chunk_size)
         self.path = str(store)
         self.model = model
         self.every = every
@@ -82,7 +84,8 @@ class Recorder:
         self.overwrite = overwrite
         self.storage_options = storage_options
         self.wait = wait
-        self._previous: CheckpointReader | None = None
+        self._previous: CheckpointReader | None = None  # the model at the store's last step, when it was
+        self._previous_at: tuple[int, str] | None = None  # that step and the store's commit chain then
         self._skip_through: int | None = None  # after a resume: steps already in the store, not recorded again
         self._pending: dict[int, dict[str, float]] = {}  # logged, not yet in the store
         self._cut: int | None = None  # the store's series from this step on are superseded by this recorder's
@@ -139,9 +142,21 @@ class Recorder:
                 if model_config:
                     provenance["model_config"] = model_config
                 store = writer.create(_manifest(reader.tensors), self.chunk_size, {"provenance": provenance})
-            write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._previous)
+            write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._current_previous(store))
+            self._keep(reader, store)  # before anything else can fail: the row is committed
             self._write_metrics(store)
-        self._previous = reader
+
+    def _keep(self, reader: CheckpointReader, store: Store) -> None:
+        self._previous, self._previous_at = reader, (store.last_checkpoint_step, store.commit_record["chain"])
+
+    def _current_previous(self, store: Store) -> CheckpointReader | None:
+        """This recorder's snapshot if the store still ends at it (same step, same commit chain), else None:
+        another writer appended since, or a row was committed without the snapshot being kept; the deltas
+        then come from the store's own copy of its last checkpoint."""
+        if self._previous is None or store.commit_record is None:
+            return None
+        now = (store.last_checkpoint_step, store.commit_record["chain"])
+        return self._previous if now == self._previous_at else None
 
     def resume(self, step: int) -> None:
         """Go on with the store after training resumed at *step*; the model holds that step's weights now.
@@ -161,7 +176,11 @@ class Recorder:
 
     def _resume(self, store: Store, step: int) -> None:
         steps = store.checkpoint_steps.tolist()
-        if not steps or steps[-1] <= step:
+        if steps and steps[-1] == step:  # the model holds the store's last checkpoint: deltas from it exactly
+            self._keep(self._snapshot(step), store)
+            self._cut = int(step) + 1
+            return
+        if not steps or steps[-1] < step:
             return
         if step in steps:
             keep = steps.index(step)
@@ -172,7 +191,7 @@ class Recorder:
             )
             store.truncate(keep)
             self._cut = int(step) + 1
-            self._previous = self._snapshot(step)
+            self._keep(self._snapshot(step), store)
         else:
             warnings.warn(
                 f"{self.path}: training resumed at step {step}, before the store's last step {steps[-1]}, which "

@@ -8,8 +8,9 @@ crc32c of its chunks and its source entry, then the commit record, one
 atomic write of the root metadata::
 
     commit = {"n_deltas": n, "head_step": step of row n, "last_slot": s,
-              "last_step": step of last_theta[s], "base": c_0, "chain": c_n,
-              "last_crc": [...]}
+              "last_step": step of last_theta[s] (None after a truncation dropped it),
+              "last_exact": whether last_theta[s] is that checkpoint exactly (not rounded
+              float64 values), "base": c_0, "chain": c_n, "last_crc": [...]}
 
 ``c_0 .. c_n`` is the generation chain (generations.py): every change of the
 stored rows (append, truncate, rollback, overwrite) gives a new ``chain``,
@@ -164,9 +165,10 @@ class CommitProtocol:
     def truncate(self, n_deltas: int) -> None:
         """Keep the first *n_deltas* committed rows (and their checkpoints) only.
 
-        ``last_theta`` then holds no committed checkpoint (its step is no
-        longer the last one), so an append needs the checkpoint at the new
-        last step, or a recorder's own snapshot of it.
+        ``last_theta`` then holds no committed checkpoint, and the record
+        says so (``last_step`` None: rows appended later at the same steps
+        as the dropped ones must not be taken for them), so an append needs
+        the checkpoint at the new last step, or a recorder's own snapshot of it.
         """
         attrs = self.attrs
         record = attrs["commit"]
@@ -176,6 +178,8 @@ class CommitProtocol:
         head = chain[n_deltas - 1] if n_deltas else int(record["base"], 16)
         head_step = int(self.steps[n_deltas - 1]) if n_deltas else int(attrs["base_step"])
         attrs["commit"] = {**record, "n_deltas": int(n_deltas), "chain": generations.hex_of(head), "head_step": head_step}
+        if record.get("last_step") is not None and record["last_step"] > head_step:
+            attrs["commit"]["last_step"] = None  # last_theta holds a dropped checkpoint: no step may match it
         self.restore(attrs)
 
     def clean_uncommitted(self) -> None:

@@ -25,13 +25,14 @@ checksums, sources, metrics) is an array an append extends at its end.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import StoreError, StoreVersionError
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "check_format", "check_manifest",
+__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "TensorEntry", "check_chunk_size", "check_format", "check_manifest",
            "create_arrays", "damaged", "no_store"]
 
 FORMAT_NAME = "spectral-analyzer"
@@ -103,6 +104,17 @@ def no_store(where: str) -> StoreError:
 def damaged(path: str, what: str) -> StoreError:
     """The error of a store whose bytes are not what was committed."""
     return StoreError(f"{path}: the store is damaged: {what}; ingest the run again (or restore it from a copy)")
+
+
+def check_chunk_size(chunk_size: Any) -> int:
+    """*chunk_size* as an int: a positive integer (not a bool, not a float), else a one-line ValueError."""
+    try:
+        n = operator.index(chunk_size)  # int, numpy integers; not float
+    except TypeError:
+        n = 0
+    if isinstance(chunk_size, bool) or n < 1:
+        raise ValueError(f"chunk_size must be a positive integer (parameters per chunk), got {chunk_size!r}")
+    return n
 
 
 def n_chunks(n_params: int, chunk_size: int) -> int:
