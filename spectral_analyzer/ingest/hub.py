@@ -183,6 +183,12 @@ class HubFile(RemoteFile):
         self._location: str | None = None
         self._resolving = threading.Lock()  # ranges are fetched on several threads: one HEAD per file
 
+    @property
+    def key(self) -> tuple:
+        """The label with the revision and path apart: the label alone is ambiguous, a revision name may
+        hold a "/" (``@a`` with ``b/model.safetensors`` and ``@a/b`` with ``model.safetensors`` read alike)."""
+        return (self.label, self.revision, self.name)
+
     def _resolve(self) -> str:
         from huggingface_hub import get_hf_file_metadata
 
@@ -240,6 +246,7 @@ class HubFile(RemoteFile):
             expected = f"bytes {start}-{stop - 1}/{self.size}"
             if response.headers.get("Content-Range") != expected:
                 raise ConnectionError(f"Content-Range {response.headers.get('Content-Range')!r}, not {expected!r}")
+            self._check_served(response, location)
             position = 0
             for chunk in response.iter_bytes():
                 end = position + len(chunk)
@@ -250,6 +257,19 @@ class HubFile(RemoteFile):
         if position != len(out):
             raise ConnectionError(f"{position} of {len(out)} bytes")
 
+    def _check_served(self, response, location: str) -> None:
+        """An answer of the hub itself (a file not in LFS, served from the repository) names the commit and
+        ETag it is of: each range must be of the listed ones, or ranges of two versions would be mixed.
+        (A storage location is addressed by the content's sha256, checked when it was resolved.)"""
+        if urlsplit(location).netloc != urlsplit(self.source.endpoint).netloc:
+            return
+        commit = response.headers.get("X-Repo-Commit")
+        etag = response.headers.get("X-Linked-Etag") or response.headers.get("ETag")
+        etag = None if etag is None else etag.removeprefix("W/").strip('"')
+        if (commit is not None and commit != self.commit) or (etag is not None and etag != self.etag):
+            raise SourceError(f"{self.label}: the hub served commit {commit} ETag {etag}, but listed {self.commit} "
+                              f"ETag {self.etag}; the revision changed while it was read: run the ingest again")
+
     def _download(self, path: Path) -> None:
         location = self._resolve()
         digest = hashlib.sha256()
@@ -257,6 +277,7 @@ class HubFile(RemoteFile):
         with self._get(location, self._headers(location)) as response, open(path, "wb") as f:
             if response.status_code != 200:
                 raise self._refused(response, location)
+            self._check_served(response, location)
             for chunk in response.iter_bytes():
                 f.write(chunk)
                 digest.update(chunk)
@@ -267,7 +288,12 @@ class HubFile(RemoteFile):
             raise ConnectionError(f"downloaded bytes have sha256 {digest.hexdigest()}, not the {self.sha256} listed")
 
     def _transient(self, exc: Exception) -> bool:
-        return _transient(exc)
+        """The hub's transient answers, and this file's own: a short or overlong body, a wrong
+        Content-Range, a download of the wrong size or sha256, an expired storage location (the
+        retry resolves the file again); never HF_HUB_OFFLINE."""
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        return _transient(exc) or (isinstance(exc, ConnectionError) and not isinstance(exc, OfflineModeIsEnabled))
 
     def _reset(self) -> None:
         self._location = None

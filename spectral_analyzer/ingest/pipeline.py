@@ -703,6 +703,7 @@ def write_rows(
             prev_label = prev_reader.label
         elif prev_planned is not None:
             prev = open_reader(prev_planned)
+            prev.read_once()  # the store holds it already: read for the first delta only
             prev_label = prev_planned.checkpoint.label
         elif record["last_step"] == last_step and _stored_is_exact(st, record):
             prev, prev_label = _StoredTheta(st), f"{st.path} at step {last_step}"

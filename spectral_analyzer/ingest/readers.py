@@ -147,6 +147,12 @@ class CheckpointReader:
         if self._spans is not None and following._spans is not None:
             self._spans.then = following._spans
 
+    def read_once(self) -> None:
+        """Each tensor will be read once only (a checkpoint opened again as the previous one of an append):
+        a remote one keeps nothing it fetched for a second read."""
+        if self._spans is not None:
+            self._spans.keep = False
+
     def read(self, name: str) -> torch.Tensor:
         """Load tensor *name* (canonical) on the CPU, in its source dtype (float8: upcast to float32)."""
         loader = self._loaders[name]
@@ -359,6 +365,7 @@ class _Spans:
         self._ends = np.zeros(0, dtype=np.int64)  # cumulative bytes along that order
         self._asked = 0  # tensors [0, _asked) of the order have been asked for
         self.then: _Spans | None = None  # the next checkpoint's, where the read-ahead goes on past this one
+        self.keep = True  # each tensor kept after its read, for the next delta's (CheckpointReader.read_once)
 
     def _order(self) -> None:
         if not self._names:
@@ -375,10 +382,16 @@ class _Spans:
             self._asked += 1
 
     def loader(self, name: str, f: RemoteFile, start: int, stop: int, dtype: torch.dtype | None):
+        """The loader of tensor *name*, bytes [start, stop) of *f*; :meth:`add` it once the reader took it."""
         if start == stop:
             return lambda: torch.empty(0, dtype=dtype)
-        self.spans[name] = (f, start, stop)
         return lambda: torch.from_numpy(self.read(name)).view(dtype)
+
+    def add(self, name: str, f: RemoteFile, start: int, stop: int) -> None:
+        """Tensor *name* is bytes [start, stop) of *f* (only a tensor the reader selected: another one, an
+        integer tensor whose name is the same once prefixes are stripped, must not take its place)."""
+        if start < stop:
+            self.spans[name] = (f, start, stop)
 
     def read(self, name: str) -> np.ndarray:
         self._order()
@@ -393,7 +406,7 @@ class _Spans:
         if following is not None and self._asked == len(self._names) and limit > self._ends[-1]:
             following.ahead(int(limit - self._ends[-1]))
         f, start, stop = self.spans[name]
-        return f.read(start, stop)
+        return f.read(start, stop, keep=self.keep)
 
 
 def _read_remote_safetensors(files: Sequence[RemoteFile], label: str, keys: KeyOptions) -> CheckpointReader:
@@ -411,7 +424,8 @@ def _read_remote_safetensors(files: Sequence[RemoteFile], label: str, keys: KeyO
             name = keys.canonical(key)
             loader = spans.loader(name, f, data_start + begin, data_start + end, dtype)
             _add(reader, key, shape, dtype, loader, keys, f.label)
-    spans.spans = {n: s for n, s in spans.spans.items() if n in reader.tensors}  # selected tensors only
+            if reader._loaders.get(name) is loader:
+                spans.add(name, f, data_start + begin, data_start + end)
     reader._spans = spans
     return reader
 

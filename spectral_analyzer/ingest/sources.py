@@ -43,6 +43,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -241,6 +242,11 @@ class RemoteFile(ABC):
         self.memo: dict[str, Any] = {}  # what the readers learnt of the file (its parsed header): read once
 
     @property
+    def key(self) -> tuple:
+        """What tells this file from every other one of the ingest (its byte ranges are kept under it)."""
+        return (self.label,)
+
+    @property
     def suffix(self) -> str:
         return PurePosixPath(self.name).suffix
 
@@ -268,7 +274,7 @@ class RemoteFile(ABC):
         """
         if not 0 <= start <= stop <= self.size:
             raise CheckpointError(f"{self.label}: bytes {start}..{stop} are past its end ({self.size} bytes)")
-        key = (self.label, start, stop)
+        key = (*self.key, start, stop)
         kept = self.workspace.take(key)
         if kept is not None:
             return kept
@@ -282,7 +288,7 @@ class RemoteFile(ABC):
     def fetch_ahead(self, start: int, stop: int) -> None:
         """Start fetching ``[start, stop)`` on a background thread; the first :meth:`read` of it takes it."""
         if 0 <= start < stop <= self.size:
-            self.workspace.fetch_ahead((self.label, start, stop), lambda: self._fetch_new(start, stop))
+            self.workspace.fetch_ahead((*self.key, start, stop), lambda: self._fetch_new(start, stop))
 
     def _fetch_new(self, start: int, stop: int) -> np.ndarray:
         buf = np.empty(stop - start, dtype=np.uint8)
@@ -303,7 +309,7 @@ class RemoteFile(ABC):
         """The file downloaded into the workspace, beside the other files of checkpoint *group*."""
         path = self.workspace.download_folder(group) / PurePosixPath(self.name).name
         if not path.exists():
-            partial = path.with_name(path.name + ".partial")
+            partial = path.with_name(f".partial-{uuid.uuid4().hex[:12]}")  # short: the name may be at NAME_MAX
             self.retrying("downloading", lambda: self._download(partial))
             os.replace(partial, path)
         return path
