@@ -24,6 +24,7 @@ rewrite alike.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -62,6 +63,23 @@ class _Corrupt(Exception):
     """The chunk fails its own crc32c trailer, or is truncated."""
 
 
+class _Unreadable(Exception):
+    """The chunk file is there but cannot be read (EIO, EACCES, a symlink loop): the message says why."""
+
+
+@contextlib.contextmanager
+def _opening(path: str):
+    """OS errors of reading chunk file *path* as this module's: a path that is absent, or a directory, is
+    :class:`_Missing` (as Zarr reads it: what its values must be is then the recorded crc32c's to say);
+    any other failure :class:`_Unreadable`."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise _Missing(path) from None
+    except OSError as exc:
+        raise _Unreadable(exc.strerror or str(exc)) from None
+
+
 class DirectChunks:
     """Local chunk files of a float32 array with chunks (1, C) (or (C,): *row* None), read with no
     intermediate copy."""
@@ -81,18 +99,17 @@ class DirectChunks:
         full = self.chunk_size * 4  # chunks on disk are whole, the last one padded
         if uncached and self._past_cache.direct and out.nbytes == full and full % ALIGN == 0 and out.ctypes.data % ALIGN == 0:
             return self._read_uncached(path, out)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise _Missing(path) from None
         crc = np.empty(4, dtype=np.uint8)
         tail = np.empty(full - out.size * 4, dtype=np.uint8)
-        try:
-            got = _readv(fd, [out.view(np.uint8), tail, crc])
-        finally:
-            os.close(fd)
+        extra = np.empty(1, dtype=np.uint8)  # a byte past the trailer: a longer file is not a chunk
+        with _opening(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = _readv(fd, [out.view(np.uint8), tail, crc, extra])
+            finally:
+                os.close(fd)
         if got != full + 4:
-            raise _Corrupt(f"truncated ({got} bytes)")
+            raise _Corrupt(f"truncated ({got} bytes)" if got < full + 4 else f"longer than a chunk ({full + 4} bytes)")
         data_crc = crc32c(out)
         whole = crc32c(tail, data_crc) if tail.size else data_crc
         if whole != int.from_bytes(crc.tobytes(), "little"):
@@ -101,10 +118,8 @@ class DirectChunks:
 
     def _read_uncached(self, path: str, out: np.ndarray) -> int:
         trailer = aligned_zeros((ALIGN,), np.uint8)  # the crc32c, then nothing (the file ends)
-        try:
+        with _opening(path):
             got = self._past_cache(path, [out, trailer])
-        except FileNotFoundError:
-            raise _Missing(path) from None
         full = out.nbytes
         if got != full + 4:
             raise _Corrupt(f"truncated ({got} bytes)" if got < full + 4 else f"{got} bytes long, not {full + 4}")

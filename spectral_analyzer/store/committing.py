@@ -191,7 +191,7 @@ class CommitProtocol:
         if not self.is_remote:  # zarr leaves a row's emptied chunk folder behind
             folder = os.path.join(self.path, "deltas", "c")
             for entry in os.listdir(folder) if os.path.isdir(folder) else ():
-                if entry.isdigit() and int(entry) >= n:
+                if entry.isascii() and entry.isdigit() and int(entry) >= n:  # "²".isdigit() too
                     shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
             for name in ("deltas", "base", "last_theta"):  # a killed chunk write's temporary file
                 for root, _dirs, files in os.walk(os.path.join(self.path, name, "c")):

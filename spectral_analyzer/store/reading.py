@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import StoreError
 from . import generations
-from .chunks import _Corrupt, DirectChunks, _Missing, ZarrChunks, direct_layout
+from .chunks import _Corrupt, DirectChunks, _Missing, _Unreadable, ZarrChunks, direct_layout
 from .layout import damaged
 
 __all__ = ["RowReading"]
@@ -70,14 +70,24 @@ class RowReading:
             got = generations.zero_crc(out.size)
         except _Corrupt as exc:
             raise self._bad_chunk(row, j, str(exc)) from None
+        except _Unreadable as exc:
+            raise self._unreadable(f"chunk {row}/{j} of deltas (the delta ending at step {self._step_of(row)})",
+                                   exc) from None
         if got != self._expected_crc(row, j):
             what = ("is missing" if not out.any() else
                     "holds other values than were committed (corrupted, or rewritten since this store was opened)")
             raise self._bad_chunk(row, j, what)
 
+    def _step_of(self, row: int) -> int | str:
+        return int(self.steps[row]) if row < self.n_deltas else "?"
+
     def _bad_chunk(self, row: int, j: int, what: str) -> StoreError:
-        step = int(self.steps[row]) if row < self.n_deltas else "?"
-        return StoreError(f"{self.path}: chunk {row}/{j} of deltas (the delta ending at step {step}) {what}")
+        return StoreError(f"{self.path}: chunk {row}/{j} of deltas (the delta ending at step {self._step_of(row)}) "
+                          f"{what}")
+
+    def _unreadable(self, what: str, exc: _Unreadable) -> StoreError:
+        """A chunk file there but not readable: named, and not called damage (EIO may pass; a rerun may do)."""
+        return StoreError(f"{self.path}: {what} cannot be read ({exc})")
 
     def read_delta_row(self, row: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """float32 ``deltas[row, start:stop]``, read chunk by chunk and checked, into *out* if given.
@@ -146,6 +156,8 @@ class RowReading:
                 got = generations.zero_crc(view.size)
             except (_Corrupt, ValueError) as exc:
                 raise damaged(self.path, f"chunk {j} of '{name}' fails its checksum ({exc})") from None
+            except _Unreadable as exc:
+                raise self._unreadable(f"chunk {j} of '{name}'", exc) from None
             if got != int(crcs[j]):
                 raise damaged(self.path, f"chunk {j} of '{name}' is missing or holds other values than were written")
         return out

@@ -247,7 +247,8 @@ def _cpu_values(matrices: list[np.ndarray]) -> list[np.ndarray]:
     shared = [i for i, m in enumerate(matrices) if np.size(m) >= SHARED_SIZE]
     for i in shared:
         out[i] = _one(matrices[i])
-    alone = [i for i in range(len(matrices)) if out[i] is None]
+    # largest first: the threads then end together, not one left alone with a large matrix at the end
+    alone = sorted((i for i in range(len(matrices)) if out[i] is None), key=lambda i: -np.size(matrices[i]))
     for i, values in zip(alone, one_thread_each(_one, [matrices[i] for i in alone], "spectral-analyzer-svd")):
         out[i] = values
     return out  # type: ignore[return-value]
