@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import dask.array as da
+from dask.base import tokenize
 import numpy as np
 import xarray as xr
 
@@ -105,7 +106,7 @@ class Run:
         entry = next((t for t in self._store.manifest if t.name == tensor), None)
         if entry is None:
             raise SelectionError(f"{self.path}: no tensor {tensor!r} in the store (see run.tensors)")
-        arr = da.from_zarr(self._store.array("deltas"))[: self.n_deltas, entry.offset : entry.offset + entry.size]
+        arr = _checked(self._store, "deltas")[:, entry.offset : entry.offset + entry.size]
         arr = arr.reshape((self.n_deltas, *entry.shape))
         dims = ("step", *(f"dim_{i}" for i in range(len(entry.shape))))
         return xr.DataArray(arr, dims=dims, coords={"step": self.steps}, name=tensor)
@@ -113,13 +114,13 @@ class Run:
     @property
     def deltas(self) -> xr.DataArray:
         """Lazy (dask) float32 deltas, dims (step, param), committed rows only."""
-        arr = da.from_zarr(self._store.array("deltas"))[: self.n_deltas]
+        arr = _checked(self._store, "deltas")
         return xr.DataArray(arr, dims=("step", "param"), coords={"step": self.steps}, name="deltas")
 
     @property
     def base(self) -> xr.DataArray:
         """theta at the first checkpoint (float32), dim ``param``."""
-        return xr.DataArray(da.from_zarr(self._store.array("base")), dims=("param",), name="base")
+        return xr.DataArray(_checked(self._store, "base"), dims=("param",), name="base")
 
     def band(self, max_lag: int = DEFAULT_MAX_LAG, **options) -> xr.DataArray:
         """The per-tensor band ``b_T[i, l] = <d_i[T], d_{i-l}[T]>`` (tensor, step, lag), float64.
@@ -484,3 +485,36 @@ def open_run(
     >>> run = sa.open_run("s3://bucket/run.zarr", client=Client("tcp://head:8786"))  # doctest: +SKIP
     """
     return Run(Store.open(store, storage_options=storage_options), client=client)
+
+
+class _CheckedReads:
+    """``deltas`` (committed rows) or ``base`` of a snapshot as an array for :func:`dask.array.from_array`:
+    each block read through the snapshot's checked reads, so a chunk rewritten since it was opened (an
+    overwrite, a recorder's resume) is an error naming it, never another commit's values."""
+
+    def __init__(self, store: Store, name: str):
+        self.store, self.name = store, name
+        self.shape = (store.n_deltas, store.n_params) if name == "deltas" else (store.n_params,)
+        self.dtype, self.ndim = np.dtype(np.float32), len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        spans = [k.indices(n)[:2] if isinstance(k, slice) else (int(k), int(k) + 1) for k, n in zip(key, self.shape)]
+        (a, b) = spans[-1]
+        if self.name == "base":
+            return self.store.read_base(a, b) if b > a else np.zeros(0, dtype=np.float32)
+        (r0, r1) = spans[0]
+        out = np.zeros((max(r1 - r0, 0), max(b - a, 0)), dtype=np.float32)
+        if out.size:
+            for i, row in enumerate(range(r0, r1)):
+                self.store.read_delta_row(row, a, b, out[i])
+        return out if isinstance(key[0], slice) else out[0]
+
+
+def _checked(store: Store, name: str) -> da.Array:
+    """A lazy array of *name* in chunks of the store's, read and checked through *store* (see _CheckedReads)."""
+    reads = _CheckedReads(store, name)
+    chunks = ((1,) * store.n_deltas, store.chunk_size) if name == "deltas" else (store.chunk_size,)
+    return da.from_array(reads, chunks=chunks, name=f"spectral-{name}-{store.identity}-{tokenize(store.path)[:12]}",
+                         asarray=False, fancy=False, meta=np.zeros((0,) * reads.ndim, dtype=np.float32))
+

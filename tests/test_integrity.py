@@ -32,6 +32,8 @@ def test_weight_reconstruction_names_the_corrupted_row(corrupted):
         corrupted.weight_spectra("layers.0.w", cache=False)
 
 
-def test_plain_reads_raise(corrupted):
-    with pytest.raises(ValueError, match="checksum"):
+def test_plain_reads_name_the_corrupted_row(corrupted):
+    with pytest.raises(sa.StoreError, match=MESSAGE):
         _ = corrupted.deltas.values
+    with pytest.raises(sa.StoreError, match=MESSAGE):
+        _ = corrupted.delta("layers.0.w").values

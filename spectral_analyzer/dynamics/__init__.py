@@ -13,6 +13,7 @@ from ..spectra import (
     INTERVAL_FACTOR,
     WindowError,
     band_for,
+    effective_lag,
     check_window,
     step_range_label,
     step_rows,
@@ -78,7 +79,8 @@ def compute_dynamics(
             f"{window + 1} deltas; {where} {n_rows}"
         )
     warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop), window, interval_factor)
-    options = (window, params, group_by, constant, lr, top_k, tau, factor, persistence, phase_fraction)
+    options = (window, params, group_by, constant, lr, top_k, tau, factor, persistence, phase_fraction,
+               effective_lag(window, max_lag))
     part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
     name = f"dynamics-{tokenize('dynamics', options, store.results_identity, __version__, *part)[:20]}"
     if cache and (cached := store.read_result(name)) is not None:

@@ -48,7 +48,7 @@ from ..errors import (
 from ..progress import progress_bar
 from ..steps import StepSelection
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter, TensorEntry
-from ..store.generations import base_link, hex_of
+from ..store.generations import base_link, chain, hex_of
 from ..threads import torch_threads
 from ..weights import matrices_of, select_weights
 from ..weights.kernel import singular_values
@@ -274,14 +274,15 @@ class _WeightRecorder:
             for (matrix, _), s in zip(mats, values):
                 self.values[matrix] = s
 
-    def write(self, index: int) -> None:
+    def write(self, index: int, link: int) -> None:
+        """The record of checkpoint *index*, tied to *link*, the generation chain's value there."""
         if not self.matrices:
             return
         out = np.full((len(self.matrices), self.rank), np.nan)
         for j, matrix in enumerate(self.matrices):
             s = self.values[matrix]
             out[j, : s.size] = s
-        self.store.weights.write_row(index, out)
+        self.store.weights.write_row(index, out, link)
         self.values = {}
 
 
@@ -683,11 +684,12 @@ def write_rows(
                     bar.update(4 * t.size)
             del reader, x, x32, flat
             writer.wait()
-            recorder.write(0)
+            crcs = row.crcs()
+            link = base_link(st.attrs["tensors"], st.chunk_size, base.step, crcs)
+            recorder.write(0, link)
             st.reserve_rows(0)
             st.write_source(0, source_entry(0))
-            crcs = row.crcs()
-            c0 = hex_of(base_link(st.attrs["tensors"], st.chunk_size, base.step, crcs))
+            c0 = hex_of(link)
             record = {"n_deltas": 0, "head_step": base.step, "last_slot": 0, "last_step": base.step, "base": c0,
                       "chain": c0, "last_crc": last.crcs(), "last_exact": exact}
             st.commit(commit=record, base_step=base.step, base_crc=crcs)
@@ -767,8 +769,8 @@ def write_rows(
                 if bar is not None:
                     bar.update(4 * t.size)
             writer.wait()
-            recorder.write(r + 1)
             crcs = row.crcs()
+            recorder.write(r + 1, int(chain(int(record["chain"], 16), [cur.step], [crcs])[0]))
             st.write_row_meta(r, cur.step, crcs)
             squares = math.fsum(f.result()[1] for f in row.written)
             delta_norm = math.sqrt(squares)

@@ -81,11 +81,16 @@ def warn_mixed_intervals(store: Store, ends: np.ndarray, window: int, factor: fl
     )
 
 
+def effective_lag(window: int, max_lag: int | None) -> int:
+    """The band's lag a result asks for: max(max_lag, window), max_lag by default DEFAULT_MAX_LAG."""
+    return max(max_lag or DEFAULT_MAX_LAG, window)
+
+
 def band_for(store: Store, window: int, params, max_lag, device, scheduler, progress):
-    """The cached per-tensor band with L >= max(max_lag, window), the manifest and the picked tensors."""
-    band, lag = build_band(
-        store, max(max_lag or DEFAULT_MAX_LAG, window), device=device, scheduler=scheduler, progress=progress
-    )
+    """The cached per-tensor band with L >= the :func:`effective_lag`, that lag (what a result records: the
+    band may hold more lags, built for an earlier call), the manifest and the picked tensors."""
+    lag = effective_lag(window, max_lag)
+    band, _ = build_band(store, lag, device=device, scheduler=scheduler, progress=progress)
     manifest = store.manifest
     names = [t.name for t in manifest]
     return band, lag, manifest, names, select_tensors(names, params)
@@ -127,8 +132,8 @@ def compute_spectra(
     check_window(store, window, stride, rows)
     warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop, stride), window, interval_factor)
     part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
-    key = tokenize("spectra", window, params, group_by, center, stride, null_draws, store.results_identity, __version__,
-                   *part)
+    key = tokenize("spectra", window, params, group_by, center, stride, null_draws, effective_lag(window, max_lag),
+                   store.results_identity, __version__, *part)
     name = f"spectra-{key[:20]}"
     if cache:
         cached = store.read_result(name)

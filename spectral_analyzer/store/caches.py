@@ -194,6 +194,7 @@ class WeightRecord:
         )
         weights.create_array("row_crc", shape=(0,), chunks=(4096,), dtype="uint32", fill_value=0,
                              compressors=[Crc32cCodec()], dimension_names=("checkpoint",))
+        _chain_array(weights)
         weights.attrs.put({"match": list(match), "matrices": list(matrices)})
 
     def info(self) -> tuple[list[str], list[str], int] | None:
@@ -204,30 +205,46 @@ class WeightRecord:
         attrs = weights.attrs
         return list(attrs["match"]), list(attrs["matrices"]), int(weights["sigma"].shape[-1])
 
-    def write_row(self, index: int, sigma: np.ndarray) -> None:
-        """Singular values of checkpoint *index* (0 = base), before its commit."""
+    def write_row(self, index: int, sigma: np.ndarray, link: int) -> None:
+        """Singular values of checkpoint *index* (0 = base), before its commit; *link* is the generation
+        chain's value at that checkpoint (c_0 for the base), which the commit will record."""
         weights = self.store.group["weights"]
-        for name in ("sigma", "row_crc"):
+        if "chain" not in weights:  # a record made before rows carried their generation
+            _chain_array(weights)
+        for name in ("sigma", "row_crc", "chain"):
             array = weights[name]
             if array.shape[0] <= index:
                 array.resize((index + 1, *array.shape[1:]))
         weights["sigma"][index] = sigma
         weights["row_crc"][index] = _crc(np.asarray(sigma, dtype=np.float64))
+        weights["chain"][index] = np.uint64(link)
 
-    def read(self) -> np.ndarray:
-        """Recorded singular values of the committed checkpoints (checkpoint, matrix, rank), checked."""
+    def read(self) -> np.ndarray | None:
+        """Recorded singular values of the committed checkpoints (checkpoint, matrix, rank), checked; None
+        where a row is not of this snapshot's generation (rewritten since it was opened, by an overwrite
+        or a recorder's resume, or recorded before rows carried their generation)."""
         n = self.store.n_deltas + 1
         weights = self.store.group["weights"]
         try:
+            chain = np.asarray(weights["chain"][:n]) if "chain" in weights else np.zeros(0, dtype=np.uint64)
             sigma = np.asarray(weights["sigma"][:n])
             crcs = np.asarray(weights["row_crc"][:n])
         except ValueError as exc:
             raise StoreError(f"{self.store.path}: the store is damaged: the weight record fails its checksum ({exc})") from None
+        record = self.store.commit_record
+        want = np.concatenate([[np.uint64(int(record["base"], 16))], self.store.chain[: n - 1]]).astype(np.uint64)
+        if chain.shape != want.shape or not np.array_equal(chain, want):
+            return None
         for i in range(n):
             if sigma.shape[0] <= i or _crc(sigma[i]) != int(crcs[i]):
                 raise StoreError(f"{self.store.path}: the store is damaged: the weight record of checkpoint {i} "
                                  "is missing or holds other values than were written")
         return sigma
+
+
+def _chain_array(weights) -> None:
+    weights.create_array("chain", shape=(weights["sigma"].shape[0],), chunks=(4096,), dtype="uint64", fill_value=0,
+                         compressors=[Crc32cCodec()], dimension_names=("checkpoint",))
 
 
 def write_if_current(snapshot, write) -> bool:

@@ -95,9 +95,11 @@ class CommitProtocol:
         self.array("sources").resize((n_rows + 1,))
         if "weights" in self.group:
             weights = self.group["weights"]
-            for name in ("sigma", "row_crc"):
+            for name in ("sigma", "row_crc", "chain"):
+                if name not in weights:  # a record made before rows carried their generation
+                    continue
                 arr = weights[name]
-                if name == "row_crc" and arr.shape[0] > n_rows + 1:  # a chunk holds several checkpoints
+                if name != "sigma" and arr.shape[0] > n_rows + 1:  # a chunk holds several checkpoints
                     arr[n_rows + 1 :] = arr.fill_value
                 arr.resize((n_rows + 1, *arr.shape[1:]))
 

@@ -4,10 +4,17 @@
 and ``c_i = H(c_{i-1}, step_i, crc32c of each chunk of delta row i)``, with H
 an 8-byte BLAKE2b. The commit record holds ``c_n``; caches record the chain
 value of every row they were computed from. Equal chains at row i mean the
-first i rows are the same rows (up to a 2^-64 collision); a cache whose chain
-stops matching at row i is reused before i and recomputed from i. The crc32c
-values are the ones recorded when each chunk was written, so the chain costs
-no read of the data.
+first i rows have the same steps and the same crc32c in every chunk; a cache
+whose chain stops matching at row i is reused before i and recomputed from i.
+The crc32c values are the ones recorded when each chunk was written, so the
+chain costs no read of the data.
+
+How strong that is: BLAKE2b makes different crc32c values collide with
+probability 2^-64, but a row rewritten with other values keeps its link only
+if the crc32c of every chunk whose values changed collides, by accident with
+probability 2^-32 per such chunk (a small model's row is one chunk: 2^-32 a
+rewrite). crc32c is no cryptographic hash: values chosen to keep it (an
+adversary's, not a training's) would keep the chain and the caches with it.
 """
 
 from __future__ import annotations

@@ -158,7 +158,10 @@ def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np
     wanted = [n for _, parts in picked for n in parts]
     if not set(wanted) <= set(matrices):
         return None
-    sigma = store.weights.read()[:, [matrices.index(n) for n in wanted], :]
+    recorded = store.weights.read()
+    if recorded is None:  # not of this snapshot's rows: rebuilt from them instead
+        return None
+    sigma = recorded[:, [matrices.index(n) for n in wanted], :]
     width = int(np.max(np.sum(np.isfinite(sigma[0]), axis=-1)))
     return wanted, sigma[..., :width]
 
