@@ -214,10 +214,11 @@ def spectra_child(path: str, windows: list[int], kill_at: int | None, torn: bool
             sa.open_run(path).spectra(window=w)
 
 
-def ingest_child(src: str, store: str, chunk_size: int, kill_at: int | None, torn: bool) -> None:
-    """``ingest(src, store)``; killed at write *kill_at*."""
+def ingest_child(src: str, store: str, chunk_size: int, kill_at: int | None, torn: bool,
+                 weights: str | None = None) -> None:
+    """``ingest(src, store)`` (recording the singular values of *weights*); killed at write *kill_at*."""
     with broken_writes(kill_at, torn):
-        sa.ingest(src, store, chunk_size=chunk_size)
+        sa.ingest(src, store, chunk_size=chunk_size, **({"weights": weights} if weights else {}))
 
 
 def hub_ingest_child(endpoint: str, src: str, store: str, revisions: str, chunk_size: int,
@@ -417,7 +418,8 @@ def rewrite_rows_and_cache(path: str, resume_at: int, steps: int, seed: int, rea
 def contents(path: Path) -> dict:
     """Everything the numbers and later writes depend on: root attributes and the committed rows of every array.
 
-    ``last_theta`` contributes its committed slot; ``metrics`` its series.
+    ``last_theta`` contributes its committed slot; ``metrics`` its series; the weight record its committed
+    rows.
     """
     store = Store.open(path)
     n = store.n_deltas
@@ -427,6 +429,10 @@ def contents(path: Path) -> dict:
     out["base"] = np.asarray(store.array("base")[:])
     if store.commit_record is not None:
         out["last_theta"] = store.read_last_theta(0, store.n_params)
+    if store.weights.info() is not None:  # the record of the committed checkpoints, with their generations
+        group = store.group["weights"]
+        out["weights sigma"] = np.asarray(group["sigma"][: n + 1])
+        out["weights chain"] = np.asarray(group["chain"][: n + 1])
     steps, series = store.read_metrics()
     out["metric_steps"] = steps
     for key, values in series.items():
@@ -438,7 +444,9 @@ def assert_same_contents(got: dict, want: dict, what: str = "") -> None:
     assert got.keys() == want.keys(), what
     for key in want:
         if key == "attrs":
-            assert json.loads(got[key]) == json.loads(want[key]), f"{what}: root attributes differ"
+            g, w = json.loads(got[key]), json.loads(want[key])
+            diff = {k: (g.get(k), w.get(k)) for k in set(g) | set(w) if g.get(k) != w.get(k)}
+            assert not diff, f"{what}: root attributes differ: {str(diff)[:400]}"
         else:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{what}: {key}")
 

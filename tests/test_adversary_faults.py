@@ -190,6 +190,43 @@ def test_killed_during_ingest(runs, tmp_path, scenario):
         shutil.rmtree(path)
 
 
+@pytest.mark.parametrize("scenario", ["new store", "append"])
+def test_killed_or_out_of_space_while_recording_weights(runs, tmp_path, scenario):
+    """With the weight record (``--weights``): SIGKILL at writes of the record and of the rows, or no space from
+    a write of the record on; the next ingest ends equal to a clean one, the record and its generations
+    included, and weight_spectra reads the record (not rows rebuilt because its generations were torn)."""
+    pristine = None
+    if scenario == "append":
+        pristine = sa.ingest(runs.first, tmp_path / "first.zarr", chunk_size=CHUNK, weights="a.w").path
+    reference = _copy(pristine, tmp_path / "reference.zarr") if pristine is not None else tmp_path / "reference.zarr"
+    want = contents(sa.ingest(runs.all, reference, chunk_size=CHUNK, weights="a.w").path)
+    scratch = tmp_path / "count.zarr"
+    if pristine is not None:
+        _copy(pristine, scratch)
+    keys = count_writes(lambda: sa.ingest(runs.all, scratch, chunk_size=CHUNK, weights="a.w"))
+    assert any("weights/chain" in k for k in keys)
+    kills = _points(keys, {"weights/": 3, "deltas/c": 1}, seed=len(keys))
+    for n, torn in kills:
+        what = f"{scenario}: killed at write {n} of {len(keys)} ({keys[n - 1]}){' half-way' if torn else ''}"
+        path = tmp_path / f"{n}-{torn}.zarr"
+        if pristine is not None:
+            _copy(pristine, path)
+        assert run_child(ingest_child, str(runs.all), str(path), CHUNK, n, torn, "a.w") == KILLED, what
+        sa.ingest(runs.all, path, chunk_size=CHUNK, weights="a.w")
+        assert_same_contents(contents(path), want, what)
+        assert sa.open_run(path).weight_spectra("a.w", cache=False).attrs["source"].startswith("recorded"), what
+        shutil.rmtree(path)
+    n = next(i + 1 for i, k in enumerate(keys) if "weights/" in k and i > len(keys) // 2)
+    path = tmp_path / "full.zarr"
+    before = contents(_copy(pristine, path)) if pristine is not None else None
+    with broken_writes(enospc_after=n - 1), pytest.raises(sa.StoreError, match="No space left on device"):
+        sa.ingest(runs.all, path, chunk_size=CHUNK, weights="a.w")
+    if before is not None:
+        assert_same_contents(contents(path), before, f"{scenario}: no space from write {n}")
+    sa.ingest(runs.all, path, chunk_size=CHUNK, weights="a.w")
+    assert_same_contents(contents(path), want, f"{scenario}: no space from write {n}, then space")
+
+
 # -- a full disk --------------------------------------------------------------------
 
 
