@@ -335,7 +335,9 @@ def _summaries(ds) -> list[str]:
         peak = int(np.nanargmax(r))
         text = f"{prefix}peak R {_format(float(r[peak]))} at step {steps[peak]} (k*={k[peak]})"
         floor = float(part["null_q95"]) if "null_q95" in part else float("nan")
-        if np.isfinite(floor):
+        if np.isfinite(floor) and r[peak] < floor:
+            text += f"; never above the noise floor {_format(floor)}"
+        elif np.isfinite(floor):
             under = np.nonzero(r[peak:] < floor)[0]
             text += (f"; back under the noise floor {_format(floor)} at step {steps[peak + under[0]]}" if under.size
                      else f"; above the noise floor {_format(floor)} to the end")

@@ -57,7 +57,7 @@ _ATTRS: dict[str, tuple[str, str | None, str]] = {
     "tracked_from": ("mode continued", "1", "previous mode each mode continues (best overlap)"),
     "rotation_tracked": ("rotation of the tracked mode", "rad", "arccos of the overlap with the mode it continues"),
     "principal_angle": ("largest principal angle of the top-k subspaces", "rad",
-                        "between the top-k subspaces of consecutive windows"),
+                        "between the top-k subspaces of consecutive windows, for k = 1 .. top_k"),
     "dC_norm": ("update norm ||dC||_F", "theta^2", "Frobenius norm of d_i d_i^T - d_{i-W} d_{i-W}^T"),
     "lambda_change": ("observed eigenvalue change", "theta^2", "lambda_j(i) - lambda_j(i-1)"),
     "flow_entering": ("flow from the entering delta", "theta^2", "<v_j, d_i>^2"),

@@ -30,7 +30,9 @@ _MLP = {
 }
 _EMBEDDING = {
     "embed", "embedding", "embeddings", "wte", "wpe", "embed_tokens", "tok_embeddings", "word_embeddings",
-    "position_embeddings", "pos_embed", "pos", "token_embedding", "embed_positions",
+    "position_embeddings", "pos_embed", "pos", "token_embedding", "embed_positions", "embed_in",
+    # the unembedding (tied to the embedding in many models)
+    "lm_head", "embed_out", "unembed", "output_embeddings",
 }
 _PARAM = {"weight", "bias", "in_proj_weight", "in_proj_bias"}
 
@@ -58,7 +60,8 @@ def module_of(name: str) -> str:
 
     A norm is recognised by the module that owns the parameter (``ln_1``,
     ``input_layernorm``, ``norm``); attention, MLP and embedding by any part
-    of the path.
+    of the path. The unembedding (``lm_head``, GPT-NeoX's ``embed_out``) counts
+    as embedding: many models tie the two.
     """
     parts = name.split(".")
     owner_parts = [p for p in parts if p not in _PARAM and not p.isdigit()]

@@ -209,8 +209,8 @@ class Run:
         * ``overlap`` (step, mode_prev, mode): ``<v_j(i-1), v_k(i)>``;
           ``rotation`` = arccos |O_jj|; ``tracked_from`` the previous mode each mode
           continues (best overlap, through level crossings) and
-          ``rotation_tracked``; ``principal_angle`` (step, k) between the top-k
-          subspaces.
+          ``rotation_tracked``; ``principal_angle`` (step, k): the largest principal
+          angle between the top-k subspaces of consecutive windows, k = 1 .. top_k.
         * flow: ``lambda_change`` observed, ``flow_entering`` - ``flow_exiting`` =
           ``flow_first`` (Hellmann-Feynman), ``flow_second`` = ``flow_repulsion`` +
           ``flow_outside`` (the rest of R^p), ``flow_residual``; ``gap_change``;

@@ -256,3 +256,27 @@ def test_metrics_replaced_recompute_what_depends_on_them(tmp_path):
     assert run.dynamics(window=W).lr.values[0] == 0.02
     assert float(g1.grok_step) == 90 and np.isnan(float(run.grokking(window=W).grok_step))
     _identical(first.dynamics(window=W), d1)  # the older Run: its own metrics (kept beside the new ones)
+
+
+def test_results_cached_by_an_earlier_revision_of_the_definitions_are_not_served(tmp_path, monkeypatch):
+    """A store analysed by a build whose definitions differ (RESULTS_REVISION) keeps its results, but a build
+    of another revision computes its own: each result's name holds the revision."""
+    import spectral_analyzer.dynamics as dynamics
+    import spectral_analyzer.spectra as spectra
+    import spectral_analyzer.weights as weights
+
+    write_run(tmp_path / "src", 10, {"a.w": (20, 9)}, seed=3)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr", chunk_size=64)
+    results = tmp_path / "r.zarr" / "results"
+
+    def names():
+        return {p.name for p in results.iterdir() if p.is_dir()} if results.exists() else set()
+
+    run.spectra(window=W), run.dynamics(window=W), run.weight_spectra()
+    before = names()
+    assert len(before) == 3
+    for module in (spectra, dynamics, weights):
+        monkeypatch.setattr(module, "RESULTS_REVISION", module.RESULTS_REVISION + 1)
+    run.spectra(window=W), run.dynamics(window=W), run.weight_spectra()
+    after = names()
+    assert len(after - before) == 3

@@ -184,3 +184,16 @@ def test_dynamics_prints_events_and_exports_both_tables(runner, tmp_path):
     nc.close()
     result = runner.invoke(main, ["dynamics", store, "-w", "10", "--no-progress", "-o", str(tmp_path / "d.json")])
     assert json.loads((tmp_path / "d.events.json").read_text())["records"][0]["kind"] == "k_star_shift"
+
+
+def test_summary_of_a_peak_under_the_noise_floor_says_so():
+    import xarray as xr
+
+    from spectral_analyzer.cli.main import _summaries
+
+    ds = xr.Dataset({"gap_ratio": ("step", [1.5, 2.6, 1.9]), "k_star": ("step", [1, 1, 1]), "null_q95": 3.0},
+                    coords={"step": [10, 20, 30]})
+    (line,) = _summaries(ds)
+    assert "peak R 2.6 at step 20" in line and "never above the noise floor 3" in line and "back under" not in line
+    ds["null_q95"] = 2.0
+    assert "back under the noise floor 2 at step 30" in _summaries(ds)[0]

@@ -9,6 +9,7 @@ from conftest import FIXTURES
 from safetensors.torch import save_file
 
 import spectral_analyzer as sa
+from spectral_analyzer.dynamics.events import detect_events
 from spectral_analyzer.dynamics.kernel import eig_desc, flow_terms
 
 
@@ -60,8 +61,10 @@ def test_principal_angles_and_energy(grok):
     i = int(np.searchsorted(run.steps, ds["step"].values[t]))
     _, v_p = explicit(x, i - 1, w)
     _, v_c = explicit(x, i, w)
-    cos = np.linalg.svd(v_p[:, :3].T @ v_c[:, :3], compute_uv=False)
+    # the largest principal angle of the top-k subspaces, from the explicit parameter-space vectors
+    cos = [np.linalg.svd(v_p[:, :k].T @ v_c[:, :k], compute_uv=False).min() for k in (1, 2, 3)]
     np.testing.assert_allclose(np.cos(ds["principal_angle"].values[t]), cos, atol=1e-8)
+    assert cos[0] == pytest.approx(abs(float(v_p[:, 0] @ v_c[:, 0])), abs=1e-12)
     tensors = run.tensors
     for g in ds["group"].values:
         cols = np.concatenate([np.arange(int(o), int(o + s)) for n, o, s in
@@ -133,6 +136,25 @@ def _planted_run(folder, coefficients, n_deltas=40, p=3000, noise=1e-3, seed=0):
         d = basis @ np.array(coefficients(i)) + noise * rng.standard_normal(p)
         theta = (theta.astype(np.float64) + d).astype(np.float32)
         save_file({"w": torch.from_numpy(theta.copy())}, str(folder / f"s_{i * 10}.safetensors"))
+
+
+@pytest.mark.parametrize("r, k, want", [
+    # a one-window dip is no collapse, and the return from it is no opening
+    ([1.5, 1.5, 1.5, 1.1, 1.5, 1.5, 1.5], [1] * 7, []),
+    ([1.0, 1.0, 1.0, 1.3, 1.0, 1.0, 1.0], [1] * 7, []),
+    # a one-window change of k* is no shift, and the return to the k* that held is none either
+    ([2.0] * 8, [1, 1, 1, 2, 1, 1, 1, 1], []),
+    # a flicker first, then a collapse that holds: one event, where it starts holding
+    ([1.5, 1.1, 1.5, 1.1, 1.1, 1.1], [1] * 6, [(3, "gap_collapse")]),
+    # collapse, then an opening that holds
+    ([1.5, 1.5, 1.0, 1.0, 1.0, 1.4, 1.4], [1] * 7, [(2, "gap_collapse"), (5, "gap_opening")]),
+    # undefined windows neither start nor end a state
+    ([1.5, np.nan, 1.1, 1.1], [1, 0, 1, 1], [(2, "gap_collapse")]),
+    ([2.0] * 6, [1, 1, 3, 3, 0, 3], [(2, "k_star_shift")]),
+])
+def test_events_change_an_established_state(r, k, want):
+    found = detect_events(np.array(r), np.array(k), tau=1.2, persistence=2)
+    assert [(t, kind) for t, kind, _, _ in found] == want
 
 
 def test_scripted_gap_collapse_is_reported_at_its_step(tmp_path):

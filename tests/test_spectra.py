@@ -11,7 +11,7 @@ from conftest import FIXTURES, LAYOUTS, write_run
 import spectral_analyzer as sa
 from spectral_analyzer.groups import SelectionError, layer_of, module_of
 from spectral_analyzer.spectra import WindowError
-from spectral_analyzer.spectra.kernel import wishart_max_ratio
+from spectral_analyzer.spectra.kernel import bbp, wishart_max_ratio
 
 
 def dense_sigma(x: np.ndarray, window: int, center: bool = False) -> np.ndarray:
@@ -86,6 +86,16 @@ def test_subsets_and_groups_match_svd_of_their_columns(grok_run):
     assert set(mods["group"].values) == {"embedding", "attention", "mlp", "norm", "other"}
 
 
+@pytest.mark.parametrize("name, kind", [
+    ("gpt_neox.embed_in.weight", "embedding"), ("embed_out.weight", "embedding"), ("lm_head.weight", "embedding"),
+    ("transformer.wte.weight", "embedding"), ("gpt_neox.layers.0.attention.query_key_value.weight", "attention"),
+    ("gpt_neox.layers.0.mlp.dense_h_to_4h.weight", "mlp"), ("gpt_neox.layers.0.input_layernorm.weight", "norm"),
+    ("model.layers.3.self_attn.o_proj.weight", "attention"), ("model.norm.weight", "norm"),
+])
+def test_module_kinds_of_common_names(name, kind):
+    assert module_of(name) == kind
+
+
 def test_planted_recovers_k_star_and_strengths(tmp_path):
     planted = json.loads((FIXTURES / "planted" / "planted.json").read_text())
     run = sa.ingest(FIXTURES / "planted", tmp_path / "p.zarr")
@@ -120,6 +130,40 @@ def test_derived_quantities_against_direct_formulas(grok_run):
     np.testing.assert_allclose(ds["d_crit"].values, nu * (p * (window - 1)) ** 0.25, rtol=1e-9)
     np.testing.assert_allclose(ds["margin"].values, sig[:, -1] / (nu * (p * (window - 1)) ** 0.25), rtol=1e-8)
     assert np.isnan(ds["ratio"].values[:, -1]).all()
+
+
+def test_bbp_when_centred_counts_the_window_s_degrees_of_freedom(grok_run):
+    """Centred, lambda_W is 0 by construction: nu, d_crit and the margin are those of the W - 1 nonzero
+    eigenvalues (isotropic noise then gives nu close to its true value, not biased low)."""
+    window = 8
+    ds = grok_run.spectra(window=window, center=True)
+    p = grok_run.n_params
+    lam = dense_sigma(stored_x(grok_run), window, center=True)[:, : window - 1] ** 2
+    w = window - 1
+    nu = np.sqrt(lam[:, w // 2 :].mean(axis=1) / p)
+    np.testing.assert_allclose(ds["nu"].values, nu, rtol=1e-9)
+    np.testing.assert_allclose(ds["margin"].values, np.sqrt(lam[:, -1]) / (nu * (p * (w - 1)) ** 0.25), rtol=1e-7)
+    # isotropic noise with nu = 0.5: the estimate is near 0.5 centred as uncentred
+    rng = np.random.default_rng(3)
+    x = 0.5 * rng.standard_normal((10, 4000))
+    x -= x.mean(axis=0)
+    lam = np.linalg.eigvalsh(x @ x.T)[::-1][None]
+    assert bbp(lam, 4000, center=True)["nu"][0] == pytest.approx(0.5, rel=0.06)
+
+
+def test_margin_of_a_frozen_or_low_rank_group_is_undefined_not_infinite():
+    lam = np.array([[0.0, 0.0, 0.0, 0.0], [9.0, 0.0, 0.0, 0.0], [9.0, 4.0, 1.0, 1.0]])
+    out = bbp(lam, 50)
+    assert np.isnan(out["margin"][:2]).all() and np.isfinite(out["margin"][2])
+
+
+def test_null_floor_is_infinite_where_the_window_is_wider_than_the_group(tmp_path):
+    sizes = {"wide": (40,), "one": (3,)}
+    write_run(tmp_path / "src", 12, sizes, seed=4, scale=0.1)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr")
+    ds = run.spectra(window=5, group_by="tensor")
+    q95 = dict(zip(ds["group"].values.tolist(), np.atleast_1d(ds["null_q95"].values).tolist()))
+    assert q95["one"] == np.inf and np.isfinite(q95["wide"])
 
 
 @pytest.mark.parametrize("window, p", [(4, 30), (10, 200)])

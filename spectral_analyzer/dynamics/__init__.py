@@ -6,7 +6,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from .._version import __version__
+from .._version import RESULTS_REVISION, __version__
 from ..attributes import windowed
 from ..groups import group_tensors
 from ..spectra import (
@@ -82,7 +82,8 @@ def compute_dynamics(
     options = (window, params, group_by, constant, lr, top_k, tau, factor, persistence, phase_fraction,
                effective_lag(window, max_lag))
     part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
-    name = f"dynamics-{tokenize('dynamics', options, store.results_identity, __version__, *part)[:20]}"
+    key = tokenize("dynamics", options, store.results_identity, __version__, RESULTS_REVISION, *part)
+    name = f"dynamics-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
     band, lag, _, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
@@ -98,7 +99,10 @@ def compute_dynamics(
     abs_diag = np.abs(np.diagonal(overlap, axis1=1, axis2=2))
     abs_tracked = np.abs(overlap[np.arange(n)[:, None], tracked, np.arange(w)[None, :]])
     k = min(top_k, w)
-    cosines = np.linalg.svd(np.nan_to_num(overlap[:, :k, :k]), compute_uv=False)
+    # the largest principal angle between the top-j subspaces, j = 1..k: the smallest singular value of
+    # the leading j x j block of the overlap
+    cosines = np.stack([np.linalg.svd(np.nan_to_num(overlap[:, :j, :j]), compute_uv=False)[:, -1]
+                        for j in range(1, k + 1)], axis=-1)
     n_in, n_out, c = ext[:, w, w], ext[:, 0, 0], ext[:, 0, w]
     dc_norm = rank_two_norm(n_in, n_out, c)
     flow = flow_terms(lam_p, u_p, ext[:, :w, w], ext[:, :w, 0], n_in, n_out, c)

@@ -23,36 +23,48 @@ def detect_events(
 ) -> list[tuple[int, str, int, float]]:
     """Events as ``(index, kind, mode, value)``, in time order.
 
-    * ``gap_collapse``: R falls through *tau* (R[t-1] >= tau > R[t]) and stays
-      below it for *persistence* windows; ``gap_opening`` the reverse.
+    * ``gap_collapse``: R goes below *tau* from above it and stays below for
+      *persistence* windows; ``gap_opening`` the reverse.
     * ``gap_collapse_relative`` (with *factor*): R falls below its running
       peak / factor; the peak then restarts from the current value.
     * ``k_star_shift``: k* takes a new value that holds for *persistence* windows.
 
+    Each series has an established state (R above or below *tau*; k*), set by
+    its first defined window and changed only by an event: a new state that
+    holds for *persistence* windows. A flicker shorter than that is no event,
+    and neither is the return from it to the state that held all along.
     ``mode`` is k* at the event and ``value`` is R there (the new k* for a shift).
-    Windows where R is undefined (NaN) neither start nor continue an event.
+    Windows where R is undefined (NaN) neither start nor continue an event;
+    k* = 0 (an all-zero window) is never a state of its own.
     """
     r = np.asarray(gap_ratio, dtype=float)
     k = np.asarray(k_star)
-    n = r.size
     out: list[tuple[int, str, int, float]] = []
     below = r < tau
     above = r >= tau
+    side: bool | None = None  # established: R above tau
+    mode: int | None = None  # established k*
     peak = np.nan
-    for t in range(n):
-        if t > 0:
-            if above[t - 1] and below[t] and _persists(below, t, persistence):
-                out.append((t, "gap_collapse", int(k[t]), float(r[t])))
-            if below[t - 1] and above[t] and _persists(above, t, persistence):
-                out.append((t, "gap_opening", int(k[t]), float(r[t])))
+    for t in range(r.size):
+        if above[t] or below[t]:
+            now = bool(above[t])
+            if side is None:
+                side = now
+            elif now != side and _persists(above if now else below, t, persistence):
+                out.append((t, "gap_opening" if now else "gap_collapse", int(k[t]), float(r[t])))
+                side = now
         if factor is not None and np.isfinite(r[t]):
             if np.isnan(peak) or r[t] > peak:
                 peak = r[t]
             elif r[t] < peak / factor:
                 out.append((t, "gap_collapse_relative", int(k[t]), float(r[t])))
                 peak = r[t]
-        if t > 0 and k[t] != k[t - 1] and k[t] > 0 and _persists(k == k[t], t, persistence):
-            out.append((t, "k_star_shift", int(k[t]), float(r[t])))
+        if k[t] > 0:
+            if mode is None:
+                mode = int(k[t])
+            elif k[t] != mode and _persists(k == k[t], t, persistence):
+                out.append((t, "k_star_shift", int(k[t]), float(r[t])))
+                mode = int(k[t])
     return out
 
 

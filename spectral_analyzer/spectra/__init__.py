@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from .._version import __version__
+from .._version import RESULTS_REVISION, __version__
 from ..attributes import windowed
 from ..errors import MixedIntervalsWarning, WindowError
 from ..gram.build import DEFAULT_MAX_LAG, build_band
@@ -101,7 +101,8 @@ def _group_spectra(band: np.ndarray, p: int, window: int, stride: int, center: b
     q = spectral_quantities(grams, center)
     q.update(bbp(q["lambda"], p, center))
     null = wishart_max_ratio(window, p, draws, seed=NULL_SEED, center=center)
-    q95 = float(np.quantile(null, 0.95)) if np.isfinite(null).any() else np.nan
+    # inf where p < W (the null's smallest singular value is 0), NaN where W < 2 (no ratio at all)
+    q95 = float(np.quantile(null, 0.95)) if np.isfinite(null).all() else np.inf if np.isinf(null).any() else np.nan
     r = q["gap_ratio"]
     with np.errstate(invalid="ignore"):
         exceed = (null[None, :] >= r[:, None]).sum(axis=1)
@@ -133,7 +134,7 @@ def compute_spectra(
     warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop, stride), window, interval_factor)
     part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
     key = tokenize("spectra", window, params, group_by, center, stride, null_draws, effective_lag(window, max_lag),
-                   store.results_identity, __version__, *part)
+                   store.results_identity, __version__, RESULTS_REVISION, *part)
     name = f"spectra-{key[:20]}"
     if cache:
         cached = store.read_result(name)

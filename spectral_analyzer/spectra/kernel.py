@@ -125,13 +125,19 @@ def k95(lam: np.ndarray, fraction: float = 0.95) -> np.ndarray:
 
 def bbp(lam: np.ndarray, p: int, center: bool = False) -> dict[str, np.ndarray]:
     """BBP check: nu^2 = mean(lambda_j, j > W/2) / p; d_crit = nu (p (W - 1))^(1/4);
-    margin = sigma_W / d_crit (sigma_{W-1} when centred, sigma_W being 0 there)."""
-    w = lam.shape[1]
-    nu = np.sqrt(lam[:, w // 2 :].mean(axis=1) / p)
+    margin = sigma_W / d_crit.
+
+    Centred, the window has W - 1 degrees of freedom (lambda_W is 0 by construction): the same with
+    W - 1 in place of W. The margin is NaN where d_crit is 0 (every eigenvalue past the middle is 0:
+    a frozen group, or a window of rank at most W/2), where sigma_W / d_crit is 0/0.
+    """
+    w = lam.shape[1] - 1 if center else lam.shape[1]
+    live = lam[:, :w]
+    nu = np.sqrt(live[:, w // 2 :].mean(axis=1) / p)
     d_crit = nu * (p * (w - 1)) ** 0.25
-    last = np.sqrt(lam[:, w - 2 if center else w - 1])
+    last = np.sqrt(live[:, w - 1])
     with np.errstate(divide="ignore", invalid="ignore"):
-        margin = np.where(d_crit > 0, last / d_crit, np.inf)
+        margin = np.where(d_crit > 0, last / d_crit, np.nan)
     return {"nu": nu, "d_crit": d_crit, "margin": margin}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from .._version import __version__
+from .._version import RESULTS_REVISION, __version__
 from ..devices import resolve_device
 from ..groups import SelectionError
 from ..groups import natural_key
@@ -97,7 +97,8 @@ def compute_weight_spectra(
 ) -> xr.Dataset:
     """Singular values of 2-D weights at every checkpoint; see :meth:`Run.weight_spectra`."""
     steps = store.checkpoint_steps
-    name = f"weights-{tokenize('weights', match, top, heads, store.results_identity, __version__)[:20]}"
+    key = tokenize("weights", match, top, heads, store.results_identity, __version__, RESULTS_REVISION)
+    name = f"weights-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
     manifest = sorted(store.manifest, key=lambda t: t.offset)

@@ -9,7 +9,7 @@ import torch
 import xarray as xr
 from dask.base import tokenize
 
-from .._version import __version__
+from .._version import RESULTS_REVISION, __version__
 from ..attributes import describe
 from ..devices import resolve_device
 from ..store import Store
@@ -37,7 +37,8 @@ def compute_attention_spectra(
 ) -> xr.Dataset:
     """QK and OV circuit spectra of every head of the attention layers; see :meth:`Run.attention_spectra`."""
     config = model_config(store)
-    name = f"attention-{tokenize('attention', layer, heads, config, store.results_identity, __version__)[:20]}"
+    key = tokenize("attention", layer, heads, config, store.results_identity, __version__, RESULTS_REVISION)
+    name = f"attention-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
     shapes = {t.name: tuple(t.shape) for t in store.manifest}
