@@ -30,6 +30,7 @@ __all__ = [
     "CacheWarning",
     "DuplicateCheckpointWarning",
     "OutlierDeltaWarning",
+    "PrecisionChangeWarning",
     "MixedIntervalsWarning",
     "RecordingWarning",
     "printable",
@@ -128,6 +129,10 @@ class DuplicateCheckpointWarning(UserWarning):
 
 class OutlierDeltaWarning(UserWarning):
     """A delta's norm per step is far above that of the deltas before it: a replaced or mislabelled checkpoint?"""
+
+
+class PrecisionChangeWarning(UserWarning):
+    """A tensor's dtype changes between checkpoints: the delta across the change holds its rounding."""
 
 
 class MixedIntervalsWarning(UserWarning):

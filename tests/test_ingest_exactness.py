@@ -206,24 +206,99 @@ def test_nan_or_inf_anywhere_is_named_and_changes_nothing(tmp_path, dtype, where
         assert sa.open_run(store).n_deltas == (1 if where == "append-new" else 2)
 
 
-def test_previous_file_tampered_in_place_is_checked_again(tmp_path):
-    """The previous checkpoint of an append is re-read from its file; same size and mtime, so trusted as the
-    ingested one, but its values are still checked (prev_checked starts False)."""
-    src, store = tmp_path / "src", tmp_path / "r.zarr"
-    _write(src, [(s, {"w": torch.full((5,), float(s))}) for s in (0, 1)])
-    sa.ingest(src, store, chunk_size=2)
-    path = src / "step1.safetensors"
+def _tamper_in_place(path: Path, state) -> None:
+    """Rewrite a checkpoint with other values of the same size, its mtime restored: what size and mtime
+    cannot tell from the file ingested."""
     stat = path.stat()
-    bad = torch.full((5,), 1.0)
-    bad[3] = float("nan")
-    save_file({"w": bad}, str(path))
+    save_file(state, str(path))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
-    _write(src, [(2, {"w": torch.full((5,), 2.0)})])
+
+
+def test_an_append_takes_the_previous_values_from_the_store_not_a_file_changed_in_place(tmp_path):
+    """float32 sources: the store's copy of its last checkpoint is exact, so an append takes its previous
+    values from there; the folder's file at that step, rewritten with other (even NaN) values under the
+    same size and mtime, is not read, and the deltas are those of the checkpoints ingested."""
+    src, store = tmp_path / "src", tmp_path / "r.zarr"
+    states = [(s, {"w": torch.full((5,), float(s))}) for s in (0, 1, 2)]
+    _write(src, states[:2])
+    sa.ingest(src, store, chunk_size=2)
+    bad = torch.full((5,), 7.0)
+    bad[3] = float("nan")
+    _tamper_in_place(src / "step1.safetensors", {"w": bad})
+    _write(src, states[2:])
+    sa.ingest(src, store)
+    _check_store(store, states)
+
+
+def test_a_float64_previous_file_changed_in_place_is_refused_against_the_store_s_checksums(tmp_path):
+    """float64 sources that float32 rounds: the append must read the previous file; its values, rewritten
+    under the same size and mtime, do not match the checksums of the store's float32 copy: refused in one
+    line, the store as it was. A NaN written there is named as before."""
+    states = _tiny_float64_run(tmp_path)
+    src, store = tmp_path / "src", tmp_path / "r.zarr"
+    _write(src, states[:2])
+    sa.ingest(src, store)
+    _tamper_in_place(src / "step1.safetensors", {"w": torch.tensor([1.5, 0.1], dtype=torch.float64)})
+    _write(src, states[2:])
     before = snapshot(store)
+    with pytest.raises(sa.StoreExistsError, match=r"the checkpoint at step 1, .*step1\.safetensors, differs from the "
+                                                  r"one ingested: its values are not the store's copy"):
+        sa.ingest(src, store)
+    assert _without_scratch(snapshot(store)) == _without_scratch(before)
+    _tamper_in_place(src / "step1.safetensors", {"w": torch.tensor([float("nan"), 0.1], dtype=torch.float64)})
     with pytest.raises(sa.NonFiniteError, match=r"'w' at step 1 .*step1\.safetensors.* 1 NaN/Inf"):
         sa.ingest(src, store)
     assert _without_scratch(snapshot(store)) == _without_scratch(before)
+    _tamper_in_place(src / "step1.safetensors", dict(states[1][1]))
+    _quiet_ingest(src, store)
+    _check_store(store, states)
+
+
+def test_a_change_of_precision_between_checkpoints_is_exact_and_warned_once(tmp_path):
+    """float32, then bfloat16: the deltas are the exact differences of the stored values, and the one across
+    the change is named in a PrecisionChangeWarning (kept in the store's warnings) since it holds the
+    rounding besides the update."""
+    base = torch.linspace(-1, 1, 12)
+    states = [(0, {"a": base, "b": base.clone()}), (1, {"a": base + 1e-3, "b": base.clone()}),
+              (2, {"a": (base + 2e-3).to(torch.bfloat16), "b": base.to(torch.bfloat16)}),
+              (3, {"a": (base + 3e-3).to(torch.bfloat16), "b": base.to(torch.bfloat16)})]
+    src, store = tmp_path / "src", tmp_path / "r.zarr"
+    _write(src, states[:3])
+    with pytest.warns(sa.PrecisionChangeWarning) as caught:
+        sa.ingest(src, store)
+    (message,) = [str(w.message) for w in caught if w.category is sa.PrecisionChangeWarning]
+    assert message.startswith("tensor 'a' is float32 at step 1 (") and "but bfloat16 at step 2 (" in message
+    assert "(and 1 more tensors)" in message and "\n" not in message
+    _write(src, states[3:])
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        sa.ingest(src, store)
+    assert not [w for w in later if w.category is sa.PrecisionChangeWarning]  # the change is not in the new rows
+    _check_store(store, states)
+    assert sa.open_run(store).warnings.count(message) == 1
+
+
+def test_a_checkpoint_replaced_after_it_was_planned_is_refused_not_read_as_planned(tmp_path, monkeypatch):
+    """Headers are read first (the plan), the tensors later: a file replaced in between by one of another
+    shape or dtype is refused in one line naming it, and no store is left."""
+    src, store = tmp_path / "src", tmp_path / "r.zarr"
+    _write(src, [(s, {"w": torch.full((8, 8), float(s))}) for s in (0, 1, 2)])
+    plan = pipeline._preflight
+
+    for replacement in (torch.zeros(4, 16), torch.zeros(8, 8, dtype=torch.float16)):
+        def replaced_after_planning(*args, replacement=replacement, **kwargs):
+            planned = plan(*args, **kwargs)
+            save_file({"w": replacement}, str(src / "step2.safetensors"))
+            return planned
+
+        monkeypatch.setattr(pipeline, "_preflight", replaced_after_planning)
+        with pytest.raises(sa.InconsistentCheckpointsError, match=r"step2\.safetensors as opened to be read") as caught:
+            sa.ingest(src, store)
+        assert "\n" not in str(caught.value)
+        with pytest.raises(sa.StoreError, match="no store here"):
+            sa.open_run(store)
+        save_file({"w": torch.full((8, 8), 2.0)}, str(src / "step2.safetensors"))
 
 
 def test_float64_delta_rounding_at_the_edge_of_float32(tmp_path):

@@ -39,6 +39,7 @@ from ..errors import (
     InconsistentCheckpointsError,
     NonFiniteError,
     OutlierDeltaWarning,
+    PrecisionChangeWarning,
     SelectionError,
     SourceError,
     StepError,
@@ -48,7 +49,7 @@ from ..errors import (
 from ..progress import progress_bar
 from ..steps import StepSelection
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter, TensorEntry
-from ..store.generations import base_link, chain, hex_of
+from ..store.generations import base_link, chain, chunk_crc, hex_of
 from ..threads import torch_threads
 from ..weights import matrices_of, select_weights
 from ..weights.kernel import singular_values
@@ -132,23 +133,54 @@ def _preflight(
     return [by_checkpoint[id(c)] for c in ordered]
 
 
-def _check_consistent(reference: dict[str, tuple], ref_label: str, other: _Planned) -> None:
-    here = {n: t.shape for n, t in other.tensors.items()}
+def _signature(tensors: dict[str, TensorInfo]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's (shape, dtype): what every checkpoint of a run must agree on."""
+    return {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()}
+
+
+def _check_consistent(
+    reference: dict[str, tuple], ref_label: str, other: _Planned, what: str = "", dtypes: bool = False
+) -> None:
+    """That *other* has the tensors of *reference* (``_signature``) with the same shapes (and dtypes, if
+    asked: a file checked against its own plan)."""
+    here = _signature(other.tensors)
+    label = f"{other.checkpoint.label}{what}"
     for name in sorted(reference, key=natural_key):
         if name not in here:
+            raise InconsistentCheckpointsError(f"tensor {name!r} is in {ref_label} but missing from {label}")
+        (shape, dtype), (shape2, dtype2) = reference[name], here[name]
+        if shape != shape2:
             raise InconsistentCheckpointsError(
-                f"tensor '{name}' is in {ref_label} but missing from {other.checkpoint.label}"
+                f"tensor {name!r} has shape {shape} in {ref_label} but {shape2} in {label}"
             )
-        if tuple(reference[name]) != tuple(here[name]):
-            raise InconsistentCheckpointsError(
-                f"tensor '{name}' has shape {tuple(reference[name])} in {ref_label} "
-                f"but {tuple(here[name])} in {other.checkpoint.label}"
-            )
+        if dtypes and dtype != dtype2:
+            raise InconsistentCheckpointsError(f"tensor {name!r} is {dtype} in {ref_label} but {dtype2} in {label}")
     for name in sorted(here, key=natural_key):
         if name not in reference:
-            raise InconsistentCheckpointsError(
-                f"tensor '{name}' appears in {other.checkpoint.label} but not in {ref_label}"
-            )
+            raise InconsistentCheckpointsError(f"tensor {name!r} appears in {label} but not in {ref_label}")
+
+
+def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned]) -> str | None:
+    """A message where a tensor's dtype changes between consecutive checkpoints (in step order) into one of
+    *new*, else None.
+
+    The deltas stay exact differences of the stored values, but the one across the change also holds the
+    rounding of one precision into the other (float32 to bfloat16: about 2^-9 of each value), which can
+    dwarf a training update and look like an event."""
+    known = [p for p in planned if p.tensors is not None]
+    fresh = {id(p) for p in new}
+    for a, b in zip(known, known[1:]):
+        if id(b) not in fresh:
+            continue
+        da, db = _signature(a.tensors), _signature(b.tensors)
+        changed = [n for n in sorted(da, key=natural_key) if n in db and da[n][1] != db[n][1]]
+        if changed:
+            n = changed[0]
+            more = f" (and {len(changed) - 1} more tensors)" if len(changed) > 1 else ""
+            return (f"tensor {n!r} is {da[n][1]} at step {a.step} ({_shown(a.checkpoint)}) but {db[n][1]} at step "
+                    f"{b.step} ({_shown(b.checkpoint)}){more}: the delta between them holds the rounding of the "
+                    "change of precision besides the update")
+    return None
 
 
 def _manifest(tensors: dict[str, TensorInfo]) -> list[TensorEntry]:
@@ -232,6 +264,13 @@ class _ChunkedRow:
         return [f.result()[0] for f in self.written]
 
 
+def _crc_only(start: int, data: np.ndarray) -> Future:
+    """A chunk's crc32c, as a finished future (for a _ChunkedRow that only checks values against a store)."""
+    done: Future = Future()
+    done.set_result((chunk_crc(data), None))
+    return done
+
+
 class _StoredTheta:
     """Theta at the store's last commit, read from ``last_theta`` a checked chunk at a time."""
 
@@ -308,7 +347,7 @@ def _check_finite(t: torch.Tensor, name: str, label: str, step: int) -> None:
     low, high = torch.aminmax(t)
     if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         n_bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(f"tensor '{name}' at step {step} ({label}) holds {n_bad} NaN/Inf values")
+        raise NonFiniteError(f"tensor {name!r} at step {step} ({label}) holds {n_bad} NaN/Inf values")
     if t.dtype == torch.float64 and not _all_finite(torch.stack([low, high]).to(torch.float32)):
         _check_float32(t.to(torch.float32), name, label, step, "of its values")
 
@@ -362,17 +401,17 @@ def _progress(enabled: bool, total: int):
 
 def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:
     """Check that *planned* continues the run in *store*; return the new checkpoints."""
-    stored = {t.name: t.shape for t in store.manifest}
-    wanted = {t.name: t.shape for t in manifest}
+    stored = {t.name: tuple(t.shape) for t in store.manifest}
+    wanted = {t.name: tuple(t.shape) for t in manifest}
     if stored != wanted:
         missing = sorted(set(stored) - set(wanted), key=natural_key)
         extra = sorted(set(wanted) - set(stored), key=natural_key)
-        reshaped = sorted((n for n in set(stored) & set(wanted) if stored[n] != wanted[n]), key=natural_key)
+        changed = sorted((n for n in set(stored) & set(wanted) if stored[n] != wanted[n]), key=natural_key)
         what = (
-            f"tensor '{missing[0]}' is in the store but not in the checkpoints" if missing
-            else f"tensor '{extra[0]}' is in the checkpoints but not in the store" if extra
-            else f"tensor '{reshaped[0]}' has shape {tuple(stored[reshaped[0]])} in the store "
-            f"but {tuple(wanted[reshaped[0]])} in the checkpoints"
+            f"tensor {missing[0]!r} is in the store but not in the checkpoints" if missing
+            else f"tensor {extra[0]!r} is in the checkpoints but not in the store" if extra
+            else f"tensor {changed[0]!r} has shape {stored[changed[0]]} in the store "
+            f"but {wanted[changed[0]]} in the checkpoints"
         )
         raise StoreExistsError(f"{store.path}: holds a different run ({what}); pass overwrite to replace it")
     sources = {s["step"]: s for s in store.sources}
@@ -456,7 +495,7 @@ def _ingest_source(
             f"{source.label}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
             f"in {planned[0].checkpoint.label}; check the patterns against its tensor names"
         )
-    first = {n: t.shape for n, t in planned[0].tensors.items()}
+    first = _signature(planned[0].tensors)
     for p in planned[1:]:
         if p.tensors is not None:
             _check_consistent(first, planned[0].checkpoint.label, p)
@@ -519,11 +558,17 @@ def _ingest_source(
             if p.tensors is None:  # a remote pickle, read for the first time
                 p.tensors = reader.tensors
                 _check_consistent(first, planned[0].checkpoint.label, p)
+            else:  # what was planned from its header: a file replaced since is refused, not read as planned
+                _check_consistent(_signature(p.tensors), f"{p.checkpoint.label} as planned",
+                                  replace(p, tensors=reader.tensors), " as opened to be read", dtypes=True)
             return reader
 
+        precision = _precision_changes(planned, new)
+        if precision is not None:
+            warnings.warn(precision, PrecisionChangeWarning, stacklevel=2)
         failure = None
         try:
-            write_rows(st, planned, new, open_reader, progress)
+            write_rows(st, planned, new, open_reader, progress, notes=[precision] if precision else [])
         except SourceError as exc:
             if overwrite or st.commit_record is None:
                 raise  # an overwrite, or a store with nothing committed yet: undone
@@ -582,6 +627,7 @@ def write_rows(
     open_reader: Callable[[_Planned], Any],
     progress: bool,
     prev_reader: Any = None,
+    notes: Sequence[str] = (),
 ) -> None:
     """Write the base (for a new store) and one committed row per checkpoint in *new* (the lock is held).
 
@@ -598,6 +644,7 @@ def write_rows(
     manifest = st.manifest
     record = st.commit_record
     found_warnings = list(st.attrs.get("warnings", []))
+    found_warnings += [n for n in notes if n not in found_warnings]
     if not new:
         return
     hasher = ThreadPoolExecutor(1, thread_name_prefix="spectral-hash")
@@ -700,15 +747,21 @@ def write_rows(
         n0 = record["n_deltas"]
         last_step = st.last_checkpoint_step
         prev_planned = next((p for p in planned if p.step == last_step), None)
+        # The previous checkpoint's values: the store's float32 copy where it holds them exactly (nothing to
+        # trust about a file on disk, nothing to fetch again from a remote source); else its file, whose
+        # float32 values are checked against the copy's chunk checksums where the copy was committed.
+        prev_verify = None
         if prev_reader is not None:
             prev: Any = prev_reader
             prev_label = prev_reader.label
+        elif record["last_step"] == last_step and _stored_is_exact(st, record):
+            prev, prev_label = _StoredTheta(st), f"{st.path} at step {last_step}"
         elif prev_planned is not None:
             prev = open_reader(prev_planned)
             prev.read_once()  # the store holds it already: read for the first delta only
             prev_label = prev_planned.checkpoint.label
-        elif record["last_step"] == last_step and _stored_is_exact(st, record):
-            prev, prev_label = _StoredTheta(st), f"{st.path} at step {last_step}"
+            if record["last_step"] == last_step and record.get("last_crc"):
+                prev_verify = _ChunkedRow(st.chunk_size, st.n_params, _crc_only)
         elif record["last_step"] == last_step:
             raise StepError(
                 f"{st.path}: cannot append: the checkpoint at the store's last step {last_step} is not in the "
@@ -752,6 +805,8 @@ def write_rows(
                 a = prev.read(t.name)
                 if not prev_checked:  # a recorder's snapshot, the store's copy or an earlier ingest's file
                     _check_finite(a, t.name, prev_label, prev_step)
+                    if prev_verify is not None:
+                        prev_verify.add(a.to(torch.float32).reshape(-1).numpy())
                 check = _may_overflow_float32(b.dtype, a.dtype)
                 b_flat, a_flat = b.reshape(-1), a.reshape(-1)
                 for view, lo, hi in row.segments(b_flat.numel()):
@@ -769,6 +824,14 @@ def write_rows(
                 if bar is not None:
                     bar.update(4 * t.size)
             writer.wait()
+            if prev_verify is not None:
+                if prev_verify.crcs() != list(record["last_crc"]):
+                    raise StoreExistsError(
+                        f"{st.path}: holds a different run (the checkpoint at step {prev_step}, {prev_label}, "
+                        "differs from the one ingested: its values are not the store's copy); pass overwrite to "
+                        "replace it"
+                    )
+                prev_verify = None
             crcs = row.crcs()
             recorder.write(r + 1, int(chain(int(record["chain"], 16), [cur.step], [crcs])[0]))
             st.write_row_meta(r, cur.step, crcs)

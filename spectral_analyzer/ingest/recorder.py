@@ -127,7 +127,7 @@ class Recorder:
             if store is not None:
                 if self._previous is None and self._cut is None:
                     self._cut = int(step)
-                _check_consistent({t.name: t.shape for t in store.manifest}, self.path, planned)
+                _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned)
                 last = store.last_checkpoint_step
                 if step <= last:
                     raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
