@@ -20,6 +20,11 @@ Which tensors are the model's: where the saved state has a ``model`` (or
 have, only its tensors, under their names inside it; otherwise (torchtitan,
 which saves the model's tensors at the top) every tensor except those under
 ``optimizer``, ``lr_scheduler``, ``dataloader``, ``train_state`` and the like.
+The nesting is read from the metadata's ``planner_data``; a checkpoint saved
+without it (``flatten_state_dict=False``) has only dotted names, and there a
+leading ``model.`` is taken for a container only when every floating tensor
+outside those entries has it: else (HF names, ``model.norm.weight`` beside
+``lm_head.weight``) the names are kept whole.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointError, UnsafeCheckpointError, printable
 from .readers import (
     STATE_DICT_KEYS,
     CheckpointReader,
@@ -86,7 +91,7 @@ class _MetadataUnpickler(pickle.Unpickler):
                 __import__(module)
             return getattr(__import__(module, fromlist=[name]), name)
         raise UnsafeCheckpointError(
-            f"{self.path}: refused to unpickle {module}.{name}; a torch.distributed.checkpoint .metadata holds "
+            f"{self.path}: refused to unpickle {printable(f'{module}.{name}')}; a torch.distributed.checkpoint .metadata holds "
             "only its metadata classes (save the checkpoint again with torch.distributed.checkpoint.save)"
         )
 
@@ -143,6 +148,7 @@ def _model_names(md, path: Path) -> dict[str, str]:
 
     planner = md.planner_data if isinstance(md.planner_data, dict) else {}
     paths = {}
+    guessed = set()  # fqns without a path in planner_data: split on ".", which may split a flat name
     for fqn, entry in md.state_dict_metadata.items():
         if not isinstance(fqn, str):
             raise CheckpointError(f"{path}: a tensor name is a {type(fqn).__name__}, not a string")
@@ -150,11 +156,22 @@ def _model_names(md, path: Path) -> dict[str, str]:
             keys = planner.get(fqn)
             ok = isinstance(keys, tuple) and keys and all(isinstance(k, (str, int)) for k in keys)
             paths[fqn] = tuple(str(k) for k in keys) if ok else tuple(fqn.split("."))
+            if not ok:
+                guessed.add(fqn)
+    weights = [fqn for fqn in paths if _floating(md.state_dict_metadata[fqn]) and paths[fqn][0] not in NOT_MODEL]
     for container in STATE_DICT_KEYS:
         inside = {fqn: ".".join(p[1:]) for fqn, p in paths.items() if p[0] == container and len(p) > 1}
-        if inside:
+        # a guessed container holds every weight: else its "model." is part of flat names (HF's "model.norm.weight"
+        # beside "lm_head.weight"), which are kept whole
+        if inside and (not guessed & set(inside) or all(fqn in inside for fqn in weights)):
             return inside
     return {fqn: ".".join(p) for fqn, p in paths.items() if p[0] not in NOT_MODEL}
+
+
+def _floating(entry) -> bool:
+    """Whether a tensor's entry records a floating dtype (or none readable: it is then refused when read)."""
+    dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+    return not isinstance(dtype, torch.dtype) or dtype.is_floating_point
 
 
 class _Chunks:
@@ -195,7 +212,7 @@ class _Chunks:
             if not all(isinstance(v, int) and v >= 0 for v in (start, length)):
                 raise CheckpointError(f"{meta}: tensor {fqn!r}: its chunk at {offsets} has no valid byte span")
             if getattr(info, "transform_descriptors", None):
-                how = ", ".join(map(str, info.transform_descriptors))
+                how = ", ".join(map(repr, info.transform_descriptors))
                 raise CheckpointError(
                     f"{files[name]}: tensor {fqn!r} is stored transformed ({how}); only plain torch.save chunks "
                     "are read: save without storage extensions"

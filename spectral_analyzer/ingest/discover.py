@@ -13,14 +13,24 @@ Layouts, detected automatically:
   FSDP and torchtitan write them, see :mod:`.dcp`). Optimizer, scheduler, RNG and
   training-argument pickles are never treated as checkpoints. Weight files at
   the top of such a folder with no step in their name (the Trainer's final
-  copy of the model) are left out.
+  copy of the model, sharded or not) are left out.
+
+A folder with a number in its name that yields no model weights is refused
+with what it holds when it looks like a checkpoint (a step word in its name,
+weight files, pickles or a shard index in it), and passed over otherwise (a
+``wandb_2`` log folder): a checkpoint is never dropped from a run in silence.
+So is a folder whose weights are ambiguous: several pickles with no index
+naming them shards of one model, or two torch.distributed.checkpoint models.
 
 Steps come from the file or folder name (``step=1200``, ``checkpoint-500``,
-else the last number in the name), else from a ``step`` / ``global_step``
-stored in the file, else they must be given; they must fit a 64-bit integer.
+else the last number in the name, shard numbers ``-00001-of-00002`` never),
+else from a ``step`` / ``global_step`` stored in the file, else they must be
+given; they must fit a 64-bit integer. A step number followed by a letter
+(``ckpt_1k``, ``step2B``) is refused, not read as ``1`` or ``2``.
 
-A weight file that is not a regular file (a FIFO, a device) is listed all the
-same, and refused with its name when it is opened, rather than skipped.
+A weight file that is not a regular file (a FIFO, a device, a symlink to
+nothing) is listed all the same, and refused with its name when it is opened,
+rather than skipped.
 
 The same rules read a remote folder (:class:`~.sources.RemoteFolder`: a
 folder at an fsspec URL, a hub revision), whose files are then
@@ -36,9 +46,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import NoCheckpointsError, StepError
+from ..errors import CheckpointError, NoCheckpointsError, StepError, printable
 from ..groups import natural_key
-from .dcp import dcp_files
+from .dcp import METADATA, dcp_files
 from .deepspeed import deepspeed_files
 from .readers import shard_files
 from .sources import RemoteFile, RemoteFolder
@@ -57,6 +67,8 @@ NOT_WEIGHTS = (
 )
 _STEP_WORD = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[=_\-]?(\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
+_SHARD = re.compile(r"-\d+-of-\d+")  # model-00001-of-00002: the shard's place, not a step
+_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin")
 
 
 @dataclass(frozen=True)
@@ -75,17 +87,39 @@ class Checkpoint:
     digests: tuple[str | None, ...] = ()
 
 
-def step_from_name(name: str, last_number: bool = True) -> int | None:
-    """The step in *name*: after ``step``, ``checkpoint``, ``iter``... else (with *last_number*) its last number."""
-    match = _STEP_WORD.findall(name)
-    if match:
-        return int(match[-1])
-    numbers = _NUMBER.findall(name) if last_number else []
-    return int(numbers[-1]) if numbers else None
+def step_from_name(name: str, last_number: bool = True, label: str | None = None) -> int | None:
+    """The step in *name*: after ``step``, ``checkpoint``, ``iter``... else (with *last_number*) its last number.
+
+    Shard numbers (``model-00001-of-00002``) are never the step. A step
+    followed by a letter (``ckpt_1k``, ``step2B``) raises :class:`StepError`
+    naming *label* (default: *name*) rather than guess what the letter means.
+
+    >>> step_from_name("stage1-step1000-tokens4B")
+    1000
+    >>> step_from_name("model-00002-of-00002") is None
+    True
+    """
+    name = _SHARD.sub("", name)
+    found = [(m.group(1), m.end(1)) for m in _STEP_WORD.finditer(name)]
+    if not found and last_number:
+        found = [(m.group(), m.end()) for m in _NUMBER.finditer(name)]
+    if not found:
+        return None
+    digits, end = found[-1]
+    suffix = re.match(r"[^\W\d_]*", name[end:]).group()  # letters right after the number
+    if suffix:
+        raise StepError(
+            f"{printable(label or name)}: {digits}{printable(suffix)} in its name is a number followed by letters, "
+            "not a step (1k is not read as 1000); name checkpoints by their whole step (ckpt_1000)"
+        )
+    return int(digits)
 
 
-def _present(path: Path) -> bool:
-    """Whether *path* is there and not a folder: a regular file, or a FIFO or device to be refused when read."""
+def _present(path: Path | RemoteFile) -> bool:
+    """Whether *path* is there and not a folder: a regular file, or a FIFO, device or link to nothing that is
+    refused, with its name, when read."""
+    if isinstance(path, Path) and path.is_symlink():
+        return not path.is_dir()
     return path.exists() and not path.is_dir()
 
 
@@ -104,14 +138,17 @@ def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> t
     DeepSpeed and torch.distributed.checkpoint folders are found on local
     disk only: a remote folder's are not read.
     """
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if _present(folder / index_name):
-            shards = shard_files(folder / index_name, root)
-            if index_name.startswith("model.safetensors") or not _present(folder / "model.safetensors"):
-                return tuple(shards)
-    for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin"):
-        if _present(folder / name):
-            return (folder / name,)
+    # safetensors first: a stale pytorch_model.bin.index.json beside model.safetensors is never read
+    for name in ("model.safetensors.index.json", _MODEL_FILES[0], "pytorch_model.bin.index.json", *_MODEL_FILES[1:]):
+        path = folder / name
+        if not _present(path):
+            continue
+        if not name.endswith(".index.json"):
+            return (path,)
+        shards = shard_files(path, root)
+        if not shards:
+            raise CheckpointError(f"{printable(str(path))}: its weight_map names no shard files; the index is damaged")
+        return tuple(shards)
     distributed = None if isinstance(folder, RemoteFolder) else deepspeed_files(folder) or dcp_files(folder)
     if distributed:
         return distributed
@@ -120,6 +157,33 @@ def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> t
     if safetensors:
         return tuple(safetensors)
     return tuple(files) if len(files) == 1 else None
+
+
+def _refusal(folder: Path | RemoteFolder) -> CheckpointError | None:
+    """Why *folder*, named with a number but yielding no weights, is not read; ``None`` where it looks like no
+    checkpoint (no step word in its name; no weight files, pickles, shard index or torch.distributed.checkpoint)."""
+    entries = sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
+    weights = [f.name for f in entries if _is_weight_file(f)]
+    distributed = [d.name for d in entries if d.is_dir() and (d / METADATA).exists()]
+    models = [name for name in distributed if not name.startswith("optim")]
+    if len(weights) > 1:
+        why = (f"{len(weights)} weight files ({', '.join(weights)}) and no model.safetensors.index.json or "
+               "pytorch_model.bin.index.json naming them shards of one model; restore the index or keep one file")
+    elif len(models) > 1:
+        why = (f"{len(models)} torch.distributed.checkpoint models ({', '.join(models)}), so which is the "
+               "checkpoint is not known; keep one")
+    else:
+        material = distributed or any(
+            f.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) or f.name in (METADATA, "trainer_state.json")
+            for f in entries
+        )
+        if not material and _STEP_WORD.search(folder.name) is None:
+            return None
+        held = ", ".join(f.name + "/" * f.is_dir() for f in entries[:8]) + (", ..." if len(entries) > 8 else "")
+        why = (f"no model weights (it holds {held or 'nothing'}; looked for {', '.join(_MODEL_FILES)}, a shard "
+               "index, a DeepSpeed or torch.distributed.checkpoint folder); optimizer, scheduler, RNG and "
+               "training-argument files are not the model. Restore the weights, or move the folder out of the run")
+    return CheckpointError(printable(f"{folder}: not a checkpoint: {why}"))
 
 
 def _top_level_files(folder: Path) -> list[Path]:
@@ -149,18 +213,20 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
         )
     found: list[Checkpoint] = []
     subdirs = sorted((d for d in src.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name))
+    named = steps is None  # explicit steps replace the names'
     for d in subdirs:
         if _NUMBER.search(d.name) is None:
             continue
         files = checkpoint_files(d)
         if files:
-            found.append(Checkpoint(str(d), files, step_from_name(d.name)))
+            found.append(Checkpoint(str(d), files, step_from_name(d.name, label=str(d)) if named else None))
+        elif (refusal := _refusal(d)) is not None:
+            raise refusal
     has_folders = bool(found)
     for f in _top_level_files(src):
-        step = step_from_name(f.stem)
-        if has_folders and step is None:
-            continue  # the final model beside checkpoint-<step>/ folders
-        found.append(Checkpoint(str(f), (f,), step))
+        if has_folders and _NUMBER.search(_SHARD.sub("", f.stem)) is None:
+            continue  # the final model (or its shards) beside checkpoint-<step>/ folders
+        found.append(Checkpoint(str(f), (f,), step_from_name(f.stem, label=str(f)) if named else None))
     if not found:
         raise NoCheckpointsError(
             f"{src}: no checkpoints found (looked for {', '.join('*' + s for s in WEIGHT_SUFFIXES)} "

@@ -32,7 +32,9 @@ import os
 import pickle
 import stat
 import struct
+import weakref
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import CheckpointError, InconsistentCheckpointsError, StepError, UnsafeCheckpointError
+from ..errors import CheckpointError, InconsistentCheckpointsError, StepError, UnsafeCheckpointError, printable
 from ..groups import natural_key
 from .sources import AHEAD_BYTES, RemoteFile, is_remote
 
@@ -139,6 +141,7 @@ class CheckpointReader:
     step_hint: int | None = None  # a step stored inside the file, if any
     _loaders: dict[str, object] = field(default_factory=dict, repr=False)
     _spans: _Spans | None = field(default=None, repr=False)  # a remote safetensors checkpoint's byte spans
+    _sources: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # name: (name in file, file)
 
     def read_on_into(self, following: CheckpointReader) -> None:
         """Let this checkpoint's read-ahead go on into the first tensors of *following* (the next
@@ -166,8 +169,9 @@ class CheckpointReader:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The first line of *exc*'s message, escaped: it may quote a name read from the file."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return printable(text[0]) if text else type(exc).__name__
 
 
 def require_regular_file(path: Path, error: type[Exception] = CheckpointError) -> None:
@@ -204,11 +208,19 @@ def _add(reader: CheckpointReader, raw: str, info_shape, dtype, loader, keys: Ke
             f"float32; leave it out with exclude={name!r}"
         )
     if name in reader.tensors:
+        first_raw, first_origin = reader._sources[name]
+        if first_raw == raw:
+            raise CheckpointError(
+                f"{origin}: tensor {raw!r} is also in {first_origin}; each tensor of a checkpoint must be saved "
+                "in one of its files only"
+            )
         raise InconsistentCheckpointsError(
-            f"{origin}: two tensors map to the name {name!r} after stripping prefixes {keys.strip}"
+            f"{origin}: tensors {first_raw!r} and {raw!r} both map to the name {name!r} after stripping prefixes "
+            f"{keys.strip}"
         )
     reader.tensors[name] = TensorInfo(name, tuple(int(s) for s in info_shape), dtype)
     reader._loaders[name] = loader
+    reader._sources[name] = (raw, origin)
 
 
 def _safetensors_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
@@ -250,6 +262,7 @@ _MAX_READ = 1 << 30
 
 def _read_safetensors(files: Sequence[Path], label: str, keys: KeyOptions) -> CheckpointReader:
     reader = CheckpointReader(label, {})
+    headers = []
     for path in files:
         require_regular_file(path)
         try:
@@ -260,6 +273,9 @@ def _read_safetensors(files: Sequence[Path], label: str, keys: KeyOptions) -> Ch
             data_start, spans = _safetensors_offsets(path)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file ({_one_line(exc)})") from None
+        headers.append((path, metadata, entries, data_start, spans))
+    _check_shard_index(files, [[k for k, _, _ in entries] for _, _, entries, _, _ in headers])
+    for path, metadata, entries, data_start, spans in headers:
         for step_key in ("step", "global_step"):
             step = _stored_step(metadata.get(step_key), step_key, path)
             reader.step_hint = step if step is not None else reader.step_hint
@@ -412,6 +428,7 @@ class _Spans:
 def _read_remote_safetensors(files: Sequence[RemoteFile], label: str, keys: KeyOptions) -> CheckpointReader:
     reader = CheckpointReader(label, {})
     spans = _Spans()
+    _check_remote_shard_index(files, [list(_safetensors_header(f)[1]) for f in files])
     for f in files:
         data_start, header, metadata = _safetensors_header(f)
         for step_key in ("step", "global_step"):
@@ -522,6 +539,12 @@ def _tensors_in(obj) -> list[tuple[str, torch.Tensor]]:
     return found
 
 
+# Storages of memory-mapped torch zips whose bytes are not yet checked against their record's CRC-32, with the
+# record: checked when a tensor on them is first read (:func:`_crc_checked`), so a checkpoint opened only for its
+# header is not read whole. Weak keys: an entry goes with its storage.
+_UNCHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _mmap_load(path: Path):
     """``torch.load(mmap=True)`` with each storage's record checked, else a plain load.
 
@@ -533,6 +556,12 @@ def _mmap_load(path: Path):
     record whose size differs from its storage's (naming the tensors on it),
     and load without mmap where a record is compressed or the records cannot
     be told apart.
+
+    torch checks no record's CRC-32. A mapped storage's is checked when one
+    of its tensors is first read (see ``_UNCHECKED``), in the pass that reads
+    its bytes anyway; where the file is loaded without mmap, every record's
+    is checked here, as Python's zipfile reads it (a second pass over a file
+    that is already rare: compressed records).
     """
     storages: dict[int, int] = {}
 
@@ -545,16 +574,52 @@ def _mmap_load(path: Path):
     records = _zip_records(path)
     mapped = None if records is None else _mapped_records(storages, records)
     if mapped is None or any(info.compress_type != zipfile.ZIP_STORED for info in mapped.values()):
+        if records is not None:
+            _check_record_crcs(path, records.values())
         return torch.load(path, map_location="cpu", weights_only=True)
+    tensors = [(w, t) for w, t in _tensors_in(obj) if t.layout == torch.strided and not t.is_meta]
     for ptr, info in mapped.items():
         if info.file_size != storages[ptr]:
-            names = [w for w, t in _tensors_in(obj) if t.untyped_storage().data_ptr() == ptr]
+            names = [w for w, t in tensors if t.untyped_storage().data_ptr() == ptr]
             raise CheckpointError(
                 f"{path}: tensor {' and '.join(map(repr, names)) or '(none)'} is stored in record "
                 f"{info.filename!r} of {info.file_size} bytes, but its storage takes {storages[ptr]}; "
                 "the file is damaged: save the checkpoint again"
             )
+    for _, t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in mapped:
+            _UNCHECKED[storage] = mapped[storage.data_ptr()]
     return obj
+
+
+def _check_record_crcs(path: Path, records) -> None:
+    """Read each zip record of *records* whole with Python's zipfile, which checks its CRC-32."""
+    with zipfile.ZipFile(path) as archive:
+        for info in records:
+            try:
+                with archive.open(info) as f:
+                    while f.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile as exc:
+                raise CheckpointError(
+                    f"{path}: record {info.filename!r} is damaged ({_one_line(exc)}); save or copy the checkpoint "
+                    "again"
+                ) from None
+
+
+def _crc_checked(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    """*t* (tensor *name* of *path*), once the bytes of its storage are found to match their record's CRC-32."""
+    storage = t.untyped_storage()
+    info = _UNCHECKED.pop(storage, None)
+    if info is not None:
+        data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        if zlib.crc32(data) != info.CRC:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is stored in record {info.filename!r}, whose bytes do not match the "
+                "CRC-32 the zip recorded for them; the file is damaged: save or copy the checkpoint again"
+            )
+    return t
 
 
 def _torch_load(path: Path):
@@ -603,29 +668,51 @@ def _state_dict(obj, path: Path) -> tuple[dict, int | None, bool]:
 
 def _read_torch(files: Sequence[Path], label: str, keys: KeyOptions) -> CheckpointReader:
     reader = CheckpointReader(label, {})
-    for path in files:
-        add_state_dict(reader, _torch_load(path), path, keys)
+    loaded = [_torch_load(path) for path in files]
+    _check_shard_index(files, [
+        [k for k, v in _state_dict(obj, path)[0].items() if isinstance(v, torch.Tensor)]
+        for path, obj in zip(files, loaded)
+    ])
+    for path, obj in zip(files, loaded):
+        add_state_dict(reader, obj, path, keys)
     return reader
 
 
 def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) -> None:
-    """Add the floating tensors of a loaded pickle *obj* (read from *path*) to *reader*."""
+    """Add the floating tensors of a loaded pickle *obj* (read from *path*) to *reader*.
+
+    Tied weights (one storage saved under several names with the same
+    offset, shape and strides) are one parameter: of the names selected by
+    *keys* (include / exclude), the first in the state dict's order is kept,
+    as ``save_pretrained`` keeps it. A name left out by the selection never
+    hides its tied twin. A selected floating tensor that is sparse or on the
+    meta device (which holds no values) is refused.
+    """
     state, step, lightning = _state_dict(obj, path)
     reader.step_hint = step if step is not None else reader.step_hint
     names = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
     prefix = keys.lightning_prefix
     strip_lightning = lightning and prefix and names and all(k.startswith(prefix) for k in names)
-    seen_storage: dict[tuple, str] = {}
+    seen_storage: set[tuple] = set()
     for key in names:
         t = state[key]
         raw = key[len(prefix) :] if strip_lightning else key
-        # Tied weights: the same storage saved under two names is one parameter.
-        if t.is_floating_point() and t.numel() > 0:
+        name = keys.canonical(raw)
+        if not t.is_floating_point() or not keys.selected(name):
+            continue
+        if t.is_meta or t.layout != torch.strided:
+            what = "on the meta device (it holds no values)" if t.is_meta else f"{str(t.layout)[6:]}, not dense"
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {what}; save its values as a dense tensor or leave it out with "
+                f"exclude={name!r}"
+            )
+        if t.numel() > 0:
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
             if ident in seen_storage:
                 continue
-            seen_storage[ident] = key
-        _add(reader, raw, t.shape, t.dtype, t, keys, str(path))
+            seen_storage.add(ident)
+        loader = (lambda t=t, name=name: _crc_checked(t, name, path)) if t.untyped_storage() in _UNCHECKED else t
+        _add(reader, raw, t.shape, t.dtype, loader, keys, str(path))
 
 
 def open_checkpoint(files: Sequence[Path | RemoteFile], label: str, keys: KeyOptions) -> CheckpointReader:
@@ -690,7 +777,100 @@ def shard_files(index: Path | RemoteFile, root: Path | None = None) -> list[Path
     return list(shards.values())
 
 
+# The shard index a checkpoint's files were listed from, by the suffix of its shards.
+_INDEX_NAMES = {".safetensors": "model.safetensors.index.json", ".bin": "pytorch_model.bin.index.json"}
+
+
+def _local_shard_index(files: Sequence[Path]) -> tuple[Path, dict[Path, str], dict[str, Path]] | None:
+    """The shard index *files* were listed from (by :func:`shard_files`), if any.
+
+    That is the index of their format in the nearest folder above them,
+    provided its weight map names exactly these files (resolved). Returned
+    with each file's name in the weight map and each tensor's file; ``None``
+    for files not listed from an index (one ``model.safetensors``, a folder
+    of unindexed files).
+    """
+    index_name = _INDEX_NAMES.get(files[0].suffix) if files else None
+    if index_name is None:
+        return None
+    folder = Path(os.path.commonpath([os.path.abspath(f.parent) for f in files]))
+    index = next((d / index_name for d in (folder, *folder.parents) if (d / index_name).is_file()), None)
+    if index is None:
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            return None
+        resolved = {name: (index.parent / name).resolve() for name in set(weight_map.values())}
+        ours = {f.resolve(): f for f in files}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, RuntimeError):
+        return None  # not the index the files were listed from: that one was read by shard_files
+    if set(resolved.values()) != set(ours):
+        return None
+    name_of: dict[Path, str] = {}
+    for name in sorted(resolved):
+        name_of.setdefault(ours[resolved[name]], name)
+    return index, name_of, {tensor: ours[resolved[name]] for tensor, name in weight_map.items()}
+
+
+def _check_shard_index(files: Sequence[Path], keys_in: Sequence[Sequence[str]]) -> None:
+    """Refuse shards that disagree with the index they were listed from.
+
+    *keys_in* holds the tensor names of each of *files*. Every tensor the
+    weight map lists must be in the shard it names, and every tensor of a
+    shard must be listed there: otherwise a tensor would be silently left
+    out, or read from a file the index does not vouch for.
+    """
+    found = _local_shard_index(files)
+    if found is None:
+        return
+    index, name_of, shard_of = found
+    _check_weight_map(str(index), {name_of[f]: keys for f, keys in zip(files, keys_in)},
+                      {tensor: name_of[f] for tensor, f in shard_of.items()})
+
+
+def _check_remote_shard_index(files: Sequence[RemoteFile], keys_in: Sequence[Sequence[str]]) -> None:
+    """As :func:`_check_shard_index`, for shards named by a remote index beside them."""
+    index_name = _INDEX_NAMES.get(files[0].suffix) if files else None
+    folder = files[0].parent if files else None
+    index = folder.children().get(index_name) if folder is not None and index_name is not None else None
+    if not isinstance(index, RemoteFile) or any(f.parent is not folder for f in files):
+        return
+    weight_map = _weight_map(index)
+    if not all(isinstance(v, str) for v in weight_map.values()) or {f.name for f in files} != set(weight_map.values()):
+        return
+    _check_weight_map(index.label, {f.name: keys for f, keys in zip(files, keys_in)}, weight_map)
+
+
+def _check_weight_map(index: str, keys_in: dict[str, Sequence[str]], weight_map: dict[str, str]) -> None:
+    """Tensors *keys_in* each shard (by its name in the index) against the index's *weight_map*."""
+    where: dict[str, str] = {}
+    for shard, keys in keys_in.items():
+        for key in keys:
+            if key in where:
+                raise CheckpointError(f"{index}: tensor {key!r} is in two shards, {where[key]!r} and {shard!r}")
+            where[key] = shard
+    for key, shard in where.items():
+        listed = weight_map.get(key)
+        if listed is None:
+            raise CheckpointError(
+                f"{index}: shard {shard!r} holds tensor {key!r}, which the weight_map does not list; "
+                "the index does not match its shards"
+            )
+        if listed != shard:
+            raise CheckpointError(
+                f"{index}: the weight_map puts tensor {key!r} in shard {listed!r}, but it is in {shard!r}"
+            )
+    for key, listed in weight_map.items():
+        if key not in where:
+            raise CheckpointError(
+                f"{index}: the weight_map puts tensor {key!r} in shard {listed!r}, which does not hold it"
+            )
+
+
 def _weight_map(index: RemoteFile) -> dict:
+    if "weight_map" in index.memo:
+        return index.memo["weight_map"]
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -699,6 +879,7 @@ def _weight_map(index: RemoteFile) -> dict:
         raise CheckpointError(
             f"{index.label}: 'weight_map' is a {type(weight_map).__name__}, not an object of tensor: file"
         )
+    index.memo["weight_map"] = weight_map
     return weight_map
 
 

@@ -1,0 +1,198 @@
+"""Discovery never drops, reorders or invents a checkpoint in silence: a folder or
+file it cannot make sense of is a one-line error naming it, and the store is
+left as it was; layouts it knows (the Trainer's pickles, its final model, log
+folders) are still read as before."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import snapshot
+from safetensors.torch import save_file
+
+import spectral_analyzer as sa
+from spectral_analyzer.ingest.discover import discover, order_by_step, step_from_name
+
+STEPS = [100, 200, 300]
+
+
+def _state(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {"a.weight": torch.randn(8, 8, generator=g), "b.weight": torch.randn(16, generator=g)}
+
+
+def _trainer_run(root: Path) -> Path:
+    """checkpoint-<step>/ folders as the HF Trainer writes them: the model and its optimizer."""
+    for step in STEPS:
+        d = root / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        save_file(_state(step), str(d / "model.safetensors"))
+        torch.save({"state": {}}, d / "optimizer.pt")
+    return root
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
+
+
+def _steps(src: Path) -> list[int]:
+    return [c.step for c in order_by_step(discover(src))]
+
+
+# -- a checkpoint folder without usable weights --------------------------------------------------------
+
+
+def _only_optimizer(d: Path) -> None:
+    (d / "model.safetensors").unlink()
+
+
+def _unindexed_shards(d: Path) -> None:
+    state = _state(200)
+    (d / "model.safetensors").unlink()
+    torch.save({"a.weight": state["a.weight"]}, d / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b.weight": state["b.weight"]}, d / "pytorch_model-00002-of-00002.bin")
+
+
+def _two_fsdp_models(d: Path) -> None:
+    (d / "model.safetensors").unlink()
+    with warnings.catch_warnings():  # torch: "torch.distributed is disabled ... assuming a single process"
+        warnings.simplefilter("ignore")
+        for i in (0, 1):
+            dcp.save({"model": _state(200 + i)}, checkpoint_id=d / f"pytorch_model_fsdp_{i}", no_dist=True)
+
+
+@pytest.mark.parametrize(
+    "damage, pattern",
+    [
+        (_only_optimizer, r"checkpoint-200: not a checkpoint: no model weights \(it holds optimizer.pt;"),
+        (_unindexed_shards, r"checkpoint-200: not a checkpoint: 2 weight files \(pytorch_model-00001-of-00002.bin"),
+        (_two_fsdp_models, r"checkpoint-200: not a checkpoint: 2 torch.distributed.checkpoint models"),
+    ],
+)
+def test_stepped_folder_without_one_model_is_refused_not_skipped(tmp_path, damage, pattern):
+    src = _trainer_run(tmp_path / "run")
+    damage(src / "checkpoint-200")
+    with pytest.raises(sa.CheckpointError, match=pattern) as exc:
+        discover(src)
+    assert str(src / "checkpoint-200") in _one_line(exc)
+
+
+def test_shard_index_naming_no_files_is_refused(tmp_path):
+    src = _trainer_run(tmp_path / "run")
+    d = src / "checkpoint-200"
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    with pytest.raises(sa.CheckpointError, match="names no shard files") as exc:
+        discover(src)
+    assert str(d / "model.safetensors.index.json") in _one_line(exc)
+
+
+@pytest.mark.parametrize("layout", ["folder", "top-level file"])
+def test_weight_file_linking_to_nothing_is_listed_then_refused_with_its_name(tmp_path, layout):
+    src = tmp_path / "run"
+    if layout == "folder":
+        _trainer_run(src)
+        link = src / "checkpoint-200" / "model.safetensors"
+    else:
+        src.mkdir()
+        for step in STEPS:
+            save_file(_state(step), str(src / f"step_{step}.safetensors"))
+        link = src / "step_200.safetensors"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone" / "blob")
+    found = order_by_step(discover(src))
+    assert [c.step for c in found] == STEPS and found[1].files == (link,)
+    with pytest.raises(sa.CheckpointError, match="cannot read") as exc:
+        sa.ingest(src, tmp_path / "r.zarr")
+    assert str(link) in _one_line(exc)
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_checkpoint_without_weights_is_not_appended_around(tmp_path, hf_copy):
+    store = tmp_path / "run.zarr"
+    sa.ingest(hf_copy, store)
+    before = snapshot(store)
+    for step in (35, 40):
+        shutil.copytree(hf_copy / "checkpoint-30", hf_copy / f"checkpoint-{step}")
+    (hf_copy / "checkpoint-35" / "model.safetensors").unlink()
+    with pytest.raises(sa.CheckpointError, match="checkpoint-35: not a checkpoint"):
+        sa.ingest(hf_copy, store)
+    assert snapshot(store) == before
+
+
+def test_folders_that_are_not_checkpoints_are_still_passed_over(tmp_path):
+    src = _trainer_run(tmp_path / "run")
+    (src / "runs" / "Jan01_00-00-00_host").mkdir(parents=True)  # the Trainer's TensorBoard logs
+    (src / "runs" / "Jan01_00-00-00_host" / "events.out.tfevents.1.host.2.0").write_bytes(b"")
+    (src / "eval_2").mkdir()
+    (src / "eval_2" / "results.json").write_text("{}")
+    (src / "wandb_1").mkdir()
+    assert _steps(src) == STEPS
+
+
+# -- steps in names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ckpt_1k", "step2B", "checkpoint-3M", "model_7b"])
+def test_step_followed_by_a_letter_is_refused(name):
+    with pytest.raises(sa.StepError, match=f"{name}: .* is a number followed by letters"):
+        step_from_name(name)
+
+
+@pytest.mark.parametrize(
+    "name, step",
+    [("stage1-step1000-tokens4B", 1000), ("model-00002-of-00002", None), ("step_100-00001-of-00002", 100)],
+)
+def test_step_is_never_a_token_count_or_a_shard_number(name, step):
+    assert step_from_name(name) == step
+
+
+def test_abbreviated_steps_are_refused_not_misordered(tmp_path):
+    for name in ("ckpt_500", "ckpt_1k", "ckpt_2k"):
+        save_file(_state(0), str(tmp_path / f"{name}.safetensors"))
+    with pytest.raises(sa.StepError) as exc:
+        discover(tmp_path)
+    assert str(tmp_path / "ckpt_1k.safetensors") in _one_line(exc) and "ckpt_1000" in str(exc.value)
+
+
+# -- the Trainer's final model, a stale index --------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_final_sharded_model_beside_checkpoint_folders_is_left_out(tmp_path, n_shards):
+    src = _trainer_run(tmp_path / "run")
+    state, weight_map = _state(300), {}
+    for i, name in enumerate(["a.weight", "b.weight"]):
+        shard = f"model-{min(i, n_shards - 1) + 1:05d}-of-{n_shards:05d}.safetensors"
+        weight_map[name] = shard
+    for shard in set(weight_map.values()):
+        save_file({k: state[k] for k, s in weight_map.items() if s == shard}, str(src / shard))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    found = order_by_step(discover(src))
+    assert [c.step for c in found] == STEPS
+    assert [Path(c.label).name for c in found] == [f"checkpoint-{s}" for s in STEPS]
+
+
+def test_top_level_shards_alone_have_no_step(tmp_path):
+    for i in (1, 2):
+        save_file(_state(i), str(tmp_path / f"model-0000{i}-of-00002.safetensors"))
+    with pytest.raises(sa.StepError, match="model-00001-of-00002.safetensors: no step in its name"):
+        order_by_step(discover(tmp_path))
+
+
+def test_stale_bin_index_beside_safetensors_is_not_read(tmp_path):
+    src = _trainer_run(tmp_path / "run")
+    d = src / "checkpoint-200"
+    (d / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "pytorch_model-00001-of-00002.bin"}})
+    )
+    found = order_by_step(discover(src))
+    assert found[1].files == (d / "model.safetensors",)
