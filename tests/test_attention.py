@@ -110,6 +110,9 @@ def stored(layout: str, q, k, v, o) -> dict[str, np.ndarray]:
                 "gpt_neox.layers.2.attention.dense.weight": O}
     if layout == "gpt2":  # Conv1D: y = x @ W, W (in, out); q, k, v along the columns
         return {"h.0.attn.c_attn.weight": np.hstack([Q.T, K.T, V.T]), "h.0.attn.c_proj.weight": O.T}
+    if layout == "bigcode":  # GPT-BigCode's nn.Linear c_attn (3E, E), per head q then k then v rows
+        return {"transformer.h.0.attn.c_attn.weight": np.concatenate([q, k, v], axis=1).reshape(3 * heads * d, n),
+                "transformer.h.0.attn.c_proj.weight": O}
     if layout == "nanogpt":  # nn.Linear c_attn (3E, E), c_proj (E, E)
         return {"transformer.h.0.attn.c_attn.weight": np.vstack([Q, K, V]), "transformer.h.0.attn.c_proj.weight": O}
     raise AssertionError(layout)
@@ -123,7 +126,9 @@ LAYOUTS = {  # test layout: (layout recognised, heads, kv_heads, d_head, d_model
     "neox": ("neox_packed", 4, 4, 4, 16),
     "gpt2": ("conv1d_packed", 2, 2, 6, 12),
     "nanogpt": ("linear_packed", 3, 3, 4, 12),
+    "bigcode": ("neox_packed", 3, 3, 4, 12),  # told apart from nanogpt by the config's model_type
 }
+MODEL_TYPES = {"bigcode": "gpt_bigcode", "nanogpt": "gpt2"}
 
 
 @pytest.mark.parametrize("case", LAYOUTS)
@@ -132,7 +137,8 @@ def test_every_layout_against_explicit_products_per_head(case):
     rng = np.random.default_rng(len(case))
     blocks = heads_blocks(rng, heads, kv_heads, d, n)
     tensors = stored(case.removesuffix("_gqa"), *blocks)
-    (layer,), (got,) = spectra_of(tensors, config={"num_attention_heads": heads})
+    config = {"num_attention_heads": heads, "model_type": MODEL_TYPES.get(case, "other")}
+    (layer,), (got,) = spectra_of(tensors, config=config)
     assert (layer.layout, layer.heads, layer.kv_heads, layer.d_head, layer.d_model) == (layout, heads, kv_heads, d, n)
     assert got["qk_sigma"].shape == (heads, d)
     assert_spectra(got, dense_circuits(*blocks))
@@ -143,6 +149,88 @@ def test_every_layout_against_explicit_products_per_head(case):
         np.testing.assert_array_equal(w_q[h * d : (h + 1) * d], blocks[0][h])
         np.testing.assert_array_equal(w_k[(h // group) * d : (h // group + 1) * d], blocks[1][h // group])
         np.testing.assert_array_equal(w_o[:, h * d : (h + 1) * d], blocks[3][h])
+
+
+def _run_of(tmp_path, tensors: dict[str, np.ndarray], config: dict, n: int = 3) -> sa.Run:
+    """A run of *n* checkpoints of *tensors*, each moved by noise, with a config.json beside them."""
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(5)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    for i in range(n):
+        state = {k: torch.from_numpy((v + 0.1 * i * rng.standard_normal(v.shape)).astype(np.float32))
+                 for k, v in tensors.items()}
+        save_file(state, str(src / f"step_{i}.safetensors"))
+        if i == n - 1:
+            last = {k: t.double().numpy() for k, t in state.items()}
+    return sa.ingest(src, tmp_path / "r.zarr"), last
+
+
+def _assert_sigma(ws, matrix: str, block: np.ndarray) -> None:
+    """Against the source weights: theta rebuilt from float32 deltas carries their rounding (~1e-8)."""
+    want = np.linalg.svd(block, compute_uv=False)
+    got = ws["sigma"].sel(matrix=matrix).values[-1][: want.size]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * want[0])
+
+
+def test_weight_spectra_split_each_projection_into_the_heads_it_has(tmp_path):
+    """Grouped-query attention, 6 query heads sharing 2 key/value heads of 3 rows: heads=6 gives W_Q's six row
+    blocks, W_K's and W_V's two (kv head g), and W_O's six column blocks (what each head writes through);
+    a matrix that is no attention projection stays whole."""
+    rng = np.random.default_rng(2)
+    tensors = stored("llama", *heads_blocks(rng, 6, 2, 3, 16))
+    tensors["model.layers.0.mlp.up_proj.weight"] = rng.standard_normal((12, 16))
+    run, last = _run_of(tmp_path, tensors, {"num_attention_heads": 6, "num_key_value_heads": 2})
+    ws = run.weight_spectra(heads=6)
+    p = "model.layers.0.self_attn"
+    names = list(ws["matrix"].values)
+    assert [n for n in names if n.startswith(f"{p}.k_proj")] == [f"{p}.k_proj.weight[kv head {g}]" for g in (0, 1)]
+    assert "model.layers.0.mlp.up_proj.weight" in names
+    for h in range(6):
+        _assert_sigma(ws, f"{p}.q_proj.weight[head {h}]", last[f"{p}.q_proj.weight"][3 * h : 3 * h + 3])
+        _assert_sigma(ws, f"{p}.o_proj.weight[head {h}]", last[f"{p}.o_proj.weight"][:, 3 * h : 3 * h + 3])
+    for g in range(2):
+        _assert_sigma(ws, f"{p}.v_proj.weight[kv head {g}]", last[f"{p}.v_proj.weight"][3 * g : 3 * g + 3])
+    with pytest.raises(sa.SelectionError, match="none of the matched matrices is one"):
+        run.weight_spectra("*up_proj*", heads=6)
+
+
+@pytest.mark.parametrize("case", ["neox", "bigcode"])
+def test_weight_spectra_of_per_head_packings_split_q_k_v_as_the_model_does(case, tmp_path):
+    """GPT-NeoX's query_key_value and GPT-BigCode's c_attn interleave q, k, v per head: with the config's head
+    count, [q] is every head's q rows (the grokking summary's W_Q); without it the tensor stays whole."""
+    rng = np.random.default_rng(3)
+    q, k, v, o = heads_blocks(rng, 4, 4, 3, 12)
+    tensors = stored(case, q, k, v, o)
+    packed = next(n for n in tensors if n.endswith(("query_key_value.weight", "c_attn.weight")))
+    run, last = _run_of(tmp_path, tensors, {"num_attention_heads": 4, "model_type": MODEL_TYPES.get(case, case)})
+    ws = run.weight_spectra(packed)
+    assert list(ws["matrix"].values) == [f"{packed}[{part}]" for part in "qkv"]
+    per_head = last[packed].reshape(4, 3, 3, 12)
+    for i, part in enumerate("qkv"):
+        _assert_sigma(ws, f"{packed}[{part}]", per_head[:, i].reshape(12, 12))
+    assert find_wq(run.store, None) == f"{packed}[q]"
+    (layer,) = find_attention_layers({n: t.shape for n, t in last.items()}, config=run.provenance["model_config"])
+    assert layer.layout == "neox_packed" and layer.query == f"{packed}[q]"
+
+
+def test_heads_wider_than_the_model(tmp_path):
+    """d_head > d_model (head_dim set apart from the width, or heads=1 on a wide W_Q): each head's circuits have
+    rank d_model, the rest NaN."""
+    rng = np.random.default_rng(4)
+    q, k, v, o = heads_blocks(rng, 2, 2, 8, 6)
+    run, last = _run_of(tmp_path, stored("llama", q, k, v, o), {"num_attention_heads": 2})
+    ds = run.attention_spectra()
+    assert ds.sizes["rank"] == 8
+    got = ds["qk_sigma"].values[-1, 0]
+    assert np.isnan(got[:, 6:]).all()
+    p = "model.layers.0.self_attn"
+    for h in range(2):
+        qk = last[f"{p}.q_proj.weight"][8 * h : 8 * h + 8].T @ last[f"{p}.k_proj.weight"][8 * h : 8 * h + 8]
+        want = np.linalg.svd(qk, compute_uv=False)
+        np.testing.assert_allclose(got[h, :6], want, rtol=0, atol=1e-6 * want[0])
 
 
 def test_head_count_from_the_config_or_given_and_refused_with_the_tensor_named():

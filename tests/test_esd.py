@@ -12,6 +12,7 @@ import torch
 from scipy import optimize
 
 from spectral_analyzer.weights.esd import (
+    EVALS_THRESHOLD,
     MIN_EVALS,
     SMALL_N,
     esd_summary,
@@ -120,6 +121,20 @@ def test_power_law_fit_matches_wwfit_on_small_and_large_samples():
             alpha, xmin, d, n_tail = power_law_fit(lam)
             assert xmin == fit.xmin and n_tail == np.count_nonzero(lam >= fit.xmin), n
             np.testing.assert_allclose([alpha, d], [fit.alpha, fit.D], rtol=RTOL_WW, err_msg=str(n))
+
+
+@pytest.mark.parametrize("rank", [2, 5, 7])
+def test_a_matrix_of_low_rank_is_fitted_as_weightwatcher_does(rank):
+    """16 eigenvalues (WW analyses the matrix) of which only *rank* exceed its threshold: no tail of 8 exists,
+    and WWFit falls back to the whole set above the threshold as the tail."""
+    WWFit = _weightwatcher("weightwatcher.WW_powerlaw").WWFit
+    rng = np.random.default_rng(rank)
+    lam = _sigma(rng.standard_normal((40, rank)) @ rng.standard_normal((rank, 16))) ** 2
+    with contextlib.redirect_stdout(io.StringIO()):
+        fit = WWFit(lam[lam > EVALS_THRESHOLD])  # WW thresholds before fitting
+    alpha, xmin, d, n_tail = power_law_fit(lam)
+    assert np.isfinite(alpha) and xmin == fit.xmin and n_tail == rank
+    np.testing.assert_allclose([alpha, d], [fit.alpha, fit.D], rtol=RTOL_WW)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.5, 4.0])

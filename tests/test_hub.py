@@ -113,7 +113,8 @@ def test_revisions_are_bit_identical_to_the_same_tensors_in_local_safetensors(re
     same_bits(run, local[1])
     assert run.n_params == local[1].n_params  # the bool causal-mask buffers are not parameters
     assert run.provenance["source"] == f"hf://{repo}"
-    assert run.provenance["model_config"] == {"num_attention_heads": 4, "hidden_size": 16, "num_hidden_layers": 1}
+    assert run.provenance["model_config"] == {"num_attention_heads": 4, "hidden_size": 16, "num_hidden_layers": 1,
+                                             "model_type": "gpt_neox"}
     record = run.provenance["hub"]
     assert record["repo"] == repo and record["endpoint"] == hub.url
     assert record["config"]["architectures"] == ["GPTNeoXForCausalLM"]

@@ -111,7 +111,8 @@ def test_cache_ingests_every_revision_bit_identical(pythia, tmp_path):
         assert all(Path(os.path.realpath(f["path"])).name == f["sha256"] for f in s["files"])
     hub = run.provenance["hub_cache"]
     assert hub["repo"] == "EleutherAI/pythia-tiny" and hub["config"] == CONFIG
-    assert run.provenance["model_config"] == {"num_attention_heads": 2, "hidden_size": 8, "num_hidden_layers": 1}
+    assert run.provenance["model_config"] == {"num_attention_heads": 2, "hidden_size": 8, "num_hidden_layers": 1,
+                                             "model_type": "gpt_neox"}
     assert hub["left_out"] == [{"revision": "refs/pr/1", "commit": _commit("pr"), "reason": "no step in the revision name"}]
 
 

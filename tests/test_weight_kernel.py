@@ -289,3 +289,23 @@ def test_thread_counts_set_by_blocks_in_several_threads_come_back_whatever_order
             assert torch.get_num_threads() == 2
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e-140, 1e140, 1e160])
+def test_entries_near_the_limits_of_float64_keep_the_tolerance(scale):
+    """Grams of entries of 1e-160 would underflow and of 1e+160 overflow: such matrices are scaled to entries of
+    at most 1 first, by the batched (device) path too, and by the top-k iteration."""
+    from spectral_analyzer.weights.kernel import TOP_TOLERANCE, _gram_batch, top_singular_values
+
+    rng = np.random.default_rng(9)
+    w = _planted(120, 300, 1e4, rng) * scale
+    spiked = _spiked(2000, 300, [40, 25, 20, 12, 8], rng) * scale
+    ref = np.linalg.svd(w, compute_uv=False)
+    (got,) = singular_values([w])
+    np.testing.assert_array_less(np.abs(got - ref), TOLERANCE * ref[0])
+    batched, fallback = _gram_batch(torch.from_numpy(np.stack([w, w / scale])))
+    assert not bool(fallback.any())
+    np.testing.assert_array_less(np.abs(batched[0].numpy() - ref), TOLERANCE * ref[0])
+    want = np.linalg.svd(spiked, compute_uv=False)[:4]
+    top = top_singular_values(torch.from_numpy(spiked), 4)
+    assert top is not None and np.max(np.abs(top.numpy() - want)) <= TOP_TOLERANCE * want[0]

@@ -5,11 +5,13 @@ the attention-circuit spectra need the head count, which the weights' shapes
 do not tell. Only positive integer fields named in :data:`FIELDS` are kept.
 A missing, unreadable, oversized or malformed ``config.json`` is no error:
 the run is ingested as before, and the head count must then be given.
+``model_type`` is kept beside them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,18 +33,27 @@ FIELDS = (
 MAX_BYTES = 1 << 20  # a config.json is a few kB; a larger file is not one
 
 
-def attention_config(config: Mapping[str, Any]) -> dict[str, int]:
-    """The positive integer :data:`FIELDS` of *config* (booleans are not integers here).
+def attention_config(config: Mapping[str, Any]) -> dict[str, int | str]:
+    """The positive integer :data:`FIELDS` of *config* (booleans are not integers here), and its
+    ``model_type`` (a short name of letters, digits, ``_`` and ``-``: it tells packings apart that shapes
+    cannot, such as GPT-BigCode's ``c_attn`` from nanoGPT's).
 
     Examples
     --------
-    >>> attention_config({"n_head": 12, "n_embd": 768, "activation_function": "gelu_new", "use_cache": True})
-    {'n_head': 12, 'n_embd': 768}
+    >>> attention_config({"n_head": 12, "n_embd": 768, "activation_function": "gelu_new", "use_cache": True,
+    ...                   "model_type": "gpt2"})
+    {'n_head': 12, 'n_embd': 768, 'model_type': 'gpt2'}
     """
-    return {k: v for k in FIELDS if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0}
+    out: dict[str, int | str] = {
+        k: v for k in FIELDS if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0
+    }
+    kind = config.get("model_type")
+    if isinstance(kind, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", kind):
+        out["model_type"] = kind
+    return out
 
 
-def read_model_config(folders: Sequence[Path]) -> dict[str, int]:
+def read_model_config(folders: Sequence[Path]) -> dict[str, int | str]:
     """:func:`attention_config` of the first readable ``config.json`` among *folders*; empty if none."""
     for folder in folders:
         path = Path(folder) / "config.json"

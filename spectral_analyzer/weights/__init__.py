@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
@@ -18,16 +18,17 @@ from ..store import Store, TensorEntry
 from ..attributes import describe
 from ..threads import torch_threads
 from .esd import esd_summary
-from .circuits import compute_attention_spectra
+from .circuits import compute_attention_spectra, model_config
 from .grok import compute_qk_grokking, grok_point
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
+from .layouts import head_blocks, interleaved_packing
 from .streaming import GROUP_BYTES, Scratch, tensor_groups, thetas
 
 __all__ = ["WQ_PATTERNS", "compute_attention_spectra", "compute_grokking", "compute_qk_grokking",
            "compute_weight_spectra", "expert_matrices", "find_wq", "select_weights"]
 
 WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.weight", "*attn.q.weight",
-               "*c_attn.weight[q]")
+               "*c_attn.weight[q]", "*query_key_value.weight[q]")
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
@@ -57,12 +58,21 @@ def expert_matrices(manifest: Sequence[TensorEntry]) -> list[TensorEntry]:
     return out
 
 
-def select_weights(manifest: Sequence[TensorEntry], match) -> list[tuple[TensorEntry, list[str]]]:
-    """2-D tensors (and experts' matrices) to reconstruct, each with the names of the matrices taken from it."""
+def packing_of(store: Store, heads: int | None = None) -> dict[str, int]:
+    """The store's tensors packed per head (:func:`~.layouts.interleaved_packing`), with their head count."""
+    return interleaved_packing({t.name: tuple(t.shape) for t in store.manifest}, model_config(store), heads)
+
+
+def select_weights(manifest: Sequence[TensorEntry], match, packing: Mapping[str, int] | None = None
+                   ) -> list[tuple[TensorEntry, list[str]]]:
+    """2-D tensors (and experts' matrices) to reconstruct, each with the names of the matrices taken from it
+    (*packing*: the tensors packed per head, with their head count, split by :func:`split_packed`)."""
     globs = None if match is None else ([match] if isinstance(match, str) else list(match))
+    packing = packing or {}
     picked = []
     for t in expert_matrices(manifest):
-        parts = [n for n, _ in split_packed(t.name, np.empty(t.shape, dtype=np.bool_))]
+        shape_only = np.broadcast_to(np.False_, t.shape)
+        parts = [n for n, _ in split_packed(t.name, shape_only, packing.get(t.name))]
         if globs is not None and not _matches(t.name, globs):
             parts = [n for n in parts if _matches(n, globs)]
         if parts:
@@ -73,16 +83,14 @@ def select_weights(manifest: Sequence[TensorEntry], match) -> list[tuple[TensorE
     return picked
 
 
-def _check_heads(origin: str, picked: list[tuple[TensorEntry, list[str]]], heads: int) -> None:
-    """Refuse a head count that does not split the rows of every picked matrix into equal blocks."""
-    for t, parts in picked:
-        shape_only = np.broadcast_to(np.False_, t.shape)  # split_packed's slices, without memory
-        for name, m in split_packed(t.name, shape_only):
-            if name in parts and m.shape[0] % heads:
-                raise SelectionError(
-                    f"{origin}: '{name}' has {m.shape[0]} rows, which do not split into {heads} heads; give the "
-                    f"model's head count (a divisor of {m.shape[0]}) and match only its attention projections"
-                )
+def _head_plan(store: Store, picked, heads: int) -> dict[str, tuple[int, int, str]]:
+    """How each picked attention projection splits into heads (:func:`~.layouts.head_blocks`); refused in one
+    line when none of the picked matrices is one."""
+    plan = head_blocks({t.name: tuple(t.shape) for t in store.manifest}, model_config(store), heads, store.path)
+    if not any(n in plan for _, parts in picked for n in parts):
+        raise SelectionError(f"{store.path}: heads={heads} splits attention projections (W_Q, W_K, W_V, W_O) into "
+                             "heads, and none of the matched matrices is one")
+    return plan
 
 
 def compute_weight_spectra(
@@ -102,22 +110,22 @@ def compute_weight_spectra(
     if cache and (cached := store.read_result(name)) is not None:
         return cached
     manifest = sorted(store.manifest, key=lambda t: t.offset)
-    picked = select_weights(manifest, match)
-    if heads:
-        _check_heads(store.path, picked, heads)
-    recorded = _from_record(store, picked, heads)
+    packing = packing_of(store, heads)
+    picked = select_weights(manifest, match, packing)
+    plan = _head_plan(store, picked, heads) if heads else None
+    recorded = _from_record(store, picked, plan)
     if recorded is not None:
         names, sigma = recorded
         frobenius2 = None
         source = "recorded at ingest from the source tensors"
     else:
-        names, sigma, frobenius2 = _reconstruct(store, picked, heads, device, progress, top)
+        names, sigma, frobenius2 = _reconstruct(store, picked, plan, packing, device, progress, top)
         source = "theta_i = base + sum_{k<=i} d_k, float64 accumulation of float32 deltas"
     rank = sigma.shape[-1]
     keep = min(rank, top) if top else rank
     stats = matrix_stats(sigma, frobenius2)
     if not top:  # the ESD summaries need every singular value
-        shapes = dict(_matrix_shapes(picked, heads))
+        shapes = dict(_matrix_shapes(picked, plan, packing))
         esd = esd_summary(sigma, np.array([shapes[n] for n in names]).reshape(len(names), 2))
         esd["pl_alpha"] = esd.pop("alpha")  # "alpha" is the paper's stability coefficient elsewhere
         stats.update((k, v) for k, v in esd.items() if k != "stable_rank")
@@ -145,12 +153,13 @@ def compute_weight_spectra(
     return ds
 
 
-def _matrix_shapes(picked, heads: int | None) -> list[tuple[str, tuple[int, int]]]:
+def _matrix_shapes(picked, plan=None, packing=None) -> list[tuple[str, tuple[int, int]]]:
     """Each picked matrix's name and shape, from views of a zero of each tensor's shape (no memory)."""
-    return [(n, m.shape) for n, m in matrices_of(picked, [np.broadcast_to(np.float64(0), (t.size,)) for t, _ in picked], heads)]
+    zeros = [np.broadcast_to(np.float64(0), (t.size,)) for t, _ in picked]
+    return [(n, m.shape) for n, m in matrices_of(picked, zeros, plan, packing)]
 
 
-def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np.ndarray] | None:
+def _from_record(store: Store, picked, heads) -> tuple[list[str], np.ndarray] | None:
     """The recorded singular values of the picked matrices, if the ingest recorded them all."""
     record = store.weights.info()
     if record is None or heads:
@@ -168,7 +177,7 @@ def _from_record(store: Store, picked, heads: int | None) -> tuple[list[str], np
 
 
 def _reconstruct(
-    store: Store, picked, heads: int | None, device: str, progress: bool, top: int | None = None
+    store: Store, picked, plan, packing, device: str, progress: bool, top: int | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
     """Singular values (the *top* ones, if given) of the picked matrices rebuilt from base + deltas at every
     checkpoint, and with *top* their squared Frobenius norms.
@@ -177,7 +186,7 @@ def _reconstruct(
     each checkpoint's matrices decomposed while the next delta row is read.
     """
     dev = resolve_device(device)
-    layout = _matrix_shapes(picked, heads)
+    layout = _matrix_shapes(picked, plan, packing)
     names = [n for n, _ in layout]
     column = {n: j for j, n in enumerate(names)}
     rank = max(min(shape) for _, shape in layout)
@@ -204,7 +213,7 @@ def _reconstruct(
             for group in tensor_groups([t for t, _ in picked]):
                 members = [picked[i] for i in group]
                 for k, flats in enumerate(thetas(store, [t for t, _ in members], scratch)):
-                    mats = matrices_of(members, flats, heads)
+                    mats = matrices_of(members, flats, plan, packing)
                     if top:  # the full spectrum gives ||W||_F^2 as the sum of sigma_j^2
                         for name, m in mats:
                             frobenius2[k, column[name]] = np.einsum("ij,ij->", m, m)
@@ -229,22 +238,26 @@ def _held_bytes(device) -> int:
     return 0 if device.type == "cpu" else GROUP_BYTES
 
 
-def matrices_of(picked, flats, heads: int | None = None) -> list[tuple[str, np.ndarray]]:
-    """The named matrices of the picked tensors, given each tensor's flat values."""
+def matrices_of(picked, flats, plan: Mapping[str, tuple[int, int, str]] | None = None,
+                packing: Mapping[str, int] | None = None) -> list[tuple[str, np.ndarray]]:
+    """The named matrices of the picked tensors, given each tensor's flat values; with *plan*
+    (:func:`~.layouts.head_blocks`) each attention projection in it as its heads."""
+    plan, packing = plan or {}, packing or {}
     mats: list[tuple[str, np.ndarray]] = []
     for (t, parts), flat in zip(picked, flats):
-        for part_name, m in split_packed(t.name, flat.reshape(t.shape)):
+        for part_name, m in split_packed(t.name, flat.reshape(t.shape), packing.get(t.name)):
             if part_name in parts:
-                mats.extend(split_heads(part_name, m, heads) if heads else [(part_name, m)])
+                mats.extend(split_heads(part_name, m, *plan[part_name]) if part_name in plan else [(part_name, m)])
     return mats
 
 
 def find_wq(store: Store, wq: str | None) -> str | None:
     """The query matrix the attention analysis uses: the first matching *wq* (a glob), or the usual names."""
     names = []
+    packing = packing_of(store)
     for t in store.manifest:
         if len(t.shape) == 2:
-            names += [n for n, _ in split_packed(t.name, np.empty(t.shape, dtype=np.bool_))]
+            names += [n for n, _ in split_packed(t.name, np.broadcast_to(np.False_, t.shape), packing.get(t.name))]
     names.sort(key=natural_key)
     globs = [wq] if wq else list(WQ_PATTERNS)
     hits = [n for n in names if _matches(n, globs)]

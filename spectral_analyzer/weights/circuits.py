@@ -88,7 +88,7 @@ def _circuits(store: Store, layers: list[AttentionLayer], device: str) -> dict[s
                 parts = [[i] for i in members] if dev.type == "cpu" else [members]
                 for part, values in zip(parts, one_thread_each(spectra, parts)):
                     for key, value in values.items():
-                        out[key][s, part, :h, :d] = value
+                        out[key][s, part, :h, : value.shape[-1]] = value  # rank min(d_head, d_model)
     return out
 
 

@@ -155,9 +155,11 @@ def power_law_fit(lam: np.ndarray) -> tuple[float, float, float, float]:
     if alpha_i <= 1). xmin is the first ``x_i`` of least D_i. WW has no
     minimum tail size here: tails of 2 values are candidates.
 
-    For ``MIN_EVALS <= n < SMALL_N`` (8 <= n < 20), WWFit's small-sample
-    fit: tails of at least 8 values only, and the bias-corrected
-    ``alpha_i = 1 + (t - 1) / sum_{j>=i} log(x_j / x_i)``. xmin is again the
+    For ``n < SMALL_N`` (n < 20 values above the threshold), WWFit's
+    small-sample fit: tails of at least 8 values only, and the bias-corrected
+    ``alpha_i = 1 + (t - 1) / sum_{j>=i} log(x_j / x_i)``; where no tail of 8
+    exists (a matrix of rank 2 to 7, say), the whole set is the tail, as
+    WWFit falls back to. xmin is again the
     first minimum of D_i: WWFit's small-sample routine picks the minimum of
     ``D_i - 0.868 / sqrt(t)``, but ``WWFit.__init__`` then replaces its
     choice with ``argmin(D)`` for every fit, and that is what WW reports.
@@ -174,9 +176,9 @@ def power_law_fit(lam: np.ndarray) -> tuple[float, float, float, float]:
     -------
     alpha, xmin, ks_distance, n_tail : float
         ``n_tail`` is WW's ``num_pl_spikes``, the number of eigenvalues
-        ``>= xmin``. All NaN when fewer than ``MIN_EVALS`` eigenvalues exceed
-        ``EVALS_THRESHOLD`` (WW skips layers with fewer than 8 eigenvalues)
-        or when no finite alpha exists (a tail of equal values).
+        ``>= xmin``. All NaN for fewer than ``MIN_EVALS`` eigenvalues in all
+        (WW skips such a matrix), fewer than 2 above ``EVALS_THRESHOLD``, or
+        when no finite alpha exists (a tail of equal values).
 
     Examples
     --------
@@ -185,9 +187,12 @@ def power_law_fit(lam: np.ndarray) -> tuple[float, float, float, float]:
     >>> bool(abs(alpha - 2.5) < 3 * 1.5 / np.sqrt(n))
     True
     """
-    x = np.sort(lam[np.isfinite(lam) & (lam > EVALS_THRESHOLD)])
+    finite = lam[np.isfinite(lam)]
+    if finite.size < MIN_EVALS:  # WW skips a matrix of fewer than MIN_EVALS eigenvalues
+        return np.nan, np.nan, np.nan, np.nan
+    x = np.sort(finite[finite > EVALS_THRESHOLD])
     n = x.size
-    if n < MIN_EVALS:
+    if n < 2:
         return np.nan, np.nan, np.nan, np.nan
     small = n < SMALL_N
     log_x = np.log(x)
@@ -200,6 +205,8 @@ def power_law_fit(lam: np.ndarray) -> tuple[float, float, float, float]:
     valid = alpha > 1
     if small:
         valid &= (t >= MIN_EVALS) & (s > 1e-12)
+        if not valid.any():  # WWFit's fallback: the whole set as the tail
+            valid[0] = s[0] > 1e-12
     ks = np.ones(n - 1)
     flat = valid & np.isinf(alpha)  # x_j / x_i = 1 over the tail: the fitted CDF is 0 there
     ks[flat] = (t[flat] - 1) / t[flat]

@@ -11,7 +11,7 @@ from ..threads import one_thread_each
 __all__ = ["batch_limit", "matrix_stats", "singular_values", "split_packed", "top_singular_values"]
 
 
-def split_packed(name: str, weight: np.ndarray) -> list[tuple[str, np.ndarray]]:
+def split_packed(name: str, weight: np.ndarray, per_head: int | None = None) -> list[tuple[str, np.ndarray]]:
     """Split a packed attention projection into its q, k and v matrices, named ``name[q]``, ``[k]``, ``[v]``.
 
     * ``in_proj_weight`` (3E, E): rows [0:E], [E:2E], [2E:3E], as
@@ -20,12 +20,21 @@ def split_packed(name: str, weight: np.ndarray) -> list[tuple[str, np.ndarray]]:
       applied as ``x @ W``: columns [0:E], [E:2E], [2E:3E], each returned
       transposed, in ``nn.Linear``'s (out, in) orientation, so that head
       blocks are row blocks here too (transposing changes no singular value);
+    * with *per_head* (the head count; :func:`~.layouts.interleaved_packing`
+      says which tensors): rows interleaved per head as [heads, (q, k, v),
+      d_head], as GPT-NeoX / Pythia / BLOOM's ``query_key_value`` and
+      GPT-BigCode's ``c_attn`` pack them; ``[q]`` is every head's q rows, in
+      head order (a copy);
     * ``c_attn.weight`` (3E, E), an ``nn.Linear`` (nanoGPT): rows, as
       ``in_proj_weight``.
 
-    Other matrices are returned as they are.
+    Other matrices, and a per-head packing without its head count, are returned as they are.
     """
     last = name.rsplit(".", 1)[-1]
+    if per_head and weight.ndim == 2 and weight.shape[0] % (3 * per_head) == 0:
+        d, cols = weight.shape[0] // (3 * per_head), weight.shape[1]
+        blocks = weight.reshape(per_head, 3, d, cols)
+        return [(f"{name}[{part}]", blocks[:, i].reshape(per_head * d, cols)) for i, part in enumerate("qkv")]
     packed = last == "in_proj_weight" or name == "c_attn.weight" or name.endswith(".c_attn.weight")
     if packed and weight.ndim == 2:
         rows, cols = weight.shape
@@ -37,12 +46,17 @@ def split_packed(name: str, weight: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return [(name, weight)]
 
 
-def split_heads(name: str, weight: np.ndarray, heads: int) -> list[tuple[str, np.ndarray]]:
-    """Row blocks of a projection, one per attention head: rows [h d, (h+1) d), d = rows / heads."""
-    if weight.shape[0] % heads:
-        raise ValueError(f"{name}: {weight.shape[0]} rows do not split into {heads} heads")
-    d = weight.shape[0] // heads
-    return [(f"{name}[head {h}]", weight[h * d : (h + 1) * d]) for h in range(heads)]
+def split_heads(name: str, weight: np.ndarray, blocks: int, axis: int = 0, label: str = "head"
+                ) -> list[tuple[str, np.ndarray]]:
+    """Blocks of a projection, one per head, named ``name[head h]`` (*label* h): rows [h d, (h+1) d) with
+    *axis* 0 (W_Q, W_K, W_V in (out, in)), columns with *axis* 1 (W_O in (out, in))."""
+    if weight.shape[axis] % blocks:
+        raise ValueError(f"{name}: {weight.shape[axis]} {'rows' if axis == 0 else 'columns'} do not split into "
+                         f"{blocks} heads")
+    d = weight.shape[axis] // blocks
+    if axis == 0:
+        return [(f"{name}[{label} {h}]", weight[h * d : (h + 1) * d]) for h in range(blocks)]
+    return [(f"{name}[{label} {h}]", weight[:, h * d : (h + 1) * d]) for h in range(blocks)]
 
 
 # Singular values through the smaller Gram G (W W^T or W^T W, k x k, float64) and eigvalsh. eigvalsh is
@@ -94,10 +108,29 @@ def _lower_gram(batch: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+# A Gram whose largest diagonal entry (the largest squared row norm) is past float64's range, or below
+# GRAM_FLOOR (where the squares of values 1e-9 below sigma_1 near the subnormals), is made again from the
+# matrix scaled by its largest |entry|, and the values scaled back: entries of 1e-160 or 1e+160 give
+# sigma to the same tolerance as entries of 1.
+GRAM_FLOOR = 1e-250
+
+
+def _unit_scale(batch: torch.Tensor, extreme: torch.Tensor) -> torch.Tensor:
+    """Per matrix, its largest |entry| where *extreme* (else 1; 1 for an all-zero matrix)."""
+    scale = torch.where(extreme, batch.abs().amax(dim=(-2, -1)), torch.ones_like(extreme, dtype=batch.dtype))
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def _gram_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma descending, whether each matrix needs a full SVD) of a float64 batch (b, m, n) via its Gram."""
     wide = batch.shape[-2] <= batch.shape[-1]
     gram = _lower_gram(batch)  # eigvalsh and eigh read the lower triangle (UPLO="L")
+    largest = torch.diagonal(gram, dim1=-2, dim2=-1).amax(dim=-1)
+    extreme = ~torch.isfinite(largest) | ((largest < GRAM_FLOOR) & (largest > 0))
+    if bool(extreme.any()):
+        scale = _unit_scale(batch, extreme)
+        sigma, fallback = _gram_batch(batch / scale[..., None, None])
+        return sigma * scale[..., None], fallback
     lam = torch.linalg.eigvalsh(gram).flip(-1)  # descending
     sigma = lam.clamp(min=0).sqrt()
     top = min(REFINED, sigma.shape[-1])
@@ -135,6 +168,10 @@ def top_singular_values(a: torch.Tensor, k: int) -> torch.Tensor | None:
     """
     if a.shape[0] < a.shape[1]:
         a = a.mT
+    largest = float(a.abs().max()) if a.numel() else 0.0
+    if largest > 0 and not 1e-100 < largest < 1e100:  # products near float64's limits: scaled to |entries| <= 1
+        found = top_singular_values(a / largest, k)
+        return None if found is None else found * largest
     m, n = a.shape
     q = min(n, k + OVERSAMPLE)
     if 4 * q > n:

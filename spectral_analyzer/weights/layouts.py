@@ -22,7 +22,9 @@ Layouts (the layer is the module prefix P its tensors share; names end in
   its ``c_attn``.
 * ``neox_packed``, GPT-NeoX / Pythia (and BLOOM): ``P.query_key_value``
   (3E, E), rows interleaved per head as [heads, (q, k, v), d_head];
-  ``P.dense``.
+  ``P.dense``. GPT-BigCode's ``P.c_attn`` (3E, E) (``multi_query`` false)
+  packs the same way, told apart from nanoGPT's by the config's
+  ``model_type`` (a store kept without it reads such a tensor as nanoGPT's).
 * ``separate``: ``P.q_proj``, ``k_proj``, ``v_proj`` with ``o_proj``,
   ``out_proj`` or ``dense`` (Llama, Mistral, Qwen, OPT, GPT-J, Phi);
   ``P.self.query``, ``self.key``, ``self.value`` with ``P.output.dense``
@@ -44,8 +46,8 @@ import numpy as np
 from ..errors import HeadCountError, SelectionError
 from ..groups import natural_key
 
-__all__ = ["AttentionLayer", "HEAD_FIELDS", "find_attention_layers", "heads_from_config", "projections",
-           "select_layers"]
+__all__ = ["AttentionLayer", "HEAD_FIELDS", "find_attention_layers", "head_blocks", "heads_from_config",
+           "interleaved_packing", "projections", "select_layers"]
 
 HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads")  # a model config's head count, first found
 KV_HEAD_FIELD = "num_key_value_heads"
@@ -58,6 +60,8 @@ SEPARATE = (
     ("wq", "wk", "wv", ("wo",)),
     ("q", "k", "v", ("o",)),
 )
+# model types whose nn.Linear c_attn (3E, E) interleaves q, k, v per head, as query_key_value does
+INTERLEAVED_C_ATTN = ("gpt_bigcode",)
 # (query tensor suffix, output tensor suffix, layout): one tensor packs q, k and v
 PACKED = (
     ("in_proj_weight", "out_proj.weight", "mha_packed"),
@@ -132,8 +136,7 @@ def _candidates(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str, s
                     layout = "linear_packed"
                 else:
                     continue
-            query = name if layout == "neox_packed" else f"{name}[q]"
-            found[prefix] = (prefix, layout, name, name, name, o, query)
+            found[prefix] = (prefix, layout, name, name, name, o, f"{name}[q]")
         for q, k, v, outputs in SEPARATE:
             prefix = _prefix(name, f"{q}.weight")
             if prefix is None or prefix in found:
@@ -204,6 +207,8 @@ def find_attention_layers(
     config = config or {}
     where = f"{origin}: " if origin else ""
     found = _candidates(shapes)
+    if config.get("model_type") in INTERLEAVED_C_ATTN:
+        found = [(c[0], "neox_packed", *c[2:]) if c[1] == "linear_packed" else c for c in found]
     if not found:
         raise SelectionError(f"{where}no attention layer recognised (looked for in_proj_weight, c_attn, "
                              "query_key_value, q_proj/k_proj/v_proj, self.query/key/value and their outputs)")
@@ -253,6 +258,48 @@ def _geometry(layer: AttentionLayer, shapes, heads: int, config_kv: int | None, 
                              f"projection of '{layer.query}' ({d_model} x {q_rows} as (out, in))")
     return AttentionLayer(layer.name, layer.layout, layer.q, layer.k, layer.v, layer.o, layer.query,
                           heads, kv_heads, d_head, d_model)
+
+
+def interleaved_packing(shapes: Mapping[str, tuple[int, ...]], config: Mapping | None,
+                        heads: int | None = None) -> dict[str, int]:
+    """The tensors that pack q, k and v interleaved per head, each with its head count (*heads*, else the
+    config's): GPT-NeoX's ``query_key_value`` and, for GPT-BigCode, ``c_attn`` (3E, E). A tensor whose head
+    count is unknown, or does not divide it, is left out (and stays whole in :func:`split_packed`)."""
+    config = config or {}
+    n = heads or heads_from_config(config)[0]
+    if not n:
+        return {}
+    bigcode = config.get("model_type") in INTERLEAVED_C_ATTN
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) != 2 or shape[0] % (3 * n):
+            continue
+        if _prefix(name, "query_key_value.weight") is not None or (
+            bigcode and _prefix(name, "c_attn.weight") is not None and shape[0] == 3 * shape[1]
+        ):
+            out[name] = n
+    return out
+
+
+def head_blocks(shapes: Mapping[str, tuple[int, ...]], config: Mapping | None, heads: int, origin: str = ""
+                ) -> dict[str, tuple[int, int, str]]:
+    """How :meth:`Run.weight_spectra` splits each attention projection into heads: matrix name (as
+    :func:`split_packed` names it) -> (blocks, axis, label), the arguments of :func:`split_heads`.
+
+    W_Q into *heads* row blocks; W_K and W_V into their key/value heads (fewer under grouped-query
+    attention: ``kv head g``, shared by query heads g * heads / kv_heads ...); W_O into the column blocks
+    each head writes through (rows for GPT-2's ``Conv1D`` ``c_proj``, stored (in, out)). The geometry is
+    :func:`find_attention_layers`'s, read off the shapes with *heads* query heads.
+    """
+    out: dict[str, tuple[int, int, str]] = {}
+    for layer in find_attention_layers(shapes, heads=heads, config=config, origin=origin):
+        packed = layer.layout != "separate"
+        kv = "head" if layer.kv_heads == layer.heads else "kv head"
+        out[f"{layer.q}[q]" if packed else layer.q] = (layer.heads, 0, "head")
+        out[f"{layer.k}[k]" if packed else layer.k] = (layer.kv_heads, 0, kv)
+        out[f"{layer.v}[v]" if packed else layer.v] = (layer.kv_heads, 0, kv)
+        out[layer.o] = (layer.heads, 0 if layer.layout == "conv1d_packed" else 1, "head")
+    return out
 
 
 def projections(layer: AttentionLayer, values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
