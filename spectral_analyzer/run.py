@@ -18,7 +18,8 @@ from .dynamics.coupling import correlate
 from .gram.build import DEFAULT_MAX_LAG, build_band
 from .spectra import compute_spectra
 from .store import Store
-from .weights import compute_attention_spectra, compute_grokking, compute_qk_grokking, compute_weight_spectra
+from .weights import compute_attention_spectra, compute_grokking, compute_qk_grokking, compute_weight_spectra, find_wq
+from .weights.grok import grok_point
 
 __all__ = ["Run", "open_run"]
 
@@ -92,9 +93,14 @@ class Run:
 
     @property
     def metrics(self) -> xr.Dataset:
-        """Logged series (loss, accuracy, learning rate...) indexed by ``step``."""
+        """Logged series (loss, accuracy, learning rate...) indexed by ``step``.
+
+        A series named ``step`` (kept by stores ingested before such a series
+        was left out at ingest: a log of the step itself) is not among them:
+        ``step`` is the index.
+        """
         steps, series = self._store.read_metrics()
-        return describe(xr.Dataset({k: ("step", v) for k, v in series.items()}, coords={"step": steps}))
+        return describe(xr.Dataset({k: ("step", v) for k, v in series.items() if k != "step"}, coords={"step": steps}))
 
     def delta(self, tensor: str) -> xr.DataArray:
         """Lazy (dask) float32 deltas of one tensor, dims (step, dim_0, dim_1, ...) in its own shape.
@@ -273,9 +279,10 @@ class Run:
         match : glob or list of globs, optional
             On tensor names or on the split matrix names; all 2-D weights by default.
         **options
-            ``top`` (keep the top singular values), ``heads`` (row blocks per
-            head), ``device``, ``cache``, ``progress`` (a bar over checkpoints x
-            matrices).
+            ``top`` (keep the top singular values), ``heads`` (each attention
+            projection as its heads: W_Q's row blocks, W_K's and W_V's key/value
+            heads, W_O's column blocks; other matrices whole), ``device``,
+            ``cache``, ``progress`` (a bar over checkpoints x matrices).
 
         Returns
         -------
@@ -403,8 +410,11 @@ class Run:
                                                 **options))
         if operator != "trajectory":
             raise ValueError(f"unknown operator {operator!r}; use 'trajectory' or 'qk'")
+        metrics = self.metrics
+        grok_point(metrics, metric, threshold, self.path)  # a metric not logged, or a W_Q glob that matches
+        find_wq(self._store, options.get("wq"))             # nothing, is refused before any band is built
         spectra = self.spectra(window=window, params=options.pop("params", None))
-        return describe(compute_grokking(self._store, spectra, self.metrics, metric=metric, threshold=threshold,
+        return describe(compute_grokking(self._store, spectra, metrics, metric=metric, threshold=threshold,
                                          **options))
 
     @property
