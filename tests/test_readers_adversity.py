@@ -310,3 +310,20 @@ def test_class_names_from_dcp_metadata_are_escaped(tmp_path):
         load_metadata(meta)
     text = _one_line(exc)
     assert str(meta) in text and "evil\\x1b[2J.run\\rthis" in text
+
+
+def test_recorder_keeps_a_tied_tensor_whose_twin_is_not_selected(tmp_path):
+    """The recorder de-duplicates tied weights among the selected names too."""
+    import spectral_analyzer as sa
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(6, 4)
+            self.layer = torch.nn.Linear(4, 4, bias=False)
+            self.lm_head = torch.nn.Linear(4, 6, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    rec = sa.Recorder(tmp_path / "r.zarr", Tied(), exclude=("embed*",))
+    rec.record(0)
+    assert [t for t in sa.open_run(tmp_path / "r.zarr").tensors["tensor"].values] == ["layer.weight", "lm_head.weight"]

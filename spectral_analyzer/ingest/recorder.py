@@ -102,8 +102,11 @@ class Recorder:
         reader = CheckpointReader(f"{self.path} (recorded step {step})", {})
         seen_storage: set[tuple] = set()
         for name, value in self.model.state_dict().items():
-            # Tied weights: the same storage under two names is one parameter, as the readers count it.
-            if value.is_floating_point() and value.numel() > 0:
+            # Tied weights: the same storage under two names is one parameter, as the readers count it; of the
+            # selected names the first is kept (a name left out by include / exclude hides no twin).
+            if not value.is_floating_point() or not self.keys.selected(self.keys.canonical(name)):
+                continue
+            if value.numel() > 0:
                 ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
                          tuple(value.stride()))
                 if ident in seen_storage:
