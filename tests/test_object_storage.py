@@ -24,7 +24,6 @@ from spectral_analyzer.store.lock import WriterLock
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
-WD1 = FIXTURES / "grokking" / "wd1"
 _names = count()
 
 
@@ -64,7 +63,7 @@ def test_a_second_writer_lock_in_s3_is_refused_until_the_first_is_released(s3):
 @pytest.mark.parametrize("row", [2, 13])  # read on its own, and in a block read ahead
 def test_a_flipped_byte_in_s3_names_the_delta(s3, tmp_path, row):
     options, fs = s3
-    write_run(tmp_path / "src", 20, {"layers.0.w": (20, 15)}, seed=1)
+    write_run(tmp_path / "src", 15, {"layers.0.w": (20, 15)}, seed=1)
     url = _url()
     run = sa.ingest(tmp_path / "src", url, chunk_size=100, storage_options=options)
     key = url.removeprefix("s3://") + f"/deltas/c/{row}/1"
@@ -79,6 +78,8 @@ def test_a_flipped_byte_in_s3_names_the_delta(s3, tmp_path, row):
 def test_cli_ingest_and_spectra_on_s3(s3, tmp_path):
     options, _ = s3
     url = _url()
+    src = tmp_path / "src"
+    write_run(src, 12, {"layers.0.w": (24, 16), "layers.1.w": (24, 16), "head": (40,)}, seed=5)
     flags = [
         "--storage-option", f"endpoint_url={options['endpoint_url']}",
         "--storage-option", "key=testing",
@@ -88,12 +89,12 @@ def test_cli_ingest_and_spectra_on_s3(s3, tmp_path):
     from spectral_analyzer.cli.main import main
 
     runner = CliRunner()
-    result = runner.invoke(main, [*flags, "ingest", str(WD1), "-o", url, "--no-progress"])
+    result = runner.invoke(main, [*flags, "ingest", str(src), "-o", url, "--no-progress"])
     assert result.exit_code == 0, result.output
     assert url in result.output
     remote = runner.invoke(main, [*flags, "spectra", url, "--window", "10", "--no-progress"])
     assert remote.exit_code == 0, remote.output
-    runner.invoke(main, ["ingest", str(WD1), "-o", str(tmp_path / "l.zarr"), "--no-progress"])
+    runner.invoke(main, ["ingest", str(src), "-o", str(tmp_path / "l.zarr"), "--no-progress"])
     local = runner.invoke(main, ["spectra", str(tmp_path / "l.zarr"), "--window", "10", "--no-progress"])
     assert remote.output.replace(url, "STORE") == local.output.replace(str(tmp_path / "l.zarr"), "STORE")
     missing = runner.invoke(main, [*flags, "info", "s3://runs/absent.zarr"])
@@ -195,8 +196,9 @@ def test_a_store_is_never_the_bucket_itself(s3):
 def test_analysis_with_read_only_access_computes_without_caching(s3, tmp_path, monkeypatch):
     options, _ = s3
     url = _url()
-    sa.ingest(WD1, url, storage_options=options)
-    want = sa.ingest(WD1, tmp_path / "l.zarr").band(max_lag=10).values
+    write_run(tmp_path / "src", 12, {"layers.0.w": (24, 16), "head": (40,)}, seed=6)
+    sa.ingest(tmp_path / "src", url, storage_options=options)
+    want = sa.ingest(tmp_path / "src", tmp_path / "l.zarr").band(max_lag=10).values
 
     def denied(*args, **kwargs):
         raise PermissionError("Access Denied")
