@@ -223,6 +223,19 @@ def test_output_path_is_something_else(tmp_path, hf_copy):
     with pytest.raises(sa.StoreExistsError, match="notes: exists and is not a spectral-analyzer store"):
         sa.ingest(hf_copy, target)
     assert (target / "keep.txt").read_text() == "mine"
+    with pytest.raises(sa.StoreExistsError, match="overwrite replaces stores only"):  # never deleted for the user
+        sa.ingest(hf_copy, target, overwrite=True)
+    assert (target / "keep.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(sa.StoreError, match="file: "):
+        sa.ingest(hf_copy, tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "mine"
+    damaged = tmp_path / "damaged.zarr"  # a store whose root metadata is damaged: replaced on request
+    sa.ingest(hf_copy, damaged)
+    (damaged / "zarr.json").write_text("{not json")
+    with pytest.raises(sa.StoreExistsError, match="pass overwrite"):
+        sa.ingest(hf_copy, damaged)
+    assert sa.ingest(hf_copy, damaged, overwrite=True).n_deltas > 0
 
 
 def test_failed_overwrite_keeps_old_store(store_and_snapshot, tmp_path):

@@ -120,6 +120,19 @@ class Location:
         except Exception as exc:  # noqa: BLE001 -- credentials, permissions, the network: not "no store"
             raise unreachable(self.path, exc) from None
 
+    def holds_zarr_root(self) -> bool:
+        """Whether a Zarr root (``zarr.json``) is at the path: a store, of any version or damaged, or a
+        Zarr hierarchy; what an overwrite may replace."""
+        try:
+            if not self.is_remote:
+                return os.path.isfile(os.path.join(self.path, "zarr.json"))
+            fs, root = self.filesystem()
+            return fs.isfile(f"{root}/zarr.json")
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- fsspec backends raise their own types (botocore's)
+            raise unreachable(self.path, exc) from None
+
     def occupied(self) -> bool:
         """Whether anything but a writer lock is at the path (a file, a non-empty folder or prefix)."""
         try:

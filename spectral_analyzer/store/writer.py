@@ -88,6 +88,9 @@ class StoreWriter:
             self._kept = self._keep_root()
             return
         if loc.occupied():
+            if not loc.holds_zarr_root():  # a folder of the user's, a file: never deleted for them
+                raise StoreExistsError(f"{loc.path}: exists and is not a spectral-analyzer store (no zarr.json); "
+                                       "overwrite replaces stores only: remove it yourself or choose another path")
             if not self.overwrite:
                 raise StoreExistsError(f"{loc.path}: exists and is not a spectral-analyzer store; "
                                        "pass overwrite to replace it")
