@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 import warnings
@@ -123,6 +124,17 @@ def _scheduler(ctx, param, address: str | None):
         ) from None
     ctx.call_on_close(client.close)
     return client
+
+
+def _above(bound: float):
+    """A click callback that takes a finite number greater than *bound* (or None: the option not given)."""
+
+    def check(ctx, param, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > bound):
+            raise click.BadParameter(f"{value:g} is not a finite number greater than {bound:g}")
+        return value
+
+    return check
 
 
 def _storage_options(ctx, param, values) -> dict:
@@ -271,7 +283,7 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select
     for note in source.get("left_out", []):
         name = f"revision {note['revision']}" if note["revision"] else "snapshot"
         commit = f" ({note['commit'][:12]})" if note["commit"] else ""
-        click.echo(f"left out {printable(name)}{commit}: {note['reason']}")
+        click.echo(f"left out {printable(name)}{printable(commit)}: {printable(note['reason'])}")
 
 
 @main.command()
@@ -430,12 +442,16 @@ def spectra(store, window, params, group_by, center, stride, step_range, max_lag
 @click.option("--params", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
 @click.option("--group-by", type=click.Choice(["tensor", "layer", "module"]), default="module", show_default=True,
               help="Groups of the mode energy.")
-@click.option("--tau", type=float, default=1.2, show_default=True, help="Threshold on R for collapse / opening.")
-@click.option("--factor", type=float, default=None, help="Also report R falling below its running peak / FACTOR.")
+@click.option("--tau", type=float, default=1.2, show_default=True, callback=_above(0),
+              help="Threshold on R for collapse / opening (> 0).")
+@click.option("--factor", type=float, default=None, callback=_above(1),
+              help="Also report R falling below its running peak / FACTOR (> 1).")
 @click.option("--persistence", type=click.IntRange(min=1), default=2, show_default=True,
               help="Windows an event must hold for.")
-@click.option("--lr", type=float, default=None, help="Learning rate for the adiabatic parameter (default: metrics).")
-@click.option("--constant", type=float, default=1.0, show_default=True, help="C of the Davis-Kahan stability.")
+@click.option("--lr", type=float, default=None, callback=_above(0),
+              help="Learning rate (> 0) for the adiabatic parameter (default: metrics).")
+@click.option("--constant", type=float, default=1.0, show_default=True, callback=_above(0),
+              help="C (> 0) of the Davis-Kahan stability.")
 @click.option("--steps", "step_range", default=None, metavar="A..B",
               help="Only the deltas between the checkpoints at steps A..B (both included; A.. or ..B open-ended).")
 @click.option("--device", default="auto", show_default=True, callback=_device)
@@ -500,8 +516,10 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
               help="One set of tags per group: spectral/<group>/gap_ratio, ...")
 @click.option("--events/--no-events", default=True, show_default=True,
               help="Also write the dynamics events (needs W + 1 deltas).")
-@click.option("--tau", type=float, default=1.2, show_default=True, help="Threshold on R for collapse / opening.")
-@click.option("--factor", type=float, default=None, help="Also report R falling below its running peak / FACTOR.")
+@click.option("--tau", type=float, default=1.2, show_default=True, callback=_above(0),
+              help="Threshold on R for collapse / opening (> 0).")
+@click.option("--factor", type=float, default=None, callback=_above(1),
+              help="Also report R falling below its running peak / FACTOR (> 1).")
 @click.option("--persistence", type=click.IntRange(min=1), default=2, show_default=True,
               help="Windows an event must hold for.")
 @click.option("--device", default="auto", show_default=True, callback=_device)
@@ -550,7 +568,8 @@ def _echo_table(header: list[str], rows: list[list[str]]) -> None:
 @click.argument("store", required=False, envvar=STORE_ENV, default=DEFAULT_STORE)
 @click.option("--match", multiple=True, metavar="GLOB", help="Weights to decompose (repeatable) [default: all 2-D].")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Keep the top singular values.")
-@click.option("--heads", type=click.IntRange(min=1), default=None, help="Also split each matrix into head blocks.")
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="Also split each attention projection into its heads (W_K, W_V: key/value heads; W_O: columns).")
 @click.option("--device", default="auto", show_default=True, callback=_device)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Export to .nc, .csv or .json.")
 @click.option("--overwrite", is_flag=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import xarray as xr
 
 from .errors import ExportError
 
-__all__ = ["ExportError", "check_output", "events_table", "export", "table"]
+__all__ = ["ExportError", "check_output", "events_table", "export", "replacing", "table"]
 
 FORMATS = (".nc", ".csv", ".json")
 
@@ -25,8 +28,13 @@ SPREAD_DIMS = ("mode", "rank")
 def table(ds: xr.Dataset) -> list[dict]:
     """One record per (run, group, matrix, layer, head, step) present: every variable over those dims,
     and variables with one more ``mode`` / ``rank`` dim spread as ``sigma_1 .. sigma_W``.
-    Variables over other dims (overlaps, events) are left to netCDF."""
+
+    Coordinates over those dims that are not dims themselves (``window_start``
+    along ``step``, say) are columns too, after the variables. Variables over
+    other dims (overlaps, events) are left to netCDF."""
     keys = [d for d in KEY_DIMS if d in ds.dims]
+    labels = {name: coord for name, coord in ds.coords.items()
+              if name not in ds.dims and coord.dims and set(coord.dims) <= set(keys)}
     records = []
     for combo in itertools.product(*(range(ds.sizes[d]) for d in keys)):
         at = dict(zip(keys, combo))
@@ -44,6 +52,8 @@ def table(ds: xr.Dataset) -> list[dict]:
         for name, dim, values in spread:
             for j, label in enumerate(ds[dim].values):
                 row[f"{name}_{int(label)}"] = _plain(values[j])
+        for name, coord in labels.items():
+            row[name] = _plain(coord.isel({d: i for d, i in at.items() if d in coord.dims}).values)
         records.append(row)
     return records
 
@@ -59,8 +69,49 @@ def events_table(ds: xr.Dataset) -> list[dict]:
     ]
 
 
-def _write_records(records: list[dict], path: Path, attrs: dict | None = None) -> None:
-    if path.suffix == ".csv":
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, label: str | None = None) -> Iterator[Path]:
+    """A temporary path beside *path* to write to, moved onto *path* only once the block completes.
+
+    The temporary is ``.<label>.<random>.partial`` (*label*: *path*'s name by
+    default), a name no reader takes for a result. When the block ends, its
+    bytes are flushed to disk (fsync) and it is renamed onto *path* in one
+    step (``os.replace``): a reader, or a writer killed at any point, sees
+    the old file or the new one, never a part. On any exception the
+    temporary is removed and *path* is left as it was.
+
+    Examples
+    --------
+    >>> with replacing("spectra.csv") as tmp:         # doctest: +SKIP
+    ...     tmp.write_text("step,k_star\n10,1\n")
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{label or path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename == str(tmp):
+            exc.filename = str(path)  # the file the user asked for, not the temporary
+        raise
+    with contextlib.suppress(OSError):  # the rename itself on disk; not every filesystem can sync a folder
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_records(records: list[dict], path: Path, suffix: str, attrs: dict | None = None) -> None:
+    """*records* into the file at *path* as CSV or JSON (*suffix*: ``.csv`` or ``.json``)."""
+    if suffix == ".csv":
         import csv
 
         with open(path, "w", newline="") as f:
@@ -68,7 +119,8 @@ def _write_records(records: list[dict], path: Path, attrs: dict | None = None) -
             writer.writeheader()
             writer.writerows(records)
     else:
-        path.write_text(json.dumps({"attrs": attrs or {}, "records": records}, indent=1))
+        with open(path, "w") as f:
+            f.write(json.dumps({"attrs": attrs or {}, "records": records}, indent=1))
 
 
 def _plain(x):
@@ -99,18 +151,24 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
     Dataset with events also gets ``<stem>.events.csv|json`` with
     :func:`events_table`'s records (netCDF keeps them along its ``event`` dim).
     An existing file (the events file included) is replaced only with
-    ``overwrite``; every target is checked before anything is written.
+    ``overwrite``; every target is checked before anything is written. Each
+    file is written beside its target and moved onto it once complete
+    (:func:`replacing`): a full disk or a kill leaves the earlier file, or
+    none, never a part of one.
     """
     path = Path(path)
     targets = check_output(path, overwrite=overwrite, events="event" in ds.dims)
     try:
         if path.suffix == ".nc":
-            _netcdf_ready(ds).to_netcdf(path, engine="scipy")
+            with replacing(path) as tmp:
+                _netcdf_ready(ds).to_netcdf(tmp, engine="scipy")
             return path
         attrs = {k: _plain(v) for k, v in ds.attrs.items()}
-        _write_records(table(ds), path, attrs)
-        if len(targets) > 1:  # the events table beside the per-step table
-            _write_records(events_table(ds), targets[1], attrs)
+        with contextlib.ExitStack() as stack:  # both files complete before either replaces its target
+            tmp = [stack.enter_context(replacing(target)) for target in targets]
+            _write_records(table(ds), tmp[0], path.suffix, attrs)
+            if len(targets) > 1:  # the events table beside the per-step table
+                _write_records(events_table(ds), tmp[1], path.suffix, attrs)
     except OSError as exc:
         raise ExportError(f"{exc.filename or path}: cannot write ({exc.strerror or exc})") from None
     return path

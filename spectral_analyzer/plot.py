@@ -34,6 +34,16 @@ _EVENT_COLORS = {"gap_collapse": "tab:red", "gap_opening": "tab:green", "gap_col
                  "k_star_shift": "tab:purple"}
 
 
+def _label(text) -> str:
+    """*text* (a name from a file: tensor, metric, group, run) as matplotlib draws it literally.
+
+    matplotlib reads text between two unescaped ``$`` as math (mathtext) and
+    fails on what does not parse (``layers.$\\frac{$.q``); each ``$`` escaped
+    as ``\\$`` is drawn as a dollar sign.
+    """
+    return str(text).replace("$", r"\$")
+
+
 def _axes(ax):
     if ax is None:
         import matplotlib.pyplot as plt
@@ -74,7 +84,7 @@ def _lines(ds: xr.Dataset) -> list[tuple[str | None, xr.Dataset]]:
     parts: list[tuple[str | None, xr.Dataset]] = [(None, ds)]
     for dim in ("run", "group"):
         if dim in ds.dims:
-            parts = [(f"{label}, {v}" if label else str(v), part.isel({dim: i}))
+            parts = [(f"{label}, {_label(v)}" if label else _label(v), part.isel({dim: i}))
                      for label, part in parts for i, v in enumerate(part[dim].values)]
     return parts
 
@@ -90,7 +100,7 @@ def _mark_events(ax, events: xr.Dataset | None) -> None:
         if not np.isfinite(step):
             continue
         ax.axvline(step, color=_EVENT_COLORS.get(str(kind), "k"), ls="--", lw=1, alpha=0.8,
-                   label=None if kind in seen else str(kind))
+                   label=None if kind in seen else _label(kind))
         seen.add(kind)
 
 
@@ -101,7 +111,7 @@ def _mark_grok(ax, grok) -> None:
     if isinstance(grok, xr.Dataset):
         _need(grok, "grok=", ("grok_step",), "run.grokking()")
         steps = np.atleast_1d(grok["grok_step"].values).astype(float)
-        labels = [str(r) for r in grok["run"].values] if "run" in grok.dims else [None]
+        labels = [_label(r) for r in grok["run"].values] if "run" in grok.dims else [None]
     else:
         steps, labels = np.atleast_1d(np.asarray(grok, dtype=float)), [None]
     for step, label in zip(steps, labels):
@@ -212,10 +222,11 @@ def plot_gap_ratio(ds: xr.Dataset, metrics: xr.Dataset | None = None, metric: st
         other = ax.twinx()
         for i, (label, part) in enumerate(_lines(metrics[[metric]])):
             other.plot(part["step"].values, part[metric].values, color="tab:red", lw=1.2, alpha=0.9 - 0.3 * (i > 0),
-                       ls="-" if i == 0 else "--", label=f"{metric} ({label})" if label else metric)
-        other.set_ylabel(metric, color="tab:red")
+                       ls="-" if i == 0 else "--",
+                       label=f"{_label(metric)} ({label})" if label else _label(metric))
+        other.set_ylabel(_label(metric), color="tab:red")
         other.legend(fontsize=7, loc="upper right")
-    ax.set_title("gap ratio" + (f" and {metric}" if metric else ""))
+    ax.set_title("gap ratio" + (f" and {_label(metric)}" if metric else ""))
     ax.legend(fontsize=7, loc="upper left")
     return ax
 
@@ -267,7 +278,7 @@ def plot_energy(dyn: xr.Dataset, mode: int = 1, *, run=None, ax=None):
     steps = dyn["step"].values
     im = ax.imshow(e, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
                    extent=(steps[0], steps[-1], -0.5, e.shape[0] - 0.5), interpolation="nearest")
-    ax.set_yticks(range(e.shape[0]), [str(g) for g in dyn["group"].values], fontsize=7)
+    ax.set_yticks(range(e.shape[0]), [_label(g) for g in dyn["group"].values], fontsize=7)
     ax.set_xlabel("step")
     ax.set_title(f"mode {mode} energy by group")
     ax.figure.colorbar(im, ax=ax, fraction=0.03)
@@ -289,7 +300,7 @@ def plot_weight_ratio(ws: xr.Dataset, *, grok=None, ax=None):
     for label, part in _lines(ws):
         for name in part["matrix"].values:
             ax.plot(part["step"].values, part["sigma_ratio_12"].sel(matrix=name).values, lw=1.2,
-                    label=f"{name} ({label})" if label else str(name))
+                    label=f"{_label(name)} ({label})" if label else _label(name))
     _mark_grok(ax, grok)
     ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -13,7 +13,7 @@ import numpy as np
 from . import plot
 from ._version import __version__
 from .errors import ExportError, MetricError
-from .exporting import check_output, events_table
+from .exporting import check_output, events_table, replacing
 from .weights import find_wq
 
 __all__ = ["ACCURACY_METRICS", "write_comparison", "write_report"]
@@ -22,13 +22,18 @@ ACCURACY_METRICS = ("test_acc", "eval_accuracy", "eval_acc", "val_acc", "test_ac
 LOSS_METRICS = ("test_loss", "eval_loss", "val_loss", "loss", "train_loss")
 
 
-def _png(draw, width: float = 9.0, height: float = 3.6) -> str:
+def _png(output: Path, title: str, draw, width: float = 9.0, height: float = 3.6) -> str:
+    """The figure *draw* makes, as base64 PNG; one that matplotlib cannot render is an :class:`ExportError`."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     draw(fig.subplots())
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    try:
+        fig.savefig(buf, format="png")
+    except (ValueError, RuntimeError) as exc:  # text matplotlib cannot lay out (mathtext, a missing TeX)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ExportError(f"{output}: cannot draw the figure {title!r} ({reason})") from None
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -70,19 +75,20 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
     shown = metric or accuracy or _first(names, LOSS_METRICS)
     wq = find_wq(run.store, None)
     grok = run.grokking(metric=accuracy, window=window) if accuracy is not None else None
-    figures = [
-        ("Singular values of the window", _png(lambda ax: plot.plot_sigma(spectra, ax=ax))),
-        ("Ratios, k* and events", _png(lambda ax: plot.plot_ratios(spectra, events=dyn, ax=ax))),
+    drawn = [
+        ("Singular values of the window", lambda ax: plot.plot_sigma(spectra, ax=ax)),
+        ("Ratios, k* and events", lambda ax: plot.plot_ratios(spectra, events=dyn, ax=ax)),
         ("Gap ratio" + (f" and {shown}" if shown else ""),
-         _png(lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics if shown else None, metric=shown, events=dyn,
-                                             grok=grok, ax=ax))),
+         lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics if shown else None, metric=shown, events=dyn,
+                                        grok=grok, ax=ax)),
     ]
     if dyn is not None:
-        figures.append(("Stability per mode", _png(lambda ax: plot.plot_alpha(dyn, ax=ax))))
-        figures.append(("Mode 1 energy by module", _png(lambda ax: plot.plot_energy(dyn, mode=1, ax=ax))))
+        drawn.append(("Stability per mode", lambda ax: plot.plot_alpha(dyn, ax=ax)))
+        drawn.append(("Mode 1 energy by module", lambda ax: plot.plot_energy(dyn, mode=1, ax=ax)))
     if wq is not None:
         ws = run.weight_spectra(wq)
-        figures.append((f"{wq}: sigma1 / sigma2", _png(lambda ax: plot.plot_weight_ratio(ws, grok=grok, ax=ax))))
+        drawn.append((f"{wq}: sigma1 / sigma2", lambda ax: plot.plot_weight_ratio(ws, grok=grok, ax=ax)))
+    figures = [(title, _png(output, title, draw)) for title, draw in drawn]
     steps = run.checkpoint_steps
     parts = [
         f"<h1>spectral-analyzer report</h1><p>{html.escape(run.path)} &middot; version {__version__}</p>",
@@ -127,7 +133,8 @@ def _write_page(output: Path, parts: list[str]) -> Path:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>spectral-analyzer report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     try:
-        output.write_text(page)
+        with replacing(output) as tmp:  # complete or not at all: a full disk leaves the earlier page
+            tmp.write_text(page)
     except OSError as exc:
         raise ExportError(f"{output}: cannot write the report ({exc.strerror or exc})") from None
     return output
@@ -153,13 +160,15 @@ def write_comparison(runs, output: str | os.PathLike, *, window: int = 10, metri
     spectra = runs.spectra(window=window)
     grok = runs.grokking(metric=accuracy, window=window) if accuracy is not None else None
     metrics = runs.metrics if shown else None
-    figures = [("Gap ratio of each run" + (f", with {shown}" if shown else ""), _png(
-        lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics, metric=shown, grok=grok, ax=ax), height=4.2))]
+    title = "Gap ratio of each run" + (f", with {shown}" if shown else "")
+    figures = [(title, _png(output, title, lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics, metric=shown,
+                                                                          grok=grok, ax=ax), height=4.2))]
     wqs = {find_wq(run.store, None) for run in runs}
     if len(wqs) == 1 and None not in wqs:
         (wq,) = wqs
         ws = runs.weight_spectra(wq)
-        figures.append((f"{wq}: sigma1 / sigma2 of each run", _png(lambda ax: plot.plot_weight_ratio(ws, grok=grok, ax=ax))))
+        title = f"{wq}: sigma1 / sigma2 of each run"
+        figures.append((title, _png(output, title, lambda ax: plot.plot_weight_ratio(ws, grok=grok, ax=ax))))
     rows = []
     for label, run in runs.runs.items():
         steps = run.checkpoint_steps

@@ -24,17 +24,21 @@ run logs a tag at a step more than once (a training resumed from a checkpoint
 logs the steps since that checkpoint again), the value with the latest wall
 time wins, and among equal wall times the one read last.
 
-Writing. :func:`export_tensorboard` writes one event file with
-``torch.utils.tensorboard.SummaryWriter``; its name ends in
-:data:`EXPORT_SUFFIX`, which is how a later export recognises it. Other event
-files in the folder are never touched.
+Writing. :func:`export_tensorboard` writes one event file of the events
+``torch.utils.tensorboard.SummaryWriter`` writes, under a temporary name that
+no reader takes for event data, and renames it once complete; its name ends
+in :data:`EXPORT_SUFFIX`, which is how a later export recognises it. Other
+event files in the folder are never touched.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +64,9 @@ EVENT_PREFIX = "events.out.tfevents."
 EXPORT_SUFFIX = ".spectral-analyzer"
 INSTALL_HINT = 'pip install "spectral-analyzer[tensorboard]"'
 N_SIGMA = 4  # sigma_1 .. sigma_4 are written, as the spectra table prints them
+# an export is written as .spectral-analyzer-export.<random>.partial: no reader takes it for event data
+# (TensorBoard reads every file with "tfevents" in its name), and it is renamed once complete
+TEMPORARY_LABEL = "spectral-analyzer-export"
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = 12  # uint64 length + uint32 masked CRC of it
@@ -197,7 +204,9 @@ def read_scalars(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndar
     Steps are the union of the logged steps, as exact int64; each series is
     float64, NaN where it was not logged. Names are tags, ``<run>/<tag>`` for
     a tag that several runs log; a step logged twice keeps the value of the
-    latest wall time (see the module's notes).
+    latest wall time (see the module's notes). A series that would be named
+    ``step`` (a loop that logs its step as a scalar) is left out: the steps
+    are the index, and a series of that name would clash with it.
 
     Examples
     --------
@@ -225,12 +234,15 @@ def read_scalars(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndar
             if not tag:
                 raise MetricsError(f"{path}: a scalar of run {run!r} has an empty tag; give every scalar a tag")
             name = tag if logged_by[tag] == 1 or run == "." else f"{run}/{tag}"
+            if name == "step":  # the step itself, logged as a scalar: the index repeated, left out
+                continue
             if name in named:
                 raise MetricsError(f"{path}: two series would be named {name!r} (one of them tag {tag!r} of run "
                                    f"{run!r}); read the runs' folders one at a time")
             named[name] = points
     if not named:
-        raise MetricsError(f"{path}: the event files hold no scalars")
+        only = " but the step" if any("step" in scalars for scalars in by_run.values()) else ""
+        raise MetricsError(f"{path}: the event files hold no scalars{only}")
     steps = np.array(sorted(set().union(*named.values())), dtype=np.int64)
     index = {int(s): i for i, s in enumerate(steps)}
     series = {}
@@ -303,11 +315,16 @@ def export_tensorboard(
     ``k_star_shift``: the new k*). Values are stored as TensorBoard stores
     scalars, in float32; NaN where R is not defined.
 
-    The file is written with ``torch.utils.tensorboard.SummaryWriter`` and
-    named ``events.out.tfevents.*.spectral-analyzer``. An earlier such file
-    in *logdir* is refused unless *overwrite*, and then removed once the new
-    one is complete; a file cut short by an error is removed. Other event
-    files in *logdir* are left alone. Returns the path of the file written.
+    The events are those ``torch.utils.tensorboard.SummaryWriter`` writes
+    (its ``scalar`` summaries, framed by tensorboard's ``RecordWriter``),
+    into ``.spectral-analyzer-export.<random>.partial`` in *logdir*, a name
+    no reader takes for event data; once complete and on disk, the file is
+    renamed to ``events.out.tfevents.*.spectral-analyzer``. So an export cut
+    short by an error, a full disk or a kill leaves no event file (an error
+    removes the temporary; a kill may leave it, and it may be deleted). An
+    earlier export in *logdir* is refused unless *overwrite*, and then
+    removed once the new one is in place. Other event files in *logdir* are
+    left alone. Returns the path of the file written.
 
     Examples
     --------
@@ -320,29 +337,34 @@ def export_tensorboard(
     logdir = Path(logdir)
     previous = check_logdir(logdir, overwrite=overwrite)
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        from torch.utils.tensorboard.summary import scalar
     except ImportError:
         raise ExportError(f"{logdir}: writing TensorBoard event files needs the tensorboard package: "
                           f"{INSTALL_HINT}") from None
+    from .exporting import replacing
+
     try:
         logdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"{logdir}: cannot create the folder ({exc.strerror or exc})") from None
-    before = set(logdir.iterdir())
+    written = _export_name(logdir)
     try:
-        writer = SummaryWriter(str(logdir), filename_suffix=EXPORT_SUFFIX, max_queue=1000)
-        try:
+        with replacing(written, label=TEMPORARY_LABEL) as tmp, open(tmp, "wb") as f:
+            records = RecordWriter(f)
+            records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
             for tag, step, value in _scalars(spectra, dynamics):
-                writer.add_scalar(tag, value, global_step=step)
-        finally:
-            writer.close()
-    except BaseException as exc:
-        for f in set(logdir.glob(f"{EVENT_PREFIX}*{EXPORT_SUFFIX}")) - before:
-            f.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ExportError(f"{exc.filename or logdir}: cannot write ({exc.strerror or exc})") from None
-        raise
-    [written] = set(logdir.glob(f"{EVENT_PREFIX}*{EXPORT_SUFFIX}")) - before
+                event = Event(wall_time=time.time(), step=step, summary=scalar(tag, value))
+                records.write(event.SerializeToString())
+    except OSError as exc:
+        raise ExportError(f"{exc.filename or written}: cannot write ({exc.strerror or exc})") from None
     for f in previous:
         f.unlink(missing_ok=True)
     return written
+
+
+def _export_name(logdir: Path) -> Path:
+    """A name for a new export in *logdir*, as ``SummaryWriter`` names its files, taken by no file there."""
+    stem = f"{EVENT_PREFIX}{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    return next(path for i in itertools.count() if not (path := logdir / f"{stem}.{i}{EXPORT_SUFFIX}").exists())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,17 @@ def test_correlate_with_metrics(grok):
     assert float(c["r"].sel(series="gap_ratio", lag=0)) == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-10)
     with pytest.raises(sa.SpectralAnalyzerError, match="metric 'nope' is not logged"):
         run.correlate("nope", window=10)
+
+
+@pytest.mark.parametrize("option", [{"tau": float("nan")}, {"tau": 0.0}, {"factor": 0.0}, {"factor": 1.0},
+                                    {"lr": -1.0}, {"lr": 0.0}, {"constant": -5.0}, {"persistence": 0},
+                                    {"top_k": 0}, {"phase_fraction": 1.5}, {"group_by": "modules"}])
+def test_options_without_meaning_are_refused_before_any_work(grok, option, tmp_path):
+    run, _ = grok
+    from conftest import snapshot
+
+    before = snapshot(Path(run.path))
+    with pytest.raises(sa.SelectionError) as caught:
+        run.dynamics(window=6, **option)
+    assert "\n" not in str(caught.value)
+    assert snapshot(Path(run.path)) == before  # refused before any band or result was written

@@ -83,7 +83,7 @@ def test_subsets_and_groups_match_svd_of_their_columns(grok_run):
             members = np.concatenate([cols[n] for n in names if key(n) == g])
             assert_sigma(ds.sel(group=g), x[:, members], 10)
     mods = grok_run.spectra(window=10, group_by="module")
-    assert set(mods["group"].values) == {"embedding", "attention", "mlp", "norm", "other"}
+    assert set(mods["group"].values) == {"embedding", "attention", "mlp", "norm"}  # unembed: embedding
 
 
 @pytest.mark.parametrize("name, kind", [

@@ -8,7 +8,7 @@ from dask.base import tokenize
 
 from .._version import RESULTS_REVISION, __version__
 from ..attributes import windowed
-from ..groups import group_tensors
+from ..groups import GROUPINGS, SelectionError, group_tensors
 from ..spectra import (
     INTERVAL_FACTOR,
     WindowError,
@@ -47,6 +47,18 @@ def learning_rate_at(store: Store, steps: np.ndarray) -> tuple[np.ndarray, str]:
     return np.full(steps.shape, np.nan), ""
 
 
+def _check_options(**given) -> None:
+    """Refuse, in one line, an option outside the range where its quantity means anything."""
+    bounds = {"tau": 0, "factor": 1, "lr": 0, "constant": 0, "persistence": 0, "top_k": 0, "phase_fraction": 0}
+    for name, value in given.items():
+        if value is None and name in ("factor", "lr"):
+            continue
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        if not ok or not np.isfinite(value) or value <= bounds[name] or (name == "phase_fraction" and value > 1):
+            top = " and at most 1" if name == "phase_fraction" else ""
+            raise SelectionError(f"dynamics: {name} must be a finite number above {bounds[name]}{top}, not {value!r}")
+
+
 def compute_dynamics(
     store: Store,
     window: int = 10,
@@ -69,6 +81,10 @@ def compute_dynamics(
     cache: bool = True,
 ) -> xr.Dataset:
     """Stability, rotation, flow, energy and events; see :meth:`Run.dynamics`."""
+    _check_options(tau=tau, factor=factor, lr=lr, constant=constant, persistence=persistence, top_k=top_k,
+                   phase_fraction=phase_fraction)
+    if group_by not in GROUPINGS:
+        raise SelectionError(f"unknown grouping {group_by!r}; choose one of {', '.join(GROUPINGS)}")
     rows = step_rows(store, steps)
     check_window(store, window, rows=rows)
     n_rows = rows.stop - rows.start

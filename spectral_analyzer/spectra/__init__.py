@@ -90,10 +90,11 @@ def band_for(store: Store, window: int, params, max_lag, device, scheduler, prog
     """The cached per-tensor band with L >= the :func:`effective_lag`, that lag (what a result records: the
     band may hold more lags, built for an earlier call), the manifest and the picked tensors."""
     lag = effective_lag(window, max_lag)
-    band, _ = build_band(store, lag, device=device, scheduler=scheduler, progress=progress)
     manifest = store.manifest
     names = [t.name for t in manifest]
-    return band, lag, manifest, names, select_tensors(names, params)
+    picked = select_tensors(names, params)  # a selection that matches nothing is refused before the pass
+    band, _ = build_band(store, lag, device=device, scheduler=scheduler, progress=progress)
+    return band, lag, manifest, names, picked
 
 
 def _group_spectra(band: np.ndarray, p: int, window: int, stride: int, center: bool, draws: int):
@@ -140,6 +141,9 @@ def compute_spectra(
         cached = store.read_result(name)
         if cached is not None:
             return cached
+    if group_by:  # an unknown grouping is refused before the pass over the deltas
+        names = [t.name for t in store.manifest]
+        group_tensors(names, select_tensors(names, params), group_by)
     band, lag, manifest, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
     band = band[:, rows]
     steps = store.steps[rows]

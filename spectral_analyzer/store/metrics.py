@@ -109,9 +109,18 @@ def _commit(store, group: str, n: int, last: int | None, names: Mapping[str, str
                           "crc": dict(crcs)})
 
 
+def _without_step(series: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """*series* less one named ``step``: the index itself, which a series may not be named after."""
+    return {name: values for name, values in series.items() if name != "step"}
+
+
 def write_metrics(store, steps: np.ndarray, series: Mapping[str, np.ndarray]) -> None:
-    """Replace the run's metrics by step-indexed float64 *series* (the caller holds the writer lock)."""
+    """Replace the run's metrics by step-indexed float64 *series* (the caller holds the writer lock).
+
+    A series named ``step`` repeats the index and is left out.
+    """
     steps = np.asarray(steps, dtype=np.int64)
+    series = _without_step(series)
     names = list(series)
     values = [np.asarray(series[n], dtype=np.float64) for n in names]
     group_token = tokenize(steps, names, values)[:16]
@@ -143,9 +152,11 @@ def append_metrics(store, steps: np.ndarray, series: Mapping[str, np.ndarray]) -
     """Add rows at *steps*, all after the last logged step, to the run's metrics (the lock is held).
 
     A series not logged before is added (missing, NaN, at the earlier rows);
-    one logged before and not in *series* is missing at the new rows.
+    one logged before and not in *series* is missing at the new rows; one
+    named ``step`` repeats the index and is left out.
     """
     steps = np.asarray(steps, dtype=np.int64)
+    series = _without_step(series)
     _settle(store)
     record = _record(store)
     if record is None:
