@@ -239,7 +239,7 @@ def _human_bytes(n: float) -> str:
 @click.option("--source-option", "source_options", multiple=True, metavar="KEY=VALUE", callback=_source_options,
               help="fsspec option for a CKPT_DIR given as a URL, when it differs from the --storage-option "
                    "ones (repeatable).")
-@click.option("--overwrite", is_flag=True, help="Replace whatever is at the output path.")
+@click.option("--overwrite", is_flag=True, help="Replace the store at the output path (never other files).")
 @click.option("--wait", is_flag=True, help="Wait while another process writes the store, instead of failing.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select, every, strip_prefix, weight_globs,
@@ -735,7 +735,7 @@ def report(stores, output, window, metric, overwrite):
 @click.option("--source", type=click.Path(file_okay=False, exists=True), default=None,
               help="Checkpoint folder [default: the shipped grokking fixture].")
 @click.option("-w", "--window", type=click.IntRange(min=3), default=10, show_default=True)
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo's output (a folder holding only that).")
 def demo(output, source, window, overwrite):
     """The whole pipeline on the shipped grokking run: ingest to report."""
     from spectral_analyzer.demo import run_demo

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import NoCheckpointsError, StoreExistsError
+from .errors import NoCheckpointsError, StoreExistsError, printable
 
 __all__ = ["FIXTURE", "run_demo"]
 
@@ -22,13 +22,19 @@ def _fixture() -> Path:
 FIXTURE = _fixture()
 
 
+# what the demo writes into its folder: all that an overwrite removes
+WRITES = ("run.zarr", "spectra.nc", "dynamics.nc", "dynamics.csv", "dynamics.events.csv", "weights.nc",
+          "grokking.csv", "report.html")
+
+
 def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.PathLike | None = None,
              window: int = 10, overwrite: bool = False) -> dict[str, Path]:
     """Ingest, spectra, dynamics, weights, grokking and report on a checkpoint folder.
 
     Writes ``run.zarr``, ``spectra.nc``, ``dynamics.nc``, ``dynamics.csv`` and
     ``dynamics.events.csv``, ``weights.nc``, ``grokking.csv`` and ``report.html``
-    into *output*, which must be new (or empty) unless *overwrite*.
+    into *output*, which must be new (or empty) unless *overwrite*, which
+    replaces a folder holding these files (and nothing else) only.
     Returns the paths written.
     """
     import xarray as xr
@@ -46,7 +52,15 @@ def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.Pa
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise StoreExistsError(f"{out}: exists and is not empty; pass overwrite to replace it")
-        shutil.rmtree(out)
+        entries = {e.name for e in out.iterdir()}
+        others = sorted(e for e in entries - set(WRITES) if not (e.startswith(".") and e.endswith(".partial")))
+        if others:  # a folder of the user's: never emptied for them
+            shown = ", ".join(printable(e) for e in others[:3]) + (", ..." if len(others) > 3 else "")
+            raise StoreExistsError(f"{out}: holds files the demo does not write ({shown}); overwrite replaces a "
+                                   "demo's output only: choose another folder")
+        for name in entries:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     run = ingest(src, out / "run.zarr", weights=["*q_proj.weight", "*in_proj_weight[q]"])
     paths = {"store": out / "run.zarr"}

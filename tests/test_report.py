@@ -164,3 +164,25 @@ def test_report_of_two_runs_compares_them(tmp_path):
     bad = CliRunner().invoke(main, ["report", str(tmp_path / "wd1.zarr"), str(tmp_path / "wd0.zarr"),
                                     "-o", str(tmp_path / "x.html"), "--metric", "nope"])
     assert bad.exit_code == 1 and bad.output.startswith("Error: metric 'nope' is not logged by wd1, wd0")
+
+
+def test_demo_overwrite_replaces_a_demo_s_output_only(tmp_path):
+    """--overwrite empties a folder that holds what the demo writes, never one holding anything else."""
+    from spectral_analyzer.demo import WRITES, run_demo
+
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("mine")
+    (mine / "report.html").write_text("old")
+    result = CliRunner().invoke(main, ["demo", "-o", str(mine), "--overwrite"])
+    assert result.exit_code == 1 and "holds files the demo does not write (chapter1.tex)" in result.output
+    assert (mine / "chapter1.tex").read_text() == "mine" and (mine / "report.html").read_text() == "old"
+    old = tmp_path / "old-demo"
+    old.mkdir()
+    for name in WRITES[1:]:
+        (old / name).write_text("from an earlier demo")
+    (old / "run.zarr").mkdir()
+    (old / ".report.html.0a1b2c3d.partial").write_text("left by a killed export")
+    paths = run_demo(old, overwrite=True)
+    assert sorted(p.name for p in old.iterdir()) == sorted(WRITES)
+    assert paths["report"].read_text() != "from an earlier demo"
