@@ -145,13 +145,20 @@ def test_bad_input_to_every_command_is_one_line(command, small, tmp_path):
 # -- (c) the cases, one by one --------------------------------------------------
 
 
-def test_heads_that_do_not_divide_the_rows(small):
-    result = CliRunner().invoke(main, ["weights", small["store"], "--heads", "5"])
+def test_heads_that_do_not_divide_the_rows(small, tmp_path):
+    src = tmp_path / "src"
+    write_run(src, 3, {f"attn.{n}_proj.weight": (8, 8) for n in "qkvo"})
+    store = str(tmp_path / "layer.zarr")
+    sa.ingest(src, store)
+    result = CliRunner().invoke(main, ["weights", store, "--heads", "5"])
     line = _one_line_error(result)
     assert "'attn.q_proj.weight' has 8 rows, which do not split into 5 heads" in line
-    assert small["store"] in line
+    assert store in line
     with pytest.raises(sa.SelectionError, match="do not split into 3 heads"):
-        sa.open_run(small["store"]).weight_spectra("*q_proj*", heads=3)
+        sa.open_run(store).weight_spectra("*q_proj*", heads=3)
+    # heads split attention projections: a store with none says so, naming itself
+    line = _one_line_error(CliRunner().invoke(main, ["weights", small["store"], "--heads", "4"]))
+    assert small["store"] in line and "no attention layer recognised" in line
 
 
 @pytest.mark.parametrize("command", ["spectra", "dynamics", "weights"])
@@ -168,7 +175,7 @@ def test_unwritable_output_names_the_path(small, tmp_path, monkeypatch):
 
     target = tmp_path / "w.csv"
 
-    def denied(records, path, attrs=None):
+    def denied(records, path, suffix, attrs=None):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(export_module, "_write_records", denied)
