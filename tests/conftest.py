@@ -86,6 +86,16 @@ def snapshot(path: Path) -> dict[str, str]:
     }
 
 
+def save_state(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """*state* saved at *path*: safetensors by its suffix, else a torch pickle."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
 def write_run(folder: Path, n: int, sizes: dict[str, tuple[int, ...]], seed: int = 0, step0: int = 0,
               every: int = 10, scale: float = 1e-2) -> list[Path]:
     """A synthetic run of *n* safetensors checkpoints: a random walk."""

@@ -19,8 +19,7 @@ import fsspec
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import snapshot
-from safetensors.torch import save_file
+from conftest import save_state, snapshot
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 import spectral_analyzer as sa
@@ -32,15 +31,6 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
     text = str(exc.value)
     assert "\n" not in text and "\r" not in text and "\x1b" not in text
     return text
-
-
-def _save(path: Path, state: dict[str, torch.Tensor]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
-    return path
 
 
 # -- 1. tied weights and the selection ------------------------------------------
@@ -113,7 +103,7 @@ def _sharded_run(root: Path, suffix: str, shards: dict[str, list[str]], weight_m
         gen = torch.Generator().manual_seed(step)
         state = {k: torch.randn(4, generator=gen) for k in ("a.weight", "b.weight", "c.weight")}
         for shard, names in shards.items():
-            _save(d / f"{shard}{suffix}", {n: state[n] for n in names})
+            save_state(d / f"{shard}{suffix}", {n: state[n] for n in names})
         index = {"metadata": {}, "weight_map": {k: f"{v}{suffix}" for k, v in weight_map.items()}}
         (d / _INDEXES[suffix]).write_text(json.dumps(index))
     return root
@@ -178,8 +168,8 @@ def test_remote_index_disagreeing_with_its_shards_is_refused(tmp_path, case):
 
 def test_tensor_in_two_unindexed_files_names_both(tmp_path):
     d = tmp_path / "ckpts" / "checkpoint-1"
-    first = _save(d / "part-a.safetensors", {"w": torch.ones(3)})
-    second = _save(d / "part-b.safetensors", {"w": torch.zeros(3)})
+    first = save_state(d / "part-a.safetensors", {"w": torch.ones(3)})
+    second = save_state(d / "part-b.safetensors", {"w": torch.zeros(3)})
     with pytest.raises(sa.CheckpointError) as exc:
         open_checkpoint([first, second], str(d), KeyOptions())
     text = _one_line(exc)
@@ -206,7 +196,7 @@ def test_tensor_without_dense_values_is_refused(tmp_path, kind):
     make, words = _NOT_DENSE[kind]
     src = tmp_path / "ckpts"
     for step in (1, 2):
-        _save(src / f"step_{step}.pt", {"w": torch.randn(4), "odd\x1b[31m": make()})
+        save_state(src / f"step_{step}.pt", {"w": torch.randn(4), "odd\x1b[31m": make()})
     with pytest.raises(sa.CheckpointError) as exc:
         sa.ingest(src, tmp_path / "run.zarr")
     text = _one_line(exc)
@@ -217,7 +207,7 @@ def test_tensor_without_dense_values_is_refused(tmp_path, kind):
 @pytest.mark.parametrize("kind", list(_NOT_DENSE))
 def test_tensor_without_dense_values_can_be_left_out(tmp_path, kind):
     make, _ = _NOT_DENSE[kind]
-    path = _save(tmp_path / "step_1.pt", {"w": torch.arange(4.0), "odd": make()})
+    path = save_state(tmp_path / "step_1.pt", {"w": torch.arange(4.0), "odd": make()})
     reader = open_checkpoint([path], str(path), KeyOptions(exclude=("odd",)))
     assert list(reader.tensors) == ["w"] and torch.equal(reader.read("w"), torch.arange(4.0))
 
@@ -244,7 +234,7 @@ def _flip(path: Path, record_suffix: str, at: int = 4) -> str:
 
 
 def test_flipped_bit_in_a_tensor_is_refused_on_read(tmp_path):
-    path = _save(tmp_path / "step_1.pt", {"a": torch.arange(8, dtype=torch.float32), "b": torch.ones(5)})
+    path = save_state(tmp_path / "step_1.pt", {"a": torch.arange(8, dtype=torch.float32), "b": torch.ones(5)})
     record = _flip(path, "/data/0")
     reader = open_checkpoint([path], str(path), KeyOptions())  # the header alone reads no tensor bytes
     assert torch.equal(reader.read("b"), torch.ones(5))
@@ -258,11 +248,11 @@ def test_flipped_bit_in_a_later_checkpoint_leaves_the_store_as_it_was(tmp_path):
     src = tmp_path / "ckpts"
     gen = torch.Generator().manual_seed(0)
     for step in (1, 2, 3):
-        _save(src / f"step_{step}.pt", {"w": torch.randn(64, generator=gen), "v": torch.randn(8, generator=gen)})
+        save_state(src / f"step_{step}.pt", {"w": torch.randn(64, generator=gen), "v": torch.randn(8, generator=gen)})
     store = tmp_path / "run.zarr"
     sa.ingest(src, store)
     before = snapshot(store)
-    _save(src / "step_4.pt", {"w": torch.randn(64, generator=gen), "v": torch.randn(8, generator=gen)})
+    save_state(src / "step_4.pt", {"w": torch.randn(64, generator=gen), "v": torch.randn(8, generator=gen)})
     _flip(src / "step_4.pt", "/data/0", at=40)
     with pytest.raises(sa.CheckpointError) as exc:
         sa.ingest(src, store)
@@ -272,7 +262,7 @@ def test_flipped_bit_in_a_later_checkpoint_leaves_the_store_as_it_was(tmp_path):
 
 def test_flipped_bit_in_a_compressed_record_is_refused(tmp_path):
     state = {"a": torch.arange(100, dtype=torch.float32), "b": torch.ones(50)}
-    good = _save(tmp_path / "good.pt", state)
+    good = save_state(tmp_path / "good.pt", state)
     deflated = tmp_path / "deflated.pt"
     with zipfile.ZipFile(good) as zin, zipfile.ZipFile(deflated, "w") as zout:
         for info in zin.infolist():
@@ -292,7 +282,7 @@ def test_flipped_bit_in_a_compressed_record_is_refused(tmp_path):
 def test_names_from_files_are_escaped_in_index_messages(tmp_path):
     name = "evil\x1b[2J\rname"
     d = tmp_path / "ckpts" / "checkpoint-1"
-    _save(d / "s1.safetensors", {"a": torch.ones(2), name: torch.ones(2)})
+    save_state(d / "s1.safetensors", {"a": torch.ones(2), name: torch.ones(2)})
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors"}}))
     with pytest.raises(sa.CheckpointError) as exc:
         sa.ingest(tmp_path / "ckpts", tmp_path / "run.zarr", steps=[1])

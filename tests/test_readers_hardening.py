@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import natural, snapshot
+from conftest import natural, save_state, snapshot
 from safetensors.torch import save_file
 
 import spectral_analyzer as sa
@@ -54,18 +54,9 @@ def _finishes(call, seconds: float = 10.0):
     return out["value"]
 
 
-def _save(path: Path, state: dict[str, torch.Tensor]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
-    return path
-
-
 def _two_checkpoints(folder: Path, suffix: str, first: dict, second: dict) -> Path:
-    _save(folder / f"step_0{suffix}", first)
-    _save(folder / f"step_10{suffix}", second)
+    save_state(folder / f"step_0{suffix}", first)
+    save_state(folder / f"step_10{suffix}", second)
     return folder
 
 
@@ -83,7 +74,7 @@ def _rewrite_zip(src: Path, dst: Path, record_suffix: str, change) -> None:
 
 
 def test_short_zip_record_is_refused_naming_file_and_tensor(tmp_path):
-    good = _save(tmp_path / "good.pt", {"a": torch.arange(100, dtype=torch.float32), "b": torch.ones(50)})
+    good = save_state(tmp_path / "good.pt", {"a": torch.arange(100, dtype=torch.float32), "b": torch.ones(50)})
     bad = tmp_path / "bad.pt"
     _rewrite_zip(good, bad, "/data/0", lambda data: (data[:40], zipfile.ZIP_STORED))
     with pytest.raises(RuntimeError, match="record size"):  # torch itself refuses it without mmap
@@ -95,7 +86,7 @@ def test_short_zip_record_is_refused_naming_file_and_tensor(tmp_path):
 
 def test_compressed_zip_record_is_read_decompressed(tmp_path):
     state = {"a": torch.arange(100, dtype=torch.float32), "b": torch.ones(50)}
-    good = _save(tmp_path / "good.pt", state)
+    good = save_state(tmp_path / "good.pt", state)
     deflated = tmp_path / "deflated.pt"
     _rewrite_zip(good, deflated, "/data/0", lambda data: (data, zipfile.ZIP_DEFLATED))
     reader = open_checkpoint([deflated], str(deflated), KeyOptions())
@@ -114,10 +105,10 @@ def _sharded(root: Path, index_name: str) -> tuple[Path, Path]:
         weight_map = {}
         for i, name in enumerate(["a", "b"]):
             shard = f"{stem}-0000{i + 1}-of-00002{suffix}"
-            _save(d / shard, {name: torch.full((3,), float(step + i))})
+            save_state(d / shard, {name: torch.full((3,), float(step + i))})
             weight_map[name] = shard
         (d / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    outside = _save(root / f"outside{suffix}", {"b": torch.full((3,), 99.0)})
+    outside = save_state(root / f"outside{suffix}", {"b": torch.full((3,), 99.0)})
     return root / "run", outside
 
 
@@ -211,7 +202,7 @@ def test_float8_nan_is_caught(tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_float_that_cannot_be_upcast_is_refused_not_dropped(tmp_path, suffix):
     packed = torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
-    path = _save(tmp_path / f"step_0{suffix}", {"w": torch.ones(3), "q": packed})
+    path = save_state(tmp_path / f"step_0{suffix}", {"w": torch.ones(3), "q": packed})
     with pytest.raises(sa.CheckpointError) as exc:
         open_checkpoint([path], str(path), KeyOptions())
     assert str(path) in _one_line(exc) and "'q'" in str(exc.value) and "exclude" in str(exc.value)
@@ -280,7 +271,7 @@ def test_metrics_fifo_given_to_ingest_is_refused(tmp_path, monkeypatch):
 def test_trainer_state_fifo_is_refused_not_skipped(tmp_path):
     src = tmp_path / "src"
     for step in (0, 10):
-        _save(src / f"checkpoint-{step}" / "model.safetensors", {"w": torch.full((3,), float(step))})
+        save_state(src / f"checkpoint-{step}" / "model.safetensors", {"w": torch.full((3,), float(step))})
     (src / "checkpoint-0" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 0, "loss": 1}]}))
     os.mkfifo(src / "checkpoint-10" / "trainer_state.json")
     path = find_trainer_state(src, [str(src / "checkpoint-0"), str(src / "checkpoint-10")])
@@ -298,7 +289,7 @@ def test_checkpoint_that_is_not_regular_is_refused_not_skipped(tmp_path, layout)
         fifo = src / "step_20.pt"
     elif layout == "folder file":
         for step in (0, 10):
-            _save(src / f"checkpoint-{step}" / "model.safetensors", {"w": torch.full((3,), float(step))})
+            save_state(src / f"checkpoint-{step}" / "model.safetensors", {"w": torch.full((3,), float(step))})
         (src / "checkpoint-20").mkdir()
         fifo = src / "checkpoint-20" / "model.safetensors"
     else:
@@ -421,7 +412,7 @@ def test_metrics_steps_at_int64_edges_are_exact(tmp_path):
 def test_checkpoint_folder_step_beyond_int64_is_refused(tmp_path):
     src = tmp_path / "src"
     for step in ("0", "99999999999999999999"):
-        _save(src / f"checkpoint-{step}" / "model.safetensors", {"w": torch.zeros(3)})
+        save_state(src / f"checkpoint-{step}" / "model.safetensors", {"w": torch.zeros(3)})
     with pytest.raises(sa.StepError) as exc:
         sa.ingest(src, tmp_path / "run.zarr")
     assert "checkpoint-99999999999999999999" in _one_line(exc) and "64-bit" in str(exc.value)
@@ -452,7 +443,7 @@ def test_rejected_inputs_leave_an_existing_store_as_it_was(tmp_path):
     store = tmp_path / "run.zarr"
     sa.ingest(src, store)
     before = snapshot(store)
-    _save(src / "step_20.safetensors", {"w": torch.full((3,), 2.0)})
+    save_state(src / "step_20.safetensors", {"w": torch.full((3,), 2.0)})
     (tmp_path / "metrics.csv").write_text("step,loss,loss\n0,1,1\n")
     with pytest.raises(MetricsError):
         sa.ingest(src, store, metrics=tmp_path / "metrics.csv")
