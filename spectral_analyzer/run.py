@@ -450,7 +450,7 @@ class Run:
 
         steps = self.checkpoint_steps
         metrics = self._store.attrs.get("metrics") or {}
-        names = list(dict(metrics.get("names", {})).values())
+        names = [n for n in dict(metrics.get("names", {})).values() if n != "step"]  # the index, not a series
         rows = [
             ("store", escape(self.path)),
             ("checkpoints", f"{steps.size}, steps {steps[0]}..{steps[-1]}" if steps.size else "none"),

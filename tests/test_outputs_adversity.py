@@ -323,6 +323,9 @@ def test_a_store_holding_a_series_named_step_still_reads(source, tmp_path, monke
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["report", str(store), "-w", WINDOW, "-o", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
+    info = CliRunner().invoke(main, ["info", str(store)])
+    assert info.exit_code == 0 and "test_acc" in info.output and "test_acc, step" not in info.output
+    assert "test_acc" in sa.open_run(store)._repr_html_() and ", step<" not in sa.open_run(store)._repr_html_()
 
 
 # -- names that matplotlib reads as math ------------------------------------------

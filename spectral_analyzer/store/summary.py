@@ -77,7 +77,7 @@ def summarize(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
     try:
         steps = None if record is None else (int(attrs["base_step"]), int(record["head_step"]))
         n = 0 if record is None else int(record["n_deltas"])
-        names = [str(name) for name in dict(metrics.get("names", {})).values()]
+        names = [str(name) for name in dict(metrics.get("names", {})).values() if name != "step"]  # the index
         logged = int(metrics.get("n", 0))
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{location.path}: the store is damaged: unreadable commit record ({exc!r})") from None
