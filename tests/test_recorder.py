@@ -154,3 +154,15 @@ def test_recorded_metrics_are_appended_and_late_ones_merged(tmp_path, monkeypatc
     monkeypatch.undo()
     rec.flush()
     assert sa.open_run(path).metrics["loss"].sel(step=10).item() == 10.0
+
+
+def test_a_metric_named_step_is_the_index_not_a_series(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    rec = sa.Recorder(tmp_path / "r.zarr", model)
+    rec.step(0, loss=1.0, step=0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    rec.log(1, step=1, loss=0.5)
+    rec.record(1)
+    metrics = sa.open_run(tmp_path / "r.zarr").metrics
+    assert list(metrics.data_vars) == ["loss"] and list(metrics["step"].values) == [0, 1]

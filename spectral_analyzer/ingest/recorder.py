@@ -90,7 +90,7 @@ class Recorder:
         self._pending: dict[int, dict[str, float]] = {}  # logged, not yet in the store
         self._cut: int | None = None  # the store's series from this step on are superseded by this recorder's
 
-    def step(self, step: int, **metrics: float) -> bool:
+    def step(self, step: int, /, **metrics: float) -> bool:
         """Record at multiples of ``every``; log *metrics* at every call. Returns whether it recorded."""
         self.log(step, **metrics)
         if step % self.every:
@@ -203,8 +203,11 @@ class Recorder:
             )
         self._skip_through = steps[-1] if step not in steps else None
 
-    def log(self, step: int, **metrics: float) -> None:
-        """Keep *metrics* as logged at *step*; they are written with the next record, or by :meth:`flush`."""
+    def log(self, step: int, /, **metrics: float) -> None:
+        """Keep *metrics* as logged at *step*; they are written with the next record, or by :meth:`flush`.
+
+        A metric named ``step`` (a logger's own record of the step) is the index, not a series: left out."""
+        metrics.pop("step", None)
         if metrics:
             self._pending.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
 
