@@ -83,6 +83,20 @@ _blocks: list[tuple[object, int]] = []  # (a token, n) of each block in progress
 _before: int | None = None
 
 
+def _process_default(torch) -> int:
+    """The count threads get by default: torch keeps the last count set, in any thread, as the count of
+    threads started later, while a thread's own count is what was last set in it (a Dask worker thread's
+    may be a block's, not the process's). In the main thread its own count; elsewhere what a new thread
+    sees."""
+    if threading.current_thread() is threading.main_thread():
+        return torch.get_num_threads()
+    seen: list[int] = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()), name="spectral-analyzer-probe")
+    probe.start()
+    probe.join()
+    return seen[0]
+
+
 @contextmanager
 def torch_threads(n: int | None = None) -> Iterator[int]:
     """Run the block with *n* torch threads (default :func:`free_cores`), restoring the count after."""
@@ -93,7 +107,7 @@ def torch_threads(n: int | None = None) -> Iterator[int]:
     token = object()
     with _setting:
         if not _blocks:
-            _before = torch.get_num_threads()
+            _before = _process_default(torch)
         _blocks.append((token, n))
         torch.set_num_threads(n)
     try:

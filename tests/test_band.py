@@ -284,3 +284,24 @@ def test_a_read_that_fails_ahead_is_reported_and_ends_the_reader(tmp_path):
     with pytest.raises(sa.StoreError, match=r"chunk 21/1 of deltas .*crc32c"):
         sa.open_run(tmp_path / "r.zarr").band(max_lag=4)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("spectral-analyzer-ring")]
+
+
+def test_a_band_build_leaves_torch_threads_of_later_threads_as_they_were(tmp_path):
+    """The band tasks set torch's thread count in their worker threads and restore it: the count set in a
+    thread is also the default of threads started after, which a build must not leave lowered."""
+    import threading
+
+    write_run(tmp_path / "src", 12, {"a.w": (40, 30)}, seed=2)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr", chunk_size=256)
+    before = torch.get_num_threads()
+
+    def in_a_new_thread() -> int:
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        return seen[0]
+
+    expected = in_a_new_thread()
+    run.band(max_lag=3)
+    assert torch.get_num_threads() == before and in_a_new_thread() == expected

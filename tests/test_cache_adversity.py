@@ -280,3 +280,36 @@ def test_results_cached_by_an_earlier_revision_of_the_definitions_are_not_served
     run.spectra(window=W), run.dynamics(window=W), run.weight_spectra()
     after = names()
     assert len(after - before) == 3
+
+
+def test_a_band_extension_finished_after_another_writer_replaced_the_cache_leaves_it_whole(tmp_path, monkeypatch):
+    """A extends the cached band from its last block while B caches a band of another max_lag for every row:
+    A's rows, which extend a prefix no longer there, are not written, and B's cache stays whole (before, A
+    replaced it with its rows alone, marked complete, rows 0..start-1 a hole)."""
+    from spectral_analyzer.gram import build
+
+    write_run(tmp_path / "src", 30, {"a.w": (20, 9)}, seed=3)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr", chunk_size=64)
+    run.band(max_lag=3)
+    write_run(tmp_path / "more", 50, {"a.w": (20, 9)}, seed=3)
+    for f in sorted((tmp_path / "more").iterdir())[30:]:
+        shutil.copy(f, tmp_path / "src" / f.name)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr")
+    compute = build._compute_rows
+    starts = []
+
+    def meanwhile_another_writer(store, lag, start, n, *args, **kwargs):
+        starts.append(start)
+        rows = compute(store, lag, start, n, *args, **kwargs)
+        if len(starts) == 1:
+            sa.open_run(tmp_path / "r.zarr").band(max_lag=12)  # B, from scratch: rows 0.. at L = 12
+        return rows
+
+    monkeypatch.setattr(build, "_compute_rows", meanwhile_another_writer)
+    got = run.band(max_lag=3).values
+    assert starts[0] > 0  # A extended the cached prefix
+    monkeypatch.undo()
+    fresh = _uncached_copy(tmp_path / "r.zarr", tmp_path / "f.zarr").band(max_lag=3).values
+    np.testing.assert_array_equal(got, fresh)
+    cached = sa.open_run(tmp_path / "r.zarr").store.band_cache.lookup(12)
+    assert cached is not None and cached[0].shape[1] == run.n_deltas and cached[1] == 12

@@ -37,6 +37,7 @@ from .._version import __version__
 from ..devices import check_device, resolve_device
 from ..errors import SchedulerError, StoreError, WindowError
 from ..store import Store
+from ..threads import torch_threads
 from .kernel import COL_BLOCK, BandPlan, band_entries, band_products, ring_width
 from .ring import HostRing, StagedRing, staged_slots
 from ..progress import progress_bar
@@ -73,16 +74,17 @@ def _band_task(
     rows are the halo of each new block.
     """
     dev = resolve_device(device)
-    # torch's intra-op thread count is per OS thread (OpenMP): set it in the worker's own thread.
-    torch.set_num_threads(threads)
-    store = Store.open(path, storage_options=storage_options, verify=False)
-    store.expect_crcs(start // store.chunk_size, crcs)
-    pieces = [(a - start, b - start) for _, a, b in segments]
-    if dev.type == "cpu":
-        ring = HostRing(store, start, stop, max_lag, BLOCK_ROWS, segments=pieces)
-    else:
-        ring = StagedRing(store, start, stop, max_lag, BLOCK_ROWS, dev, segments=pieces)
-    rows = _ring_band(ring, r0, r1, max_lag)
+    # torch's intra-op thread count is set in the worker's own thread, and restored after: the value set
+    # there is also the default of threads started later (a user's, another library's)
+    with torch_threads(threads):
+        store = Store.open(path, storage_options=storage_options, verify=False)
+        store.expect_crcs(start // store.chunk_size, crcs)
+        pieces = [(a - start, b - start) for _, a, b in segments]
+        if dev.type == "cpu":
+            ring = HostRing(store, start, stop, max_lag, BLOCK_ROWS, segments=pieces)
+        else:
+            ring = StagedRing(store, start, stop, max_lag, BLOCK_ROWS, dev, segments=pieces)
+        rows = _ring_band(ring, r0, r1, max_lag)
     return {(t, r0): rows[s] for s, (t, _, _) in enumerate(segments)}
 
 

@@ -73,6 +73,8 @@ class BandCache:
             before = gram.attrs.asdict()
             if before.get("writing") or int(before["max_lag"]) < max_lag:
                 return None
+            if gram["band"].shape[2] != int(before["max_lag"]) + 1:  # attributes that do not describe it
+                return None
             n = min(int(before["n_rows"]), self.store.n_deltas)
             cached = np.asarray(gram["chain"][:n])
             mine = self.store.chain[:n]
@@ -94,16 +96,30 @@ class BandCache:
         """Band rows ``start..`` of the snapshot's rows, committed last (the writer lock is held)."""
         n_tensors, n_new, n_lags = rows.shape
         group = self.store.group
+        n = start + n_new
         try:
             gram = group["gram"] if "gram" in group else None
             if gram is not None:
                 attrs = gram.attrs.asdict()
-                if start == 0 or int(attrs.get("max_lag", -1)) != max_lag or int(attrs.get("n_rows", 0)) < start:
+                lag, rows_there = int(attrs.get("max_lag", -1)), int(attrs.get("n_rows", 0))
+                mine = self.store.chain[: max(start, n)]
+                same = (not attrs.get("writing") and rows_there >= len(mine)
+                        and np.array_equal(np.asarray(gram["chain"][: len(mine)]), mine))
+                if start == 0 and same and lag >= max_lag:
+                    return  # another writer cached these rows already, at this L or more: kept
+                if start > 0:
+                    head = self.store.chain[:start]
+                    if not (not attrs.get("writing") and lag == max_lag and rows_there >= start
+                            and np.array_equal(np.asarray(gram["chain"][:start]), head)):
+                        return  # not the prefix these rows extend (another writer replaced it): left as it is
+                else:
                     gram = None
         except OSError:  # the store cannot be written (see Store.cache)
             raise
         except Exception:  # noqa: BLE001 -- unreadable metadata: not a cache
             gram = None
+        if gram is None and start > 0:
+            return  # rows start.. alone are no cache
         if gram is None:
             del group["gram"]  # an older band, or what a killed or damaged write left (nothing is fine)
             per_tensor = _BAND_ROWS * n_lags * 8
@@ -119,7 +135,6 @@ class BandCache:
                                   compressors=[Crc32cCodec()], dimension_names=("delta",))
         else:
             gram.attrs.put({**gram.attrs.asdict(), "n_rows": start, "writing": True})
-        n = start + n_new
         gram["band"].resize((n_tensors, n, n_lags))
         gram["chain"].resize((n,))
         gram["row_crc"].resize((n,))
