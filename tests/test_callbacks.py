@@ -298,3 +298,33 @@ def test_callbacks_refuse_sharded_models(tmp_path):
     with pytest.raises(ValueError, match=r"sharded models \(FSDPStrategy\)"):
         light.on_train_start(trainer, torch.nn.Linear(2, 2))
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+
+
+def test_hf_callback_resumed_after_a_crash_keeps_what_the_checkpoint_logged(tmp_path):
+    """A crash after checkpoint-10 and before the next record: the logs of step 10 (written after its row,
+    pending when training died) come back from the checkpoint's log history when training resumes there."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    x, y = _points(64, seed=0)
+    train = [{"x": x[i], "labels": y[i]} for i in range(64)]
+
+    class Crash(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 12:
+                raise RuntimeError("killed")
+
+    def trainer(callbacks):
+        torch.manual_seed(0)
+        args = _hf_args(tmp_path / "out", max_steps=20, save_steps=10, logging_steps=5, seed=0, save_only_model=False)
+        return transformers.Trainer(model=_Classifier(), args=args, train_dataset=train, callbacks=callbacks)
+
+    trainer([sa.HFRecorderCallback(tmp_path / "once.zarr", every=5, chunk_size=100)]).train()
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer([sa.HFRecorderCallback(tmp_path / "live.zarr", every=5, chunk_size=100), Crash()]).train()
+    assert 10 not in sa.open_run(tmp_path / "live.zarr").metrics["step"].values  # pending when it died
+    trainer([sa.HFRecorderCallback(tmp_path / "live.zarr", every=5, chunk_size=100)]).train(
+        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10"))
+    live, once = sa.open_run(tmp_path / "live.zarr"), sa.open_run(tmp_path / "once.zarr")
+    _assert_same_run(live, once)
+    assert list(live.metrics["step"].values) == list(once.metrics["step"].values)
+    np.testing.assert_allclose(live.metrics["loss"].values, once.metrics["loss"].values, rtol=1e-6, equal_nan=True)

@@ -166,3 +166,91 @@ def test_a_metric_named_step_is_the_index_not_a_series(tmp_path):
     rec.record(1)
     metrics = sa.open_run(tmp_path / "r.zarr").metrics
     assert list(metrics.data_vars) == ["loss"] and list(metrics["step"].values) == [0, 1]
+
+
+def _moved(model: torch.nn.Module, by: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(by * torch.linspace(-1, 1, p.numel()).reshape(p.shape))
+
+
+def _flat(model: torch.nn.Module) -> np.ndarray:
+    return np.concatenate([v.detach().double().reshape(-1).numpy() for _, v in sorted(model.state_dict().items())])
+
+
+def test_a_recorder_reused_for_a_training_resumed_earlier_drops_the_abandoned_rows(tmp_path):
+    """A callback's recorder goes on recording when training restarts from an older checkpoint: the rows after
+    it are dropped (with a warning) and the next delta is taken from the checkpoint the training resumed
+    from, not from the abandoned training's last snapshot; what it logged after that checkpoint goes too."""
+    model = torch.nn.Linear(4, 3)
+    rec = sa.Recorder(tmp_path / "r.zarr", model)
+    saved = {}
+    for step in (0, 4, 8, 12, 14):
+        rec.log(step, loss=float(step))
+        rec.record(step)
+        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        _moved(model, 0.1)
+    rec.log(15, loss=99.0)  # logged by the abandoned training, not yet written
+    model.load_state_dict(saved[12])  # the training resumes from checkpoint 12, on another path
+    with pytest.warns(sa.RecordingWarning, match="dropping the 1 rows"):
+        rec.resume(12)
+    at12 = _flat(model)
+    _moved(model, -0.05)
+    rec.log(16, loss=16.0)
+    rec.record(16)
+    run = sa.open_run(tmp_path / "r.zarr")
+    assert list(run.checkpoint_steps) == [0, 4, 8, 12, 16]
+    want = (_flat(model) - at12).astype(np.float32)
+    np.testing.assert_array_equal(run.deltas.values[-1].view(np.uint32), want.view(np.uint32))
+    assert list(run.metrics["step"].values) == [0, 4, 8, 12, 16]
+
+
+def test_a_refused_record_changes_nothing_a_later_write_keeps(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    rec = sa.Recorder(tmp_path / "r.zarr", model)
+    for step in range(0, 21, 5):
+        rec.log(step, loss=float(step))
+        rec.record(step)
+        _moved(model, 0.1)
+    again = sa.Recorder(tmp_path / "r.zarr", model)
+    with pytest.raises(sa.StepError, match="not after the store's last step 20"):
+        again.record(15)
+    again.log(21, lr=0.5)
+    again.flush()
+    metrics = sa.open_run(tmp_path / "r.zarr").metrics
+    assert list(metrics["step"].values) == [0, 5, 10, 15, 20, 21]
+    assert list(metrics["loss"].values[:5]) == [0.0, 5.0, 10.0, 15.0, 20.0]
+
+
+def test_the_metrics_logged_before_a_record_are_committed_before_its_row(tmp_path, monkeypatch):
+    """Killed between the two commits, the store holds the metrics and not the row: a training resumed at
+    the last row logs the steps after it again, and nothing logged is lost."""
+    from spectral_analyzer.ingest import recorder as recorder_module
+
+    model = torch.nn.Linear(3, 2)
+    rec = sa.Recorder(tmp_path / "r.zarr", model)
+    rec.step(0, loss=0.0)
+    _moved(model, 0.1)
+    rec.log(1, loss=1.0)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the row of step 2 never committed
+
+    monkeypatch.setattr(recorder_module, "write_rows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rec.step(2, loss=2.0)
+    monkeypatch.undo()
+    metrics = sa.open_run(tmp_path / "r.zarr").metrics
+    assert list(metrics["step"].values) == [0, 1, 2] and list(sa.open_run(tmp_path / "r.zarr").checkpoint_steps) == [0]
+
+
+def test_a_change_of_precision_while_recording_is_warned_as_ingest_warns(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    rec = sa.Recorder(tmp_path / "r.zarr", model)
+    rec.record(0)
+    _moved(model, 0.1)
+    rec.record(1)
+    model.half()
+    with pytest.warns(sa.PrecisionChangeWarning, match=r"is float32 at step 1 .* but float16 at step 2"):
+        rec.record(2)
+    assert any("float16 at step 2" in w for w in sa.open_run(tmp_path / "r.zarr").warnings)

@@ -131,6 +131,13 @@ class HFRecorderCallback(TrainerCallback):
             self.recorder.model = model
         if state.global_step > 0:  # resumed from a checkpoint: the store may hold later rows
             self.recorder.resume(state.global_step)
+            # what was logged up to the checkpoint, kept in its trainer_state.json: the logs of its own step
+            # come after its record, and a training killed before writing them does not log them again
+            for entry in state.log_history:
+                step = entry.get("step")
+                if isinstance(step, int) and step <= state.global_step:
+                    numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
+                    self.recorder.log(step, **numbers)
         elif self.initial:
             self.recorder.record(0)
 

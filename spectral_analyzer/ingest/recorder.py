@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..errors import RecordingWarning, StepError, StoreError
+from ..errors import PrecisionChangeWarning, RecordingWarning, StepError, StoreError
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter
 from ..store.layout import check_chunk_size
 from .discover import Checkpoint
 from .model_config import attention_config
-from .pipeline import _check_consistent, _manifest, _Planned, write_rows
+from .pipeline import _check_consistent, _manifest, _Planned, _precision_changes, write_rows
 from .readers import CheckpointReader, KeyOptions, _add
 
 __all__ = ["Recorder"]
@@ -128,12 +128,12 @@ class Recorder:
         with StoreWriter(self.path, self.storage_options, overwrite=overwrite, wait=self.wait) as writer:
             store = writer.existing
             if store is not None:
-                if self._previous is None and self._cut is None:
-                    self._cut = int(step)
                 _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned)
                 last = store.last_checkpoint_step
                 if step <= last:
                     raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
+                if self._previous is None and self._cut is None:  # only once the record is accepted
+                    self._cut = int(step)
             elif self._previous is not None:  # once this recorder has written a row, the store is its own
                 raise StoreError(f"{self.path}: the store this recorder was writing is gone")
             else:
@@ -145,9 +145,20 @@ class Recorder:
                 if model_config:
                     provenance["model_config"] = model_config
                 store = writer.create(_manifest(reader.tensors), self.chunk_size, {"provenance": provenance})
-            write_rows(store, [], [planned], lambda p: reader, False, prev_reader=self._current_previous(store))
-            self._keep(reader, store)  # before anything else can fail: the row is committed
+            # the metrics logged so far first: killed between the two commits, the store holds them and not
+            # the row, and the training resumed before this step logs the steps after it again (the other
+            # way round, the steps up to this one would be lost: a training resumed here does not log them)
             self._write_metrics(store)
+            previous = self._current_previous(store)
+            notes = []
+            if previous is not None:  # a tensor whose dtype changed since the last snapshot: warned as ingest does
+                before = _Planned(Checkpoint(previous.label, (), self._previous_at[0]), self._previous_at[0],
+                                  previous.tensors)
+                if (message := _precision_changes([before, planned], [planned])) is not None:
+                    warnings.warn(message, PrecisionChangeWarning, stacklevel=2)
+                    notes.append(message)
+            write_rows(store, [], [planned], lambda p: reader, False, prev_reader=previous, notes=notes)
+            self._keep(reader, store)  # before anything else can fail: the row is committed
 
     def _keep(self, reader: CheckpointReader, store: Store) -> None:
         self._previous, self._previous_at = reader, (store.last_checkpoint_step, store.commit_record["chain"])
@@ -171,7 +182,11 @@ class Recorder:
         Otherwise the store is left as it is, with a warning, and steps up to
         its last one are not recorded again.
         """
-        if self._previous is not None or not Store.exists(self.path, self.storage_options):
+        # A recorder that has recorded (a callback reused for a training resumed from a checkpoint) forgets
+        # its snapshot, which is of the abandoned training, and what was logged after *step*.
+        self._previous = self._previous_at = self._skip_through = None
+        self._pending = {s: v for s, v in self._pending.items() if s <= step}
+        if not Store.exists(self.path, self.storage_options):
             return
         with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
             if writer.existing is not None:
