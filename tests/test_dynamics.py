@@ -260,3 +260,57 @@ def test_options_without_meaning_are_refused_before_any_work(grok, option, tmp_p
         run.dynamics(window=6, **option)
     assert "\n" not in str(caught.value)
     assert snapshot(Path(run.path)) == before  # refused before any band or result was written
+
+
+def _metrics_of(steps, values, name="m"):
+    import xarray as xr
+
+    return xr.Dataset({name: ("step", np.asarray(values, dtype=float))}, coords={"step": np.asarray(steps)})
+
+
+def test_correlation_detrends_both_series_over_the_steps_where_both_are_defined(grok):
+    """A metric equal to the gap ratio but logged over the first half only correlates with it at r(0) = 1:
+    both series are detrended over the same steps (before, the spectrum's trend was fitted over all its
+    windows and the metric's over half of them: r(0) = 0.43)."""
+    from spectral_analyzer.dynamics.coupling import correlate
+
+    run, _ = grok
+    spectra = run.spectra(window=10)
+    steps, r = spectra["step"].values, spectra["gap_ratio"].values
+    half = steps.size // 2
+    c = correlate(spectra, _metrics_of(steps[:half], r[:half]), "m", max_lag=3)
+    assert float(c["r"].sel(series="gap_ratio", lag=0)) == pytest.approx(1.0, abs=1e-12)
+    assert float(c["best_lag"].sel(series="gap_ratio")) == 0
+
+
+def test_a_constant_metric_correlates_with_nothing(grok):
+    from spectral_analyzer.dynamics.coupling import correlate
+
+    run, _ = grok
+    spectra = run.spectra(window=10)
+    steps = spectra["step"].values
+    for value in (0.1, 0.003, 2.0):  # residuals of fitting a constant are rounding, not fluctuations
+        c = correlate(spectra, _metrics_of(steps, np.full(steps.size, value)), "m", max_lag=3)
+        assert np.isnan(c["r"].values).all() and np.isnan(c["best_lag"].values).all()
+        assert int(c["k_star_cross"]) == 0
+
+
+def test_a_grok_step_past_the_last_checkpoint_has_nothing_at_grokking(grok):
+    """Grokking logged at step 9000 of a run whose checkpoints end at 2000: no window holds it, so the values
+    "at grokking" are NaN (before, the last window's were reported as such)."""
+    run, _ = grok
+    spectra = run.spectra(window=10)
+    from spectral_analyzer.weights import compute_grokking
+
+    late = compute_grokking(run.store, spectra, _metrics_of([0, 9000], [0.0, 1.0], "test_acc"))
+    assert bool(late["grokked"]) and float(late["grok_step"]) == 9000
+    for name in ("g23_decline", "g23_peak_step", "R_grok", "wq_sigma_ratio_grok"):
+        assert np.isnan(float(late[name])), name
+    assert np.isfinite(float(late["wq_sigma_ratio_end"]))
+    from spectral_analyzer.weights import compute_qk_grokking
+
+    qk = compute_qk_grokking(run.store, _metrics_of([0, 9000], [0.0, 1.0], "test_acc"), heads=4)
+    assert np.isnan(qk["qk_ratio_12_grok"].values).all() and np.isnan(qk["qk_gap_23_decline"].values).all()
+    assert np.isfinite(qk["qk_ratio_12_end"].values).all()
+    two = compute_grokking(run.store, run.spectra(window=2), _metrics_of([0, 1000], [0.0, 1.0], "test_acc"))
+    assert np.isnan(float(two["g23_decline"])) and np.isfinite(float(two["R_grok"]))  # W = 2: no g23

@@ -12,15 +12,26 @@ __all__ = ["MetricError", "correlate", "detrend", "lagged_correlation"]
 DETRENDS = {"none": None, "linear": 1, "cubic": 3}
 
 
+# A residual below this fraction of the series' largest value is the fit's rounding, not a fluctuation:
+# zero (a constant or exactly polynomial series correlates with nothing, r is NaN).
+ROUNDING = 1e-10
+
+
 def detrend(y: np.ndarray, t: np.ndarray, kind: str = "linear") -> np.ndarray:
-    """Residual of a least-squares polynomial fit in t (NaN kept)."""
+    """Residual of a least-squares polynomial fit in t (NaN kept); 0 where the fit is exact to rounding."""
     deg = DETRENDS[kind]
     ok = np.isfinite(y)
+    if not ok.any():
+        return y
     if deg is None or ok.sum() <= deg + 1:
-        return y - np.nanmean(y) if ok.any() else y
-    x = (t - t[ok].mean()) / (np.ptp(t[ok]) or 1.0)
-    coef = np.polyfit(x[ok], y[ok], deg)
-    return y - np.polyval(coef, x)
+        res = y - np.nanmean(y)
+    else:
+        x = (t - t[ok].mean()) / (np.ptp(t[ok]) or 1.0)
+        coef = np.polyfit(x[ok], y[ok], deg)
+        res = y - np.polyval(coef, x)
+    if np.max(np.abs(res[ok])) <= ROUNDING * np.max(np.abs(y[ok])):
+        return np.where(ok, 0.0, np.nan)
+    return res
 
 
 def lagged_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray:
@@ -55,14 +66,15 @@ def correlate(
 
     The metric is interpolated (linearly, within its logged range) at the
     spectra's steps; both series are detrended (``"none"``, ``"linear"`` or
-    ``"cubic"``); ``r(l) = corr(x_t, y_{t+l})`` in windows, l > 0 meaning the
+    ``"cubic"``) over the steps where both are defined (a constant series
+    correlates with nothing: NaN); ``r(l) = corr(x_t, y_{t+l})`` in windows, l > 0 meaning the
     spectrum leads.
 
     Returns
     -------
     xarray.Dataset
         ``r`` (series, lag), ``best_lag`` and ``best_r`` (series: the lag of
-        largest |r|), and ``k_star_cross``: the j whose ratio_j correlates most
+        largest |r|; NaN where r is defined at no lag), and ``k_star_cross``: the j whose ratio_j correlates most
         strongly with the metric.
     """
     if metric not in metrics:
@@ -79,13 +91,15 @@ def correlate(
     steps = spectra["step"].values.astype(float)
     ms, mv = m["step"].values[ok].astype(float), m.values[ok]
     y = np.interp(steps, ms, mv, left=np.nan, right=np.nan)
-    y = detrend(y, steps, detrend_kind)
     names = ["gap_ratio"] + [f"ratio_{j}" for j in spectra["mode"].values[:-1]]
     series = [spectra["gap_ratio"].values] + [spectra["ratio"].values[:, j] for j in range(len(names) - 1)]
     r = []
     for x in series:
-        x = np.where(np.isfinite(x), x, np.nan)
-        r.append(lagged_correlation(detrend(x, steps, detrend_kind), y, max_lag))
+        # both detrended over the steps where both are defined: trends fitted over different ranges would
+        # leave residuals that differ by the trends' difference
+        both = np.isfinite(x) & np.isfinite(y)
+        xs, ys = (np.where(both, v, np.nan) for v in (x, y))
+        r.append(lagged_correlation(detrend(xs, steps, detrend_kind), detrend(ys, steps, detrend_kind), max_lag))
     r = np.array(r)
     score = np.where(np.isnan(r), -np.inf, np.abs(r))
     best = np.argmax(score, axis=1)
@@ -95,7 +109,7 @@ def correlate(
     ds = xr.Dataset(
         {
             "r": (("series", "lag"), r),
-            "best_lag": ("series", lags[best]),
+            "best_lag": ("series", np.where(np.isnan(best_r), np.nan, lags[best].astype(float))),  # NaN: no r
             "best_r": ("series", best_r),
             "k_star_cross": ((), int(np.argmax(ratio_best)) + 1 if np.isfinite(ratio_best).any() else 0),
         },

@@ -282,13 +282,17 @@ def compute_grokking(
     r = spectra["gap_ratio"].values
     lam = spectra["lambda"].values
     g23 = lam[:, 1] - lam[:, 2] if lam.shape[1] > 2 else np.full(steps.size, np.nan)
+    # a grok step past the last checkpoint: no window holds it, so nothing is "at grokking"
+    reached = grokked and grok_step <= store.checkpoint_steps[-1]
     if grokked:
-        at = np.flatnonzero(steps <= grok_step)
+        at = np.flatnonzero(steps <= grok_step) if reached else np.array([], dtype=int)
         early = steps < grok_step
-        if at.size:
+        if at.size and np.isfinite(g23[: at[-1] + 1]).any():
             last = at[-1]
             peak = int(np.nanargmax(g23[: last + 1]))
             decline, peak_step, r_grok = g23[peak] / g23[last], int(steps[peak]), r[last]
+        elif at.size:  # no g23 (W <= 2): R at grokking all the same
+            decline, peak_step, r_grok = np.nan, np.nan, r[at[-1]]
         else:
             decline, peak_step, r_grok = np.nan, np.nan, np.nan
         r_early = float(np.nanmean(r[early])) if early.any() else np.nan
@@ -304,7 +308,7 @@ def compute_grokking(
         ws = compute_weight_spectra(store, wq_name, device=device)
         ratio = ws["sigma_ratio_12"].sel(matrix=wq_name)
         wq_end = float(ratio.values[-1])
-        if grokked:
+        if reached:
             before = ratio.sel(step=slice(None, grok_step))
             wq_grok = float(before.values[-1]) if before.size else np.nan
     ds = xr.Dataset(

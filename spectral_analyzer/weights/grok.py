@@ -55,7 +55,8 @@ def compute_qk_grokking(
     gap = att["qk_gap_23"].values
     n_heads = ratio.shape[1]
     decline = peak_step = ratio_grok = np.full(n_heads, np.nan)
-    at = np.flatnonzero(steps <= grok_step) if grokked else np.array([], dtype=int)
+    # a grok step past the last checkpoint: no checkpoint holds it, so nothing is "at grokking"
+    at = np.flatnonzero(steps <= grok_step) if grokked and grok_step <= steps[-1] else np.array([], dtype=int)
     if at.size:
         last = at[-1]
         before = gap[: last + 1]
