@@ -102,7 +102,7 @@ class BandCache:
             if gram is not None:
                 attrs = gram.attrs.asdict()
                 lag, rows_there = int(attrs.get("max_lag", -1)), int(attrs.get("n_rows", 0))
-                mine = self.store.chain[: max(start, n)]
+                mine = self.store.chain[:n]
                 same = (not attrs.get("writing") and rows_there >= len(mine)
                         and np.array_equal(np.asarray(gram["chain"][: len(mine)]), mine))
                 if start == 0 and same and lag >= max_lag:
