@@ -130,6 +130,7 @@ _ATTRS: dict[str, tuple[str, str | None, str]] = {
     "best_lag": ("lag of the strongest correlation", "1", "in windows (> 0: the spectrum leads)"),
     "best_r": ("strongest correlation", "1", "r at best_lag"),
     "k_star_cross": ("k* crossing", "1", "the mode whose ratio correlates most strongly"),
+    "lag_steps": ("training steps at lag l", "step", "median step offset between windows l apart"),
     # run tables
     "band": ("band entry <d_i, d_i-l>", "theta^2", "inner product of deltas i and i - l within the tensor"),
     "offset": ("offset", "1", "first parameter of the tensor in the flattened parameter vector"),

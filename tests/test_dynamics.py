@@ -295,6 +295,22 @@ def test_a_constant_metric_correlates_with_nothing(grok):
         assert int(c["k_star_cross"]) == 0
 
 
+def test_lags_are_also_given_in_training_steps(grok):
+    """Checkpoints 10 steps apart, then 100: a lag of 1 window is 10 steps in the median, and lag_steps
+    is signed as the lag (a lag counts windows, which alone cannot be compared across spacings)."""
+    from spectral_analyzer.dynamics.coupling import correlate
+
+    run, _ = grok
+    spectra = run.spectra(window=10)
+    n = spectra.sizes["step"]
+    steps = np.concatenate([10 * np.arange(n - 4), 10 * (n - 5) + 100 * np.arange(1, 5)])
+    spectra = spectra.assign_coords(step=steps)
+    c = correlate(spectra, _metrics_of(steps, np.sin(np.arange(n))), "m", max_lag=3)
+    assert c["lag_steps"].sel(lag=0) == 0
+    assert c["lag_steps"].sel(lag=1) == 10 and c["lag_steps"].sel(lag=-1) == -10
+    assert c["lag_steps"].sel(lag=3) == 30
+
+
 def test_a_grok_step_past_the_last_checkpoint_has_nothing_at_grokking(grok):
     """Grokking logged at step 9000 of a run whose checkpoints end at 2000: no window holds it, so the values
     "at grokking" are NaN (before, the last window's were reported as such)."""

@@ -54,6 +54,16 @@ def lagged_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray
     return out
 
 
+def _lag_steps(steps: np.ndarray, lags: np.ndarray) -> np.ndarray:
+    """Median step offset between windows ``l`` apart, signed as the lag; NaN past the run's length."""
+    out = np.full(len(lags), np.nan)
+    for i, lag in enumerate(lags):
+        a = abs(int(lag))
+        if a < len(steps):
+            out[i] = np.sign(lag) * np.median(steps[a:] - steps[: len(steps) - a])
+    return out
+
+
 def correlate(
     spectra: xr.Dataset,
     metrics: xr.Dataset,
@@ -74,8 +84,10 @@ def correlate(
     -------
     xarray.Dataset
         ``r`` (series, lag), ``best_lag`` and ``best_r`` (series: the lag of
-        largest |r|; NaN where r is defined at no lag), and ``k_star_cross``: the j whose ratio_j correlates most
-        strongly with the metric.
+        largest |r|; NaN where r is defined at no lag), ``k_star_cross``: the j whose ratio_j correlates most
+        strongly with the metric, and ``lag_steps`` (lag): the median number of training steps between
+        windows l apart (a lag counts windows; where checkpoints are unevenly spaced the same lag spans
+        different step offsets along the run, and across runs compared side by side).
     """
     if metric not in metrics:
         logged = ", ".join(metrics.data_vars) or "none"
@@ -112,6 +124,7 @@ def correlate(
             "best_lag": ("series", np.where(np.isnan(best_r), np.nan, lags[best].astype(float))),  # NaN: no r
             "best_r": ("series", best_r),
             "k_star_cross": ((), int(np.argmax(ratio_best)) + 1 if np.isfinite(ratio_best).any() else 0),
+            "lag_steps": ("lag", _lag_steps(steps, lags)),
         },
         coords={"series": names, "lag": lags},
     )
