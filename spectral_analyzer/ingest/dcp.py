@@ -338,4 +338,18 @@ def _reader(md, meta: Path, files: Sequence[Path], label: str, keys: KeyOptions)
                 require_regular_file(part[2])
                 sizes[part[2]] = os.stat(part[2]).st_size
         tensor.check_spans(sizes)
+    _check_disjoint(read)
     return reader
+
+
+def _check_disjoint(tensors: Sequence[_Chunks]) -> None:
+    """Refuse chunks whose byte spans in a file overlap: DCP writes each chunk's bytes once, so two chunks
+    read from the same bytes (a damaged ``.metadata``) would give one chunk's values in two places."""
+    spans = sorted((file, start, start + length, t.fqn, offsets)
+                   for t in tensors for offsets, _, file, start, length in t.parts if length)
+    for (file, _, end, fqn, offsets), (other, start, end2, fqn2, offsets2) in zip(spans, spans[1:]):
+        if file == other and start < end:
+            raise CheckpointError(
+                f"{file}: the chunk of tensor {fqn!r} at {offsets} and that of {fqn2!r} at {offsets2} share bytes "
+                f"{start}..{min(end, end2)}; the checkpoint's .metadata is damaged"
+            )

@@ -86,18 +86,24 @@ def deepspeed_files(folder: Path) -> tuple[Path, ...] | None:
         raise _refuse_zero3(tag, tag / zero3[0])
     if not ranks:
         return None
-    if len(ranks) > 1:
-        raise CheckpointError(
-            f"{tag / ranks[1]}: a model-parallel DeepSpeed checkpoint ({len(ranks)} mp_rank files); its tensors are "
-            "split across them: merge them into one state dict (or save with the model gathered) first"
-        )
+    if len(ranks) > 1 or ranks[0] != "mp_rank_00_model_states.pt":
+        raise _refuse_model_parallel(tag / ranks[-1], f"{len(ranks)} mp_rank files" if len(ranks) > 1 else
+                                     "mp_rank_00 is missing")
     return (tag / ranks[0],)
+
+
+def _refuse_model_parallel(file: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{file}: a model-parallel DeepSpeed checkpoint ({why}); its tensors are split across the mp_rank files: "
+        "merge them into one state dict (or save with the model gathered) first"
+    )
 
 
 def read_deepspeed(path: Path, label: str, keys: KeyOptions) -> CheckpointReader:
     """The ``module`` state dict of ``mp_rank_00_model_states.pt``, its step from ``global_steps``.
 
-    A ``module`` whose parameters are empty placeholders where ``param_shapes``
+    A file saved by one rank of several model-parallel ones (``mp_world_size`` above 1) holds part of
+    each tensor and is refused. A ``module`` whose parameters are empty placeholders where ``param_shapes``
     records real shapes (ZeRO-3 states under another name) is refused with
     the consolidation command.
     """
@@ -105,6 +111,9 @@ def read_deepspeed(path: Path, label: str, keys: KeyOptions) -> CheckpointReader
     module = obj.get("module") if isinstance(obj, dict) else None
     if not isinstance(module, dict) or not any(isinstance(v, torch.Tensor) for v in module.values()):
         raise CheckpointError(f"{path}: no 'module' state dict, which DeepSpeed model states hold")
+    mp = obj.get("mp_world_size")
+    if isinstance(mp, int) and not isinstance(mp, bool) and mp > 1:  # the other ranks' files are not beside it
+        raise _refuse_model_parallel(path, f"mp_world_size {mp}, one mp_rank file")
     shapes: dict = {}
     for group in obj.get("param_shapes") or ():
         if isinstance(group, dict):

@@ -154,9 +154,30 @@ def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> t
         return distributed
     files = sorted((f for f in folder.iterdir() if _is_weight_file(f)), key=lambda f: natural_key(f.name))
     safetensors = [f for f in files if f.suffix == ".safetensors"]
-    if safetensors:
-        return tuple(safetensors)
-    return tuple(files) if len(files) == 1 else None
+    chosen = safetensors or (files if len(files) == 1 else None)
+    if chosen:
+        _check_shard_names(folder, chosen)
+    return tuple(chosen) if chosen else None
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<k>\d+)-of-(?P<n>\d+)(?P<suffix>\.\w+)$")
+
+
+def _check_shard_names(folder: Path | RemoteFolder, files: Sequence[Path | RemoteFile]) -> None:
+    """Refuse shards (``model-00001-of-00002.safetensors``) read without their index when one of them is
+    missing: the checkpoint would be read without that shard's tensors (a download cut short)."""
+    shards: dict[tuple[str, str, str], set[int]] = {}
+    for f in files:
+        if m := _SHARD_NAME.match(f.name):
+            shards.setdefault((m["stem"], m["n"], m["suffix"]), set()).add(int(m["k"]))
+    for (stem, n, suffix), present in shards.items():
+        missing = next((k for k in range(1, int(n) + 1) if k not in present), None)
+        if missing is not None:
+            name = f"{stem}-{missing:0{len(n)}d}-of-{n}{suffix}"
+            raise CheckpointError(printable(
+                f"{folder}: holds shards of {stem}{suffix} but not {name}, and no index naming its shards; "
+                "restore the missing shard (or the index) and ingest again"
+            ))
 
 
 def _refusal(folder: Path | RemoteFolder) -> CheckpointError | None:

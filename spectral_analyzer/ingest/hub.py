@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import NoCheckpointsError, SourceError, StepError
+from ..errors import NoCheckpointsError, SourceError, StepError, printable
 from .discover import Checkpoint, checkpoint_files
 from .sources import RemoteFile, RemoteFolder, Source, Workspace, read_config, retrying
 
@@ -64,18 +64,42 @@ _REVISION_STEP = re.compile(r"(?:^|[^a-z])(?:global_step|step|checkpoint|ckpt|it
                             re.IGNORECASE)
 _RANGE = re.compile(r"(?P<a>[^.:]+)\.\.(?P<b>[^.:]+)(?::(?P<k>\d+))?")
 _GLOB = re.compile(r"[*?\[]")
+_LETTERS = re.compile(r"[^\W\d_]+")  # letters right after a step's number
 
 
 def step_from_revision(name: str) -> int | None:
     """The step in a revision's name: ``step1000``, ``stage1-step1000-tokens4B``, ``ckpt_120``; None without one.
 
-    Only a number after a step word counts (``main`` and ``v1.1`` have no step).
+    Only a number after a step word counts (``main`` and ``v1.1`` have no step). A step followed by a
+    letter (``step1k``, ``ckpt_2B``) raises :class:`StepError`, as a folder's name does
+    (:func:`~.discover.step_from_name`): ``step1k`` is not step 1.
 
     >>> step_from_revision("stage1-step1000-tokens4B"), step_from_revision("main")
     (1000, None)
     """
-    found = _REVISION_STEP.findall(name)
-    return int(found[-1]) if found else None
+    found = list(_REVISION_STEP.finditer(name))
+    if not found:
+        return None
+    digits = found[-1][1]
+    letters = _LETTERS.match(name, found[-1].end(1))
+    if letters:
+        raise StepError(
+            f"{printable(name)}: {digits}{printable(letters[0])} in its name is a number followed by "
+            "letters, not a step (1k is not read as 1000); select revisions named by their whole step (step1000)"
+        )
+    return int(digits)
+
+
+def _steps(available: Sequence[str]) -> tuple[dict[str, int | None], dict[str, StepError]]:
+    """The step of each revision name (None without one), and the names whose step cannot be read."""
+    steps: dict[str, int | None] = {}
+    unreadable: dict[str, StepError] = {}
+    for name in available:
+        try:
+            steps[name] = step_from_revision(name)
+        except StepError as exc:
+            steps[name], unreadable[name] = None, exc
+    return steps, unreadable
 
 
 def _range_end(text: str, item: str) -> int:
@@ -101,9 +125,9 @@ def select_revisions(repo: str, available: Sequence[str], spec: str | Sequence[s
     >>> select_revisions("hf://org/m", ["main", "step0", "step1000", "step2000", "step3000"], "step1000..step3000:2000")
     [('step1000', 1000), ('step3000', 3000)]
     """
-    steps = {name: step_from_revision(name) for name in available}
+    steps, unreadable = _steps(available)
     if spec is None:
-        chosen = [n for n in available if steps[n] is not None]
+        chosen = [n for n in available if steps[n] is not None or n in unreadable]
         if not chosen:
             raise SourceError(f"{repo}: no revision is named by a step (revisions: {', '.join(sorted(available)[:10])})")
     else:
@@ -113,6 +137,8 @@ def select_revisions(repo: str, available: Sequence[str], spec: str | Sequence[s
             picked = _select(repo, item, available, steps)
             chosen.extend(n for n in picked if n not in chosen)
     for name in chosen:
+        if name in unreadable:
+            raise StepError(f"{repo}@{unreadable[name]}")
         if steps[name] is None:
             raise StepError(f"{repo}@{name}: no step in the revision's name; select revisions named by their step "
                             "(step1000, stage1-step1000-tokens4B, ckpt_120)")
@@ -272,7 +298,8 @@ class HubFile(RemoteFile):
 
     def _download(self, path: Path) -> None:
         location = self._resolve()
-        digest = hashlib.sha256()
+        # what the listing promised: the sha256 of an LFS file, else git's blob id (sha1 of "blob <size>\0" + bytes)
+        digest = hashlib.sha256() if self.sha256 is not None else hashlib.sha1(b"blob %d\0" % self.size)
         size = 0
         with self._get(location, self._headers(location)) as response, open(path, "wb") as f:
             if response.status_code != 200:
@@ -284,8 +311,9 @@ class HubFile(RemoteFile):
                 size += len(chunk)
         if size != self.size:
             raise ConnectionError(f"downloaded {size} bytes of {self.size}")
-        if self.sha256 is not None and digest.hexdigest() != self.sha256:
-            raise ConnectionError(f"downloaded bytes have sha256 {digest.hexdigest()}, not the {self.sha256} listed")
+        if digest.hexdigest() != self.etag:
+            what = "sha256" if self.sha256 is not None else "git blob id"
+            raise ConnectionError(f"downloaded bytes have {what} {digest.hexdigest()}, not the {self.etag} listed")
 
     def _transient(self, exc: Exception) -> bool:
         """The hub's transient answers, and this file's own: a short or overlong body, a wrong
@@ -380,7 +408,7 @@ class HubSource(Source):
             raise StepError(f"{self.url}: steps come from the revisions' names; select revisions instead")
         available = self._refs()
         chosen = select_revisions(self.url, list(available), self.revisions)
-        unstepped = [n for n in available if step_from_revision(n) is None]
+        unstepped = [n for n, step in _steps(list(available))[0].items() if step is None]
         found = []
         for name, step in chosen:
             commit = available[name]

@@ -35,7 +35,7 @@ import struct
 import weakref
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -450,8 +450,8 @@ def _read_remote_safetensors(files: Sequence[RemoteFile], label: str, keys: KeyO
 def _read_remote_torch(files: Sequence[RemoteFile], label: str, keys: KeyOptions) -> CheckpointReader:
     """Pickles read from local copies; messages name the remote files, not the copies."""
     copies = [f.local_copy(label) for f in files]
-    try:
-        return _read_torch(copies, label, keys)
+    try:  # the copies have no index beside them: the shards are checked against the remote one
+        return _read_torch(copies, label, keys, lambda _, keys_in: _check_remote_shard_index(files, keys_in))
     except CheckpointError as exc:
         message = str(exc)
         for f, copy in zip(files, copies):
@@ -666,10 +666,13 @@ def _state_dict(obj, path: Path) -> tuple[dict, int | None, bool]:
     )
 
 
-def _read_torch(files: Sequence[Path], label: str, keys: KeyOptions) -> CheckpointReader:
+def _read_torch(files: Sequence[Path], label: str, keys: KeyOptions,
+                check: Callable[[Sequence[Path], list[list[str]]], None] | None = None) -> CheckpointReader:
+    """The tensors of pickles *files*, checked against their shard index (by *check*, default
+    :func:`_check_shard_index`, given the files and each one's tensor names)."""
     reader = CheckpointReader(label, {})
     loaded = [_torch_load(path) for path in files]
-    _check_shard_index(files, [
+    (check or _check_shard_index)(files, [
         [k for k, v in _state_dict(obj, path)[0].items() if isinstance(v, torch.Tensor)]
         for path, obj in zip(files, loaded)
     ])
