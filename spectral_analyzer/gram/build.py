@@ -78,6 +78,9 @@ def _band_task(
     # there is also the default of threads started later (a user's, another library's)
     with torch_threads(threads):
         store = Store.open(path, storage_options=storage_options, verify=False)
+        if start % store.chunk_size or stop - start > store.chunk_size:
+            raise StoreError(f"{path}: rewritten since this store was opened (its chunks now hold "
+                             f"{store.chunk_size} parameters); open it again")
         store.expect_crcs(start // store.chunk_size, crcs)
         pieces = [(a - start, b - start) for _, a, b in segments]
         if dev.type == "cpu":

@@ -1,4 +1,4 @@
-"""Caches in the store: the band, analysis results, weight spectra recorded at ingest.
+"""Caches in the store: the band and analysis results.
 
 Every cache records the generation (generations.py) of the rows it was
 computed from and becomes visible only through a marker written last, in one
@@ -16,8 +16,7 @@ reader that saw the attributes change under it discards what it read.
 ``results/<name>``: an analysis Dataset (coding.py), with the attribute
 ``committed = {"identity", "checksums"}`` written last.
 
-``weights/``: ``sigma`` float64 (checkpoint, matrix, rank) and ``row_crc``
-uint32 (checkpoint,), rows written before the checkpoint's commit.
+The weight spectra recorded at ingest are weight_record.py.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from . import coding
 from .location import group_keys
 from .lock import writer_lock
 
-__all__ = ["BandCache", "ResultCache", "WeightRecord", "write_if_current"]
+__all__ = ["BandCache", "ResultCache", "write_if_current"]
 
 _BAND_ROWS = 64  # rows per band chunk
 _BAND_CHUNK_BYTES = 1 << 20
@@ -193,73 +192,6 @@ class ResultCache:
         marker = {"identity": identity, "checksums": coding.checksums(ds)}
         written = self.store.location.open_group("r+", path=f"results/{name}")
         written.attrs.put({**written.attrs.asdict(), "committed": marker})
-
-
-class WeightRecord:
-    """Singular values of the selected weight matrices at every checkpoint, recorded at ingest."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def create(self, match: list[str], matrices: list[str], rank: int) -> None:
-        weights = self.store.group.create_group("weights")
-        weights.create_array(
-            "sigma", shape=(0, len(matrices), rank), chunks=(1, len(matrices), rank), dtype="float64",
-            fill_value=np.nan, compressors=[Crc32cCodec()], dimension_names=("checkpoint", "matrix", "rank"),
-        )
-        weights.create_array("row_crc", shape=(0,), chunks=(4096,), dtype="uint32", fill_value=0,
-                             compressors=[Crc32cCodec()], dimension_names=("checkpoint",))
-        _chain_array(weights)
-        weights.attrs.put({"match": list(match), "matrices": list(matrices)})
-
-    def info(self) -> tuple[list[str], list[str], int] | None:
-        """``(match, matrices, rank)`` of the record, or None."""
-        if "weights" not in self.store.group:
-            return None
-        weights = self.store.group["weights"]
-        attrs = weights.attrs
-        return list(attrs["match"]), list(attrs["matrices"]), int(weights["sigma"].shape[-1])
-
-    def write_row(self, index: int, sigma: np.ndarray, link: int) -> None:
-        """Singular values of checkpoint *index* (0 = base), before its commit; *link* is the generation
-        chain's value at that checkpoint (c_0 for the base), which the commit will record."""
-        weights = self.store.group["weights"]
-        if "chain" not in weights:  # a record made before rows carried their generation
-            _chain_array(weights)
-        for name in ("sigma", "row_crc", "chain"):
-            array = weights[name]
-            if array.shape[0] <= index:
-                array.resize((index + 1, *array.shape[1:]))
-        weights["sigma"][index] = sigma
-        weights["row_crc"][index] = _crc(np.asarray(sigma, dtype=np.float64))
-        weights["chain"][index] = np.uint64(link)
-
-    def read(self) -> np.ndarray | None:
-        """Recorded singular values of the committed checkpoints (checkpoint, matrix, rank), checked; None
-        where a row is not of this snapshot's generation (rewritten since it was opened, by an overwrite
-        or a recorder's resume, or recorded before rows carried their generation)."""
-        n = self.store.n_deltas + 1
-        weights = self.store.group["weights"]
-        try:
-            chain = np.asarray(weights["chain"][:n]) if "chain" in weights else np.zeros(0, dtype=np.uint64)
-            sigma = np.asarray(weights["sigma"][:n])
-            crcs = np.asarray(weights["row_crc"][:n])
-        except ValueError as exc:
-            raise StoreError(f"{self.store.path}: the store is damaged: the weight record fails its checksum ({exc})") from None
-        record = self.store.commit_record
-        want = np.concatenate([[np.uint64(int(record["base"], 16))], self.store.chain[: n - 1]]).astype(np.uint64)
-        if chain.shape != want.shape or not np.array_equal(chain, want):
-            return None
-        for i in range(n):
-            if sigma.shape[0] <= i or _crc(sigma[i]) != int(crcs[i]):
-                raise StoreError(f"{self.store.path}: the store is damaged: the weight record of checkpoint {i} "
-                                 "is missing or holds other values than were written")
-        return sigma
-
-
-def _chain_array(weights) -> None:
-    weights.create_array("chain", shape=(weights["sigma"].shape[0],), chunks=(4096,), dtype="uint64", fill_value=0,
-                         compressors=[Crc32cCodec()], dimension_names=("checkpoint",))
 
 
 def write_if_current(snapshot, write) -> bool:

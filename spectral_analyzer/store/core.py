@@ -20,13 +20,14 @@ import zarr
 
 from ..errors import StoreError
 from . import generations
-from .caches import BandCache, ResultCache, WeightRecord, write_if_current
+from .caches import BandCache, ResultCache, write_if_current
 from .chunks import DirectChunks, ZarrChunks
 from .committing import CommitProtocol
 from .layout import FORMAT_NAME, FORMAT_VERSION, TensorEntry, check_format, create_arrays, damaged, no_store
 from .location import Location, unreachable
 from .metrics import append_metrics, last_logged_step, read_metrics, write_metrics
 from .reading import RowReading
+from .weight_record import WeightRecord
 
 __all__ = ["Store"]
 

@@ -10,7 +10,7 @@
       chunk_crc   uint32  (delta, chunk)      crc32c of each chunk's values, as written
       sources     string  (checkpoint,)       each checkpoint's provenance (JSON), base first, crc32c
       metrics/    step-indexed float64 series (metrics.py)
-      weights/    singular values recorded at ingest (caches.py)
+      weights/    singular values recorded at ingest (weight_record.py)
       gram/       the cached band (caches.py)
       results/    cached analysis Datasets (caches.py)
       .lock       the writer lock (lock.py)

@@ -200,6 +200,9 @@ def read_metrics(store) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         group_token, n, names, crcs = record["group"], int(record["n"]), dict(record["names"]), dict(record["crc"])
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{store.path}: the store is damaged: unreadable metrics record ({exc!r})") from None
+    if list(names) != _keys(list(names.values())):  # each array is named after its series, in the order logged
+        raise StoreError(f"{store.path}: the store is damaged: the metrics record's names are not those of its "
+                         "series' arrays")
     name = next((g for g in (_CURRENT, _NEW, _PREVIOUS) if _token_of(store, g) == group_token), None)
     if name is None and store.location.open_group("r").attrs.get("metrics") != record:
         raise StoreError(f"{store.path}: the metrics were replaced since this store was opened; open it again")

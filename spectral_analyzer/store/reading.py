@@ -159,8 +159,19 @@ class RowReading:
             except _Unreadable as exc:
                 raise self._unreadable(f"chunk {j} of '{name}'", exc) from None
             if got != int(crcs[j]):
-                raise damaged(self.path, f"chunk {j} of '{name}' is missing or holds other values than were written")
+                what = f"chunk {j} of '{name}' is missing or holds other values than were written"
+                if self._overwritten():
+                    raise StoreError(f"{self.path}: {what}: the store was overwritten since it was opened; open it again")
+                raise damaged(self.path, what)
         return out
+
+    def _overwritten(self) -> bool:
+        """Whether the store at the path now holds other checkpoints than this snapshot (``c_0`` differs)."""
+        try:
+            now = self.location.open_group("r").attrs.get("commit") or {}
+        except Exception:  # noqa: BLE001 -- unreadable now: the damage is what to report
+            return False
+        return now.get("base") != (self.commit_record or {}).get("base")
 
     def read_base(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """float32 ``base[start:stop]`` (theta at the first checkpoint), checked, into *out* if given."""

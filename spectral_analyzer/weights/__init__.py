@@ -105,7 +105,9 @@ def compute_weight_spectra(
 ) -> xr.Dataset:
     """Singular values of 2-D weights at every checkpoint; see :meth:`Run.weight_spectra`."""
     steps = store.checkpoint_steps
-    key = tokenize("weights", match, top, heads, store.results_identity, __version__, RESULTS_REVISION)
+    # the model config says how packed attention tensors split into matrices (interleaved_packing)
+    key = tokenize("weights", match, top, heads, model_config(store), store.results_identity, __version__,
+                   RESULTS_REVISION)
     name = f"weights-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
@@ -164,12 +166,19 @@ def _from_record(store: Store, picked, heads) -> tuple[list[str], np.ndarray] | 
     record = store.weights.info()
     if record is None or heads:
         return None
-    _, matrices, _ = record
+    match, matrices, _ = record
+    try:  # the matrices the ingest recorded for its globs: names that are not those name other columns
+        made = [n for n, _ in _matrix_shapes(select_weights(store.manifest, match))]
+    except SelectionError:
+        made = None
+    if made != matrices:
+        return None
     wanted = [n for _, parts in picked for n in parts]
     if not set(wanted) <= set(matrices):
         return None
     recorded = store.weights.read()
-    if recorded is None:  # not of this snapshot's rows: rebuilt from them instead
+    # not of this snapshot's rows, or a record of other matrices written meanwhile (an overwrite): rebuilt
+    if recorded is None or store.weights.info() != record:
         return None
     sigma = recorded[:, [matrices.index(n) for n in wanted], :]
     width = int(np.max(np.sum(np.isfinite(sigma[0]), axis=-1)))
