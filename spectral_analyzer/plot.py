@@ -76,7 +76,16 @@ def _pick(ds: xr.Dataset, plot: str, **chosen) -> xr.Dataset:
         if str(label) not in labels:
             raise SelectionError(f"{plot}: no {dim} {label!r} (the {dim}s: {', '.join(labels)})")
         ds = ds.isel({dim: labels.index(str(label))})
+        if dim == "run":
+            ds = _held(ds)
     return ds
+
+
+def _held(ds: xr.Dataset) -> xr.Dataset:
+    """*ds* at the steps where it holds a value: runs side by side are outer-joined on ``step``, so one run is NaN
+    at another's steps, and a line through those NaN would be broken into points that are not drawn (so is a
+    series logged at fewer steps than the others)."""
+    return ds.dropna("step", how="all") if "step" in ds.dims else ds
 
 
 def _lines(ds: xr.Dataset) -> list[tuple[str | None, xr.Dataset]]:
@@ -86,7 +95,7 @@ def _lines(ds: xr.Dataset) -> list[tuple[str | None, xr.Dataset]]:
         if dim in ds.dims:
             parts = [(f"{label}, {_label(v)}" if label else _label(v), part.isel({dim: i}))
                      for label, part in parts for i, v in enumerate(part[dim].values)]
-    return parts
+    return [(label, _held(part)) for label, part in parts]
 
 
 def _mark_events(ax, events: xr.Dataset | None) -> None:
@@ -275,9 +284,11 @@ def plot_energy(dyn: xr.Dataset, mode: int = 1, *, run=None, ax=None):
         raise SelectionError(f"no mode {mode} in these dynamics (modes {modes[0]}..{modes[-1]})")
     ax = _axes(ax)
     e = dyn["energy"].sel(mode=mode).transpose("group", "step").values
-    steps = dyn["step"].values
-    im = ax.imshow(e, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
-                   extent=(steps[0], steps[-1], -0.5, e.shape[0] - 0.5), interpolation="nearest")
+    # each window's column spans halfway to its neighbours' steps: checkpoints need not be evenly spaced
+    steps = dyn["step"].values.astype(np.float64)
+    half = np.diff(steps) / 2 if steps.size > 1 else np.array([0.5])
+    edges = np.concatenate([[steps[0] - half[0]], steps[:-1] + half, [steps[-1] + half[-1]]])
+    im = ax.pcolormesh(edges, np.arange(e.shape[0] + 1) - 0.5, e, cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(e.shape[0]), [_label(g) for g in dyn["group"].values], fontsize=7)
     ax.set_xlabel("step")
     ax.set_title(f"mode {mode} energy by group")

@@ -178,8 +178,8 @@ def write_comparison(runs, output: str | os.PathLike, *, window: int = 10, metri
     if grok is not None:
         parts += [f"<h2>Grokking ({html.escape(accuracy)})</h2>", _table(
             ["run", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at end"],
-            [[label, "yes" if bool(g["grokked"]) else "no", *(float(g[v]) for v in (
-                "grok_step", "g23_decline", "R_early", "R_grok", "k_star_mode", "wq_sigma_ratio_end"))]
+            [[label, "yes" if bool(g["grokked"]) else "no", int(g["grok_step"]) if bool(g["grokked"]) else "-",
+              *(float(g[v]) for v in ("g23_decline", "R_early", "R_grok", "k_star_mode", "wq_sigma_ratio_end"))]
              for label, g in ((str(r), grok.sel(run=r)) for r in grok["run"].values)])]
     parts += [_figure(title, data) for title, data in figures]
     return _write_page(output, parts)
