@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..errors import PrecisionChangeWarning, RecordingWarning, StepError, StoreError
+from ..errors import CheckpointError, PrecisionChangeWarning, RecordingWarning, StepError, StoreError
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter
 from ..store.layout import check_chunk_size
 from .discover import Checkpoint
@@ -89,6 +89,8 @@ class Recorder:
         self._skip_through: int | None = None  # after a resume: steps already in the store, not recorded again
         self._pending: dict[int, dict[str, float]] = {}  # logged, not yet in the store
         self._cut: int | None = None  # the store's series from this step on are superseded by this recorder's
+        self._attempt: tuple[int, int] | None = None  # the step and row count of the record being committed
+        self._continues = False  # resumed: the store goes on, whatever overwrite says
 
     def step(self, step: int, /, **metrics: float) -> bool:
         """Record at multiples of ``every``; log *metrics* at every call. Returns whether it recorded."""
@@ -104,8 +106,13 @@ class Recorder:
         for name, value in self.model.state_dict().items():
             # Tied weights: the same storage under two names is one parameter, as the readers count it; of the
             # selected names the first is kept (a name left out by include / exclude hides no twin).
-            if not value.is_floating_point() or not self.keys.selected(self.keys.canonical(name)):
+            canonical = self.keys.canonical(name)
+            if not value.is_floating_point() or not self.keys.selected(canonical):
                 continue
+            if value.is_meta or value.layout != torch.strided:  # refused, as ingest refuses it in a file
+                what = "on the meta device (it holds no values)" if value.is_meta else f"{str(value.layout)[6:]}, not dense"
+                raise CheckpointError(f"{reader.label}: tensor {canonical!r} is {what}; record a model whose "
+                                      f"weights are in memory, or leave it out with exclude={canonical!r}")
             if value.numel() > 0:
                 ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
                          tuple(value.stride()))
@@ -124,7 +131,7 @@ class Recorder:
             self._skip_through = None
         reader = self._snapshot(step)
         planned = _Planned(Checkpoint(reader.label, (), int(step)), int(step), reader.tensors)
-        overwrite = self.overwrite and self._previous is None
+        overwrite = self.overwrite and self._previous is None and not self._continues
         with StoreWriter(self.path, self.storage_options, overwrite=overwrite, wait=self.wait) as writer:
             store = writer.existing
             if store is not None:
@@ -132,11 +139,13 @@ class Recorder:
                 last = store.last_checkpoint_step
                 if step <= last:
                     raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
+                previous = self._current_previous(store)
                 if self._previous is None and self._cut is None:  # only once the record is accepted
                     self._cut = int(step)
             elif self._previous is not None:  # once this recorder has written a row, the store is its own
                 raise StoreError(f"{self.path}: the store this recorder was writing is gone")
             else:
+                previous = None
                 provenance = {"source": "recorder", "options": {"chunk_size": self.chunk_size},
                               "versions": {"spectral_analyzer": __version__, "torch": torch.__version__}}
                 to_dict = getattr(getattr(self.model, "config", None), "to_dict", None)  # a transformers model's
@@ -149,7 +158,6 @@ class Recorder:
             # the row, and the training resumed before this step logs the steps after it again (the other
             # way round, the steps up to this one would be lost: a training resumed here does not log them)
             self._write_metrics(store)
-            previous = self._current_previous(store)
             notes = []
             if previous is not None:  # a tensor whose dtype changed since the last snapshot: warned as ingest does
                 before = _Planned(Checkpoint(previous.label, (), self._previous_at[0]), self._previous_at[0],
@@ -157,6 +165,7 @@ class Recorder:
                 if (message := _precision_changes([before, planned], [planned])) is not None:
                     warnings.warn(message, PrecisionChangeWarning, stacklevel=2)
                     notes.append(message)
+            self._attempt = (int(step), store.n_deltas + 1)
             write_rows(store, [], [planned], lambda p: reader, False, prev_reader=previous, notes=notes)
             self._keep(reader, store)  # before anything else can fail: the row is committed
 
@@ -164,13 +173,24 @@ class Recorder:
         self._previous, self._previous_at = reader, (store.last_checkpoint_step, store.commit_record["chain"])
 
     def _current_previous(self, store: Store) -> CheckpointReader | None:
-        """This recorder's snapshot if the store still ends at it (same step, same commit chain), else None:
-        another writer appended since, or a row was committed without the snapshot being kept; the deltas
-        then come from the store's own copy of its last checkpoint."""
+        """This recorder's snapshot if the store still ends at it (same step, same commit chain); None where
+        the store ends at this recorder's own row, committed without the snapshot being kept (interrupted):
+        the deltas then come from the store's own copy of it.
+
+        Rows another writer appended or rewrote since this recorder's last row are refused: the next delta
+        would be taken from another training's weights."""
         if self._previous is None or store.commit_record is None:
             return None
         now = (store.last_checkpoint_step, store.commit_record["chain"])
-        return self._previous if now == self._previous_at else None
+        if now == self._previous_at:
+            return self._previous
+        if self._attempt == (now[0], store.n_deltas):
+            return None
+        raise StoreError(
+            f"{self.path}: another writer changed the rows since this recorder's row at step "
+            f"{self._previous_at[0]} (the store now ends at step {now[0]}); record each training into a store "
+            "of its own"
+        )
 
     def resume(self, step: int) -> None:
         """Go on with the store after training resumed at *step*; the model holds that step's weights now.
@@ -179,18 +199,28 @@ class Recorder:
         redone (a trainer resumed from an older checkpoint). When the store
         has a row at *step* itself, those later rows are dropped, with a
         warning, and recording continues from the model as it is now, exactly.
-        Otherwise the store is left as it is, with a warning, and steps up to
-        its last one are not recorded again.
+        When the store holds rows after *step* but none at it, the store is
+        left as it is, with a warning, and steps up to its last one are not
+        recorded again. When it ends before *step* (or there is none) and
+        *step* is one it records (a multiple of ``every``), the model is
+        recorded at *step* now: a training killed while recording that step,
+        after saving the checkpoint it resumed from, lacks that row. A resumed
+        recorder continues the store: ``overwrite`` no longer applies.
         """
         # A recorder that has recorded (a callback reused for a training resumed from a checkpoint) forgets
         # its snapshot, which is of the abandoned training, and what was logged after *step*.
         self._previous = self._previous_at = self._skip_through = None
         self._pending = {s: v for s, v in self._pending.items() if s <= step}
-        if not Store.exists(self.path, self.storage_options):
-            return
-        with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
-            if writer.existing is not None:
-                self._resume(writer.existing, step)
+        self._continues = True
+        if Store.exists(self.path, self.storage_options):
+            with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
+                if writer.existing is not None:
+                    self._resume(writer.existing, step)
+        if self._previous is None and self._skip_through is None and step % self.every == 0:
+            # The store ends before *step*, a step it records: the training was killed while recording it,
+            # after saving the checkpoint it resumed from. The model holds that step's weights: recorded now.
+            self._cut = int(step) + 1
+            self.record(step)
 
     def _resume(self, store: Store, step: int) -> None:
         steps = store.checkpoint_steps.tolist()

@@ -155,14 +155,19 @@ class CommitProtocol:
         self.commit(commit={**record, "chain": generations.hex_of(head), "head_step": head_step}, **updates)
 
     def restore(self, attrs: Mapping[str, Any]) -> None:
-        """Return to a snapshot of the attributes, dropping rows it did not commit."""
+        """Return to a snapshot of the attributes, dropping rows it did not commit.
+
+        The commit goes first: a writer killed after it leaves rows past the commit, which the next
+        writer drops (:meth:`clean_uncommitted`); cleared first, they would be rows the commit still
+        counts, and the store would be damaged.
+        """
         n = 0 if attrs.get("commit") is None else int(attrs["commit"]["n_deltas"])
+        self.commit(**dict(attrs))
         for name, keep in (("step", n), ("chunk_crc", n), ("sources", n + 1)):
             arr = self.array(name)  # a chunk of these holds several rows: clear the ones going
             if arr.shape[0] > keep:
                 arr[keep:] = arr.fill_value
         self.reserve_rows(n)
-        self.commit(**dict(attrs))
 
     def truncate(self, n_deltas: int) -> None:
         """Keep the first *n_deltas* committed rows (and their checkpoints) only.

@@ -8,6 +8,7 @@ It knows nothing of the layout inside.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -30,6 +31,9 @@ def is_url(path: str | os.PathLike) -> bool:
     """Whether *path* is an fsspec URL of a remote filesystem (``file://`` counts as local)."""
     text = str(path)
     return "://" in text and not text.startswith("file://")
+
+
+_KILLED_CREATE = re.compile(r"zarr\.[0-9a-f]{32}\.partial")  # zarr's temporary file of a root zarr.json
 
 
 def group_keys(group: zarr.Group) -> list[str]:
@@ -134,11 +138,15 @@ class Location:
             raise unreachable(self.path, exc) from None
 
     def occupied(self) -> bool:
-        """Whether anything but a writer lock is at the path (a file, a non-empty folder or prefix)."""
+        """Whether anything but a writer lock is at the path (a file, a non-empty folder or prefix).
+
+        Locally, nor is the temporary file of the root metadata that a writer killed while creating the
+        store left (``zarr.<hex>.partial``, never renamed into place): the next writer starts again."""
         try:
             if not self.is_remote:
                 p = Path(self.path)
-                return p.exists() and (p.is_file() or any(c.name != LOCK_NAME for c in p.iterdir()))
+                return p.exists() and (p.is_file() or any(
+                    c.name != LOCK_NAME and not _KILLED_CREATE.fullmatch(c.name) for c in p.iterdir()))
             fs, root = self.filesystem()
             try:
                 return fs.isfile(root) or any(not e.endswith("/" + LOCK_NAME) for e in fs.ls(root, detail=False))
