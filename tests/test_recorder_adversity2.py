@@ -276,8 +276,36 @@ def test_a_tensor_without_values_is_refused_in_one_line(tmp_path):
     with pytest.raises(sa.CheckpointError) as caught:
         sa.Recorder(tmp_path / "r.zarr", model).record(0)
     assert str(caught.value) == (f"{tmp_path / 'r.zarr'} (recorded step 0): tensor 'weight' is on the meta device "
-                                 "(it holds no values); record a model whose weights are in memory, or leave it out "
+                                 "(it holds no values); record a model whose weights are whole in memory, or leave it out "
                                  "with exclude='weight'")
+    assert not Store.exists(tmp_path / "r.zarr")
+
+
+class _Shard(torch.Tensor):
+    """A tensor subclass standing for a DTensor: the values it holds are one rank's shard."""
+
+
+class _Sharded(torch.nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.whole = torch.nn.Parameter(torch.ones(4, 3))
+        if kind == "subclass":
+            self.part = torch.nn.Parameter(torch.ones(2, 3).as_subclass(_Shard))
+        else:  # DeepSpeed ZeRO-3: an empty placeholder, the real shape kept aside
+            self.part = torch.nn.Parameter(torch.empty(0))
+            self.part.ds_shape, self.part.ds_id = torch.Size([4, 3]), 7
+
+
+@pytest.mark.parametrize("kind, what", [("subclass", "a _Shard, which may hold one shard of the weight"),
+                                        ("zero3", "a DeepSpeed ZeRO-3 partition")])
+def test_a_sharded_weight_is_refused_in_one_line(tmp_path, kind, what):
+    """A raw Recorder on a sharded model (FSDP2's DTensors, ZeRO-3's placeholders) would record a shard, or
+    nothing, as the weight: refused, naming the tensor; no store is made."""
+    model = _Sharded(kind)  # (state_dict() gives detached copies: without DeepSpeed's ds_shape)
+    with pytest.raises(sa.CheckpointError) as caught:
+        sa.Recorder(tmp_path / "r.zarr", model).record(0)
+    assert str(caught.value).startswith(f"{tmp_path / 'r.zarr'} (recorded step 0): tensor 'part' is {what}")
+    assert "\n" not in str(caught.value)
     assert not Store.exists(tmp_path / "r.zarr")
 
 

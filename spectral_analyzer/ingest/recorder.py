@@ -103,16 +103,18 @@ class Recorder:
     def _snapshot(self, step: int) -> CheckpointReader:
         reader = CheckpointReader(f"{self.path} (recorded step {step})", {})
         seen_storage: set[tuple] = set()
+        # ZeRO-3 parameters are empty placeholders; their state_dict() copies lose the mark DeepSpeed sets
+        named = getattr(self.model, "named_parameters", None)
+        partitioned = {n for n, p in named() if hasattr(p, "ds_shape")} if callable(named) else set()
         for name, value in self.model.state_dict().items():
             # Tied weights: the same storage under two names is one parameter, as the readers count it; of the
             # selected names the first is kept (a name left out by include / exclude hides no twin).
             canonical = self.keys.canonical(name)
             if not value.is_floating_point() or not self.keys.selected(canonical):
                 continue
-            if value.is_meta or value.layout != torch.strided:  # refused, as ingest refuses it in a file
-                what = "on the meta device (it holds no values)" if value.is_meta else f"{str(value.layout)[6:]}, not dense"
+            if (what := _not_whole(value, name in partitioned)) is not None:  # refused, as ingest refuses it in a file
                 raise CheckpointError(f"{reader.label}: tensor {canonical!r} is {what}; record a model whose "
-                                      f"weights are in memory, or leave it out with exclude={canonical!r}")
+                                      f"weights are whole in memory, or leave it out with exclude={canonical!r}")
             if value.numel() > 0:
                 ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
                          tuple(value.stride()))
@@ -289,3 +291,18 @@ class Recorder:
         elif len(order):
             store.append_metrics(order, table)
         self._pending, self._cut = {}, None
+
+
+def _not_whole(value: torch.Tensor, partitioned: bool = False) -> str | None:
+    """Why *value* does not hold the whole tensor's values (None when it does): on the meta device, sparse,
+    a tensor subclass (a DTensor holds one rank's shard of an FSDP2 / tensor-parallel weight), or a ZeRO-3
+    partitioned parameter (an empty placeholder; DeepSpeed keeps its real shape in ``ds_shape``)."""
+    if value.is_meta:
+        return "on the meta device (it holds no values)"
+    if value.layout != torch.strided:
+        return f"{str(value.layout)[6:]}, not dense"
+    if type(value) not in (torch.Tensor, torch.nn.Parameter):
+        return f"a {type(value).__name__}, which may hold one shard of the weight (a sharded model)"
+    if partitioned or hasattr(value, "ds_shape"):
+        return "a DeepSpeed ZeRO-3 partition (an empty placeholder)"
+    return None
