@@ -249,16 +249,22 @@ class Run:
 
         ``r(l) = corr(x_t, y_{t+l})`` of the detrended series, l in windows
         (l > 0: the spectrum leads); options ``max_lag`` (10), ``detrend``
-        ("linear", "cubic" or "none") and ``params``. See
+        ("linear", "cubic" or "none"), and the spectra's ``params``,
+        ``steps``, ``stride`` and ``center`` (see :meth:`spectra`). See
         :func:`spectral_analyzer.dynamics.coupling.correlate`.
 
         Examples
         --------
         >>> run.correlate("eval_loss", window=10, max_lag=10).best_lag   # doctest: +SKIP
         """
-        spectra = self.spectra(window=window, params=options.pop("params", None))
-        return describe(correlate(spectra, self.metrics, metric, max_lag=options.pop("max_lag", 10),
-                                  detrend_kind=options.pop("detrend", "linear"), **options))
+        own = {k: options.pop(k) for k in ("max_lag", "detrend") if k in options}
+        unknown = sorted(set(options) - {"params", "steps", "stride", "center"})
+        if unknown:
+            raise SelectionError(f"correlate: unknown option {unknown[0]!r} (options: max_lag, detrend, params, "
+                                 "steps, stride, center)")
+        spectra = self.spectra(window=window, **options)
+        return describe(correlate(spectra, self.metrics, metric, max_lag=own.get("max_lag", 10),
+                                  detrend_kind=own.get("detrend", "linear")))
 
     def weight_spectra(self, match: str | list[str] | None = None, **options) -> xr.Dataset:
         """Singular values of 2-D weight matrices at every checkpoint.

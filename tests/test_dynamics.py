@@ -311,6 +311,20 @@ def test_lags_are_also_given_in_training_steps(grok):
     assert c["lag_steps"].sel(lag=3) == 30
 
 
+def test_correlate_over_a_step_range_is_that_of_the_range_s_spectra(grok):
+    """steps= reaches the spectra (it was a TypeError); an option correlate does not know is refused in one line."""
+    from spectral_analyzer.dynamics.coupling import correlate
+
+    run, _ = grok
+    c = run.correlate("test_loss", window=6, max_lag=3, steps="400..1600")
+    want = correlate(run.spectra(window=6, steps="400..1600"), run.metrics, "test_loss", max_lag=3)
+    np.testing.assert_array_equal(c["r"].values, want["r"].values)
+    assert not np.array_equal(c["r"].values, run.correlate("test_loss", window=6, max_lag=3)["r"].values,
+                              equal_nan=True)
+    with pytest.raises(sa.SelectionError, match="correlate: unknown option 'lag'"):
+        run.correlate("test_loss", window=6, lag=3)
+
+
 def test_a_grok_step_past_the_last_checkpoint_has_nothing_at_grokking(grok):
     """Grokking logged at step 9000 of a run whose checkpoints end at 2000: no window holds it, so the values
     "at grokking" are NaN (before, the last window's were reported as such)."""
