@@ -155,15 +155,18 @@ class RowReading:
                 view[:] = 0.0
                 got = generations.zero_crc(view.size)
             except (_Corrupt, ValueError) as exc:
-                raise damaged(self.path, f"chunk {j} of '{name}' fails its checksum ({exc})") from None
+                raise self._damaged(f"chunk {j} of '{name}' fails its checksum ({exc})") from None
             except _Unreadable as exc:
                 raise self._unreadable(f"chunk {j} of '{name}'", exc) from None
             if got != int(crcs[j]):
-                what = f"chunk {j} of '{name}' is missing or holds other values than were written"
-                if self._overwritten():
-                    raise StoreError(f"{self.path}: {what}: the store was overwritten since it was opened; open it again")
-                raise damaged(self.path, what)
+                raise self._damaged(f"chunk {j} of '{name}' is missing or holds other values than were written")
         return out
+
+    def _damaged(self, what: str) -> StoreError:
+        """The store damaged, unless it was overwritten since this snapshot was opened (then said so)."""
+        if self._overwritten():
+            return StoreError(f"{self.path}: {what}: the store was overwritten since it was opened; open it again")
+        return damaged(self.path, what)
 
     def _overwritten(self) -> bool:
         """Whether the store at the path now holds other checkpoints than this snapshot (``c_0`` differs)."""
