@@ -182,3 +182,18 @@ def assert_same_run(run, reference) -> None:
     assert list(run.tensors["dtype"].values) == list(reference.tensors["dtype"].values)
     assert np.array_equal(run.base.values, reference.base.values)
     assert np.array_equal(run.deltas.values, reference.deltas.values)
+
+
+_memory_folders = __import__("itertools").count()
+
+
+@pytest.fixture
+def memory():
+    """``(filesystem, folder)``: an empty folder of fsspec's in-memory filesystem, removed afterwards."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/ckpts-{next(_memory_folders)}"
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

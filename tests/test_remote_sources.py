@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from itertools import count
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
 import torch
@@ -24,17 +22,6 @@ from safetensors.torch import save_file
 import spectral_analyzer as sa
 from spectral_analyzer.ingest import sources
 
-_names = count()
-
-
-@pytest.fixture
-def memory():
-    """``(filesystem, folder)``: an empty folder of fsspec's in-memory filesystem, removed afterwards."""
-    fs = fsspec.filesystem("memory")
-    root = f"/ckpts-{next(_names)}"
-    yield fs, root
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,8 @@ import json
 import pickle
 import re
 import warnings
-from itertools import count
 from pathlib import Path
 
-import fsspec
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -34,7 +32,6 @@ from test_hub_cache import Cache  # noqa: E402
 
 from spectral_analyzer.ingest.hub import select_revisions  # noqa: E402
 
-_names = count()
 SHARD_1, SHARD_2 = "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"
 
 
@@ -50,15 +47,6 @@ def hub(monkeypatch, tmp_path):
     with LoopbackHub() as hub:
         patch_endpoint(monkeypatch, hub.url, home)
         yield hub
-
-
-@pytest.fixture
-def memory():
-    fs = fsspec.filesystem("memory")
-    root = f"/adversity2-{next(_names)}"
-    yield fs, root
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 def _walk(n: int) -> list[dict[str, torch.Tensor]]:
