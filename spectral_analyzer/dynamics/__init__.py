@@ -22,7 +22,17 @@ from ..spectra import (
 from ..spectra.kernel import spectral_quantities, window_grams
 from ..store import Store
 from .events import detect_events, phases
-from .kernel import eig_desc, flow_terms, halves_overlap, mode_energy, overlap_matrix, rank_two_norm, stability, track_modes
+from .kernel import (
+    eig_desc,
+    flow_terms,
+    halves_overlap,
+    mode_energy,
+    overlap_matrix,
+    principal_cosines,
+    rank_two_norm,
+    stability,
+    track_modes,
+)
 
 __all__ = ["compute_dynamics", "learning_rate_at"]
 
@@ -115,10 +125,7 @@ def compute_dynamics(
     abs_diag = np.abs(np.diagonal(overlap, axis1=1, axis2=2))
     abs_tracked = np.abs(overlap[np.arange(n)[:, None], tracked, np.arange(w)[None, :]])
     k = min(top_k, w)
-    # the largest principal angle between the top-j subspaces, j = 1..k: the smallest singular value of
-    # the leading j x j block of the overlap
-    cosines = np.stack([np.linalg.svd(np.nan_to_num(overlap[:, :j, :j]), compute_uv=False)[:, -1]
-                        for j in range(1, k + 1)], axis=-1)
+    cosines = principal_cosines(overlap, k)
     n_in, n_out, c = ext[:, w, w], ext[:, 0, 0], ext[:, 0, w]
     dc_norm = rank_two_norm(n_in, n_out, c)
     flow = flow_terms(lam_p, u_p, ext[:, :w, w], ext[:, :w, 0], n_in, n_out, c)

@@ -21,6 +21,7 @@ __all__ = [
     "halves_overlap",
     "mode_energy",
     "overlap_matrix",
+    "principal_cosines",
     "rank_two_norm",
     "stability",
     "track_modes",
@@ -58,14 +59,19 @@ def rank_two_norm(n_in: np.ndarray, n_out: np.ndarray, c: np.ndarray) -> np.ndar
 
 def stability(lam: np.ndarray, dc_norm: np.ndarray, constant: float = 1.0) -> np.ndarray:
     """Davis-Kahan stability ``alpha_j = clip(1 - C ||dC||_F / dlambda_j, 0, 1)``,
-    ``dlambda_j = min_{k != j} |lambda_j - lambda_k|``."""
+    ``dlambda_j = min_{k != j} |lambda_j - lambda_k|``.
+
+    0 where dlambda_j = 0 and dC != 0 (the limit); NaN where both are 0 (0 / 0: a
+    degenerate level that nothing moves, such as every mode of an all-zero window).
+    """
     diff = np.abs(lam[..., :, None] - lam[..., None, :])
     w = lam.shape[-1]
     diff[..., np.arange(w), np.arange(w)] = np.inf
     dlam = diff.min(axis=-1)
+    moved = np.broadcast_to(dc_norm[..., None] > 0, dlam.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         alpha = 1.0 - constant * dc_norm[..., None] / dlam
-    return np.clip(np.where(dlam > 0, alpha, 0.0), 0.0, 1.0)
+    return np.clip(np.where(dlam > 0, alpha, np.where(moved, 0.0, np.nan)), 0.0, 1.0)
 
 
 def halves_overlap(grams: np.ndarray) -> np.ndarray:
@@ -82,6 +88,24 @@ def halves_overlap(grams: np.ndarray) -> np.ndarray:
     out = np.full(grams.shape[:-1], np.nan)
     out[..., :h] = np.abs(np.diagonal(o[..., :h, :h], axis1=-2, axis2=-1))
     return out
+
+
+def principal_cosines(overlap: np.ndarray, top_k: int) -> np.ndarray:
+    """Cosine of the largest principal angle between the top-j subspaces of two windows, j = 1..top_k.
+
+    The smallest singular value of the leading j x j block of the overlap
+    matrix (:func:`overlap_matrix`, orthonormal modes on both sides). NaN where
+    that block holds a NaN: a mode j' <= j with sigma = 0 on either side, so
+    that a top-j subspace does not exist (fewer than j nonzero modes).
+    Returns (..., top_k).
+    """
+    out = []
+    for j in range(1, top_k + 1):
+        block = overlap[..., :j, :j]
+        undefined = np.isnan(block).any(axis=(-2, -1))
+        smallest = np.linalg.svd(np.where(np.isnan(block), 0.0, block), compute_uv=False)[..., -1]
+        out.append(np.where(undefined, np.nan, smallest))
+    return np.stack(out, axis=-1)
 
 
 def track_modes(overlap: np.ndarray) -> np.ndarray:
@@ -140,6 +164,7 @@ def flow_terms(
     eye = np.eye(w, dtype=bool)
     with np.errstate(divide="ignore", invalid="ignore"):
         repulsion = np.where(eye | ~live[..., :, None], 0.0, m**2 / np.where(gap == 0, np.nan, gap)).sum(axis=-2)
+        repulsion = np.where(live, repulsion, np.nan)
         rest = (w_norm2 - (m**2).sum(axis=-2)) / np.where(live, lam, np.nan)
     entering, exiting = p_in**2, p_out**2
     return {

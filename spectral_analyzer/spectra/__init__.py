@@ -99,7 +99,9 @@ def band_for(store: Store, window: int, params, max_lag, device, scheduler, prog
 
 def _group_spectra(band: np.ndarray, p: int, window: int, stride: int, center: bool, draws: int):
     ends, grams = window_grams(band, window, stride, center)
-    q = spectral_quantities(grams, center)
+    # centred, the rounding is that of the Gram before centring: its trace bounds it
+    scale = np.trace(window_grams(band, window, stride)[1], axis1=1, axis2=2) if center else None
+    q = spectral_quantities(grams, center, scale)
     q.update(bbp(q["lambda"], p, center))
     null = wishart_max_ratio(window, p, draws, seed=NULL_SEED, center=center)
     # inf where p < W (the null's smallest singular value is 0), NaN where W < 2 (no ratio at all)

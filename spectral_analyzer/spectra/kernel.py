@@ -63,33 +63,51 @@ def window_grams(band: np.ndarray, window: int, stride: int = 1, center: bool = 
     return ends, grams
 
 
-def spectral_quantities(grams: np.ndarray, center: bool = False) -> dict[str, np.ndarray]:
+def spectral_quantities(grams: np.ndarray, center: bool = False, scale: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Eigenvalues, singular values, ratios, k*, R, gap, weighted k* and k95.
 
-    Eigenvalues below ``W * eps * lambda_1`` (rounding of a rank-deficient
+    Eigenvalues below ``W * eps * scale`` (rounding of a rank-deficient
     Gram) are set to 0, so rank deficiency gives ``ratio = inf`` exactly; a
-    ratio 0 / 0 is NaN and never chosen as k*. ``k_star = 0`` where no ratio
-    is defined (an all-zero window). With ``center`` the last singular value is
+    ratio 0 / 0 is NaN and never chosen as k*. ``scale`` is lambda_1 by
+    default; a centred Gram is rounded relative to the Gram before centring,
+    so give its trace there (a centred window of identical deltas is then 0,
+    not rounding noise with a gap). ``k_star = 0`` where no ratio is defined
+    (an all-zero window). With ``center`` the last singular value is
     structurally 0 and ratio_{W-1} is left undefined (NaN).
+
+    Ratios equal within the rounding of the eigenvalues (each lambda_j to
+    ``W * eps * scale``) are a tie, and k* (and weighted k*) is the smallest
+    of the tied j: sigma = (8, 4, 2, 1) gives k* = 1 whatever the order of
+    the window's deltas.
 
     Returns arrays over windows: ``lambda``, ``sigma``, ``ratio`` (n, W; the
     last column NaN), ``k_star``, ``gap_ratio``, ``gap``, ``k_star_weighted``,
-    ``k95``.
+    ``k95``. ``gap_ratio`` and ``gap`` are NaN where ``k_star = 0``.
+
+    Examples
+    --------
+    >>> q = spectral_quantities(np.diag([64.0, 16.0, 4.0, 1.0])[None])
+    >>> int(q["k_star"][0]), float(q["gap_ratio"][0])
+    (1, 2.0)
     """
     n, w, _ = grams.shape
     lam = np.linalg.eigvalsh(grams)[:, ::-1]
-    floor = w * np.finfo(np.float64).eps * np.maximum(lam[:, :1], 0.0)
+    top = np.maximum(lam[:, :1], 0.0) if scale is None else np.maximum(np.asarray(scale, dtype=np.float64), 0.0)[:, None]
+    floor = w * np.finfo(np.float64).eps * top
     lam = np.where(lam > floor, lam, 0.0)
     sigma = np.sqrt(lam)
     ratio = np.full((n, w), np.nan)
+    rel = np.zeros((n, w))  # relative rounding of each ratio, 0 where it is exactly inf or undefined
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio[:, :-1] = sigma[:, :-1] / sigma[:, 1:]
+        live = (lam[:, :-1] > 0) & (lam[:, 1:] > 0)
+        rel[:, :-1] = np.where(live, 0.5 * floor * (1 / lam[:, :-1] + 1 / lam[:, 1:]), 0.0)
         if center:
             ratio[:, w - 2] = np.nan
         total = sigma.sum(axis=1, keepdims=True)
         weighted = np.where(sigma > 0, sigma / total, 0.0) * ratio
-    k_star = _argmax_1based(ratio)
-    k_w = _argmax_1based(weighted)
+    k_star = _argmax_1based(ratio, rel)
+    k_w = _argmax_1based(weighted, rel)
     rows = np.arange(n)
     idx = np.maximum(k_star - 1, 0)
     defined = k_star > 0
@@ -107,9 +125,13 @@ def spectral_quantities(grams: np.ndarray, center: bool = False) -> dict[str, np
     }
 
 
-def _argmax_1based(values: np.ndarray) -> np.ndarray:
+def _argmax_1based(values: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    """The smallest j whose value, within its relative rounding *rel*, may be the largest (NaN never; 0 if all NaN)."""
     filled = np.where(np.isnan(values), -np.inf, values)
-    k = np.argmax(filled, axis=1) + 1
+    with np.errstate(invalid="ignore"):
+        lowest_best = np.max(filled * (1 - rel), axis=1, keepdims=True)
+        tied = filled * (1 + rel) >= lowest_best
+    k = np.argmax(tied, axis=1) + 1
     return np.where(np.isnan(values).all(axis=1), 0, k)
 
 
