@@ -196,9 +196,15 @@ class Location:
         if not self.is_remote:
             old = self.beside(".overwrite-old")
             old.clear(keep_lock=False)
-            if os.path.exists(self.path):
+            moved = os.path.exists(self.path)
+            if moved:
                 os.replace(self.path, old.path)
-            os.replace(src.path, self.path)
+            try:
+                os.replace(src.path, self.path)
+            except OSError:
+                if moved:  # the old store back in its place: the next writer would remove it as a leftover
+                    os.replace(old.path, self.path)
+                raise
             old.clear(keep_lock=False)
             return
         fs, dst_root = self.filesystem()

@@ -32,7 +32,7 @@ from ..errors import StoreError, StoreExistsError
 from .core import Store
 from .layout import TensorEntry
 from .location import Location
-from .lock import writer_lock
+from .lock import finish_writes, writer_lock
 
 __all__ = ["StoreWriter", "unwritable"]
 
@@ -130,6 +130,7 @@ class StoreWriter:
                 return False
             if isinstance(exc, KeyboardInterrupt):
                 return False
+            finish_writes()  # the writes of the failed batch still running: the rollback comes after them
             self._rollback()
             if isinstance(exc, OSError):
                 raise unwritable(self._target.path, exc) from None
