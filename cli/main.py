@@ -257,8 +257,10 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select
     trainer_state.json, else from trainer_state.json, metrics.csv or
     metrics.jsonl at the top of CKPT_DIR. A TensorBoard log folder given to
     --metrics is searched recursively; its scalars keep their tags as names
-    (run/tag for a tag that several runs log), and a step logged twice keeps
-    the value with the latest wall time.
+    (run/tag for a tag that several runs log). In every log, a step logged
+    again (a resumed training) keeps the value written last, and the steps
+    after it that the abandoned training logged are dropped, as TensorBoard
+    shows them.
     """
     try:
         step_list = [int(s) for s in steps.split(",")] if steps else None

@@ -19,10 +19,18 @@ skipped. Every folder under the path that holds event files is a run, as
 TensorBoard has it. A tag keeps its name when one run logs it; a tag logged by
 several runs (``add_scalars`` writes one run per key) is named
 ``<run>/<tag>`` in each but the top folder's, the run being its folder
-relative to the path. When a
-run logs a tag at a step more than once (a training resumed from a checkpoint
-logs the steps since that checkpoint again), the value with the latest wall
-time wins, and among equal wall times the one read last.
+relative to the path.
+
+A training resumed from a checkpoint logs the steps since that checkpoint
+again, into a new file of the same run. TensorBoard's rule is followed: a
+run's files are read in name order (``SummaryWriter`` names them after the
+time they were created), each from start to end, and a value at step s of a
+tag replaces every value of that tag read before at a step >= s. So a step
+logged twice keeps the value written last, and the steps an abandoned
+training logged after the restart point, which the resumed one has not
+reached (or never logs), are dropped rather than shown beside the resumed
+training's. Wall times are not used: a clock set back must not reorder a
+run's values.
 
 Writing. :func:`export_tensorboard` writes one event file of the events
 ``torch.utils.tensorboard.SummaryWriter`` writes, under a temporary name that
@@ -159,13 +167,12 @@ def _tensor_value(tensor) -> float | None:
     return float(array.reshape(-1)[0])
 
 
-def _run_scalars(files: list[Path], Event) -> dict[str, dict[int, tuple[float, int, float]]]:
-    """``{tag: {step: (wall_time, order, value)}}`` of one run's files, the latest wall time kept per step."""
+def _run_scalars(files: list[Path], Event) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of one run's files, read in order, each value preempting its tag's steps >= its own."""
     from google.protobuf.message import DecodeError
 
-    scalars: dict[str, dict[int, tuple[float, int, float]]] = {}
+    scalars: dict[str, dict[int, float]] = {}
     plugins: dict[str, str] = {}  # a tag's plugin, from the first value that names one (writers name it once)
-    order = 0
     for path in files:
         for index, payload in enumerate(_records(path), start=1):
             try:
@@ -190,11 +197,10 @@ def _run_scalars(files: list[Path], Event) -> dict[str, dict[int, tuple[float, i
                         continue
                 else:
                     continue
-                order += 1
-                points = scalars.setdefault(value.tag, {})
-                point = (event.wall_time, order, x)
-                if event.step not in points or point[:2] > points[event.step][:2]:
-                    points[event.step] = point
+                points = scalars.setdefault(value.tag, {})  # in increasing step order, as inserted
+                while points and next(reversed(points)) >= event.step:  # a restart: the abandoned steps go
+                    points.popitem()
+                points[event.step] = x
     return scalars
 
 
@@ -203,8 +209,9 @@ def read_scalars(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndar
 
     Steps are the union of the logged steps, as exact int64; each series is
     float64, NaN where it was not logged. Names are tags, ``<run>/<tag>`` for
-    a tag that several runs log; a step logged twice keeps the value of the
-    latest wall time (see the module's notes). A series that would be named
+    a tag that several runs log; a value at step s replaces the values of its
+    tag and run read before at steps >= s (a resumed training: see the
+    module's notes). A series that would be named
     ``step`` (a loop that logs its step as a scalar) is left out: the steps
     are the index, and a series of that name would clash with it.
 
@@ -228,7 +235,7 @@ def read_scalars(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndar
     for scalars in by_run.values():
         for tag in scalars:
             logged_by[tag] = logged_by.get(tag, 0) + 1
-    named: dict[str, dict[int, tuple[float, int, float]]] = {}
+    named: dict[str, dict[int, float]] = {}
     for run, scalars in by_run.items():
         for tag, points in scalars.items():
             if not tag:
@@ -248,7 +255,7 @@ def read_scalars(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, np.ndar
     series = {}
     for name, points in named.items():
         values = np.full(steps.size, np.nan)
-        for step, (_, _, x) in points.items():
+        for step, x in points.items():
             values[index[step]] = x
         series[name] = values
     return steps, series

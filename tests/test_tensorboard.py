@@ -67,18 +67,16 @@ def _training_logdir(root: Path) -> Path:
     first = []
     for i, s in enumerate(steps):
         for col in ("train_loss", "train_acc"):
-            if s <= 400:  # the same step twice at the same wall time: the one read last wins
-                first.append((TAGS[col], -1.0, s, wall[s], {}))
+            if s <= 400:  # the same step twice: the one written last wins
+                first.append((TAGS[col], -1.0, s, wall[s] + 5.0, {}))
             crashed = s >= 1600  # logged before a crash, logged again by the resumed run below
             first.append((TAGS[col], m[col][i] + 7.0 if crashed else m[col][i], s, wall[s], {}))
     _write(logdir / "train", "events.out.tfevents.1000.host.1.0", first)
     resumed = []
     for i, s in enumerate(steps):
         for col in ("train_loss", "train_acc"):
-            if s <= 400:  # read after the first file but older: it loses
-                resumed.append((TAGS[col], -2.0, s, T0 - 100.0, {}))
-            if s >= 1600:  # the resumed run: later wall time, it wins
-                resumed.append((TAGS[col], m[col][i], s, wall[s] + 1e4, {}))
+            if s >= 1600:  # the resumed run, in the file named after the first: it wins, whatever its wall times
+                resumed.append((TAGS[col], m[col][i], s, T0 - 100.0, {}))
     _write(logdir / "train", "events.out.tfevents.2000.host.2.0", resumed)
     _write(logdir / "test", "events.out.tfevents.1000.host.1.0",
            [("test/loss", m["test_loss"][i], s, wall[s], {}) for i, s in enumerate(steps)]
@@ -150,21 +148,22 @@ def test_a_tag_of_several_runs_is_named_by_its_run(tmp_path):
 @given(st.lists(st.tuples(st.sampled_from(["a", "b/c"]), st.integers(-5, 2**40), st.floats(width=32)),
                 min_size=1, max_size=30),
        st.randoms(use_true_random=False))
-def test_the_latest_wall_time_wins_whatever_the_order_written(tmp_path_factory, points, random):
-    """Each (tag, step) keeps the value of its latest wall time; values and steps come back exact."""
+def test_the_later_write_wins_and_preempts_later_steps_whatever_the_wall_times(tmp_path_factory, points, random):
+    """TensorBoard's rule: in the order written, a value at step s of a tag drops that tag's values at steps
+    >= s written before it; wall times play no part. Values and steps come back exact."""
     wall_times = [T0 + k for k in range(len(points))]
     random.shuffle(wall_times)
     folder = tmp_path_factory.mktemp("h")
     _write(folder, "events.out.tfevents.1.h", [(t, v, s, w, {}) for (t, s, v), w in zip(points, wall_times)])
-    expected: dict[str, dict[int, tuple[float, float]]] = {}
-    for (tag, step, value), w in zip(points, wall_times):
-        if step not in expected.setdefault(tag, {}) or w > expected[tag][step][0]:
-            expected[tag][step] = (w, value)
+    expected: dict[str, dict[int, float]] = {}
+    for tag, step, value in points:
+        kept = expected.setdefault(tag, {})
+        expected[tag] = {**{s: v for s, v in kept.items() if s < step}, step: value}
     steps, series = read_scalars(folder)
-    assert steps.tolist() == sorted({s for _, s, _ in points})
+    assert steps.tolist() == sorted({s for by_step in expected.values() for s in by_step})
     for tag, by_step in expected.items():
         want = np.full(steps.size, np.nan)
-        for step, (_, value) in by_step.items():
+        for step, value in by_step.items():
             want[steps.tolist().index(step)] = value
         np.testing.assert_array_equal(series[tag], want)
     assert set(series) == set(expected)

@@ -56,8 +56,10 @@ def _check_names(names: Iterable[str], origin: Path) -> None:
 
 
 def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The records as a table, each value preempting its series' steps >= its own (see :func:`read_metrics`)."""
     rows: dict[int, dict[str, float]] = {}
     names: list[str] = []
+    logged: dict[str, list[int]] = {}  # each series' steps, increasing
     for i, record in enumerate(records):
         step = _step(record.get("step"))
         if step is None:
@@ -72,7 +74,15 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
                 continue
             if key not in names:
                 names.append(key)
-            row[key] = x  # a later record at the same step wins
+            kept = logged.setdefault(key, [])
+            while kept and kept[-1] >= step:  # a restart: the abandoned training's later steps go
+                later = kept.pop()
+                if later > step:
+                    del rows[later][key]
+                    if not rows[later]:
+                        del rows[later]
+            kept.append(step)
+            row[key] = x
     _check_names(names, origin)
     steps = np.array(sorted(rows), dtype=np.int64)
     series = {name: np.array([rows[s].get(name, np.nan) for s in steps], dtype=np.float64) for name in names}
@@ -88,7 +98,15 @@ def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     holding them in it or under it, read by
     :func:`spectral_analyzer.tensorboard.read_scalars` (tags become names).
     Steps must be integers that fit int64; names are returned as they are,
-    but an empty name is refused.
+    but an empty name is refused. A JSON object without ``log_history`` is
+    no training log and is refused.
+
+    Records are read in order, and records at one step merge, a value
+    written later replacing an earlier one of the same series. A training
+    resumed from a checkpoint logs the steps since that checkpoint again: as
+    TensorBoard has it, a value at step s of a series drops that series'
+    values at later steps read before it, which belong to the abandoned
+    training (other series keep theirs).
 
     In a CSV file, a first column with no name beside a ``step`` column is
     the index that pandas' ``df.to_csv()`` writes, and is ignored. Without a
@@ -110,7 +128,10 @@ def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             data = json.loads(text)
-            records = data.get("log_history", []) if isinstance(data, dict) else data
+            if isinstance(data, dict) and "log_history" not in data:
+                raise MetricsError(f"{path}: a JSON object without 'log_history' is not a trainer_state.json; "
+                                   "give a training log (trainer_state.json, CSV, JSON-lines or event files)")
+            records = data["log_history"] if isinstance(data, dict) else data
     except (ValueError, csv.Error, RecursionError) as exc:  # RecursionError: JSON nested too deep
         what = " ".join(str(exc).split())
         raise MetricsError(f"{path}: not valid {path.suffix.lstrip('.') or 'json'} ({what})") from None

@@ -206,7 +206,10 @@ class Recorder:
         recorded again. When it ends before *step* (or there is none) and
         *step* is one it records (a multiple of ``every``), the model is
         recorded at *step* now: a training killed while recording that step,
-        after saving the checkpoint it resumed from, lacks that row. A resumed
+        after saving the checkpoint it resumed from, lacks that row. Whenever
+        the rows go no further than *step*, the metrics the store holds after
+        *step* (flushed by the abandoned training) are dropped at the next
+        write, as the resumed training logs those steps again. A resumed
         recorder continues the store: ``overwrite`` no longer applies.
         """
         # A recorder that has recorded (a callback reused for a training resumed from a checkpoint) forgets
@@ -218,11 +221,14 @@ class Recorder:
             with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
                 if writer.existing is not None:
                     self._resume(writer.existing, step)
-        if self._previous is None and self._skip_through is None and step % self.every == 0:
-            # The store ends before *step*, a step it records: the training was killed while recording it,
-            # after saving the checkpoint it resumed from. The model holds that step's weights: recorded now.
+        if self._previous is None and self._skip_through is None:
+            # The store ends before *step*: the metrics it holds after *step* (flushed by the abandoned
+            # training after its last row) are dropped at the next write, as the training logs them again.
             self._cut = int(step) + 1
-            self.record(step)
+            if step % self.every == 0:
+                # A step it records: the training was killed while recording it, after saving the checkpoint
+                # it resumed from. The model holds that step's weights: recorded now.
+                self.record(step)
 
     def _resume(self, store: Store, step: int) -> None:
         steps = store.checkpoint_steps.tolist()
