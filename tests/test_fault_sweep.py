@@ -50,6 +50,7 @@ from conftest import snapshot, write_run
 
 import spectral_analyzer as sa
 from spectral_analyzer import report
+from spectral_analyzer.store import location
 from spectral_analyzer.cli import main
 from spectral_analyzer.store import Store, StoreWriter
 
@@ -486,9 +487,11 @@ def test_an_export_that_fails_leaves_the_earlier_file(exported, tmp_path, monkey
 
 
 @pytest.mark.parametrize("error", sorted(ERRORS))
-def test_an_overwrite_whose_last_rename_fails_keeps_the_old_store(runs, tmp_path, error):
-    """The finished store cannot be renamed into place (the old one already renamed aside): the old one is
-    put back. Before, the path held no store and the next writer removed the old one as a leftover."""
+def test_an_overwrite_whose_last_rename_fails_keeps_the_old_store(runs, tmp_path, error, monkeypatch):
+    """Where the two folders cannot be exchanged in one step, the finished store cannot be renamed into place
+    (the old one already renamed aside): the old one is put back. Before, the path held no store and the
+    next writer removed the old one as a leftover."""
+    monkeypatch.setattr(location, "exchange", lambda a, b: False)
     path = _copy(runs.first_store, tmp_path / "x" / "r.zarr")
     before = contents(path)
     with injected(Faults(path.parent, 1, ERRORS[error], only=f"os.replace {path}")) as faults:
@@ -499,6 +502,34 @@ def test_an_overwrite_whose_last_rename_fails_keeps_the_old_store(runs, tmp_path
     assert_same_contents(contents(path), before)
     sa.ingest(runs.first, path, weights="a.w")  # the next writer keeps it
     assert_same_contents(contents(path), before)
+
+
+def test_an_overwrite_killed_right_after_its_exchange_leaves_the_new_store(runs, tmp_path, monkeypatch):
+    """The old and the finished store are exchanged in one step: killed just after it (before the old store,
+    now beside, is removed), the path holds the new store and the next writer removes the old one."""
+    path = _copy(runs.first_store, tmp_path / "x" / "r.zarr")
+    want = _copy(None, tmp_path / "want" / "r.zarr")
+    _overwrite(runs, want)
+    swapped = []
+
+    def exchange(a, b):
+        swapped.append(location.exchange.__wrapped__(a, b))
+        if swapped[-1]:
+            raise KeyboardInterrupt  # the process ends here
+        return False
+
+    exchange.__wrapped__ = location.exchange
+    monkeypatch.setattr(location, "exchange", exchange)
+    with pytest.raises(KeyboardInterrupt):
+        _overwrite(runs, path)
+    if not swapped[0]:
+        pytest.skip("this system or filesystem has no atomic exchange of two folders")
+    monkeypatch.undo()
+    assert_same_contents(contents(path), contents(want))
+    assert (tmp_path / "x" / "r.zarr.overwrite-partial").exists()
+    _overwrite(runs, path)  # the next writer removes the leftover
+    assert not (tmp_path / "x" / "r.zarr.overwrite-partial").exists()
+    assert_same_contents(contents(path), contents(want))
 
 
 def test_a_metrics_append_whose_new_series_is_begun_only(runs, tmp_path):

@@ -7,9 +7,12 @@ It knows nothing of the layout inside.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,10 +24,28 @@ from ..errors import StoreError
 if TYPE_CHECKING:
     import zarr
 
-__all__ = ["LOCK_NAME", "Location", "group_keys", "is_url"]
+__all__ = ["LOCK_NAME", "Location", "exchange", "group_keys", "is_url"]
 
 LOCK_NAME = ".lock"  # the writer lock inside a store (see lock.py); never part of the data
 _NOT_A_STORE = (FileNotFoundError, NotADirectoryError, ValueError)  # zarr's not-found and bad-metadata errors
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap what is at two local paths in one atomic step (Linux's ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the system or the filesystem has no such call."""
+    if sys.platform != "linux":
+        return False
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28, musl)
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if call(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -185,7 +206,12 @@ class Location:
     def replace_with(self, src: Location) -> None:
         """Put the store at *src* in the place of this one (each holder of the lock keeps it).
 
-        Locally two renames, each atomic. Object stores have no rename: the old
+        Locally one atomic exchange of the two folders where the system has
+        one (Linux), then the old store, now at *src*, is removed: interrupted,
+        the path holds the old store or the new one, and what is at *src* is a
+        leftover. Elsewhere two renames, each atomic, the old store moved aside
+        first (a kill between them leaves no store at the path, and the old
+        one at ``.overwrite-old``). Object stores have no rename: the old
         store's root metadata goes first (what is left of it is no longer a
         store), then the rest of it; the new store is copied object by object
         (server side, O(store size) requests), its root metadata (the commit
@@ -194,6 +220,9 @@ class Location:
         location holds either the new store or no store at all.
         """
         if not self.is_remote:
+            if os.path.isdir(self.path) and exchange(src.path, self.path):
+                src.clear(keep_lock=False)
+                return
             old = self.beside(".overwrite-old")
             old.clear(keep_lock=False)
             moved = os.path.exists(self.path)
