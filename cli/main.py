@@ -278,7 +278,7 @@ def ingest(ckpt_dir, store, chunk_size, include, exclude, metrics, steps, select
     )
     steps_ = run.checkpoint_steps
     click.echo(
-        f"{run.path}: {run.n_deltas} deltas over steps {steps_[0]}..{steps_[-1]}, "
+        f"{printable(run.path)}: {run.n_deltas} deltas over steps {steps_[0]}..{steps_[-1]}, "
         f"p = {run.n_params:,} in {run.tensors.sizes['tensor']} tensors"
     )
     source = run.provenance.get("hub_cache") or run.provenance.get("hub") or {}
@@ -425,7 +425,7 @@ def spectra(store, window, params, group_by, center, stride, step_range, max_lag
     )
     if output:
         export(ds, output, overwrite=overwrite)
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {printable(output)}")
     if quiet:
         return
     _print_table(ds)
@@ -478,7 +478,7 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
     )
     if output:
         export(ds, output, overwrite=overwrite)
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {printable(output)}")
     if quiet:
         return
     top = min(3, window)
@@ -587,7 +587,7 @@ def weights(store, match, top, heads, device, output, overwrite, progress, quiet
     ds = run.weight_spectra(list(match) or None, top=top, heads=heads, device=device, progress=progress)
     if output:
         export(ds, output, overwrite=overwrite)
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {printable(output)}")
     if quiet:
         return
     rows = []
@@ -624,7 +624,7 @@ def attention(store, layer, heads, device, output, overwrite, quiet):
     ds = run.attention_spectra(list(layer) or None, heads=heads, device=device)
     if output:
         export(ds, output, overwrite=overwrite)
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {printable(output)}")
     if quiet:
         return
     rank = ds.sizes["rank"]
@@ -670,7 +670,7 @@ def grokking(stores, metric, threshold, window, wq, operator, heads, output, ove
     if output:
         table = xr.concat(summaries, dim="run", combine_attrs="drop_conflicts").assign_coords(run=list(stores))
         export(table, output, overwrite=overwrite)
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {printable(output)}")
     if quiet:
         return
     if operator == "qk":
@@ -685,7 +685,8 @@ def grokking(stores, metric, threshold, window, wq, operator, heads, output, ove
     ]
     _echo_table(header, rows)
     click.echo(f"g23_decline: g23 at its pre-grok peak / at grokking; R_early: mean R before grokking; k*: most "
-               f"frequent; WQ s1/s2: sigma_1 / sigma_2 of W_Q; -: not defined (grokked: {metric} >= {threshold})")
+               f"frequent; WQ s1/s2: sigma_1 / sigma_2 of W_Q; -: not defined "
+               f"(grokked: {printable(metric)} >= {threshold})")
     grokked = [(int(g["grok_step"]), s) for s, g in zip(stores, summaries) if bool(g["grokked"])]
     if grokked:
         step, where = min(grokked)
@@ -709,7 +710,7 @@ def _print_qk_grokking(stores, summaries, metric: str, threshold: float) -> None
                  "l1/l2 end"], rows)
     click.echo(f"gap23_decline: |l2|-|l3| of W_Q^h^T W_K^h at its pre-grok peak / at grokking; l1/l2: "
                f"|l1|/|l2|, mean before grokking, at grokking, at the end; -: not defined "
-               f"(grokked: {metric} >= {threshold})")
+               f"(grokked: {printable(metric)} >= {threshold})")
 
 
 @main.command()
@@ -728,7 +729,7 @@ def report(stores, output, window, metric, overwrite):
     else:
         runs = sa.open_runs(list(stores), storage_options=_storage())
         path = write_comparison(runs, output, window=window, metric=metric, overwrite=overwrite)
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {printable(str(path))}")
 
 
 @main.command()
@@ -744,8 +745,8 @@ def demo(output, source, window, overwrite):
 
     paths = run_demo(output, source=source, window=window, overwrite=overwrite)
     for name, path in paths.items():
-        click.echo(f"{name:<9} {path}")
-    click.echo(f"open {paths['report']} in a browser")
+        click.echo(f"{name:<9} {printable(str(path))}")
+    click.echo(f"open {printable(str(paths['report']))} in a browser")
 
 
 @main.command("train-example")
@@ -776,5 +777,5 @@ def train_example(output, task, operation, modulus, weight_decay, steps, every, 
         examples.train_dyck(output, config, progress=progress, threads=threads)
     state = sorted(Path(output).glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))[-1]
     last = json.loads((state / "trainer_state.json").read_text())["log_history"][-1]
-    click.echo(f"{output}: {config.steps // every + 1} checkpoints; final train_acc {last['train_acc']:.3f}, "
-               f"test_acc {last['test_acc']:.3f}")
+    click.echo(f"{printable(output)}: {config.steps // every + 1} checkpoints; "
+               f"final train_acc {last['train_acc']:.3f}, test_acc {last['test_acc']:.3f}")

@@ -38,7 +38,13 @@ __all__ = [
 
 
 class SpectralAnalyzerError(Exception):
-    """Base class of the errors this package raises for bad input."""
+    """Base class of the errors this package raises for bad input.
+
+    Its message is one line whatever names it holds (see :func:`printable`).
+    """
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
 
 
 class CheckpointError(SpectralAnalyzerError):

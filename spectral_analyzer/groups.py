@@ -15,7 +15,8 @@ GROUPINGS = ("tensor", "layer", "module")
 
 def natural_key(text: str) -> list:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+    # isdecimal, not isdigit: "1²" splits into "1", "²", and "²".isdigit() but int("²") fails
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", text)]
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")

@@ -121,7 +121,8 @@ def open_runs(
     Parameters
     ----------
     stores : path, glob or list of paths / URLs
-        A glob (``"stores/wd*.zarr"``) is expanded in natural order.
+        A glob (``"stores/wd*.zarr"``) is expanded in natural order; a path
+        that exists is taken as it is, glob characters and all.
     storage_options, client
         As for :func:`open_run`, shared by every run.
 
@@ -136,7 +137,8 @@ def open_runs(
     """
     if isinstance(stores, (str, os.PathLike)):
         text = str(stores)
-        matched = sorted(glob.glob(text), key=natural_key) if glob.has_magic(text) and "://" not in text else [text]
+        literal = not glob.has_magic(text) or "://" in text or os.path.exists(text)  # a store named "wd[1].zarr"
+        matched = [text] if literal else sorted(glob.glob(text), key=natural_key)
         if not matched:
             raise StoreError(f"{text}: no store matches")
         paths = matched

@@ -18,7 +18,8 @@ Layouts, detected automatically:
 A folder with a number in its name that yields no model weights is refused
 with what it holds when it looks like a checkpoint (a step word in its name,
 weight files, pickles or a shard index in it), and passed over otherwise (a
-``wandb_2`` log folder): a checkpoint is never dropped from a run in silence.
+``wandb_2`` log folder, a Zarr store such as ``step_1000.zarr``): a checkpoint
+is never dropped from a run in silence.
 So is a folder whose weights are ambiguous: several pickles with no index
 naming them shards of one model, or two torch.distributed.checkpoint models.
 
@@ -26,7 +27,8 @@ Steps come from the file or folder name (``step=1200``, ``checkpoint-500``,
 else the last number in the name, shard numbers ``-00001-of-00002`` never),
 else from a ``step`` / ``global_step`` stored in the file, else they must be
 given; they must fit a 64-bit integer. A step number followed by a letter
-(``ckpt_1k``, ``step2B``) is refused, not read as ``1`` or ``2``.
+(``ckpt_1k``, ``step2B``) is refused, not read as ``1`` or ``2``; so is one
+written in other digits than 0-9 (full-width ``checkpoint-１０００``).
 
 A weight file that is not a regular file (a FIFO, a device, a symlink to
 nothing) is listed all the same, and refused with its name when it is opened,
@@ -106,6 +108,11 @@ def step_from_name(name: str, last_number: bool = True, label: str | None = None
     if not found:
         return None
     digits, end = found[-1]
+    if not digits.isascii():  # \d matches the digits of every script, and int() reads them
+        raise StepError(
+            f"{printable(label or name)}: its step {digits} is not written in the digits 0-9; rename it so that "
+            "it is (a look-alike of a step is not read as one)"
+        )
     suffix = re.match(r"[^\W\d_]*", name[end:]).group()  # letters right after the number
     if suffix:
         raise StepError(
@@ -198,13 +205,24 @@ def _refusal(folder: Path | RemoteFolder) -> CheckpointError | None:
             f.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) or f.name in (METADATA, "trainer_state.json")
             for f in entries
         )
-        if not material and _STEP_WORD.search(folder.name) is None:
-            return None
+        if not material and (_STEP_WORD.search(folder.name) is None or (folder / "zarr.json").exists()):
+            return None  # a log folder, or a Zarr store (a store written into the run folder, say)
         held = ", ".join(f.name + "/" * f.is_dir() for f in entries[:8]) + (", ..." if len(entries) > 8 else "")
         why = (f"no model weights (it holds {held or 'nothing'}; looked for {', '.join(_MODEL_FILES)}, a shard "
                "index, a DeepSpeed or torch.distributed.checkpoint folder); optimizer, scheduler, RNG and "
                "training-argument files are not the model. Restore the weights, or move the folder out of the run")
     return CheckpointError(printable(f"{folder}: not a checkpoint: {why}"))
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a file whose name holds bytes that are not UTF-8 (``os.fsdecode`` shows them as lone surrogates):
+    the safetensors and torch readers cannot open it by that name."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            f"{printable(str(path))}: its name is not valid UTF-8, and checkpoints are read by UTF-8 names; rename it"
+        ) from None
 
 
 def _top_level_files(folder: Path) -> list[Path]:
@@ -254,6 +272,8 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
             "files and checkpoint-<step>/ folders)"
         )
     found.sort(key=lambda c: natural_key(Path(c.label).name))
+    for f in (f for c in found for f in c.files if isinstance(f, Path)):
+        _check_utf8(f)
     if steps is not None:
         steps = [int(s) for s in steps]
         if len(steps) != len(found):

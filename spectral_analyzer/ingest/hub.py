@@ -81,6 +81,9 @@ def step_from_revision(name: str) -> int | None:
     if not found:
         return None
     digits = found[-1][1]
+    if not digits.isascii():  # \d matches the digits of every script, and int() reads them
+        raise StepError(f"{printable(name)}: its step {digits} is not written in the digits 0-9; select revisions "
+                        "named by their step in 0-9 (a look-alike of a step is not read as one)")
     letters = _LETTERS.match(name, found[-1].end(1))
     if letters:
         raise StepError(

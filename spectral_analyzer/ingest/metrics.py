@@ -49,10 +49,16 @@ def _step(value) -> int | None:
 
 
 def _check_names(names: Iterable[str], origin: Path) -> None:
-    """Refuse empty names (any other text is kept as it is; the store names its arrays safely)."""
+    """Refuse empty names and names that are no Unicode text (a lone surrogate, which JSON's ``\\ud800`` escape
+    makes); any other text is kept as it is: the store names its arrays safely."""
     for name in names:
         if not name:
             raise MetricsError(f"{origin}: a series has an empty name; name every column")
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise MetricsError(f"{origin}: series {name!r} has a name that is not Unicode text (a lone surrogate); "
+                               "rename it") from None
 
 
 def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -23,7 +23,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -136,6 +136,17 @@ def _preflight(
 def _signature(tensors: dict[str, TensorInfo]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Each tensor's (shape, dtype): what every checkpoint of a run must agree on."""
     return {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()}
+
+
+def _check_names(names: Iterable[str], label: str) -> None:
+    """Refuse a tensor name that is no Unicode text (a lone surrogate, which a pickle can hold): results and
+    exports name tensors in UTF-8."""
+    for name in names:
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise CheckpointError(f"{label}: tensor {name!r} has a name that is not Unicode text (a lone "
+                                  "surrogate); rename it in the checkpoint") from None
 
 
 def _check_consistent(
@@ -496,6 +507,7 @@ def _ingest_source(
             f"in {planned[0].checkpoint.label}; check the patterns against its tensor names"
         )
     first = _signature(planned[0].tensors)
+    _check_names(first, planned[0].checkpoint.label)
     for p in planned[1:]:
         if p.tensors is not None:
             _check_consistent(first, planned[0].checkpoint.label, p)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -98,7 +99,7 @@ def check_format(where: str, attrs: Mapping[str, Any]) -> None:
 
 def no_store(where: str) -> StoreError:
     """The error of a path that holds no store yet."""
-    return StoreError(f"{where}: no store here (run `spectral-analyze ingest CKPT_DIR -o {where}` first)")
+    return StoreError(f"{where}: no store here (run `spectral-analyze ingest CKPT_DIR -o {shlex.quote(where)}` first)")
 
 
 def damaged(path: str, what: str) -> StoreError:

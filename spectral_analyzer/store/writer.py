@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import StoreError, StoreExistsError
 from .core import Store
 from .layout import TensorEntry
-from .location import Location
+from .location import LOCK_NAME, Location
 from .lock import finish_writes, writer_lock
 
 __all__ = ["StoreWriter", "unwritable"]
@@ -41,6 +41,11 @@ _ROLLBACK = ".rollback.json"  # the root metadata as the transaction opened it (
 
 def unwritable(path: str, exc: OSError) -> StoreError:
     return StoreError(f"{path}: cannot write the store ({' '.join(str(exc).split())})")
+
+
+def _foreign(path: str) -> StoreExistsError:
+    return StoreExistsError(f"{path}: exists and is not a spectral-analyzer store (no zarr.json); "
+                            "overwrite replaces stores only: remove it yourself or choose another path")
 
 
 class StoreWriter:
@@ -59,8 +64,12 @@ class StoreWriter:
         self._stack = ExitStack()
 
     def __enter__(self) -> StoreWriter:
-        self._fresh_folder = not self.location.is_remote and not os.path.exists(self.location.path)
-        self._stack.enter_context(writer_lock(self.location, self.wait))
+        loc = self.location
+        self._fresh_folder = not loc.is_remote and not os.path.exists(loc.path)
+        if (not loc.is_remote and not os.path.lexists(os.path.join(loc.path, LOCK_NAME)) and loc.occupied()
+                and not loc.holds_zarr_root()):
+            raise _foreign(loc.path)  # refused before the lock, which would leave a lock file in a folder of the user's
+        self._stack.enter_context(writer_lock(loc, self.wait))
         try:
             self._open()
         except BaseException:
@@ -89,8 +98,7 @@ class StoreWriter:
             return
         if loc.occupied():
             if not loc.holds_zarr_root():  # a folder of the user's, a file: never deleted for them
-                raise StoreExistsError(f"{loc.path}: exists and is not a spectral-analyzer store (no zarr.json); "
-                                       "overwrite replaces stores only: remove it yourself or choose another path")
+                raise _foreign(loc.path)
             if not self.overwrite:
                 raise StoreExistsError(f"{loc.path}: exists and is not a spectral-analyzer store; "
                                        "pass overwrite to replace it")
