@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections import OrderedDict
 from pathlib import Path
 
@@ -99,6 +100,18 @@ def test_zero3_refused_with_the_command_store_kept(tmp_path):
         "(then ingest ds-fp32/)"
     ]
     assert snapshot(store) == before
+
+
+def test_the_consolidation_command_quotes_a_folder_with_a_space(tmp_path):
+    """Pasted into a shell, the command gives zero_to_fp32.py its three arguments, not five."""
+    states = trajectory(STEPS)
+    src = _save_dir(tmp_path / "my run", {STEPS[0]: states[STEPS[0]]}, zero3_at=(STEPS[0],))
+    with pytest.raises(sa.CheckpointError) as refused:
+        sa.ingest(src, tmp_path / "r.zarr")
+    command = str(refused.value).split("consolidate it first with: ", 1)[1].rsplit(" (then ingest", 1)[0]
+    assert shlex.split(command) == ["python", str(src / "zero_to_fp32.py"), str(src),
+                                    str(tmp_path / "my run-fp32" / f"global_step{STEPS[0]}"), "-t",
+                                    f"global_step{STEPS[0]}"]
 
 
 def test_placeholder_parameters_refused(tmp_path):

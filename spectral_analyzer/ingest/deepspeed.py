@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ def _consolidate(folder: Path) -> str:
     """The command that writes a consolidated fp32 copy of the checkpoint in tag folder *folder*."""
     save_dir = folder.parent
     out = save_dir.parent / f"{save_dir.name}-fp32" / folder.name
-    return f"python {save_dir / 'zero_to_fp32.py'} {save_dir} {out} -t {folder.name}"
+    words = ["python", str(save_dir / "zero_to_fp32.py"), str(save_dir), str(out), "-t", folder.name]
+    return " ".join(shlex.quote(w) for w in words)  # a folder named "my run" stays one argument
 
 
 def _refuse_zero3(folder: Path, file: Path) -> CheckpointError:
