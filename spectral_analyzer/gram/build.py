@@ -328,19 +328,24 @@ def _compute_rows(
     path = store.path if store.is_remote else os.path.abspath(store.path)  # workers may run elsewhere
     # names the tasks: the same generation of rows, columns and chunking give the same band
     crcs = store.crcs[:r1]
-    c = store.chunk_size
+    c, tensors = store.chunk_size, store.attrs["tensors"]
     tasks = [
-        dask.delayed(_band_task)(
-            path, store.storage_options, a, b, segs, t0, t1, max_lag, device, threads, crcs[:t1, a // c].copy(),
-            dask_key_name=f"_band_task-{tokenize(store.chain[t1 - 1], store.attrs['tensors'], c, a, t0, t1, max_lag)}",
-        )
-        for a, b, segs in chunks
+        [
+            dask.delayed(_band_task)(
+                path, store.storage_options, a, b, segs, t0, t1, max_lag, device, threads, crcs[:t1, a // c].copy(),
+                dask_key_name=f"_band_task-{tokenize(store.chain[t1 - 1], tensors, c, a, t0, t1, max_lag)}",
+            )
+            for a, b, segs in chunks
+        ]
         for t0, t1 in tiles
     ]
-    total = _tree_sum(tasks)
+    # each tile's rows summed over the chunks in one tree of their own, the same whatever the tiles (which
+    # depend on L, memory_limit and the cores): a band built with other tiles, or extended, is bit-identical
+    total = _tree_sum([_tree_sum(tile) for tile in tasks])
+    n_tasks = len(tiles) * len(chunks)
     bar = None
     if progress:
-        bar = progress_bar(total=len(tasks), desc="band", unit="task", leave=False)
+        bar = progress_bar(total=n_tasks, desc="band", unit="task", leave=False)
     try:
         if scheduler is None:
             callbacks = [_TaskProgress(bar)] if bar is not None else []
@@ -349,7 +354,7 @@ def _compute_rows(
         else:
             (parts,) = dask.compute(total, scheduler=scheduler)
             if bar is not None:
-                bar.update(len(tasks))
+                bar.update(n_tasks)
     finally:
         if bar is not None:
             bar.close()

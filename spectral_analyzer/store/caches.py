@@ -9,9 +9,11 @@ never wait for it.
 
 ``gram/``: ``band`` float64 (tensor, delta, lag), ``chain`` uint64 (delta,)
 the generation of each row, ``row_crc`` uint32 (delta,) the crc32c of each
-band row; attributes ``max_lag``, ``n_rows``, ``writing`` (set while rows
-are being replaced) and ``written`` (a new token at every write), so a
-reader that saw the attributes change under it discards what it read.
+band row; attributes ``max_lag``, ``n_rows``, ``revision`` (the
+RESULTS_REVISION of the build that wrote it: a band of another is no
+cache), ``writing`` (set while rows are being replaced) and ``written`` (a
+new token at every write), so a reader that saw the attributes change under
+it discards what it read.
 
 ``results/<name>``: an analysis Dataset (coding.py), with the attribute
 ``committed = {"identity", "checksums"}`` written last.
@@ -29,6 +31,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from .._version import RESULTS_REVISION
 from ..errors import CacheWarning, StoreBusyError, StoreError
 from . import coding
 from .location import group_keys
@@ -70,7 +73,7 @@ class BandCache:
             if gram is None:
                 return None
             before = gram.attrs.asdict()
-            if before.get("writing") or int(before["max_lag"]) < max_lag:
+            if before.get("writing") or before.get("revision") != RESULTS_REVISION or int(before["max_lag"]) < max_lag:
                 return None
             if gram["band"].shape[2] != int(before["max_lag"]) + 1:  # attributes that do not describe it
                 return None
@@ -101,14 +104,15 @@ class BandCache:
             if gram is not None:
                 attrs = gram.attrs.asdict()
                 lag, rows_there = int(attrs.get("max_lag", -1)), int(attrs.get("n_rows", 0))
+                usable = not attrs.get("writing") and attrs.get("revision") == RESULTS_REVISION
                 mine = self.store.chain[:n]
-                same = (not attrs.get("writing") and rows_there >= len(mine)
+                same = (usable and rows_there >= len(mine)
                         and np.array_equal(np.asarray(gram["chain"][: len(mine)]), mine))
                 if start == 0 and same and lag >= max_lag:
                     return  # another writer cached these rows already, at this L or more: kept
                 if start > 0:
                     head = self.store.chain[:start]
-                    if not (not attrs.get("writing") and lag == max_lag and rows_there >= start
+                    if not (usable and lag == max_lag and rows_there >= start
                             and np.array_equal(np.asarray(gram["chain"][:start]), head)):
                         return  # not the prefix these rows extend (another writer replaced it): left as it is
                 else:
@@ -142,7 +146,7 @@ class BandCache:
         gram["row_crc"][start:n] = np.array([_crc(rows[:, i, :]) for i in range(n_new)], dtype=np.uint32)
         # a new token each write: a reader whose attributes before and after its reads are equal read no write's rows
         gram.attrs.put({**gram.attrs.asdict(), "max_lag": max_lag, "n_rows": n, "writing": False, **meta,
-                        "written": uuid.uuid4().hex})
+                        "revision": RESULTS_REVISION, "written": uuid.uuid4().hex})
 
 
 class ResultCache:
