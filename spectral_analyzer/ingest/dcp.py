@@ -4,7 +4,9 @@ A DCP checkpoint is a folder of ``.metadata`` and ``__<rank>_<i>.distcp``
 files. The metadata lists every tensor of the saved state (its shape, dtype
 and chunks, one per shard) and where each chunk lies (file, byte offset,
 length); each chunk is a ``torch.save`` of that shard. So a tensor is read
-by loading its chunks with ``torch.load(weights_only=True)`` and copying each
+by loading its chunks with ``torch.load(weights_only=True)`` (each chunk's zip
+records, and the storages torch loads from them, checked against their
+CRC-32: torch checks none) and copying each
 into its place; no process group, no planner, and the optimizer state in the
 same files is never read.
 
@@ -33,6 +35,8 @@ import io
 import os
 import pickle
 import re
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,17 +106,18 @@ def load_metadata(path: Path) -> Any:
     if os.stat(path).st_size > _METADATA_MAX:
         raise CheckpointError(f"{path}: larger than {_METADATA_MAX >> 20} MiB; not a checkpoint's metadata")
     try:
-        with open(path, "rb") as f:
-            md = _MetadataUnpickler(f, path).load()
+        # from memory: a length in the pickle (a frame's, a string's) cannot then ask for more bytes than the file has
+        md = _MetadataUnpickler(io.BytesIO(path.read_bytes()), path).load()
     except UnsafeCheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, ImportError, RecursionError, MemoryError) as exc:
+            KeyError, ImportError, RecursionError, MemoryError, OverflowError, RuntimeError) as exc:
+        # RuntimeError: a metadata class refusing its state (TensorProperties' memory format)
         raise CheckpointError(f"{path}: unreadable torch.distributed.checkpoint metadata ({_one_line(exc)})") from None
     from torch.distributed.checkpoint.metadata import Metadata
 
-    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) or not isinstance(
-        md.storage_data, dict
+    if not isinstance(md, Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict) or not isinstance(
+        getattr(md, "storage_data", None), dict
     ):
         raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata (no tensor table or storage map)")
     return md
@@ -155,6 +160,11 @@ def _model_names(md, path: Path) -> dict[str, str]:
         if isinstance(entry, TensorStorageMetadata):
             keys = planner.get(fqn)
             ok = isinstance(keys, tuple) and keys and all(isinstance(k, (str, int)) for k in keys)
+            if ok and ".".join(map(str, keys)) != fqn:  # DCP flattens a path to its fqn by joining it with "."
+                raise CheckpointError(
+                    f"{path}: tensor {fqn!r} has the planner path {keys!r}, which does not name it; the "
+                    ".metadata is damaged"
+                )
             paths[fqn] = tuple(str(k) for k in keys) if ok else tuple(fqn.split("."))
             if not ok:
                 guessed.add(fqn)
@@ -235,17 +245,40 @@ class _Chunks:
                 )
 
     def _load(self, offsets, sizes, file: Path, start: int, length: int) -> torch.Tensor:
-        buf = _read_span(file, start, start + length)
+        data = _read_span(file, start, start + length).tobytes()
+        stored, loaded = [], []
+
+        def note(storage, location):
+            loaded.append(storage)
+            return storage
+
         try:
-            t = torch.load(io.BytesIO(buf.tobytes()), map_location="cpu", weights_only=True)
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:  # torch checks no record's CRC-32; zipfile does
+                for info in archive.infolist():
+                    with archive.open(info) as record:
+                        while record.read(1 << 24):
+                            pass
+                    parts = info.filename.split("/")
+                    if len(parts) == 3 and parts[1] == "data":
+                        stored.append(info.CRC)
+            t = torch.load(io.BytesIO(data), map_location=note, weights_only=True)
         except pickle.UnpicklingError as exc:
             raise UnsafeCheckpointError(
                 f"{file}: refused to unpickle the chunk of tensor {self.fqn!r} at {offsets} ({_one_line(exc)})"
             ) from None
-        except (RuntimeError, OSError, EOFError, ValueError, LookupError, AttributeError, TypeError) as exc:
+        except (RuntimeError, OSError, EOFError, ValueError, LookupError, AttributeError, TypeError, AssertionError,
+                OverflowError, zipfile.BadZipFile) as exc:  # OverflowError: a damaged size in the chunk's zip
             raise CheckpointError(
                 f"{file}: unreadable chunk of tensor {self.fqn!r} at bytes {start}..{start + length} ({_one_line(exc)})"
             ) from None
+        # what torch gave, against the records' CRC-32: a damaged length in the chunk's zip can make torch return
+        # bytes that are not the record's (uninitialised memory), where zipfile reads the record intact
+        got = sorted(zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(s).numpy()) for s in loaded)
+        if got != sorted(stored):
+            raise CheckpointError(
+                f"{file}: the chunk of tensor {self.fqn!r} at bytes {start}..{start + length} does not load as the "
+                "bytes its zip records hold (their CRC-32); the file is damaged: save or copy the checkpoint again"
+            )
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(sizes) or t.dtype != self.dtype:
             what = f"a {type(t).__name__}" if not isinstance(t, torch.Tensor) else f"{tuple(t.shape)} {t.dtype}"
             raise CheckpointError(
@@ -284,7 +317,7 @@ def _stored_step_of(md, locations: dict, files: dict[str, Path], meta: Path) -> 
             buf = _read_span(file, info.offset, info.offset + info.length)
             value = torch.load(io.BytesIO(buf.tobytes()), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, LookupError, AttributeError,
-                TypeError, CheckpointError):
+                TypeError, AssertionError, CheckpointError):
             continue  # a hint only: the step may come from the folder's name
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
             value = int(value)

@@ -165,7 +165,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.label}: cannot read tensor {name!r} ({_one_line(exc)})") from None
         if t.dtype in _FLOAT8:
             t = t.to(torch.float32)
-        return t.reshape(self.tensors[name].shape)
+        return t.detach().reshape(self.tensors[name].shape)  # a saved Parameter may require grad
 
 
 def _one_line(exc: BaseException) -> str:
@@ -345,8 +345,9 @@ def _fetch_safetensors_header(f: RemoteFile) -> tuple[int, dict, dict]:
 
     spans = []
     for name, entry in header.items():
-        if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_BITS:
-            raise bad(f"tensor {name!r}: unknown dtype {entry.get('dtype') if isinstance(entry, dict) else entry!r}")
+        dtype = entry.get("dtype") if isinstance(entry, dict) else entry
+        if not isinstance(entry, dict) or not isinstance(dtype, str) or dtype not in _SAFETENSORS_BITS:
+            raise bad(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not ints(entry.get("shape")) or not ints(entry.get("data_offsets"), 2):
             raise bad(f"tensor {name!r}: shape and data_offsets must be lists of non-negative integers")
         begin, end = entry["data_offsets"]
@@ -487,23 +488,37 @@ def _stored_step(value, key: str, path: Path) -> int | None:
 def _zip_records(path: Path) -> dict[int, zipfile.ZipInfo] | None:
     """The storage records (``<archive>/data/<key>``) of a torch zip, by the file offset of their data.
 
-    ``None`` when Python's zipfile cannot list the archive.
+    ``None`` when Python's zipfile cannot list the archive. The other records
+    (the pickle that gives each tensor its storage, offset, shape and strides;
+    torch's version records) are small, and are read whole here, which checks
+    their CRC-32: torch checks none. Two records whose data would start at
+    the same offset (a damaged name or extra-field length in a local header)
+    are refused: a storage would be cut from another record's bytes, which
+    match that record's size and CRC-32.
     """
-    records = {}
+    records, others = {}, []
     try:
         with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
             for info in archive.infolist():
                 parts = info.filename.split("/")
                 if len(parts) != 3 or parts[1] != "data":
+                    others.append(info)
                     continue
                 f.seek(info.header_offset)
                 header = f.read(30)  # the local header: its name and extra field come before the data
                 if len(header) < 30 or header[:4] != b"PK\x03\x04":
                     return None
                 name_len, extra_len = struct.unpack("<HH", header[26:30])
-                records[info.header_offset + 30 + name_len + extra_len] = info
+                start = info.header_offset + 30 + name_len + extra_len
+                if start in records:
+                    raise CheckpointError(
+                        f"{path}: records {records[start].filename!r} and {info.filename!r} both start at byte "
+                        f"{start}; the file is damaged: save or copy the checkpoint again"
+                    )
+                records[start] = info
     except (OSError, zipfile.BadZipFile, ValueError):
         return None
+    _check_record_crcs(path, others)
     return records
 
 
@@ -557,7 +572,8 @@ def _mmap_load(path: Path):
     and load without mmap where a record is compressed or the records cannot
     be told apart.
 
-    torch checks no record's CRC-32. A mapped storage's is checked when one
+    torch checks no record's CRC-32. The small records (the pickle) are
+    checked by :func:`_zip_records`; a mapped storage's when one
     of its tensors is first read (see ``_UNCHECKED``), in the pass that reads
     its bytes anyway; where the file is loaded without mmap, every record's
     is checked here, as Python's zipfile reads it (a second pass over a file
@@ -570,8 +586,8 @@ def _mmap_load(path: Path):
             storages[storage.data_ptr()] = storage.nbytes()
         return storage
 
-    obj = torch.load(path, map_location=note, weights_only=True, mmap=True)
     records = _zip_records(path)
+    obj = torch.load(path, map_location=note, weights_only=True, mmap=True)
     mapped = None if records is None else _mapped_records(storages, records)
     if mapped is None or any(info.compress_type != zipfile.ZIP_STORED for info in mapped.values()):
         if records is not None:
@@ -638,8 +654,9 @@ def _torch_load(path: Path):
             f"tensors and plain containers ({_one_line(exc)}); save model.state_dict() or safetensors instead"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, LookupError, struct.error,
-            AttributeError, TypeError) as exc:
-        # bytes that are not a checkpoint can fail anywhere in the unpickler (IndexError: its stack)
+            AttributeError, TypeError, AssertionError) as exc:
+        # bytes that are not a checkpoint can fail anywhere in the unpickler (IndexError: its stack), and
+        # torch.load asserts on some (a persistent id that is not a tuple, a storage key it never loaded)
         raise CheckpointError(f"{path}: unreadable or truncated torch checkpoint ({_one_line(exc)})") from None
 
 
