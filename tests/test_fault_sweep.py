@@ -532,6 +532,37 @@ def test_an_overwrite_killed_right_after_its_exchange_leaves_the_new_store(runs,
     assert_same_contents(contents(path), contents(want))
 
 
+def test_an_overwrite_killed_between_its_two_renames_keeps_both_stores(runs, tmp_path, monkeypatch):
+    """Where the folders cannot be exchanged in one step, a kill between the renames leaves no store at the
+    path: the next writer removes neither the old store nor the new one and says where they are. Before, it
+    removed both as leftovers."""
+    monkeypatch.setattr(location, "exchange", lambda a, b: False)
+    path = _copy(runs.first_store, tmp_path / "x" / "r.zarr")
+    before = contents(path)
+    real, calls = os.replace, []
+    old = tmp_path / "x" / "r.zarr.overwrite-old"
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst) in (str(old), str(path)):  # the overwrite's renames (not the chunk files' own)
+            calls.append(str(dst))
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # the process ends here
+        return real(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            _overwrite(runs, path)
+    assert calls[0] == str(old) and not (path / "zarr.json").exists()
+    with pytest.raises(sa.StoreError) as refused:
+        sa.ingest(runs.first, path, weights="a.w")
+    message = str(refused.value)
+    assert "\n" not in message and f"the earlier store is at {old} and the new one at {path}.overwrite-partial" in message, message
+    shutil.rmtree(path)
+    os.rename(old, path)
+    assert_same_contents(contents(path), before)
+
+
 def test_a_metrics_append_whose_new_series_is_begun_only(runs, tmp_path):
     """The metadata of a series new in this append cannot be written (its folder made): the next append
     removes what was begun without a warning from Zarr about a folder that is not an array."""

@@ -79,6 +79,14 @@ class StoreWriter:
 
     def _open(self) -> None:
         loc = self.location
+        old, new = loc.beside(".overwrite-old"), loc.beside(".overwrite-partial")
+        if not loc.is_remote and old.holds_zarr_root() and not loc.holds_zarr_root():
+            # killed between the two renames of an overwrite (a system with no atomic exchange): neither is removed
+            raise StoreError(
+                f"{loc.path}: an overwrite was interrupted between its two renames; the earlier store is at "
+                f"{old.path}" + (f" and the new one at {new.path}" if new.holds_zarr_root() else "")
+                + f": move the one to keep to {loc.path} (which holds at most a lock file)"
+            )
         for suffix in (".overwrite-partial", ".overwrite-old"):  # left by a killed overwrite
             if not loc.is_remote or suffix == ".overwrite-partial":
                 leftover = loc.beside(suffix)
