@@ -348,3 +348,19 @@ def test_remote_safetensors_dtype_that_is_not_a_string_is_refused(tmp_path, dtyp
         _open("remote", [path])
     assert "memory://" in _one_line(exc)
 
+
+
+@pytest.mark.parametrize("metadata", [0, "", []])
+def test_remote_safetensors_metadata_that_is_no_object_is_refused_as_locally(tmp_path, metadata):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(3)}, str(path))
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = {"__metadata__": metadata, **json.loads(data[8 : 8 + n])}
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    with pytest.raises(sa.CheckpointError):
+        _open("safetensors", [path])
+    with pytest.raises(sa.CheckpointError, match="__metadata__ is not an object of strings") as exc:
+        _open("remote", [path])
+    assert "memory://" in _one_line(exc)

@@ -335,7 +335,8 @@ def _fetch_safetensors_header(f: RemoteFile) -> tuple[int, dict, dict]:
         raise bad(f"header is not JSON: {_one_line(exc)}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # 0, "" or [] refused, as the safetensors library refuses them
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("__metadata__ is not an object of strings")
 
