@@ -131,6 +131,25 @@ def test_weight_spectra_cached_from_a_weight_record_are_not_served_to_a_store_wi
     _identical(sa.open_run(tmp_path / "plain.zarr").weight_spectra("fc.weight"), want)
 
 
+def test_weight_spectra_recorded_from_other_float64_values_are_not_served(tmp_path):
+    """Two runs of float64 checkpoints that differ below float32's precision: the same float32 rows (the same
+    identity), other singular values recorded at ingest. A result copied from one store into the other was
+    served there; what the record holds is in the key."""
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(4)]
+    for run, nudge in (("a", 0.0), ("b", 1e-12)):
+        (tmp_path / run).mkdir()
+        for i, w in enumerate(base):
+            save_file({"fc.weight": w + nudge * (i + 1)}, str(tmp_path / run / f"step_{10 * i}.safetensors"))
+        sa.ingest(tmp_path / run, tmp_path / f"{run}.zarr", weights="fc.weight")
+    a, b = sa.open_run(tmp_path / "a.zarr"), sa.open_run(tmp_path / "b.zarr")
+    assert a.store.results_identity == b.store.results_identity
+    want = b.weight_spectra("fc.weight", cache=False)
+    assert not np.array_equal(a.weight_spectra("fc.weight")["sigma"].values, want["sigma"].values)
+    shutil.copytree(tmp_path / "a.zarr" / "results", tmp_path / "b.zarr" / "results", dirs_exist_ok=True)
+    _identical(sa.open_run(tmp_path / "b.zarr").weight_spectra("fc.weight"), want)
+
+
 def test_the_band_is_the_same_bits_whatever_L_tiles_and_memory_built_it(tmp_path, monkeypatch):
     """A band cached at a larger L is served for every smaller one, and built in row tiles that depend on L,
     the cores and the memory limit. Each tile's rows were summed over the chunks in a tree over all tasks, so

@@ -57,6 +57,15 @@ class WeightRecord:
             raise self._damaged(f"it names {len(matrices)} matrices and holds {shape}")
         return match, matrices, int(shape[-1])
 
+    def checksums(self) -> list[int] | None:
+        """The crc32c of each committed checkpoint's recorded row (what the record holds, for a cache key), or None."""
+        if self.info() is None:
+            return None
+        try:
+            return [int(c) for c in self.store.group["weights"]["row_crc"][: self.store.n_deltas + 1]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._damaged(f"its checksums are unreadable ({' '.join(str(exc).split())})") from None
+
     def _damaged(self, what: str):
         return damaged(self.store.path, f"the weight record: {what}")
 

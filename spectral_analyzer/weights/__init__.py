@@ -106,9 +106,10 @@ def compute_weight_spectra(
     """Singular values of 2-D weights at every checkpoint; see :meth:`Run.weight_spectra`."""
     steps = store.checkpoint_steps
     # the model config says how packed attention tensors split into matrices (interleaved_packing); the weight
-    # record, whether the singular values are those recorded at ingest (_from_record) or rebuilt from the rows
-    key = tokenize("weights", match, top, heads, model_config(store), store.weights.info(), store.results_identity,
-                   __version__, RESULTS_REVISION)
+    # record, whether the singular values are those recorded at ingest (_from_record) or rebuilt from the rows,
+    # and what it holds (two stores of the same float32 rows may have recorded other float64 values)
+    key = tokenize("weights", match, top, heads, model_config(store), store.weights.info(), store.weights.checksums(),
+                   store.results_identity, __version__, RESULTS_REVISION)
     name = f"weights-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return cached
