@@ -58,7 +58,7 @@ from .readers import (
 __all__ = ["METADATA", "dcp_files", "load_metadata", "read_dcp"]
 
 METADATA = ".metadata"
-_DISTCP = re.compile(r"^__\d+_\d+\.distcp$")
+_DISTCP = re.compile(r"^__[0-9]+_[0-9]+\.distcp$")
 # Top-level entries of a training state that are not model weights.
 NOT_MODEL = frozenset({
     "optimizer", "optimizers", "optim", "optim_state", "optimizer_state_dict", "lr_scheduler", "lr_schedulers",
@@ -138,7 +138,7 @@ def dcp_files(folder: Path) -> tuple[Path, ...] | None:
         return None
     root = candidates[0]
     shards = sorted((f for f in root.iterdir() if _DISTCP.match(f.name)), key=lambda f: [
-        int(n) for n in re.findall(r"\d+", f.name)
+        int(n) for n in re.findall(r"[0-9]+", f.name)
     ])
     return (root / METADATA, *shards)
 

@@ -31,9 +31,9 @@ from .readers import CheckpointReader, KeyOptions, _torch_load, add_state_dict
 
 __all__ = ["deepspeed_files", "is_model_states", "read_deepspeed"]
 
-_MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_ZERO3_STATES = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
-_TAG = re.compile(r"^global_step\d+$")
+_MODEL_STATES = re.compile(r"^mp_rank_([0-9]+)_model_states\.pt$")
+_ZERO3_STATES = re.compile(r"^zero_pp_rank_[0-9]+_mp_rank_[0-9]+_model_states\.pt$")
+_TAG = re.compile(r"^global_step[0-9]+$")
 
 
 def is_model_states(path: Path) -> bool:

@@ -69,7 +69,7 @@ NOT_WEIGHTS = (
 )
 _STEP_WORD = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[=_\-]?(\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
-_SHARD = re.compile(r"-\d+-of-\d+")  # model-00001-of-00002: the shard's place, not a step
+_SHARD = re.compile(r"-[0-9]+-of-[0-9]+")  # model-00001-of-00002: the shard's place, not a step
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin")
 
 
@@ -167,7 +167,7 @@ def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> t
     return tuple(chosen) if chosen else None
 
 
-_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<k>\d+)-of-(?P<n>\d+)(?P<suffix>\.\w+)$")
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<k>[0-9]+)-of-(?P<n>[0-9]+)(?P<suffix>\.\w+)$")
 
 
 def _check_shard_names(folder: Path | RemoteFolder, files: Sequence[Path | RemoteFile]) -> None:
