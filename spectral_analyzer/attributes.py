@@ -96,9 +96,9 @@ _ATTRS: dict[str, tuple[str, str | None, str]] = {
     "g23_decline": ("decline of the trajectory gap g23", "1", "g23 at its pre-grok peak / g23 at grokking"),
     "g23_peak_step": ("step of the g23 peak", "step", "end step of the window where g23 peaks before grokking"),
     "R_early": ("mean R before grokking", "1", "mean gap ratio over windows ending before the grok step"),
-    "R_grok": ("R at grokking", "1", "gap ratio of the window ending at the grok step"),
+    "R_grok": ("R at grokking", "1", "gap ratio of the last window ending at or before the grok step"),
     "k_star_mode": ("most frequent k*", "1", "the mode of k* over the windows"),
-    "wq_sigma_ratio_grok": ("W_Q sigma_1 / sigma_2 at grokking", "1", "of the query weight at the grok step"),
+    "wq_sigma_ratio_grok": ("W_Q sigma_1 / sigma_2 at grokking", "1", "of the query weight at the last checkpoint at or before the grok step"),
     "wq_sigma_ratio_end": ("W_Q sigma_1 / sigma_2 at the end", "1", "of the query weight at the last checkpoint"),
     # attention circuits
     "qk_sigma": ("QK circuit singular value", "theta^2", "singular values of W_QK^h = W_Q^h^T W_K^h, descending"),

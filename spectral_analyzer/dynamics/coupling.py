@@ -6,6 +6,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import MetricError
+from ..spectra import step_offsets
 
 __all__ = ["MetricError", "correlate", "detrend", "lagged_correlation"]
 
@@ -100,8 +101,10 @@ def correlate(
     ok = np.isfinite(m.values)
     if ok.sum() < 3:
         raise MetricError(f"metric {metric!r} is logged at {int(ok.sum())} steps; correlation needs at least 3")
-    steps = spectra["step"].values.astype(float)
-    ms, mv = m["step"].values[ok].astype(float), m.values[ok]
+    # steps as exact offsets from the earliest: int64 steps as floats lose their units beyond 2**53
+    origin = min(spectra["step"].values.min(), m["step"].values[ok].min())
+    steps = step_offsets(spectra["step"].values, origin)
+    ms, mv = step_offsets(m["step"].values[ok], origin), m.values[ok]
     y = np.interp(steps, ms, mv, left=np.nan, right=np.nan)
     names = ["gap_ratio"] + [f"ratio_{j}" for j in spectra["mode"].values[:-1]]
     series = [spectra["gap_ratio"].values] + [spectra["ratio"].values[:, j] for j in range(len(names) - 1)]

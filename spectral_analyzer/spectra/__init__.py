@@ -17,7 +17,8 @@ from ..steps import delta_rows, parse_step_range
 from ..store import Store
 from .kernel import bbp, spectral_quantities, window_grams, wishart_max_ratio
 
-__all__ = ["INTERVAL_FACTOR", "WindowError", "compute_spectra", "step_range_label", "step_rows", "warn_mixed_intervals"]
+__all__ = ["INTERVAL_FACTOR", "WindowError", "compute_spectra", "step_offsets", "step_range_label", "step_rows",
+           "warn_mixed_intervals"]
 
 NULL_SEED = 20240601
 INTERVAL_FACTOR = 2.0
@@ -29,6 +30,22 @@ def step_rows(store: Store, steps) -> slice:
     All rows when *steps* is None; see :func:`spectral_analyzer.steps.delta_rows`.
     """
     return delta_rows(store.checkpoint_steps, parse_step_range(steps))
+
+
+def step_offsets(steps, origin) -> np.ndarray:
+    """``steps - origin`` (each step at least its origin) as float64, the difference taken exactly.
+
+    int64 steps lose their units beyond 2**53 as floats, and the difference of
+    two can overflow int64 (steps from -2**63 to 2**63 - 1); the difference of
+    their two's complements modulo 2**64 is exact, then rounded once.
+
+    Examples
+    --------
+    >>> step_offsets(np.array([2**62 + 1, 2**62 + 3]), 2**62)
+    array([1., 3.])
+    """
+    as_unsigned = (np.asarray(x, dtype=np.int64).view(np.uint64) for x in (steps, origin))
+    return np.subtract(*as_unsigned).astype(np.float64)
 
 
 def step_range_label(store: Store, rows: slice) -> str:
@@ -62,19 +79,20 @@ def warn_mixed_intervals(store: Store, ends: np.ndarray, window: int, factor: fl
     """
     if factor is None or not ends.size:
         return
-    intervals = np.diff(store.checkpoint_steps).astype(np.float64)
+    steps = store.checkpoint_steps
+    intervals = step_offsets(steps[1:], steps[:-1])
     spans = np.lib.stride_tricks.sliding_window_view(intervals, window)[ends - window + 1]
     lo, hi = spans.min(axis=1), spans.max(axis=1)
     mixed = np.nonzero(hi > factor * lo)[0]
     if not mixed.size:
         return
-    first = int(mixed[0])
-    steps = store.checkpoint_steps
-    end = int(ends[first])
+    end = int(ends[mixed[0]])
+    first = [int(s) for s in steps[end - window + 1 : end + 2]]
+    span = [b - a for a, b in zip(first, first[1:])]  # exact, as Python ints
     warnings.warn(
         f"{store.path}: {mixed.size} of {ends.size} windows of {window} deltas mix step intervals differing by more "
-        f"than {factor:g}x, the first from step {steps[end - window + 1]} to {steps[end + 1]} (intervals of "
-        f"{lo[first]:.0f} to {hi[first]:.0f} steps); their spectra mix updates of different lengths: choose steps "
+        f"than {factor:g}x, the first from step {first[0]} to {first[-1]} (intervals of "
+        f"{min(span)} to {max(span)} steps); their spectra mix updates of different lengths: choose steps "
         "with equal intervals (steps=(A, B), --steps A..B)",
         MixedIntervalsWarning,
         stacklevel=2,
