@@ -89,6 +89,17 @@ def test_unselected_checkpoints_are_never_opened(tmp_path):
     assert list(run.checkpoint_steps) == [0, 20, 30]
 
 
+def test_an_append_without_the_stores_selection_names_it(tmp_path):
+    """The store was made from a selection; an append of the same folder without it meets the steps left out,
+    and the one-line refusal says which selection to give again."""
+    src = write_safetensors_run(tmp_path / "c", trajectory([0, 10, 20, 30], shapes=SMALL))
+    sa.ingest(src, tmp_path / "a.zarr", select="0,20")
+    with pytest.raises(sa.StepError) as refused:
+        sa.ingest(src, tmp_path / "a.zarr")
+    assert str(refused.value).endswith("(the store was made with the step selection '0,20': give it again to append)")
+    assert list(sa.ingest(src, tmp_path / "a.zarr", select="0,20,30").checkpoint_steps) == [0, 20, 30]
+
+
 def test_selected_steps_must_exist(tmp_path):
     src = write_safetensors_run(tmp_path / "c", trajectory([0, 10, 20], shapes=SMALL))
     with pytest.raises(sa.SelectionError, match="no checkpoint at step 25"):

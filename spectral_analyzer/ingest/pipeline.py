@@ -431,9 +431,12 @@ def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Pl
     for p in planned:
         if last is not None and p.step <= last:
             if p.step not in sources:
+                chosen = store.attrs.get("provenance", {}).get("options", {}).get("select")
                 raise StepError(
                     f"{p.checkpoint.label}: step {p.step} is before the store's last step {last} "
                     "but not in the store; steps must increase"
+                    + (f" (the store was made with the step selection {chosen!r}: give it again to append)"
+                       if chosen else "")
                 )
             recorded = sources[p.step]["files"]
             if len(recorded) != len(p.checkpoint.files) or not all(
