@@ -21,23 +21,27 @@ __all__ = ["ExportError", "check_output", "events_table", "export", "replacing",
 FORMATS = (".nc", ".csv", ".json")
 
 
-KEY_DIMS = ("run", "group", "matrix", "layer", "head", "step")
+KEY_DIMS = ("run", "group", "matrix", "layer", "head", "series", "step", "lag")
 SPREAD_DIMS = ("mode", "rank")
 
 
 def table(ds: xr.Dataset) -> list[dict]:
-    """One record per (run, group, matrix, layer, head, step) present: every variable over those dims,
-    and variables with one more ``mode`` / ``rank`` dim spread as ``sigma_1 .. sigma_W``.
+    """One record per (run, group, matrix, layer, head, series, step, lag) present: every variable over those
+    dims, and variables with one more ``mode`` / ``rank`` dim spread as ``sigma_1 .. sigma_W``.
 
     Coordinates over those dims that are not dims themselves (``window_start``
     along ``step``, say) are columns too, after the variables. Variables over
-    other dims (overlaps, events) are left to netCDF."""
+    other dims (overlaps, events) are left to netCDF. Runs side by side are
+    outer-joined on ``step``: a run has no record at a step it does not hold."""
     keys = [d for d in KEY_DIMS if d in ds.dims]
     labels = {name: coord for name, coord in ds.coords.items()
               if name not in ds.dims and coord.dims and set(coord.dims) <= set(keys)}
+    held = _held(ds) if {"run", "step"} <= set(keys) else None
     records = []
     for combo in itertools.product(*(range(ds.sizes[d]) for d in keys)):
         at = dict(zip(keys, combo))
+        if held is not None and not held[at["run"], at["step"]]:
+            continue
         row: dict = {d: _plain(ds[d].values[i]) for d, i in at.items()}
         spread = []
         for name, var in ds.data_vars.items():
@@ -58,14 +62,29 @@ def table(ds: xr.Dataset) -> list[dict]:
     return records
 
 
+def _held(ds: xr.Dataset) -> np.ndarray:
+    """(run, step): whether the run holds any value at the step (runs side by side are NaN at another's steps)."""
+    held = np.zeros((ds.sizes["run"], ds.sizes["step"]), dtype=bool)
+    for name, var in ds.variables.items():
+        if name not in ds.dims and {"run", "step"} <= set(var.dims):
+            other = [d for d in var.dims if d not in ("run", "step")]
+            held |= var.notnull().any(other).transpose("run", "step").values
+    return held
+
+
 def events_table(ds: xr.Dataset) -> list[dict]:
-    """The events of a dynamics Dataset as records (step, kind, mode, value)."""
+    """The events of a dynamics Dataset as records (step, kind, mode, value), led by the run for several runs
+    side by side (their events padded along ``event``)."""
     if "event" not in ds.dims:
         return []
+    if "run" in ds.dims:
+        return [{"run": _plain(label), **event}
+                for i, label in enumerate(ds["run"].values) for event in events_table(ds.isel(run=i))]
     return [
         {"step": int(s), "kind": str(k), "mode": int(m), "value": _plain(float(v))}
         for s, k, m, v in zip(ds["event_step"].values, ds["event_kind"].values, ds["event_mode"].values,
                               ds["event_value"].values)
+        if np.isfinite(s)  # a run's padding, where another run has more events
     ]
 
 
@@ -114,12 +133,12 @@ def _write_records(records: list[dict], path: Path, suffix: str, attrs: dict | N
     if suffix == ".csv":
         import csv
 
-        with open(path, "w", newline="") as f:
+        with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["step"])
             writer.writeheader()
             writer.writerows(records)
     else:
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps({"attrs": attrs or {}, "records": records}, indent=1))
 
 
@@ -130,16 +149,25 @@ def _plain(x):
     return x
 
 
-def _netcdf_ready(ds: xr.Dataset) -> xr.Dataset:
-    """netCDF3 (scipy engine) has no int64 and no booleans."""
-    out = ds.copy()
+def _netcdf_ready(ds: xr.Dataset, path: Path) -> xr.Dataset:
+    """netCDF3 (scipy engine) has no int64 and no boolean attributes: integers become int32 where they fit, else
+    float64 where that holds them exactly (|n| <= 2**53); beyond that *path* is refused, never rounded. Boolean
+    variables xarray writes itself, and reads back as booleans. The encoding a result read from the store carries
+    (zarr's int64 of a k* that runs side by side turned float, NaN and all) is dropped: the values are written.
+    netCDF3 reads a dim of length 0 as its record dim, which must lead: a variable over one (the events of runs
+    side by side with none) has it first."""
+    out = ds.drop_encoding()
     for name in list(out.variables):
         v = out[name]
+        empty = [d for d in v.dims if out.sizes[d] == 0]
+        if empty and v.dims[0] not in empty:
+            out[name] = v = v.transpose(*empty, ...)
         if v.dtype == np.int64:
-            small = v.size == 0 or (np.abs(v.values).max() < 2**31)
-            out[name] = v.astype(np.int32 if small else np.float64)
-        elif v.dtype == bool:
-            out[name] = v.astype(np.int8)
+            top = max(int(v.values.max()), -int(v.values.min())) if v.size else 0
+            if top > 2**53:
+                raise ExportError(f"{path}: {name} holds {top}, beyond what netCDF3 keeps exactly (2**53); "
+                                  "export to .csv or .json")
+            out[name] = v.astype(np.int32 if top < 2**31 else np.float64)
     out.attrs = {k: (int(v) if isinstance(v, bool) else v) for k, v in out.attrs.items()}
     return out
 
@@ -160,8 +188,9 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
     targets = check_output(path, overwrite=overwrite, events="event" in ds.dims)
     try:
         if path.suffix == ".nc":
+            ready = _netcdf_ready(ds, path)
             with replacing(path) as tmp:
-                _netcdf_ready(ds).to_netcdf(tmp, engine="scipy")
+                ready.to_netcdf(tmp, engine="scipy")
             return path
         attrs = {k: _plain(v) for k, v in ds.attrs.items()}
         with contextlib.ExitStack() as stack:  # both files complete before either replaces its target

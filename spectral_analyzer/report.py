@@ -134,7 +134,7 @@ def _write_page(output: Path, parts: list[str]) -> Path:
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     try:
         with replacing(output) as tmp:  # complete or not at all: a full disk leaves the earlier page
-            tmp.write_text(page)
+            tmp.write_text(page, encoding="utf-8")  # the charset the page declares, whatever the locale
     except OSError as exc:
         raise ExportError(f"{output}: cannot write the report ({exc.strerror or exc})") from None
     return output
@@ -177,9 +177,11 @@ def write_comparison(runs, output: str | os.PathLike, *, window: int = 10, metri
              f"{__version__}</p>", "<h2>Runs</h2>", _table(["run", "store", "checkpoints", "steps", "parameters"], rows)]
     if grok is not None:
         parts += [f"<h2>Grokking ({html.escape(accuracy)})</h2>", _table(
-            ["run", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at end"],
+            ["run", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at grok",
+             "W_Q s1/s2 at end"],
             [[label, "yes" if bool(g["grokked"]) else "no", int(g["grok_step"]) if bool(g["grokked"]) else "-",
-              *(float(g[v]) for v in ("g23_decline", "R_early", "R_grok", "k_star_mode", "wq_sigma_ratio_end"))]
+              *(float(g[v]) for v in ("g23_decline", "R_early", "R_grok", "k_star_mode", "wq_sigma_ratio_grok",
+                                      "wq_sigma_ratio_end"))]
              for label, g in ((str(r), grok.sel(run=r)) for r in grok["run"].values)])]
     parts += [_figure(title, data) for title, data in figures]
     return _write_page(output, parts)
