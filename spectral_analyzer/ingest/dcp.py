@@ -4,8 +4,8 @@ A DCP checkpoint is a folder of ``.metadata`` and ``__<rank>_<i>.distcp``
 files. The metadata lists every tensor of the saved state (its shape, dtype
 and chunks, one per shard) and where each chunk lies (file, byte offset,
 length); each chunk is a ``torch.save`` of that shard. So a tensor is read
-by loading its chunks with ``torch.load(weights_only=True)`` (each chunk's zip
-records, and the storages torch loads from them, checked against their
+by loading its chunks with ``torch.load(weights_only=True)`` (each chunk's
+small zip records, and the storages torch loads, checked against their
 CRC-32: torch checks none) and copying each
 into its place; no process group, no planner, and the optimizer state in the
 same files is never read.
@@ -255,12 +255,13 @@ class _Chunks:
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:  # torch checks no record's CRC-32; zipfile does
                 for info in archive.infolist():
-                    with archive.open(info) as record:
+                    parts = info.filename.split("/")
+                    if len(parts) == 3 and parts[1] == "data":  # a storage: checked below, as torch loads it
+                        stored.append(info.CRC)
+                        continue
+                    with archive.open(info) as record:  # the pickle and version records, small
                         while record.read(1 << 24):
                             pass
-                    parts = info.filename.split("/")
-                    if len(parts) == 3 and parts[1] == "data":
-                        stored.append(info.CRC)
             t = torch.load(io.BytesIO(data), map_location=note, weights_only=True)
         except pickle.UnpicklingError as exc:
             raise UnsafeCheckpointError(
