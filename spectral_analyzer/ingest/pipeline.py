@@ -51,7 +51,7 @@ from ..steps import StepSelection
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter, TensorEntry
 from ..store.generations import base_link, chain, chunk_crc, hex_of
 from ..threads import torch_threads
-from ..weights import matrices_of, select_weights
+from ..weights import ingest_packing, matrices_of, select_weights
 from ..weights.kernel import singular_values
 from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_norm
 from .discover import Checkpoint, natural_key, order_by_step
@@ -310,7 +310,9 @@ class _WeightRecorder:
     def __init__(self, store: Store):
         self.store = store
         record = store.weights.info()
-        self.picked = {} if record is None else {t.name: (t, parts) for t, parts in select_weights(store.manifest, record[0])}
+        self.packing = {} if record is None else store.weights.packing()
+        self.picked = {} if record is None else {
+            t.name: (t, parts) for t, parts in select_weights(store.manifest, record[0], self.packing)}
         self.matrices = [] if record is None else record[1]
         self.rank = 0 if record is None else record[2]
         self.values: dict[str, np.ndarray] = {}
@@ -318,7 +320,7 @@ class _WeightRecorder:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.picked:
             t, parts = self.picked[name]
-            mats = matrices_of([(t, parts)], [tensor.to(torch.float64).reshape(-1).numpy()])
+            mats = matrices_of([(t, parts)], [tensor.to(torch.float64).reshape(-1).numpy()], packing=self.packing)
             with torch_threads():  # beside the writer threads: only the cores free now
                 values = singular_values([m for _, m in mats])
             for (matrix, _), s in zip(mats, values):
@@ -563,10 +565,13 @@ def _ingest_source(
                 provenance["model_config"] = model_config
             st = writer.create(manifest, chunk_size, {"provenance": provenance})
             if match is not None:
-                picked = select_weights(manifest, match)
-                shapes = [(n, m.shape) for n, m in
-                          matrices_of(picked, [np.empty(t.size, dtype=np.bool_) for t, _ in picked])]
-                st.weights.create(match, [n for n, _ in shapes], max(min(s) for _, s in shapes))
+                # q, k and v split as the analysis splits them (GPT-NeoX's and GPT-BigCode's per head)
+                packing = ingest_packing(manifest, model_config or {}, path)
+                picked = select_weights(manifest, match, packing)
+                shapes = [(n, m.shape) for n, m in matrices_of(
+                    picked, [np.empty(t.size, dtype=np.bool_) for t, _ in picked], packing=packing)]
+                st.weights.create(match, [n for n, _ in shapes], max(min(s) for _, s in shapes),
+                                  {t.name: packing[t.name] for t, _ in picked if t.name in packing})
 
         def open_reader(p: _Planned):
             reader = open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys)

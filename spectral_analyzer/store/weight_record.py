@@ -3,8 +3,10 @@
 ``weights/``: ``sigma`` float64 (checkpoint, matrix, rank), ``row_crc``
 uint32 (checkpoint,) the crc32c of each row and ``chain`` uint64
 (checkpoint,) the generation (generations.py) each row belongs to, written
-before the checkpoint's commit; attributes ``match`` (the globs) and
-``matrices`` (the name of each column of ``sigma``). A row of another
+before the checkpoint's commit; attributes ``match`` (the globs),
+``matrices`` (the name of each column of ``sigma``) and ``packing`` (the
+tensors whose q, k and v were split per head, with their head count; absent
+from records made before it was kept, which split none). A row of another
 generation is not this snapshot's (None: the caller rebuilds the matrices
 from the rows); damage to the record (its metadata, a chunk, a row that
 fails its crc32c, names that do not describe its columns) is an error naming it.
@@ -31,7 +33,7 @@ class WeightRecord:
     def __init__(self, store):
         self.store = store
 
-    def create(self, match: list[str], matrices: list[str], rank: int) -> None:
+    def create(self, match: list[str], matrices: list[str], rank: int, packing: dict[str, int]) -> None:
         weights = self.store.group.create_group("weights")
         weights.create_array(
             "sigma", shape=(0, len(matrices), rank), chunks=(1, len(matrices), rank), dtype="float64",
@@ -40,7 +42,7 @@ class WeightRecord:
         weights.create_array("row_crc", shape=(0,), chunks=(4096,), dtype="uint32", fill_value=0,
                              compressors=[Crc32cCodec()], dimension_names=("checkpoint",))
         _chain_array(weights)
-        weights.attrs.put({"match": list(match), "matrices": list(matrices)})
+        weights.attrs.put({"match": list(match), "matrices": list(matrices), "packing": dict(packing)})
 
     def info(self) -> tuple[list[str], list[str], int] | None:
         """``(match, matrices, rank)`` of the record, or None; unreadable metadata, or ``matrices`` that do not
@@ -56,6 +58,16 @@ class WeightRecord:
         if len(shape) != 3 or shape[1] != len(matrices):
             raise self._damaged(f"it names {len(matrices)} matrices and holds {shape}")
         return match, matrices, int(shape[-1])
+
+    def packing(self) -> dict[str, int]:
+        """The tensors the record split per head, with their head count ({} for a record made before it kept
+        them, which split none); unreadable, a damaged store."""
+        packing = self.store.group["weights"].attrs.get("packing", {})
+        if not isinstance(packing, dict) or not all(
+                isinstance(n, str) and isinstance(h, int) and not isinstance(h, bool) and h > 0
+                for n, h in packing.items()):
+            raise self._damaged(f"its packing is unreadable ({packing!r:.80})")
+        return dict(packing)
 
     def checksums(self) -> list[int] | None:
         """The crc32c of each committed checkpoint's recorded row (what the record holds, for a cache key), or None."""

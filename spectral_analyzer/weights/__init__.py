@@ -11,6 +11,7 @@ from dask.base import tokenize
 
 from .._version import RESULTS_REVISION, __version__
 from ..devices import resolve_device
+from ..errors import HeadCountError
 from ..groups import SelectionError
 from ..groups import natural_key
 from ..progress import progress_bar
@@ -60,7 +61,17 @@ def expert_matrices(manifest: Sequence[TensorEntry]) -> list[TensorEntry]:
 
 def packing_of(store: Store, heads: int | None = None) -> dict[str, int]:
     """The store's tensors packed per head (:func:`~.layouts.interleaved_packing`), with their head count."""
-    return interleaved_packing({t.name: tuple(t.shape) for t in store.manifest}, model_config(store), heads)
+    return interleaved_packing({t.name: tuple(t.shape) for t in store.manifest}, model_config(store), heads,
+                               store.path)
+
+
+def ingest_packing(manifest: Sequence[TensorEntry], config: Mapping, path) -> dict[str, int]:
+    """The packing an ingest records its weight spectra with: :func:`packing_of`'s for the model config it
+    keeps, or none where the config gives the head count twice (the analysis refuses that config)."""
+    try:
+        return interleaved_packing({t.name: tuple(t.shape) for t in manifest}, config, origin=str(path))
+    except HeadCountError:
+        return {}
 
 
 def select_weights(manifest: Sequence[TensorEntry], match, packing: Mapping[str, int] | None = None
@@ -108,7 +119,8 @@ def compute_weight_spectra(
     # the model config says how packed attention tensors split into matrices (interleaved_packing); the weight
     # record, whether the singular values are those recorded at ingest (_from_record) or rebuilt from the rows,
     # and what it holds (two stores of the same float32 rows may have recorded other float64 values)
-    key = tokenize("weights", match, top, heads, model_config(store), store.weights.info(), store.weights.checksums(),
+    key = tokenize("weights", match, top, heads, model_config(store), store.weights.info(),
+                   store.weights.info() and store.weights.packing(), store.weights.checksums(),
                    store.results_identity, __version__, RESULTS_REVISION)
     name = f"weights-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
@@ -117,7 +129,7 @@ def compute_weight_spectra(
     packing = packing_of(store, heads)
     picked = select_weights(manifest, match, packing)
     plan = _head_plan(store, picked, heads) if heads else None
-    recorded = _from_record(store, picked, plan)
+    recorded = _from_record(store, picked, plan, packing)
     if recorded is not None:
         names, sigma = recorded
         frobenius2 = None
@@ -163,17 +175,23 @@ def _matrix_shapes(picked, plan=None, packing=None) -> list[tuple[str, tuple[int
     return [(n, m.shape) for n, m in matrices_of(picked, zeros, plan, packing)]
 
 
-def _from_record(store: Store, picked, heads) -> tuple[list[str], np.ndarray] | None:
-    """The recorded singular values of the picked matrices, if the ingest recorded them all."""
+def _from_record(store: Store, picked, heads, packing) -> tuple[list[str], np.ndarray] | None:
+    """The recorded singular values of the picked matrices, if the ingest recorded them all, split as
+    *packing* splits them."""
     record = store.weights.info()
     if record is None or heads:
         return None
     match, matrices, _ = record
+    recorded_packing = store.weights.packing()
     try:  # the matrices the ingest recorded for its globs: names that are not those name other columns
-        made = [n for n, _ in _matrix_shapes(select_weights(store.manifest, match))]
+        made = [n for n, _ in _matrix_shapes(select_weights(store.manifest, match, recorded_packing), None,
+                                             recorded_packing)]
     except SelectionError:
         made = None
     if made != matrices:
+        return None
+    # the same names for another split of a packed tensor (q as rows [0, E) or as every head's q rows)
+    if any(recorded_packing.get(t.name) != packing.get(t.name) for t, _ in picked):
         return None
     wanted = [n for _, parts in picked for n in parts]
     if not set(wanted) <= set(matrices):

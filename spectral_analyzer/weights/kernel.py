@@ -109,7 +109,8 @@ def _lower_gram(batch: torch.Tensor) -> torch.Tensor:
 
 
 # A Gram whose largest diagonal entry (the largest squared row norm) is past float64's range, or below
-# GRAM_FLOOR (where the squares of values 1e-9 below sigma_1 near the subnormals), is made again from the
+# GRAM_FLOOR (where the squares of values 1e-9 below sigma_1 near the subnormals, or underflow to 0 for a
+# matrix that is not zero), is made again from the
 # matrix scaled by its largest |entry|, and the values scaled back: entries of 1e-160 or 1e+160 give
 # sigma to the same tolerance as entries of 1.
 GRAM_FLOOR = 1e-250
@@ -126,7 +127,9 @@ def _gram_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     wide = batch.shape[-2] <= batch.shape[-1]
     gram = _lower_gram(batch)  # eigvalsh and eigh read the lower triangle (UPLO="L")
     largest = torch.diagonal(gram, dim1=-2, dim2=-1).amax(dim=-1)
-    extreme = ~torch.isfinite(largest) | ((largest < GRAM_FLOOR) & (largest > 0))
+    extreme = ~torch.isfinite(largest) | (largest < GRAM_FLOOR)
+    if bool(extreme.any()):  # an all-zero matrix is not extreme; one whose squares underflow to 0 is
+        extreme &= ~torch.isfinite(largest) | (batch.abs().amax(dim=(-2, -1)) > 0)
     if bool(extreme.any()):
         scale = _unit_scale(batch, extreme)
         sigma, fallback = _gram_batch(batch / scale[..., None, None])

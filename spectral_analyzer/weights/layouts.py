@@ -49,8 +49,10 @@ from ..groups import natural_key
 __all__ = ["AttentionLayer", "HEAD_FIELDS", "find_attention_layers", "head_blocks", "heads_from_config",
            "interleaved_packing", "projections", "select_layers"]
 
-HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads")  # a model config's head count, first found
+HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads")  # a model config's head count (all that are set agree)
 KV_HEAD_FIELD = "num_key_value_heads"
+HEAD_DIM_FIELDS = ("head_dim", "d_kv")  # rows per head, where the config says
+WIDTH_FIELDS = ("hidden_size", "n_embd", "d_model")  # the width its attention layers read
 
 # (q, k, v, output candidates): module names under the layer prefix, each followed by ".weight"
 SEPARATE = (
@@ -97,14 +99,25 @@ class AttentionLayer:
         return tuple(dict.fromkeys((self.q, self.k, self.v, self.o)))
 
 
-def heads_from_config(config: Mapping) -> tuple[int | None, int | None]:
-    """(heads, kv_heads) from a model config: the first of :data:`HEAD_FIELDS`, and ``num_key_value_heads``."""
+def _count(config: Mapping, key: str) -> int | None:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
-    def count(key: str) -> int | None:
-        value = config.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
-    return next((h for h in map(count, HEAD_FIELDS) if h), None), count(KV_HEAD_FIELD)
+def _agreed(config: Mapping, fields: Sequence[str], what: str, origin: str) -> int | None:
+    """The value of *fields* in *config*, all those set agreeing; None if none is set."""
+    found = {key: _count(config, key) for key in fields if _count(config, key)}
+    if len(set(found.values())) > 1:
+        where = f"{origin}: " if origin else ""
+        raise HeadCountError(f"{where}the model config gives {what} twice, "
+                             f"{' and '.join(f'{k} = {v}' for k, v in found.items())}; pass heads=H (--heads H)")
+    return next(iter(found.values()), None)
+
+
+def heads_from_config(config: Mapping, origin: str = "") -> tuple[int | None, int | None]:
+    """(heads, kv_heads) from a model config: :data:`HEAD_FIELDS` (refused where two of them disagree), and
+    ``num_key_value_heads``."""
+    return _agreed(config, HEAD_FIELDS, "the number of heads", origin), _count(config, KV_HEAD_FIELD)
 
 
 def _under(prefix: str, suffix: str) -> str:
@@ -209,6 +222,8 @@ def find_attention_layers(
     found = _candidates(shapes)
     if config.get("model_type") in INTERLEAVED_C_ATTN:
         found = [(c[0], "neox_packed", *c[2:]) if c[1] == "linear_packed" else c for c in found]
+    if _sequential_qkv(config):  # rows q, k, v one after another, as nanoGPT's c_attn
+        found = [(c[0], "linear_packed", *c[2:]) if c[1] == "neox_packed" else c for c in found]
     if not found:
         raise SelectionError(f"{where}no attention layer recognised (looked for in_proj_weight, c_attn, "
                              "query_key_value, q_proj/k_proj/v_proj, self.query/key/value and their outputs)")
@@ -216,17 +231,24 @@ def find_attention_layers(
     if not chosen:
         raise SelectionError(f"{where}no attention layer matches {match!r} (layers: "
                              f"{', '.join(c[0] for c in found)[:200]})")
-    config_heads, config_kv = heads_from_config(config)
-    n_heads = heads or config_heads
+    if heads:
+        return [_geometry(layer, shapes, heads, {}, where) for layer in chosen]
+    n_heads, config_kv = heads_from_config(config, origin)
     if n_heads is None:
         raise HeadCountError(
             f"{where}the number of heads of '{chosen[0].query}' is unknown: the store keeps no model config with "
             f"{', '.join(HEAD_FIELDS)}; pass heads=H (--heads H)")
-    return [_geometry(layer, shapes, n_heads, None if heads else config_kv, where) for layer in chosen]
+    # what else the config says of the geometry, checked against each layer's shapes: a layer of another
+    # width (a second tower: a vision encoder beside the language model) has heads the config does not give
+    said = {"kv_heads": config_kv, "d_head": _agreed(config, HEAD_DIM_FIELDS, "the rows per head", origin),
+            "width": _agreed(config, WIDTH_FIELDS, "the model's width", origin)}
+    return [_geometry(layer, shapes, n_heads, said, where) for layer in chosen]
 
 
-def _geometry(layer: AttentionLayer, shapes, heads: int, config_kv: int | None, where: str) -> AttentionLayer:
-    """*layer* with heads, kv_heads, d_head and d_model, checked against the shapes of its tensors."""
+def _geometry(layer: AttentionLayer, shapes, heads: int, said: Mapping[str, int | None], where: str
+              ) -> AttentionLayer:
+    """*layer* with heads, kv_heads, d_head and d_model, checked against the shapes of its tensors and against
+    what the model config *said* (``kv_heads``, ``d_head``, ``width``; empty when the head count was given)."""
     q_shape, k_shape, v_shape, o_shape = (tuple(shapes[n]) for n in (layer.q, layer.k, layer.v, layer.o))
     if layer.layout == "conv1d_packed":
         q_rows = k_rows = q_shape[1] // 3
@@ -242,17 +264,25 @@ def _geometry(layer: AttentionLayer, shapes, heads: int, config_kv: int | None, 
             if shape[1] != d_model or shape[0] != k_rows:
                 raise SelectionError(f"{where}'{name}' has shape {shape}, which does not fit '{layer.q}' "
                                      f"{q_shape} and '{layer.k}' {k_shape} as one attention layer")
+    width = said.get("width")
+    if width is not None and d_model != width:
+        raise HeadCountError(f"{where}'{layer.query}' reads {d_model} features where the model config's width is "
+                             f"{width}: a layer whose head count the config does not give; leave it out with "
+                             f"match= or give its heads=H (--heads H)")
     if q_rows % heads:
         raise HeadCountError(f"{where}'{layer.query}' has {q_rows} rows, which do not split into {heads} heads; "
                              f"give the model's head count (a divisor of {q_rows})")
     d_head = q_rows // heads
+    if said.get("d_head") is not None and said["d_head"] != d_head:
+        raise HeadCountError(f"{where}'{layer.query}' has {q_rows} rows: {heads} heads of {d_head} rows, but the "
+                             f"model config says {said['d_head']} rows per head; pass heads=H (--heads H)")
     kv_heads = k_rows // d_head
-    if k_rows % d_head or heads % kv_heads:
+    if k_rows % d_head or not kv_heads or heads % kv_heads:
         raise HeadCountError(f"{where}'{layer.k}' has {k_rows} rows: not a whole number of key/value heads of "
                              f"{d_head} rows that {heads} query heads share in equal groups")
-    if config_kv is not None and config_kv != kv_heads:
+    if said.get("kv_heads") is not None and said["kv_heads"] != kv_heads:
         raise HeadCountError(f"{where}'{layer.k}' has {kv_heads} key/value heads of {d_head} rows, but the model "
-                             f"config says num_key_value_heads = {config_kv}")
+                             f"config says num_key_value_heads = {said['kv_heads']}")
     if o_shape != (d_model, q_rows):
         raise SelectionError(f"{where}'{layer.o}' has shape {tuple(shapes[layer.o])}, which is not the output "
                              f"projection of '{layer.query}' ({d_model} x {q_rows} as (out, in))")
@@ -260,25 +290,38 @@ def _geometry(layer: AttentionLayer, shapes, heads: int, config_kv: int | None, 
                           heads, kv_heads, d_head, d_model)
 
 
+def _sequential_qkv(config: Mapping) -> bool:
+    """Whether the model's ``query_key_value`` packs [q | k | v] one after another: ChatGLM2 and 3 (whose
+    configs say ``multi_query_attention``); ChatGLM-6B's, like GPT-NeoX's, interleaves them per head."""
+    return config.get("model_type") == "chatglm" and "multi_query_attention" in config
+
+
 def interleaved_packing(shapes: Mapping[str, tuple[int, ...]], config: Mapping | None,
-                        heads: int | None = None) -> dict[str, int]:
+                        heads: int | None = None, origin: str = "") -> dict[str, int]:
     """The tensors that pack q, k and v interleaved per head, each with its head count (*heads*, else the
-    config's): GPT-NeoX's ``query_key_value`` and, for GPT-BigCode, ``c_attn`` (3E, E). A tensor whose head
-    count is unknown, or does not divide it, is left out (and stays whole in :func:`split_packed`)."""
+    config's): GPT-NeoX's and BLOOM's ``query_key_value`` and, for GPT-BigCode, ``c_attn``, both (3E, E).
+
+    Left out (and kept whole by :func:`split_packed`): a tensor whose head count is unknown or does not divide
+    it; one of another shape (Falcon's grouped [kv group, (q heads, k, v), d], ChatGLM2's [q | k | v] with
+    fewer key/value heads); ChatGLM2's of any shape; and, with the config's head count, one of another width than the
+    config's (a second tower). A config that gives the head count twice, differently, is refused.
+    """
     config = config or {}
-    n = heads or heads_from_config(config)[0]
+    bigcode = config.get("model_type") in INTERLEAVED_C_ATTN
+    sequential = _sequential_qkv(config)
+    candidates = [
+        (name, shape) for name, shape in shapes.items()
+        if len(shape) == 2 and shape[0] == 3 * shape[1] and (
+            (not sequential and _prefix(name, "query_key_value.weight") is not None)
+            or (bigcode and _prefix(name, "c_attn.weight") is not None))
+    ]
+    if not candidates:
+        return {}
+    n = heads or heads_from_config(config, origin)[0]
+    width = None if heads else _agreed(config, WIDTH_FIELDS, "the model's width", origin)
     if not n:
         return {}
-    bigcode = config.get("model_type") in INTERLEAVED_C_ATTN
-    out = {}
-    for name, shape in shapes.items():
-        if len(shape) != 2 or shape[0] % (3 * n):
-            continue
-        if _prefix(name, "query_key_value.weight") is not None or (
-            bigcode and _prefix(name, "c_attn.weight") is not None and shape[0] == 3 * shape[1]
-        ):
-            out[name] = n
-    return out
+    return {name: n for name, shape in candidates if shape[0] % (3 * n) == 0 and width in (None, shape[1])}
 
 
 def head_blocks(shapes: Mapping[str, tuple[int, ...]], config: Mapping | None, heads: int, origin: str = ""
