@@ -96,8 +96,35 @@ def test_an_append_without_the_stores_selection_names_it(tmp_path):
     sa.ingest(src, tmp_path / "a.zarr", select="0,20")
     with pytest.raises(sa.StepError) as refused:
         sa.ingest(src, tmp_path / "a.zarr")
-    assert str(refused.value).endswith("(the store was made with the step selection '0,20': give it again to append)")
+    assert str(refused.value).endswith("was made with the step selection '0,20', and this append gives none (every "
+                                       "checkpoint); give the selection again to append ('0,20', or another one)")
     assert list(sa.ingest(src, tmp_path / "a.zarr", select="0,20,30").checkpoint_steps) == [0, 20, 30]
+    with pytest.raises(sa.StepError) as refused:  # a selection that leaves out a step before the last
+        sa.ingest(src, tmp_path / "a.zarr", select="0,20,30,10")
+    assert "step 10 is before the store's last step 30 but not in the store" in str(refused.value)
+
+
+def test_an_append_of_rotated_checkpoints_keeps_the_stores_grid(tmp_path):
+    """A store made with every=20 (steps 0..60); the trainer then keeps only its newest checkpoints, 60..100 by
+    10. Appended without every=, steps 70 and 90 joined the 20-step grid in silence (0, 20, 40, 60, 70, 80, ...);
+    now refused, the store as it was, and with every=20 given again the grid goes on."""
+    steps = list(range(0, 110, 10))
+    src = write_safetensors_run(tmp_path / "c", trajectory(steps, shapes=SMALL))
+    later = tmp_path / "later"
+    later.mkdir()
+    for step in steps[7:]:
+        (src / f"step_{step}.safetensors").rename(later / f"step_{step}.safetensors")
+    store = tmp_path / "a.zarr"
+    sa.ingest(src, store, every=20)
+    for step in steps[:6]:
+        (src / f"step_{step}.safetensors").unlink()
+    for f in later.iterdir():
+        f.rename(src / f.name)
+    before = sorted((p.relative_to(store), p.read_bytes()) for p in store.rglob("*") if p.is_file())
+    with pytest.raises(sa.StepError, match="made with the step selection 'every 20', and this append gives none"):
+        sa.ingest(src, store)
+    assert sorted((p.relative_to(store), p.read_bytes()) for p in store.rglob("*") if p.is_file()) == before
+    assert list(sa.ingest(src, store, every=20).checkpoint_steps) == [0, 20, 40, 60, 80, 100]
 
 
 def test_selected_steps_must_exist(tmp_path):

@@ -24,9 +24,12 @@ So is a folder whose weights are ambiguous: several pickles with no index
 naming them shards of one model, or two torch.distributed.checkpoint models.
 
 Steps come from the file or folder name (``step=1200``, ``checkpoint-500``,
-else the last number in the name, shard numbers ``-00001-of-00002`` never),
+else the last number in the name, shard numbers ``-00001-of-00002`` and
+precisions ``fp16`` never, nor numbers in Lightning's ``epoch=2-val_loss=0.35``),
 else from a ``step`` / ``global_step`` stored in the file, else they must be
-given; they must fit a 64-bit integer. A step number followed by a letter
+given; they must fit a 64-bit integer. A name whose step is a bare number
+(``gpt2``) among names that say their step (``step_100``) is refused, and so is
+a step in a name that the file's own stored step contradicts. A step number followed by a letter
 (``ckpt_1k``, ``step2B``) is refused, not read as ``1`` or ``2``; so is one
 written in other digits than 0-9 (full-width ``checkpoint-１０００``).
 
@@ -70,6 +73,8 @@ NOT_WEIGHTS = (
 _STEP_WORD = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[=_\-]?(\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+")
 _SHARD = re.compile(r"-[0-9]+-of-[0-9]+")  # model-00001-of-00002: the shard's place, not a step
+# model.fp16, pytorch_model.bf16, weights-int8: a precision, not a step
+_PRECISION = re.compile(r"(?<![^\W_])(?:fp|bf|float|int)(?:4|8|16|32|64)(?![^\W_])", re.IGNORECASE)
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin")
 
 
@@ -89,21 +94,36 @@ class Checkpoint:
     digests: tuple[str | None, ...] = ()
 
 
+def _numbers_of(name: str) -> str:
+    """*name* without the numbers that are never steps: a shard's place, a precision."""
+    return _PRECISION.sub("", _SHARD.sub("", name))
+
+
+def has_step_word(name: str) -> bool:
+    """Whether *name* says which number is its step (``step``, ``checkpoint``, ``iter``...)."""
+    return _STEP_WORD.search(_numbers_of(name)) is not None
+
+
 def step_from_name(name: str, last_number: bool = True, label: str | None = None) -> int | None:
     """The step in *name*: after ``step``, ``checkpoint``, ``iter``... else (with *last_number*) its last number.
 
-    Shard numbers (``model-00001-of-00002``) are never the step. A step
-    followed by a letter (``ckpt_1k``, ``step2B``) raises :class:`StepError`
-    naming *label* (default: *name*) rather than guess what the letter means.
+    Shard numbers (``model-00001-of-00002``) and precisions (``model.fp16``)
+    are never the step; nor is a number in a name of ``key=value`` parts
+    with no step among them (Lightning's ``epoch=2-val_loss=0.35``: the
+    step is read from the file). A step followed by a letter (``ckpt_1k``,
+    ``step2B``) raises :class:`StepError` naming *label* (default: *name*)
+    rather than guess what the letter means.
 
     >>> step_from_name("stage1-step1000-tokens4B")
     1000
     >>> step_from_name("model-00002-of-00002") is None
     True
+    >>> step_from_name("epoch=2-val_loss=0.35") is None
+    True
     """
-    name = _SHARD.sub("", name)
+    name = _numbers_of(name)
     found = [(m.group(1), m.end(1)) for m in _STEP_WORD.finditer(name)]
-    if not found and last_number:
+    if not found and last_number and "=" not in name:
         found = [(m.group(), m.end()) for m in _NUMBER.finditer(name)]
     if not found:
         return None
@@ -263,8 +283,8 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
             raise refusal
     has_folders = bool(found)
     for f in _top_level_files(src):
-        if has_folders and _NUMBER.search(_SHARD.sub("", f.stem)) is None:
-            continue  # the final model (or its shards) beside checkpoint-<step>/ folders
+        if has_folders and not has_step_word(f.stem):
+            continue  # the final model (its shards, a copy in another precision) beside checkpoint-<step>/ folders
         found.append(Checkpoint(str(f), (f,), step_from_name(f.stem, label=str(f)) if named else None))
     if not found:
         raise NoCheckpointsError(
@@ -274,6 +294,8 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
     found.sort(key=lambda c: natural_key(Path(c.label).name))
     for f in (f for c in found for f in c.files if isinstance(f, Path)):
         _check_utf8(f)
+    if named:
+        _check_one_naming(found)
     if steps is not None:
         steps = [int(s) for s in steps]
         if len(steps) != len(found):
@@ -283,6 +305,22 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
             if b.step <= a.step:
                 raise StepError(f"steps given are not increasing: {a.step} ({a.label}) then {b.step} ({b.label})")
     return found
+
+
+def _check_one_naming(found: Sequence[Checkpoint]) -> None:
+    """Refuse a checkpoint whose step is a bare number in its name (``gpt2``, ``final_3``) beside checkpoints
+    whose names say their step (``step_100``): it is another file among the checkpoints, not one of them."""
+    worded = next((c for c in found if has_step_word(Path(c.label).stem)), None)
+    if worded is None:
+        return
+    for c in found:
+        name = Path(c.label).stem if Path(c.label).suffix in WEIGHT_SUFFIXES else Path(c.label).name
+        if c.step is not None and not has_step_word(name):
+            raise StepError(printable(
+                f"{c.label}: its name has no step word, where {Path(worded.label).name} says its step "
+                f"({_STEP_WORD.search(_numbers_of(Path(worded.label).name)).group()}); {c.step} in its name is not "
+                "read as a step. Move it out of the run, rename it (step_<N>), or give the steps"
+            ))
 
 
 def order_by_step(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:

@@ -45,6 +45,7 @@ from ..errors import (
     StepError,
     StoreError,
     StoreExistsError,
+    printable,
 )
 from ..progress import progress_bar
 from ..steps import StepSelection
@@ -103,7 +104,8 @@ class _Planned:
 
 
 def _preflight(
-    checkpoints: Sequence[Checkpoint], keys: KeyOptions, selection: StepSelection | None = None, src: str = ""
+    checkpoints: Sequence[Checkpoint], keys: KeyOptions, selection: StepSelection | None = None, src: str = "",
+    named: bool = True,
 ) -> list[_Planned]:
     """Open the header of every selected checkpoint: steps, tensor names, shapes, dtypes.
 
@@ -111,6 +113,8 @@ def _preflight(
     never opened; those whose step is stored inside are opened to learn it.
     A remote pickle with a step in its name, other than the first checkpoint,
     is only opened when its row is written (opening it downloads it whole).
+    A step from the name (*named*: not given) that the file's stored step
+    contradicts is refused.
     """
     if selection is not None:
         checkpoints = [c for c in checkpoints if c.step is None or selection.keeps(c.step)]
@@ -121,6 +125,9 @@ def _preflight(
             continue
         reader = open_checkpoint(c.files, c.label, keys)
         step = c.step if c.step is not None else reader.step_hint
+        if named and c.step is not None and reader.step_hint is not None and c.step != reader.step_hint:
+            raise StepError(f"{printable(c.label)}: its name says step {c.step} and the file records step "
+                            f"{reader.step_hint}; rename it, or give the steps")
         planned.append(_Planned(replace(c, step=step), step, reader.tensors))
     if selection is not None:
         selection.check_exact([p.step for p in planned], str(src))
@@ -505,7 +512,7 @@ def _ingest_source(
 ) -> str:
     keys = KeyOptions(tuple(strip_prefix), lightning_prefix, tuple(include), tuple(exclude))
     selection = StepSelection.parse(select, every)
-    planned = _preflight(source.checkpoints(steps), keys, selection, source.label)
+    planned = _preflight(source.checkpoints(steps), keys, selection, source.label, named=steps is None)
     if not planned[0].tensors and (include or exclude):
         raise SelectionError(
             f"{source.label}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
@@ -529,6 +536,11 @@ def _ingest_source(
     with StoreWriter(path, storage_options, overwrite=overwrite, wait=wait) as writer:
         if writer.existing is not None:
             st = writer.existing
+            chosen = st.attrs.get("provenance", {}).get("options", {}).get("select")
+            if chosen and selection is None:  # every checkpoint appended: new rows on another grid of steps
+                raise StepError(printable(
+                    f"{path}: was made with the step selection {chosen!r}, and this append gives none (every "
+                    f"checkpoint); give the selection again to append ({chosen!r}, or another one)"))
             new = _match_existing(st, manifest, planned)
             recorded = st.weights.info()
             if match is not None and (recorded is None or recorded[0] != match):
