@@ -156,3 +156,23 @@ def test_stability_is_undefined_only_where_it_is_zero_over_zero():
     assert np.isnan(alpha[1]).all()
     np.testing.assert_array_equal(alpha[2, [0, 3]], [1.0, 1.0])
     assert np.isnan(alpha[2, [1, 2]]).all()
+
+
+@pytest.mark.parametrize("n", [2, 5, 12])
+def test_lags_longer_than_the_series_have_no_pairs(n):
+    """max_lag between n and 2n - 2 crashed (x[0 : n - lag] with lag > n counts from the end: broadcast error);
+    every lag against a float64 reference of corr(x_t, y_{t+l}), NaN where fewer than 3 pairs."""
+    from spectral_analyzer.dynamics.coupling import lagged_correlation
+
+    rng = np.random.default_rng(n)
+    x, y = rng.standard_normal(n), rng.standard_normal(n)
+    for max_lag in (n - 1, n, n + 3, 2 * n - 2, 2 * n + 5):
+        got = lagged_correlation(x, y, max_lag)
+        assert got.shape == (2 * max_lag + 1,)
+        for i, lag in enumerate(range(-max_lag, max_lag + 1)):
+            pairs = [(x[t], y[t + lag]) for t in range(n) if 0 <= t + lag < n]
+            if len(pairs) < 3:
+                assert np.isnan(got[i]), (max_lag, lag)
+            else:
+                a, b = np.array(pairs).T
+                np.testing.assert_allclose(got[i], np.corrcoef(a, b)[0, 1], rtol=1e-12, atol=1e-15)

@@ -43,6 +43,8 @@ def lagged_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray
     n = x.size
     out = np.full(2 * max_lag + 1, np.nan)
     for i, lag in enumerate(range(-max_lag, max_lag + 1)):
+        if abs(lag) >= n:  # no pairs (a slice to n - lag < 0 would count from the end)
+            continue
         a = x[max(0, -lag) : n - max(0, lag)]
         b = y[max(0, lag) : n - max(0, -lag)]
         ok = np.isfinite(a) & np.isfinite(b)
