@@ -328,3 +328,35 @@ def test_hf_callback_resumed_after_a_crash_keeps_what_the_checkpoint_logged(tmp_
     _assert_same_run(live, once)
     assert list(live.metrics["step"].values) == list(once.metrics["step"].values)
     np.testing.assert_allclose(live.metrics["loss"].values, once.metrics["loss"].values, rtol=1e-6, equal_nan=True)
+
+
+def test_metrics_logged_after_training_reach_the_store(tmp_path):
+    """trainer.evaluate() after train() (HF) and trainer.validate() / test() after fit() (Lightning) log after
+    the train end that wrote the logs: their eval_loss / val_loss never reached the store."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    x, y = _points(64, seed=0)
+    train = [{"x": x[i], "labels": y[i]} for i in range(64)]
+    x, y = _points(16, seed=1)
+    held = [{"x": x[i], "labels": y[i]} for i in range(16)]
+    args = _hf_args(tmp_path / "out", max_steps=10, save_steps=5, logging_steps=5, eval_strategy="no")
+    callback = sa.HFRecorderCallback(tmp_path / "hf.zarr", every=5, chunk_size=100)
+    trainer = transformers.Trainer(model=_Classifier(), args=args, train_dataset=train, eval_dataset=held,
+                                   callbacks=[callback])
+    trainer.train()
+    evaluated = trainer.evaluate()
+    assert sa.open_run(tmp_path / "hf.zarr").metrics["eval_loss"].sel(step=10).item() == evaluated["eval_loss"]
+
+    L, Classifier, _ = _lightning()
+    trainer = L.Trainer(max_steps=10, log_every_n_steps=2, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0,
+                        callbacks=[sa.LightningRecorderCallback(tmp_path / "l.zarr", every=5, chunk_size=100)])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_points(64, seed=0)), batch_size=8)
+    held = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_points(16, seed=1)), batch_size=8)
+    module = Classifier()
+    trainer.fit(module, loader)
+    assert "val_loss" not in sa.open_run(tmp_path / "l.zarr").metrics
+    (validated,) = trainer.validate(module, held, verbose=False)
+    assert sa.open_run(tmp_path / "l.zarr").metrics["val_loss"].sel(step=10).item() == pytest.approx(
+        validated["val_loss"], rel=1e-7)

@@ -10,10 +10,15 @@ after the restart point survives beside the resumed one's.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
+
+import spectral_analyzer as sa
 
 from spectral_analyzer.errors import MetricsError
 from spectral_analyzer.ingest.metrics import read_metrics
@@ -138,3 +143,39 @@ def test_a_series_named_beyond_a_file_name_s_length_is_kept_under_its_name(tmp_p
     assert steps.tolist() == [0, 1, 2]
     assert series[long][:2].tolist() == [1.0, 2.0] and series["loss"][:2].tolist() == [3.0, 4.0]
     assert series[long + "x"][2] == 5.0
+
+
+@pytest.mark.parametrize("text, refusal", [
+    ("step,loss\n0,1.0\n100,tensor(0.8)\n200,0.5\n", "record 2 has loss = 'tensor(0.8)', which is not a number"),
+    ("step,acc,loss\n0,0.5,1.0\n100,0.8,,0.2\n", "row 3 has 4 cells where the header has 3"),
+    ("step,acc,loss\n0,0.5,1.0\n100,0.8\n", "row 3 has 2 cells where the header has 3"),
+])
+def test_csv_cells_that_are_no_numbers_are_refused_not_dropped(tmp_path, text, refusal):
+    """A cell of a numeric series that is no number, a row with a cell to spare (its values shifted), a row cut
+    short (a file being written): the value was dropped, or the row read shifted, in silence."""
+    path = tmp_path / "log.csv"
+    path.write_text(text)
+    with pytest.raises(sa.MetricsError, match=re.escape(f"{path}: {refusal}")):
+        read_metrics(path)
+    path.write_text("step,loss,split,note\n0,1.0,train,\n100,,eval,\n200,0.5,train,x\n")  # text columns, empty cells
+    steps, series = read_metrics(path)
+    assert list(steps) == [0, 100, 200] and list(series) == ["loss"]
+    np.testing.assert_array_equal(series["loss"], [1.0, np.nan, 0.5])
+
+
+def test_a_selection_keeps_the_runs_newest_trainer_state(tmp_path):
+    """select='0..200' on checkpoints 0..400: the metrics came from checkpoint-200's trainer_state.json and
+    stopped at step 200 (eval_accuracy reaching 1.0 at 300 was lost: grokking read as never reached)."""
+    rng = np.random.default_rng(0)
+    history = []
+    for step in range(0, 401, 100):
+        if step:
+            history.append({"eval_accuracy": step / 400, "step": step})
+        folder = tmp_path / "out" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": torch.from_numpy(rng.standard_normal(6).astype(np.float32))}, str(folder / "model.safetensors"))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": list(history)}))
+    run = sa.ingest(tmp_path / "out", tmp_path / "a.zarr", select="0..200")
+    assert list(run.checkpoint_steps) == [0, 100, 200]
+    assert list(run.metrics["step"].values) == [100, 200, 300, 400]
+    np.testing.assert_array_equal(run.metrics["eval_accuracy"].values, [0.25, 0.5, 0.75, 1.0])

@@ -119,6 +119,7 @@ class HFRecorderCallback(TrainerCallback):
             "storage_options": storage_options,
         }
         self.recorder: Recorder | None = None  # made on the main process when training starts
+        self._training = False  # logs outside training (trainer.evaluate() after train()) are written at once
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
@@ -129,6 +130,7 @@ class HFRecorderCallback(TrainerCallback):
             self.recorder = Recorder(self.store, model, every=self.every, **self._options)
         else:  # training again: the same store goes on
             self.recorder.model = model
+        self._training = True
         if state.global_step > 0:  # resumed from a checkpoint: the store may hold later rows
             self.recorder.resume(state.global_step)
             # what was logged up to the checkpoint, kept in its trainer_state.json: the logs of its own step
@@ -150,7 +152,10 @@ class HFRecorderCallback(TrainerCallback):
         if self.recorder is not None and logs:
             numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
             self.recorder.log(state.global_step, **numbers)
+            if not self._training:  # no train end will come to write it
+                self.recorder.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._training = False
         if self.recorder is not None:
             self.recorder.flush()

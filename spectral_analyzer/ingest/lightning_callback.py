@@ -173,6 +173,14 @@ class LightningRecorderCallback(Callback):
     def on_validation_end(self, trainer, pl_module):
         if self.recorder is not None and not trainer.sanity_checking:
             self._log(trainer)
+            if trainer.state.fn != "fit":  # trainer.validate() after fit(): no train end will come to write it
+                self.recorder.flush()
+
+    def on_test_end(self, trainer, pl_module):
+        """trainer.test() after fit(): its metrics at the step trained to, written at once."""
+        if self.recorder is not None:
+            self._log(trainer)
+            self.recorder.flush()
 
     def on_train_end(self, trainer, pl_module):
         if self.recorder is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MetricsError
+from ..errors import MetricsError, printable
 from ..tensorboard import is_event_file, read_scalars
 from .readers import require_regular_file
 
@@ -66,6 +66,7 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
     rows: dict[int, dict[str, float]] = {}
     names: list[str] = []
     logged: dict[str, list[int]] = {}  # each series' steps, increasing
+    text: dict[str, tuple[int, object]] = {}  # each key's first value that is no number: (record, value)
     for i, record in enumerate(records):
         step = _step(record.get("step"))
         if step is None:
@@ -76,7 +77,11 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
         row = rows.setdefault(step, {})
         for key, value in record.items():
             x = _number(value)
-            if key == "step" or x is None:
+            if key == "step":
+                continue
+            if x is None:
+                if value is not None and value != "":  # null and an empty cell: not logged at this step
+                    text.setdefault(key, (i, value))
                 continue
             if key not in names:
                 names.append(key)
@@ -90,6 +95,11 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
             kept.append(step)
             row[key] = x
     _check_names(names, origin)
+    for key, (i, value) in text.items():  # a series of numbers with a value that is none: refused, not dropped
+        if key in names:
+            raise MetricsError(printable(f"{origin}: record {i + 1} has {key} = {str(value)[:40]!r}, which is not "
+                                         f"a number, where its other records hold numbers; write it as a number "
+                                         "(or leave it empty: not logged)"))
     steps = np.array(sorted(rows), dtype=np.int64)
     series = {name: np.array([rows[s].get(name, np.nan) for s in steps], dtype=np.float64) for name in names}
     return steps, series
@@ -164,6 +174,11 @@ def _csv_records(text: str, path: Path) -> list[dict]:
             raise MetricsError(f"{path}: column {j + 1} has no name; name it in the header")
         if columns.index(name) != j:
             raise MetricsError(f"{path}: column {name!r} appears twice in the header")
+    for i, record in enumerate(records):  # a row cut short (a file still being written) or with cells to spare
+        if None in record or None in record.values():
+            n = len(columns) + len(record.get(None, ())) - sum(v is None for v in record.values())
+            raise MetricsError(f"{path}: row {i + 2} has {n} cells where the header has {len(columns)}; every row "
+                               "needs one cell per column (empty where nothing was logged)")
     if pandas_index:
         for record in records:
             del record[""]

@@ -512,7 +512,8 @@ def _ingest_source(
 ) -> str:
     keys = KeyOptions(tuple(strip_prefix), lightning_prefix, tuple(include), tuple(exclude))
     selection = StepSelection.parse(select, every)
-    planned = _preflight(source.checkpoints(steps), keys, selection, source.label, named=steps is None)
+    found = source.checkpoints(steps)
+    planned = _preflight(found, keys, selection, source.label, named=steps is None)
     if not planned[0].tensors and (include or exclude):
         raise SelectionError(
             f"{source.label}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
@@ -527,7 +528,10 @@ def _ingest_source(
     if metrics is not None:
         metrics_path = Path(metrics)
     elif source.is_local:
-        metrics_path = find_trainer_state(source.folder, [p.checkpoint.label for p in planned])
+        # the newest trainer_state.json of the run, selected or not: its log history covers every step
+        step_of = {c.label: c.step for c in found if c.step is not None}
+        step_of.update({p.checkpoint.label: p.step for p in planned})
+        metrics_path = find_trainer_state(source.folder, sorted(step_of, key=step_of.__getitem__))
     else:  # a remote source's metrics are given with metrics=
         metrics_path = None
     metric_table = read_metrics(metrics_path) if metrics_path is not None else None
