@@ -21,6 +21,7 @@ import click
 
 import spectral_analyzer as sa
 from spectral_analyzer.errors import DeviceError, SchedulerError, SpectralAnalyzerError, printable
+from spectral_analyzer.formatting import MISSING, mode, number, ratio
 from spectral_analyzer.store import DEFAULT_CHUNK_SIZE
 
 # Importing this module imports no torch, dask, xarray, zarr or matplotlib: `--help`
@@ -319,15 +320,10 @@ def info(store, show_tensors):
             click.echo(f"  {printable(t.name):<{nw}}  {shape:>14}  {t.dtype:>9}  offset {t.offset}")
 
 
-MISSING = "-"  # a value that is not defined (NaN) or not known, in every table
-
-
 def _format(x) -> str:
     if isinstance(x, str):
         return x or MISSING
-    if isinstance(x, float):
-        return MISSING if x != x else ("inf" if x == float("inf") else f"{x:.4g}")
-    return str(x)
+    return number(x) if isinstance(x, float) else str(x)
 
 
 _QUIET = click.option("-q", "--quiet", is_flag=True, help="Print no table (only what was written).")
@@ -347,14 +343,16 @@ def _summaries(ds) -> list[str]:
             lines.append(f"{prefix}R is not defined in any window")
             continue
         peak = int(np.nanargmax(r))
-        text = f"{prefix}peak R {_format(float(r[peak]))} at step {steps[peak]} (k*={k[peak]})"
+        text = f"{prefix}peak R {ratio(r[peak])} at step {steps[peak]} (k*={mode(k[peak])})"
         floor = float(part["null_q95"]) if "null_q95" in part else float("nan")
         if np.isfinite(floor) and r[peak] < floor:
-            text += f"; never above the noise floor {_format(floor)}"
+            text += f"; never above the noise floor {ratio(floor)}"
         elif np.isfinite(floor):
             under = np.nonzero(r[peak:] < floor)[0]
-            text += (f"; back under the noise floor {_format(floor)} at step {steps[peak + under[0]]}" if under.size
-                     else f"; above the noise floor {_format(floor)} to the end")
+            text += (f"; back under the noise floor {ratio(floor)} at step {steps[peak + under[0]]}" if under.size
+                     else f"; above the noise floor {ratio(floor)} to the end")
+        defined = k > 0  # k* = 0: no gap ratio in that window, not a position of its own
+        k, steps = k[defined], steps[defined]
         shifts = np.nonzero(np.diff(k))[0] + 1
         text += f"; k* changes {shifts.size} time{'s' if shifts.size != 1 else ''}"
         if shifts.size:
@@ -381,7 +379,7 @@ def _print_table(ds, n_sigma: int = 4) -> None:
         part = ds.sel(group=g) if g is not None else ds
         for i, step in enumerate(part["step"].values):
             row = [printable(str(g))] if g is not None else []
-            row += [str(int(step)), str(int(part["k_star"].values[i])), _format(float(part["gap_ratio"].values[i])),
+            row += [str(int(step)), mode(part["k_star"].values[i]), ratio(part["gap_ratio"].values[i]),
                     _format(float(part["gap"].values[i]))]
             row += [_format(float(v)) for v in part["sigma"].values[i, :n_sigma]]
             rows.append(row)
@@ -430,7 +428,7 @@ def spectra(store, window, params, group_by, center, stride, step_range, max_lag
         return
     _print_table(ds)
     click.echo("k*: gap position; R: sigma_k* / sigma_k*+1; gap: sigma_k* - sigma_k*+1; -: not defined")
-    floors = [_format(float(v)) for v in np.atleast_1d(ds["null_q95"].values)]
+    floors = [ratio(v) for v in np.atleast_1d(ds["null_q95"].values)]
     if "group" in ds.dims:
         floors = [f"{printable(str(g))} {f}" for g, f in zip(ds["group"].values, floors)]
     click.echo(f"noise floor of R (Wishart 95% quantile, W={window}): " + ", ".join(floors))
@@ -488,8 +486,8 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
     rows = []
     for t, step in enumerate(ds["step"].values):
         rows.append(
-            [str(int(step)), str(ds["phase"].values[t]) or "-", str(int(ds["k_star"].values[t])),
-             _format(float(ds["gap_ratio"].values[t])), _format(float(ds["dC_norm"].values[t])),
+            [str(int(step)), str(ds["phase"].values[t]) or "-", mode(ds["k_star"].values[t]),
+             ratio(ds["gap_ratio"].values[t]), _format(float(ds["dC_norm"].values[t])),
              _format(float(ds["adiabatic"].values[t]))]
             + [_format(float(v)) for v in ds["alpha"].values[t, :top]]
             + [_format(float(v)) for v in ds["rotation_tracked"].values[t, :top]]
@@ -501,7 +499,7 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
     events = events_table(ds)
     click.echo(f"events ({len(events)}):" if events else "events: none")
     for e in events:
-        click.echo(f"  step {e['step']:>8}  {e['kind']:<22} k*={e['mode']}  R={_format(e['value'])}")
+        click.echo(f"  step {e['step']:>8}  {e['kind']:<22} k*={mode(e['mode'])}  R={ratio(e['value'])}")
     click.echo("dC: ||dC||_F, the change of the window Gram; A: adiabatic parameter ||dC||_F / (eta g^2); "
                "alpha_j: Davis-Kahan stability of mode j; rot_j: rotation of mode j since the last window (rad); "
                "-: not defined")
@@ -597,7 +595,7 @@ def weights(store, match, top, heads, device, output, overwrite, progress, quiet
             s = part["sigma"].values[t]
             rows.append([str(int(step)), printable(str(name)), _format(float(s[0])),
                          _format(float(s[1])) if s.size > 1 else MISSING,
-                         _format(float(part["sigma_ratio_12"].values[t])), _format(float(part["g12"].values[t])),
+                         ratio(part["sigma_ratio_12"].values[t]), _format(float(part["g12"].values[t])),
                          _format(float(part["g23"].values[t])), _format(float(part["stable_rank"].values[t]))])
     _echo_table(["step", "matrix", "sigma_1", "sigma_2", "s1/s2", "g12", "g23", "stable_rank"], rows)
     click.echo("s1/s2: sigma_1 / sigma_2; g12, g23: sigma_1 - sigma_2, sigma_2 - sigma_3; "
@@ -635,7 +633,7 @@ def attention(store, layer, heads, device, output, overwrite, quiet):
             for t, step in enumerate(ds["step"].values):
                 rows.append([str(int(step)), printable(str(name)), str(h)]
                             + [_format(float(lam[t, i, h, j])) if j < rank else MISSING for j in range(3)]
-                            + [_format(float(ds["qk_ratio_12"].values[t, i, h])),
+                            + [ratio(ds["qk_ratio_12"].values[t, i, h]),
                                _format(float(ds["qk_gap_23"].values[t, i, h])),
                                _format(float(qk[t, i, h, 0])), _format(float(ov[t, i, h, 0]))])
     _echo_table(["step", "layer", "head", "|l1|", "|l2|", "|l3|", "|l1|/|l2|", "|l2|-|l3|", "qk_s1", "ov_s1"], rows)
@@ -679,8 +677,8 @@ def grokking(stores, metric, threshold, window, wq, operator, heads, output, ove
     header = ["store", "grokked", "grok_step", "g23_decline", "R_early", "R_grok", "k*", "WQ s1/s2 grok", "WQ s1/s2 end"]
     rows = [
         [printable(s), "yes" if bool(g["grokked"]) else "no", str(int(g["grok_step"])) if bool(g["grokked"]) else MISSING,
-         _format(float(g["g23_decline"])), _format(float(g["R_early"])), _format(float(g["R_grok"])),
-         _format(float(g["k_star_mode"])), _format(float(g["wq_sigma_ratio_grok"])), _format(float(g["wq_sigma_ratio_end"]))]
+         _format(float(g["g23_decline"])), ratio(g["R_early"]), ratio(g["R_grok"]),
+         _format(float(g["k_star_mode"])), ratio(g["wq_sigma_ratio_grok"]), ratio(g["wq_sigma_ratio_end"])]
         for s, g in zip(stores, summaries)
     ]
     _echo_table(header, rows)
@@ -704,8 +702,8 @@ def _print_qk_grokking(stores, summaries, metric: str, threshold: float) -> None
             part = g.sel(head=h)
             rows.append([printable(s), printable(g.attrs["layer"]), str(int(h)), "yes" if grokked else "no",
                          str(int(g["grok_step"])) if grokked else MISSING]
-                        + [_format(float(part[k])) for k in ("qk_gap_23_decline", "qk_ratio_12_early",
-                                                             "qk_ratio_12_grok", "qk_ratio_12_end")])
+                        + [_format(float(part["qk_gap_23_decline"]))]
+                        + [ratio(part[k]) for k in ("qk_ratio_12_early", "qk_ratio_12_grok", "qk_ratio_12_end")])
     _echo_table(["store", "layer", "head", "grokked", "grok_step", "gap23_decline", "l1/l2 early", "l1/l2 grok",
                  "l1/l2 end"], rows)
     click.echo(f"gap23_decline: |l2|-|l3| of W_Q^h^T W_K^h at its pre-grok peak / at grokking; l1/l2: "

@@ -14,6 +14,7 @@ from . import plot
 from ._version import __version__
 from .errors import ExportError, MetricError
 from .exporting import check_output, events_table, replacing
+from .formatting import mode, number, ratio
 from .weights import find_wq
 
 __all__ = ["ACCURACY_METRICS", "write_comparison", "write_report"]
@@ -41,7 +42,7 @@ def _table(header: list[str], rows: list[list]) -> str:
     def cell(x):
         if isinstance(x, (float, np.floating)):
             x = float(x)
-            return "-" if np.isnan(x) else f"{x:.4g}"  # one convention for a missing value, as on the command line
+            return number(x)  # one convention, as on the command line
         return html.escape(str(x))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -103,16 +104,17 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
             ["metric", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at grok",
              "W_Q s1/s2 at end"],
             [[accuracy, "yes" if bool(g["grokked"]) else "no", int(g["grok_step"]) if bool(g["grokked"]) else "-",
-              float(g["g23_decline"]), float(g["R_early"]), float(g["R_grok"]), float(g["k_star_mode"]),
-              float(g["wq_sigma_ratio_grok"]), float(g["wq_sigma_ratio_end"])]])]
+              float(g["g23_decline"]), ratio(g["R_early"]), ratio(g["R_grok"]), float(g["k_star_mode"]),
+              ratio(g["wq_sigma_ratio_grok"]), ratio(g["wq_sigma_ratio_end"])]])]
     if dyn is not None:
         events = events_table(dyn)
         parts += ["<h2>Events</h2>", _table(["step", "kind", "k*", "R"],
-                                            [[e["step"], e["kind"], e["mode"], e["value"]] for e in events])
+                                            [[e["step"], e["kind"], mode(e["mode"]), ratio(e["value"])]
+                                             for e in events])
                   if events else "<p>none</p>"]
     parts += [_figure(title, data) for title, data in figures]
     every = max(1, spectra.sizes["step"] // 20)
-    rows = [[int(s), int(k), float(r), float(gp), float(s1)] for s, k, r, gp, s1 in zip(
+    rows = [[int(s), mode(k), ratio(r), float(gp), float(s1)] for s, k, r, gp, s1 in zip(
         spectra["step"].values, spectra["k_star"].values, spectra["gap_ratio"].values, spectra["gap"].values,
         spectra["sigma"].values[:, 0])][::every]
     parts += [f"<h2>Spectra (every {every} window{'s' if every > 1 else ''})</h2>",
@@ -180,8 +182,8 @@ def write_comparison(runs, output: str | os.PathLike, *, window: int = 10, metri
             ["run", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at grok",
              "W_Q s1/s2 at end"],
             [[label, "yes" if bool(g["grokked"]) else "no", int(g["grok_step"]) if bool(g["grokked"]) else "-",
-              *(float(g[v]) for v in ("g23_decline", "R_early", "R_grok", "k_star_mode", "wq_sigma_ratio_grok",
-                                      "wq_sigma_ratio_end"))]
+              float(g["g23_decline"]), ratio(g["R_early"]), ratio(g["R_grok"]), float(g["k_star_mode"]),
+              ratio(g["wq_sigma_ratio_grok"]), ratio(g["wq_sigma_ratio_end"])]
              for label, g in ((str(r), grok.sel(run=r)) for r in grok["run"].values)])]
     parts += [_figure(title, data) for title, data in figures]
     return _write_page(output, parts)

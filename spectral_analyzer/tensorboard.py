@@ -287,7 +287,7 @@ def _scalars(spectra: xr.Dataset, dynamics: xr.Dataset | None) -> Iterator[tuple
         prefix = "spectral/" if group is None else f"spectral/{group}/"
         columns = {
             "gap_ratio": part["gap_ratio"].values,
-            "k_star": part["k_star"].values,
+            "k_star": np.where(part["k_star"].values > 0, part["k_star"].values, np.nan),  # 0: not defined
             "gap": part["gap"].values,
             **{f"sigma_{j + 1}": part["sigma"].values[:, j] for j in range(n_sigma)},
         }

@@ -226,6 +226,22 @@ def _shown(value: float) -> str:
     return "-" if math.isnan(value) else ("inf" if value == math.inf else f"{value:.4g}")
 
 
+def _ratio_shown(value: float) -> str:
+    """A ratio: six significant digits, and near 1 the digits that show its distance from 1."""
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        return _shown(value)
+    if value != 1 and abs(value - 1) < 1e-3:
+        text = f"{value:.{2 - math.floor(math.log10(abs(value - 1)))}f}"
+        assert abs((float(text) - 1) / (value - 1) - 1) < 5e-3  # its distance from 1 to three digits
+        return text
+    return f"{value:.6g}"
+
+
+def _k_shown(k) -> str:
+    return "-" if int(k) == 0 else str(int(k))
+
+
 def test_cli_tables_print_each_value_to_four_digits_and_dash_only_where_undefined(stores, results, monkeypatch):
     """0, -0.0, inf and -inf are printed as numbers; NaN alone is '-'."""
     spectra = results["spectra"].copy(deep=True)
@@ -236,10 +252,10 @@ def test_cli_tables_print_each_value_to_four_digits_and_dash_only_where_undefine
     rows = _printed(out, "step")
     assert [r["step"] for r in rows] == [str(s) for s in spectra["step"].values]
     for r, i in zip(rows, range(spectra.sizes["step"])):
-        assert r["k*"] == str(int(spectra["k_star"].values[i]))
-        assert r["R"] == _shown(spectra["gap_ratio"].values[i]) and r["gap"] == _shown(spectra["gap"].values[i])
+        assert r["k*"] == _k_shown(spectra["k_star"].values[i])
+        assert r["R"] == _ratio_shown(spectra["gap_ratio"].values[i]) and r["gap"] == _shown(spectra["gap"].values[i])
         assert [r[f"sigma_{j}"] for j in (1, 2, 3)] == [_shown(v) for v in spectra["sigma"].values[i, :3]]
-    assert [rows[0]["R"], rows[1]["R"], rows[2]["R"], rows[3]["R"]] == ["inf", "-", "0", "1235"]
+    assert [rows[0]["R"], rows[1]["R"], rows[2]["R"], rows[3]["R"]] == ["inf", "-", "0", "1234.57"]
     assert [rows[0]["gap"], rows[1]["gap"], rows[2]["gap"], rows[3]["gap"]] == ["-0", "0", "-inf", "0.0001235"]
     monkeypatch.undo()
 
@@ -248,25 +264,25 @@ def test_cli_tables_print_each_value_to_four_digits_and_dash_only_where_undefine
     assert len(rows) == weights.sizes["step"] * weights.sizes["matrix"]
     for r in rows:
         w = weights.sel(step=int(r["step"]), matrix=r["matrix"])
-        assert [r["sigma_1"], r["sigma_2"], r["s1/s2"], r["g12"], r["g23"], r["stable_rank"]] == [
-            _shown(float(v)) for v in (w["sigma"][0], w["sigma"][1], w["sigma_ratio_12"], w["g12"], w["g23"],
-                                       w["stable_rank"])]
+        assert [r["sigma_1"], r["sigma_2"], r["g12"], r["g23"], r["stable_rank"]] == [
+            _shown(float(v)) for v in (w["sigma"][0], w["sigma"][1], w["g12"], w["g23"], w["stable_rank"])]
+        assert r["s1/s2"] == _ratio_shown(w["sigma_ratio_12"])
 
     att = results["attention"]
     rows = _printed(CliRunner().invoke(main, ["attention", str(stores[0]), "--heads", "2"]).output, "step")
     assert len(rows) == att.sizes["step"] * att.sizes["head"]
     for r in rows:
         a = att.sel(step=int(r["step"]), layer=r["layer"], head=int(r["head"]))
-        assert [r["|l1|"], r["|l2|"], r["|l3|"], r["|l1|/|l2|"], r["|l2|-|l3|"], r["qk_s1"], r["ov_s1"]] == [
-            _shown(float(v)) for v in (*a["qk_eig_abs"][:3], a["qk_ratio_12"], a["qk_gap_23"], a["qk_sigma"][0],
-                                       a["ov_sigma"][0])]
+        assert [r["|l1|"], r["|l2|"], r["|l3|"], r["|l2|-|l3|"], r["qk_s1"], r["ov_s1"]] == [
+            _shown(float(v)) for v in (*a["qk_eig_abs"][:3], a["qk_gap_23"], a["qk_sigma"][0], a["ov_sigma"][0])]
+        assert r["|l1|/|l2|"] == _ratio_shown(a["qk_ratio_12"])
 
     dyn = results["dynamics"]
     rows = _printed(CliRunner().invoke(main, ["dynamics", str(stores[0]), "-w", "3", "--no-progress"]).output, "step")
     assert [int(r["step"]) for r in rows] == list(dyn["step"].values)
     for r, t in zip(rows, range(dyn.sizes["step"])):
-        assert [r["R"], r["dC"], r["A"]] == [_shown(float(dyn[v].values[t])) for v in ("gap_ratio", "dC_norm",
-                                                                                       "adiabatic")]
+        assert [r["dC"], r["A"]] == [_shown(float(dyn[v].values[t])) for v in ("dC_norm", "adiabatic")]
+        assert r["R"] == _ratio_shown(dyn["gap_ratio"].values[t]) and r["k*"] == _k_shown(dyn["k_star"].values[t])
         assert [r[f"alpha_{j}"] for j in (1, 2, 3)] == [_shown(v) for v in dyn["alpha"].values[t, :3]]
         assert [r[f"rot_{j}"] for j in (1, 2, 3)] == [_shown(v) for v in dyn["rotation_tracked"].values[t, :3]]
 
@@ -274,8 +290,27 @@ def test_cli_tables_print_each_value_to_four_digits_and_dash_only_where_undefine
     (row,) = _printed(CliRunner().invoke(main, ["grokking", str(stores[0]), "-w", "3"]).output, "store")
     columns = {"g23_decline": "g23_decline", "R_early": "R_early", "R_grok": "R_grok", "k*": "k_star_mode",
                "WQ s1/s2 grok": "wq_sigma_ratio_grok", "WQ s1/s2 end": "wq_sigma_ratio_end"}
-    assert {c: row[c] for c in columns} == {c: _shown(float(grok[v])) for c, v in columns.items()}
+    assert {c: row[c] for c in columns} == {c: (_ratio_shown if v.startswith(("R_", "wq_")) else _shown)(
+        float(grok[v])) for c, v in columns.items()}
     assert row["grok_step"] == str(int(grok["grok_step"]))
+
+
+def test_an_undefined_k_star_shows_as_undefined_and_ratios_near_1_keep_their_digits(stores, results, monkeypatch):
+    """k* = 0 (no gap ratio in the window) printed as 0, and counted as two shifts of k*; a noise floor of
+    1.000169 (p = 1e8) printed as 1, and R = 1.19996 as 1.2 beside tau = 1.2."""
+    spectra = results["spectra"].copy(deep=True)
+    k = np.array([1, 1, 0, 0, 1, 2, 0] + [2] * (spectra.sizes["step"] - 7))
+    spectra["k_star"].values[:] = k
+    spectra["gap_ratio"].values[k == 0] = np.nan
+    spectra["gap_ratio"].values[0] = 1.19996
+    spectra["null_q95"] = spectra["null_q95"] * 0 + 1.000169
+    monkeypatch.setattr(sa.Run, "spectra", lambda self, *a, **kw: spectra)
+    out = CliRunner().invoke(main, ["spectra", str(stores[0]), "-w", "3"]).output
+    rows = _printed(out, "step")
+    assert [r["k*"] for r in rows] == [_k_shown(v) for v in k] and rows[2]["k*"] == "-"
+    assert rows[0]["R"] == "1.19996"
+    assert "noise floor of R (Wishart 95% quantile, W=3): 1.000169" in out
+    assert "k* changes 1 time (first at step" in out  # 1 -> 2; never through the undefined windows
 
 
 def _tables(page: str) -> dict[str, list[dict[str, str]]]:
@@ -301,7 +336,8 @@ def test_comparison_report_prints_each_run_s_grokking_summary(stores, tmp_path):
     for r in rows:
         g = grok.sel(run=r["run"])
         assert r["grok step"] == (str(int(g["grok_step"])) if bool(g["grokked"]) else "-")
-        assert {c: r[c] for c in columns} == {c: _shown(float(g[v])) for c, v in columns.items()}
+        assert {c: r[c] for c in columns} == {c: (_ratio_shown if v.startswith(("R_", "wq_")) else _shown)(
+            float(g[v])) for c, v in columns.items()}
 
 
 def test_plots_draw_the_dataset_s_values_with_gaps_where_undefined(results):

@@ -247,7 +247,7 @@ def test_export_tensorboard_nan_where_r_is_undefined(tmp_path):
     assert list(series) == ["spectral/gap_ratio", "spectral/k_star", "spectral/gap", "spectral/sigma_1",
                             "spectral/sigma_2", "spectral/sigma_3"]  # W = 3: three sigmas
     np.testing.assert_array_equal(series["spectral/gap_ratio"], [3.0, np.nan, 10.0])
-    np.testing.assert_array_equal(series["spectral/k_star"], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(series["spectral/k_star"], [1.0, np.nan, 1.0])  # 0: not defined
     np.testing.assert_array_equal(series["spectral/sigma_3"], [0.0, 2.0, 0.25])
     with pytest.raises(ExportError, match="has no gap_ratio, sigma; pass the result of run.spectra"):
         export_tensorboard(ds.drop_vars(["gap_ratio", "sigma"]), tmp_path / "other")
