@@ -43,6 +43,12 @@ def _labels(paths: Sequence[str]) -> list[str]:
     return labels
 
 
+def _first_seen(joined, orders) -> list[int]:
+    """Positions in *joined* of its labels in the order the runs have them, the first run's first."""
+    order = list(dict.fromkeys(label for labels in orders for label in labels))
+    return [joined.get_loc(label) for label in order]
+
+
 class Runs:
     """Runs compared side by side; open with :func:`open_runs`.
 
@@ -76,6 +82,9 @@ class Runs:
         parts = [result(run) for run in self.runs.values()]
         ds = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts", coords="different",
                        compat="equals")
+        for dim in ("group", "matrix", "layer"):  # the outer join sorts labels as text (layer 10 before layer 2):
+            if dim in ds.dims:  # each run's own order, the first run's first
+                ds = ds.isel({dim: _first_seen(ds.indexes[dim], [p.indexes[dim] for p in parts if dim in p.dims])})
         ds = ds.assign_coords(run=self.labels, store=("run", [run.path for run in self.runs.values()]))
         for name in ds.variables:  # concat keeps the first part's attributes: take them from any part
             source = next((p[name] for p in parts if name in p.variables), None)

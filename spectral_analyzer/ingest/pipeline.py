@@ -17,6 +17,7 @@ kept, as an interruption does: the same ingest run again resumes after them.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import math
@@ -101,6 +102,7 @@ class _Planned:
     checkpoint: Checkpoint
     step: int
     tensors: dict[str, TensorInfo] | None  # None: a remote pickle, not read until its row is written
+    considered: frozenset[str] = frozenset()  # its floating tensors' names before include / exclude
 
 
 def _preflight(
@@ -128,7 +130,7 @@ def _preflight(
         if named and c.step is not None and reader.step_hint is not None and c.step != reader.step_hint:
             raise StepError(f"{printable(c.label)}: its name says step {c.step} and the file records step "
                             f"{reader.step_hint}; rename it, or give the steps")
-        planned.append(_Planned(replace(c, step=step), step, reader.tensors))
+        planned.append(_Planned(replace(c, step=step), step, reader.tensors, frozenset(reader.considered)))
     if selection is not None:
         selection.check_exact([p.step for p in planned], str(src))
         kept = [p for p in planned if p.step is not None and selection.keeps(p.step)]
@@ -519,6 +521,12 @@ def _ingest_source(
             f"{source.label}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
             f"in {planned[0].checkpoint.label}; check the patterns against its tensor names"
         )
+    for kind, globs in (("include", include), ("exclude", exclude)):  # a pattern that matches nothing: a typo
+        for glob in globs:
+            if not any(fnmatch.fnmatchcase(name, glob) for name in planned[0].considered):
+                raise SelectionError(printable(
+                    f"{source.label}: the {kind} pattern {glob!r} matches no floating-point tensor of "
+                    f"{planned[0].checkpoint.label}; check it against its tensor names"))
     first = _signature(planned[0].tensors)
     _check_names(first, planned[0].checkpoint.label)
     for p in planned[1:]:
