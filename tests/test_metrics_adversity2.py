@@ -179,3 +179,27 @@ def test_a_selection_keeps_the_runs_newest_trainer_state(tmp_path):
     assert list(run.checkpoint_steps) == [0, 100, 200]
     assert list(run.metrics["step"].values) == [100, 200, 300, 400]
     np.testing.assert_array_equal(run.metrics["eval_accuracy"].values, [0.25, 0.5, 0.75, 1.0])
+
+
+@pytest.mark.parametrize("names, found", [
+    (["train/learning_rate"], True),  # HF's TensorBoard tag
+    (["lr-AdamW"], True),  # Lightning's LearningRateMonitor, one parameter group
+    (["lr-AdamW/pg1", "lr-AdamW/pg2"], False),  # two groups: no one learning rate
+])
+def test_a_learning_rate_logged_under_a_path_or_a_monitor_s_name_is_found(tmp_path, names, found):
+    """The adiabatic parameter took the learning rate from 'learning_rate' or 'lr' only: NaN throughout for a
+    run whose HF TensorBoard log names it train/learning_rate."""
+    src = tmp_path / "c"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        save_file({"w": torch.from_numpy(rng.standard_normal(20).astype(np.float32))}, str(src / f"step_{i}.safetensors"))
+    (tmp_path / "log.csv").write_text("step," + ",".join(names) + "\n"
+                                      + "".join(f"{i},{','.join(['0.003'] * len(names))}\n" for i in range(6)))
+    run = sa.ingest(src, tmp_path / "r.zarr", metrics=tmp_path / "log.csv")
+    got = run.dynamics(window=3)["adiabatic"].values
+    if found:
+        np.testing.assert_array_equal(got, run.dynamics(window=3, lr=0.003)["adiabatic"].values)
+        assert np.isfinite(got).all()
+    else:
+        assert np.isnan(got).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
@@ -39,10 +41,22 @@ __all__ = ["compute_dynamics", "learning_rate_at"]
 LR_NAMES = ("learning_rate", "lr")
 
 
+def _lr_names(names) -> list[str]:
+    """The series that are a learning rate: ``learning_rate`` or ``lr``; else the one series logged under a
+    path or by a monitor as one (``train/learning_rate``, as HF writes TensorBoard tags; ``lr-AdamW``, as
+    Lightning's LearningRateMonitor names a single parameter group). Several such (param groups ``lr-AdamW/pg1``
+    and ``/pg2``) are no one learning rate: none."""
+    exact = [n for n in LR_NAMES if n in names]
+    if exact:
+        return exact
+    found = [n for n in names if n.rsplit("/", 1)[-1] in LR_NAMES or re.fullmatch(r"lr-[^/]+", n)]
+    return found if len(found) == 1 else []
+
+
 def learning_rate_at(store: Store, steps: np.ndarray) -> tuple[np.ndarray, str]:
     """The logged learning rate in force at each step (last value logged at or before it)."""
     logged_steps, series = store.read_metrics()
-    for name in LR_NAMES:
+    for name in _lr_names(list(series)):
         if name in series:
             values = series[name]
             ok = np.isfinite(values)
