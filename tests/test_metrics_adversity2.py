@@ -203,3 +203,18 @@ def test_a_learning_rate_logged_under_a_path_or_a_monitor_s_name_is_found(tmp_pa
         assert np.isfinite(got).all()
     else:
         assert np.isnan(got).all()
+
+
+@pytest.mark.parametrize("text", [
+    "step,loss\n200,0.5\n100,0.8\n0,1.0\n",  # newest first: read as restarts, it left step 0 alone
+    "step,loss,seed\n0,1.0,0\n100,0.8,0\n0,1.1,1\n100,0.9,1\n",  # two seeds: the second replaced the first
+])
+def test_a_series_that_goes_back_to_its_first_step_is_refused(tmp_path, text):
+    path = tmp_path / "log.csv"
+    path.write_text(text)
+    with pytest.raises(sa.MetricsError, match=r"record \d logs \w+ at step \d+ after step \d+, back at or before its "
+                                              r"first step"):
+        read_metrics(path)
+    path.write_text("step,loss\n0,1.0\n100,0.8\n200,0.7\n100,0.75\n200,0.6\n")  # resumed at 100: kept as before
+    steps, series = read_metrics(path)
+    np.testing.assert_array_equal(series["loss"], [1.0, 0.75, 0.6])

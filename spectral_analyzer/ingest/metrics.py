@@ -67,6 +67,7 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
     names: list[str] = []
     logged: dict[str, list[int]] = {}  # each series' steps, increasing
     text: dict[str, tuple[int, object]] = {}  # each key's first value that is no number: (record, value)
+    firsts: dict[str, int] = {}  # each series' first step
     for i, record in enumerate(records):
         step = _step(record.get("step"))
         if step is None:
@@ -86,6 +87,12 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
             if key not in names:
                 names.append(key)
             kept = logged.setdefault(key, [])
+            first = firsts.setdefault(key, step)
+            if kept and kept[-1] > step and step <= first:  # no resumption: it would drop the whole series
+                raise MetricsError(printable(
+                    f"{origin}: record {i + 1} logs {key} at step {step} after step {kept[-1]}, back at or before "
+                    f"its first step {first}: rows out of step order, or a second run from its start (sort the "
+                    "rows by step; give one run's log)"))
             while kept and kept[-1] >= step:  # a restart: the abandoned training's later steps go
                 later = kept.pop()
                 if later > step:
@@ -122,7 +129,9 @@ def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     resumed from a checkpoint logs the steps since that checkpoint again: as
     TensorBoard has it, a value at step s of a series drops that series'
     values at later steps read before it, which belong to the abandoned
-    training (other series keep theirs).
+    training (other series keep theirs). A series that goes back to or
+    before its first step is refused: rows newest first, or a second run
+    from its start, would leave one value of it.
 
     In a CSV file, a first column with no name beside a ``step`` column is
     the index that pandas' ``df.to_csv()`` writes, and is ignored. Without a
