@@ -3,10 +3,10 @@
 A value that is not defined (NaN) shows as ``-``. Ratios near 1 keep the
 digits that tell them from 1: the noise floor of R for p = 1e8 parameters is
 1.00017, which four significant digits show as ``1``; R = 1.19996 falling
-through tau = 1.2 must not read ``1.2``.
+through tau = 1.2 must not read ``1.2``, nor R = 1.199996.
 
->>> number(0.123456), number(float("nan")), ratio(1.000169), ratio(1.19996), ratio(3.0), mode(0)
-('0.1235', '-', '1.000169', '1.19996', '3', '-')
+>>> number(0.123456), number(float("nan")), ratio(1.000169), ratio(1.199996), ratio(3.0), mode(0)
+('0.1235', '-', '1.000169', '1.199996', '3', '-')
 """
 
 from __future__ import annotations
@@ -33,14 +33,20 @@ def number(x: float) -> str:
 
 
 def ratio(x: float) -> str:
-    """A ratio (R, its noise floor, sigma_1 / sigma_2): six significant digits, and within 1e-3 of 1, as many
-    decimals as show the distance from 1 to three digits."""
+    """A ratio (R, its noise floor, sigma_1 / sigma_2): six significant digits (more where six round to a
+    shorter number: 1.199996 is not 1.2), and within 1e-3 of 1, as many decimals as show the distance from 1
+    to three digits."""
     x = float(x)
     if (special := _special(x)) is not None:
         return special
     if x != 1 and abs(x - 1) < 1e-3:
         return f"{x:.{2 - math.floor(math.log10(abs(x - 1)))}f}"
-    return f"{x:.6g}"
+    digits = 6
+    text = f"{x:.6g}"
+    while float(text) != x and len(text.split("e")[0].replace("-", "").replace(".", "").strip("0")) < digits:
+        digits += 1  # rounding to fewer digits than asked (1.199996 to 1.2): as many as tell it from that value
+        text = f"{x:.{digits}g}"
+    return text
 
 
 def mode(k) -> str:

@@ -24,7 +24,7 @@ from test_cache_adversity import _Attn, _identical, _move, _uncached_copy
 
 import spectral_analyzer as sa
 
-SIZES = {"l0.a.w": (20, 9), "l0.b.w": (33,), "l1.c.w": (7, 5)}  # three tensors over several 64-element chunks
+SIZES = {"layers.0.a.w": (20, 9), "layers.0.b.w": (33,), "layers.1.c.w": (7, 5)}  # three tensors over several 64-element chunks
 DRAWS = 200  # null draws: the default 4000 costs time and changes nothing here
 
 
@@ -69,16 +69,16 @@ def _spectra(run, **kw):
 
 def test_every_argument_of_spectra_is_in_its_key(store, tmp_path):
     grid = _grid({"window": 4}, {
-        "window": [3], "stride": [2], "center": [True], "params": ["l0.*", ["l1.c.w", "l0.b.w"]],
+        "window": [3], "stride": [2], "center": [True], "params": ["layers.0.*", ["layers.1.c.w", "layers.0.b.w"]],
         "group_by": ["layer", "tensor"], "steps": [(20, None), (0, 120)], "null_draws": [100], "max_lag": [5],
     })
-    grid += [{"window": 3, "stride": 2, "center": True, "steps": (20, None), "group_by": "layer", "params": "l0.*"}]
+    grid += [{"window": 3, "stride": 2, "center": True, "steps": (20, None), "group_by": "layer", "params": "layers.*"}]
     _warmed_against_fresh(tmp_path, store, _spectra, grid)
 
 
 def test_every_argument_of_dynamics_is_in_its_key(store, tmp_path):
     grid = _grid({"window": 4}, {
-        "window": [3], "params": ["l0.*"], "group_by": ["tensor"], "constant": [2.0], "lr": [0.5],
+        "window": [3], "params": ["layers.0.*"], "group_by": ["tensor"], "constant": [2.0], "lr": [0.5],
         "top_k": [1], "tau": [3.0], "factor": [1.5], "persistence": [3], "phase_fraction": [0.5],
         "steps": [(20, None)], "max_lag": [5],
     })

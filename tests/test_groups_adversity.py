@@ -96,10 +96,14 @@ def test_every_include_and_exclude_pattern_must_match(tmp_path):
     for i in range(3):
         save_file({"attn.weight": torch.randn(3, 3), "mlp.weight": torch.randn(3, 3)}, str(src / f"step_{i}.safetensors"))
     for option in ({"include": ["attn.*", "lmhead.*"]}, {"exclude": ["mpl.*"]}):
-        with pytest.raises(sa.SelectionError, match=r"pattern '(lmhead|mpl)\.\*' matches no floating-point tensor of "):
+        with pytest.raises(sa.SelectionError, match=r"pattern '(lmhead|mpl)\.\*' matches no tensor of "):
             sa.ingest(src, tmp_path / "r.zarr", **option)
         assert not (tmp_path / "r.zarr").exists()
     assert list(sa.ingest(src, tmp_path / "r.zarr", exclude=["mlp.*"]).tensors["tensor"].values) == ["attn.weight"]
+    for i in range(3):  # an integer buffer (BatchNorm's num_batches_tracked) excluded: no tensor, no refusal
+        save_file({"attn.weight": torch.randn(3, 3), "bn.num_batches_tracked": torch.tensor(i)},
+                  str(src / f"step_{i}.safetensors"))
+    sa.ingest(src, tmp_path / "b.zarr", exclude=["*num_batches_tracked"])
 
 
 def test_grouping_by_layer_without_layer_indices_is_refused(tmp_path):

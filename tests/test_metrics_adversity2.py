@@ -184,6 +184,7 @@ def test_a_selection_keeps_the_runs_newest_trainer_state(tmp_path):
 @pytest.mark.parametrize("names, found", [
     (["train/learning_rate"], True),  # HF's TensorBoard tag
     (["lr-AdamW"], True),  # Lightning's LearningRateMonitor, one parameter group
+    (["lr-AdamW", "lr-AdamW-momentum", "lr-AdamW-weight_decay"], True),  # log_momentum, log_weight_decay
     (["lr-AdamW/pg1", "lr-AdamW/pg2"], False),  # two groups: no one learning rate
 ])
 def test_a_learning_rate_logged_under_a_path_or_a_monitor_s_name_is_found(tmp_path, names, found):

@@ -235,7 +235,11 @@ def _ratio_shown(value: float) -> str:
         text = f"{value:.{2 - math.floor(math.log10(abs(value - 1)))}f}"
         assert abs((float(text) - 1) / (value - 1) - 1) < 5e-3  # its distance from 1 to three digits
         return text
-    return f"{value:.6g}"
+    digits = 6  # never fewer digits than six, unless the value is that shorter number
+    while float(f"{value:.{digits}g}") != value and len(f"{value:.{digits}g}".split("e")[0].replace("-", "")
+                                                         .replace(".", "").strip("0")) < digits:
+        digits += 1
+    return f"{value:.{digits}g}"
 
 
 def _k_shown(k) -> str:

@@ -63,7 +63,7 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("final", ["model.fp16.safetensors", "pytorch_model.bf16.safetensors",
-                                   "gpt2.safetensors", "model-int8.safetensors"])
+                                   "model-int8.safetensors", "model.safetensors"])
 def test_a_copy_of_the_final_model_beside_checkpoint_folders_is_left_out(final, tmp_path):
     """checkpoint-{0,100,200}/ and, at the top, the final model in another precision: model.fp16 became a
     checkpoint at step 16, between 0 and 100."""
@@ -86,6 +86,42 @@ def test_a_bare_number_among_names_that_say_their_step_is_refused(other, tmp_pat
     with pytest.raises(sa.StepError, match=f"{other}: its name has no step word, where step_0.safetensors says its "
                                            r"step \(step_0\)"):
         discover(tmp_path)
+
+
+def test_a_bare_number_beside_checkpoint_folders_is_refused_not_dropped(tmp_path):
+    for i, step in enumerate((0, 100)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file(_state(i), str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+    save_file(_state(9), str(tmp_path / "gpt2.safetensors"))
+    with pytest.raises(sa.StepError, match="gpt2.safetensors: its name has no step word"):
+        discover(tmp_path)
+    for i, step in enumerate((0, 1000)):  # folders named by a bare number, and a file so named: one run
+        (tmp_path / "bare" / str(step)).mkdir(parents=True)
+        save_file(_state(i), str(tmp_path / "bare" / str(step) / "model.safetensors"))
+    save_file(_state(2), str(tmp_path / "bare" / "model_2000.safetensors"))
+    assert [c.step for c in discover(tmp_path / "bare")] == [0, 1000, 2000]
+
+
+@pytest.mark.parametrize("name, step", [("seed=1-1000", 1000), ("wd=0.1_1000", 1000), ("last-v1", None),
+                                        ("epoch=0-step=99-v1", 99), ("ckpt_fp16_1000", 1000)])
+def test_numbers_beside_key_value_parts_and_versions(name, step):
+    assert step_from_name(name) == step
+
+
+def test_lightning_before_1_6_stores_the_step_plus_one(tmp_path):
+    """Lightning < 1.6 named a file step=99 and stored global_step 100: the name's step is kept."""
+    _lightning(tmp_path / "c", [("epoch=0-step=99.ckpt", 100), ("epoch=0-step=199.ckpt", 200)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert list(sa.ingest(tmp_path / "c", tmp_path / "r.zarr").checkpoint_steps) == [99, 199]
+
+
+def test_a_bare_number_gives_way_to_the_stored_step(tmp_path):
+    """model_epoch_0.pt holding global_step 500: the epoch was the step."""
+    _lightning(tmp_path / "c", [("model_epoch_0.pt", 500), ("model_epoch_1.pt", 1000), ("model_epoch_2.pt", 1500)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert list(sa.ingest(tmp_path / "c", tmp_path / "r.zarr").checkpoint_steps) == [500, 1000, 1500]
 
 
 def test_bare_numbers_alone_are_still_steps(tmp_path):

@@ -97,7 +97,8 @@ def test_an_append_without_the_stores_selection_names_it(tmp_path):
     with pytest.raises(sa.StepError) as refused:
         sa.ingest(src, tmp_path / "a.zarr")
     assert str(refused.value).endswith("was made with the step selection '0,20', and this append gives none (every "
-                                       "checkpoint); give the selection again to append ('0,20', or another one)")
+                                       "checkpoint); give the same --select / --every (select= / every=) again to "
+                                       "append")
     assert list(sa.ingest(src, tmp_path / "a.zarr", select="0,20,30").checkpoint_steps) == [0, 20, 30]
     with pytest.raises(sa.StepError) as refused:  # a selection that leaves out a step before the last
         sa.ingest(src, tmp_path / "a.zarr", select="0,20,30,10")

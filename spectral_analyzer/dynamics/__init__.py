@@ -49,7 +49,8 @@ def _lr_names(names) -> list[str]:
     exact = [n for n in LR_NAMES if n in names]
     if exact:
         return exact
-    found = [n for n in names if n.rsplit("/", 1)[-1] in LR_NAMES or re.fullmatch(r"lr-[^/]+", n)]
+    found = [n for n in names if n.rsplit("/", 1)[-1] in LR_NAMES  # lr-AdamW, not its -momentum / -weight_decay
+             or (re.fullmatch(r"lr-[^/]+", n) and not re.search(r"-(?:momentum|weight_decay)$", n))]
     return found if len(found) == 1 else []
 
 

@@ -74,6 +74,7 @@ _STEP_WORD = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[=_
 _NUMBER = re.compile(r"\d+")
 _SHARD = re.compile(r"-[0-9]+-of-[0-9]+")  # model-00001-of-00002: the shard's place, not a step
 # model.fp16, pytorch_model.bf16, weights-int8: a precision, not a step
+_VERSION = re.compile(r"-v[0-9]+(?=(?:\.[A-Za-z]+)?$)")  # last-v1.ckpt: Lightning's second file of one name
 _PRECISION = re.compile(r"(?<![^\W_])(?:fp|bf|float|int)(?:4|8|16|32|64)(?![^\W_])", re.IGNORECASE)
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin")
 
@@ -95,8 +96,10 @@ class Checkpoint:
 
 
 def _numbers_of(name: str) -> str:
-    """*name* without the numbers that are never steps: a shard's place, a precision."""
-    return _PRECISION.sub("", _SHARD.sub("", name))
+    """*name* without the numbers that are never steps: a shard's place, a precision, Lightning's version
+    suffix (``last-v1``); the separators around a precision taken out become one (``ckpt_fp16_1000``)."""
+    name = _PRECISION.sub("", _VERSION.sub("", _SHARD.sub("", name)))
+    return re.sub(r"[_\-.]{2,}", lambda m: m.group()[0], name)
 
 
 def has_step_word(name: str) -> bool:
@@ -123,8 +126,9 @@ def step_from_name(name: str, last_number: bool = True, label: str | None = None
     """
     name = _numbers_of(name)
     found = [(m.group(1), m.end(1)) for m in _STEP_WORD.finditer(name)]
-    if not found and last_number and "=" not in name:
-        found = [(m.group(), m.end()) for m in _NUMBER.finditer(name)]
+    if not found and last_number:  # numbers outside key=value parts (Lightning's epoch=2-val_loss=0.35)
+        found = [(m.group(), m.end()) for m in _NUMBER.finditer(name)
+                 if "=" not in re.split(r"[-_]", name[: m.end()])[-1] + re.split(r"[-_]", name[m.end():])[0]]
     if not found:
         return None
     digits, end = found[-1]
@@ -283,7 +287,7 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
             raise refusal
     has_folders = bool(found)
     for f in _top_level_files(src):
-        if has_folders and not has_step_word(f.stem):
+        if has_folders and _NUMBER.search(_numbers_of(f.stem)) is None:
             continue  # the final model (its shards, a copy in another precision) beside checkpoint-<step>/ folders
         found.append(Checkpoint(str(f), (f,), step_from_name(f.stem, label=str(f)) if named else None))
     if not found:

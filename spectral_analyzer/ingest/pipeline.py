@@ -56,7 +56,7 @@ from ..threads import torch_threads
 from ..weights import ingest_packing, matrices_of, select_weights
 from ..weights.kernel import singular_values
 from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_norm
-from .discover import Checkpoint, natural_key, order_by_step
+from .discover import Checkpoint, has_step_word, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
 from .readers import KeyOptions, TensorInfo, needs_download, open_checkpoint
 from .sources import RemoteFile, Source, is_remote, open_source
@@ -102,7 +102,7 @@ class _Planned:
     checkpoint: Checkpoint
     step: int
     tensors: dict[str, TensorInfo] | None  # None: a remote pickle, not read until its row is written
-    considered: frozenset[str] = frozenset()  # its floating tensors' names before include / exclude
+    considered: frozenset[str] = frozenset()  # its tensors' names before include / exclude
 
 
 def _preflight(
@@ -115,8 +115,11 @@ def _preflight(
     never opened; those whose step is stored inside are opened to learn it.
     A remote pickle with a step in its name, other than the first checkpoint,
     is only opened when its row is written (opening it downloads it whole).
-    A step from the name (*named*: not given) that the file's stored step
-    contradicts is refused.
+    Where the file stores a step and the name's (*named*: not given) is
+    another: a bare number in the name (``model_epoch_3.pt``) gives way to
+    the stored step; a step word's (``step=99``) is refused, but for a
+    Lightning ``.ckpt`` storing it plus one (Lightning before 1.6 stored
+    ``global_step + 1`` and named the file by ``global_step``).
     """
     if selection is not None:
         checkpoints = [c for c in checkpoints if c.step is None or selection.keeps(c.step)]
@@ -128,8 +131,11 @@ def _preflight(
         reader = open_checkpoint(c.files, c.label, keys)
         step = c.step if c.step is not None else reader.step_hint
         if named and c.step is not None and reader.step_hint is not None and c.step != reader.step_hint:
-            raise StepError(f"{printable(c.label)}: its name says step {c.step} and the file records step "
-                            f"{reader.step_hint}; rename it, or give the steps")
+            if not has_step_word(Path(c.label).name):
+                step = reader.step_hint  # a number in the name that is not said to be the step
+            elif not (Path(c.label).suffix == ".ckpt" and reader.step_hint == c.step + 1):
+                raise StepError(f"{printable(c.label)}: its name says step {c.step} and the file records step "
+                                f"{reader.step_hint}; rename it, or give the steps")
         planned.append(_Planned(replace(c, step=step), step, reader.tensors, frozenset(reader.considered)))
     if selection is not None:
         selection.check_exact([p.step for p in planned], str(src))
@@ -525,7 +531,7 @@ def _ingest_source(
         for glob in globs:
             if not any(fnmatch.fnmatchcase(name, glob) for name in planned[0].considered):
                 raise SelectionError(printable(
-                    f"{source.label}: the {kind} pattern {glob!r} matches no floating-point tensor of "
+                    f"{source.label}: the {kind} pattern {glob!r} matches no tensor of "
                     f"{planned[0].checkpoint.label}; check it against its tensor names"))
     first = _signature(planned[0].tensors)
     _check_names(first, planned[0].checkpoint.label)
@@ -552,7 +558,7 @@ def _ingest_source(
             if chosen and selection is None:  # every checkpoint appended: new rows on another grid of steps
                 raise StepError(printable(
                     f"{path}: was made with the step selection {chosen!r}, and this append gives none (every "
-                    f"checkpoint); give the selection again to append ({chosen!r}, or another one)"))
+                    "checkpoint); give the same --select / --every (select= / every=) again to append"))
             new = _match_existing(st, manifest, planned)
             recorded = st.weights.info()
             if match is not None and (recorded is None or recorded[0] != match):

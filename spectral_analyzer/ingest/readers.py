@@ -142,7 +142,7 @@ class CheckpointReader:
     _loaders: dict[str, object] = field(default_factory=dict, repr=False)
     _spans: _Spans | None = field(default=None, repr=False)  # a remote safetensors checkpoint's byte spans
     _sources: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # name: (name in file, file)
-    considered: set[str] = field(default_factory=set, repr=False)  # floating tensors' names, selected or not
+    considered: set[str] = field(default_factory=set, repr=False)  # every tensor's name, selected or not
 
     def read_on_into(self, following: CheckpointReader) -> None:
         """Let this checkpoint's read-ahead go on into the first tensors of *following* (the next
@@ -198,10 +198,10 @@ def _add(reader: CheckpointReader, raw: str, info_shape, dtype, loader, keys: Ke
     *dtype* is a torch dtype, ``None`` for a non-floating one torch lacks, or
     the file's name (a str) for a floating dtype torch lacks.
     """
-    if dtype is None or (isinstance(dtype, torch.dtype) and not dtype.is_floating_point):
-        return
     name = keys.canonical(raw)
     reader.considered.add(name)
+    if dtype is None or (isinstance(dtype, torch.dtype) and not dtype.is_floating_point):
+        return
     if not keys.selected(name):
         return
     if dtype not in _READABLE:
@@ -721,8 +721,7 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
         t = state[key]
         raw = key[len(prefix) :] if strip_lightning else key
         name = keys.canonical(raw)
-        if t.is_floating_point():
-            reader.considered.add(name)
+        reader.considered.add(name)
         if not t.is_floating_point() or not keys.selected(name):
             continue
         if t.is_meta or t.layout != torch.strided:
