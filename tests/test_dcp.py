@@ -252,3 +252,25 @@ def test_chunks_must_cover_the_tensor(tmp_path):
     with pytest.raises(sa.CheckpointError, match=r"'model.embed_out.weight' of shape \(32, 8\) has chunks covering "
                                                  r"128 of its 256 elements"):
         sa.ingest(src, tmp_path / "r.zarr")
+
+
+@pytest.mark.parametrize("layout", ["app state", "flat", "chained"])
+def test_optimizer_state_at_any_depth_is_no_weight(layout, tmp_path):
+    """PyTorch's recipe {"app": {"model", "optim"}}, a flat "optimizer.state.exp_avg.<name>" key and Megatron's
+    "chained_0.optimizer...": Adam's moments (and its float step) were ingested as parameters (47 for 15)."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3, 4), torch.randn(3)
+    moments = {"exp_avg": torch.randn(3, 4), "exp_avg_sq": torch.rand(3, 4), "step": torch.tensor(3.0)}
+    if layout == "app state":
+        state = {"app": {"model": {"weight": weight, "bias": bias}, "optim": {"state": {"weight": moments}}}}
+        names = {"app.model.weight", "app.model.bias"}
+    elif layout == "flat":
+        state = {"dec.weight": weight, "dec.bias": bias,
+                 **{f"optimizer.state.{k}.dec.weight": v for k, v in moments.items()}}
+        names = {"dec.weight", "dec.bias"}
+    else:
+        state = {"dec.weight": weight, "dec.bias": bias, "chained_0": {"optimizer": {"state": moments}}}
+        names = {"dec.weight", "dec.bias"}
+    _save(tmp_path / "step-10", state)
+    reader = open_checkpoint(dcp_files(tmp_path / "step-10"), "step-10", KeyOptions())
+    assert set(reader.tensors) == names

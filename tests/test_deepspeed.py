@@ -129,3 +129,15 @@ def test_model_parallel_refused(tmp_path):
     torch.save(_model_states(states[100], 100), src / "global_step100" / "mp_rank_01_model_states.pt")
     with pytest.raises(sa.CheckpointError, match=r"mp_rank_01_model_states.pt: a model-parallel DeepSpeed checkpoint"):
         sa.ingest(src, tmp_path / "r.zarr")
+
+
+def test_mixture_of_experts_saved_apart_refused(tmp_path):
+    """DeepSpeed MoE saves each expert in layer_<L>_expert_<E>_mp_rank_00_model_states.pt and leaves it out of
+    mp_rank_00's module: the experts were dropped from the run in silence."""
+    states = trajectory(STEPS)
+    src = _save_dir(tmp_path / "ds", states)
+    torch.save({"moe.experts.0.w": torch.randn(3, 3)}, src / "global_step100" / "layer_0_expert_0_mp_rank_00_model_states.pt")
+    with pytest.raises(sa.CheckpointError, match=r"layer_0_expert_0_mp_rank_00_model_states.pt: a DeepSpeed "
+                                                 "mixture-of-experts checkpoint"):
+        sa.ingest(src, tmp_path / "r.zarr")
+    assert not (tmp_path / "r.zarr").exists()

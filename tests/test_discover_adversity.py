@@ -196,3 +196,18 @@ def test_stale_bin_index_beside_safetensors_is_not_read(tmp_path):
     )
     found = order_by_step(discover(src))
     assert found[1].files == (d / "model.safetensors",)
+
+
+def test_the_single_file_is_read_before_an_index_of_shards_as_from_pretrained_does(tmp_path):
+    """model.safetensors beside model.safetensors.index.json and its shards: the shards were read, where
+    transformers' from_pretrained loads the single file."""
+    from spectral_analyzer.ingest.discover import checkpoint_files
+
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
+    save_file({"w": torch.full((2,), 2.0)}, str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    assert checkpoint_files(folder) == (folder / "model.safetensors",)
+    (folder / "model.safetensors").unlink()
+    assert checkpoint_files(folder) == (folder / "model-00001-of-00001.safetensors",)

@@ -362,3 +362,12 @@ def test_killed_and_run_again_a_hub_ingest_ends_bit_identical(hub, tmp_path):
         assert run_child(hub_ingest_child, hub.url, src, str(store), revisions, CHUNK, kill_at) == -9
         sa.ingest(src, store, revisions=revisions, chunk_size=CHUNK)
         assert_same_contents(contents(store), want, f"killed at write {kill_at}")
+
+
+def test_revisions_of_several_stages_are_refused_not_interleaved():
+    """OLMo's stage2 counts its steps anew: stage2-...-step500 came before stage1-step1000."""
+    names = ["main", "stage1-step1000-tokens5B", "stage1-step2000-tokens9B", "stage2-ingredient1-step500-tokens2B"]
+    with pytest.raises(sa.StepError, match=r"hf://o/m: revisions stage1-step1000-tokens5B and "
+                                           r"stage2-ingredient1-step500-tokens2B are of different training stages"):
+        select_revisions("hf://o/m", names, None)
+    assert [n for n, _ in select_revisions("hf://o/m", names, "stage1-*")] == names[1:3]

@@ -168,14 +168,18 @@ def _model_names(md, path: Path) -> dict[str, str]:
             paths[fqn] = tuple(str(k) for k in keys) if ok else tuple(fqn.split("."))
             if not ok:
                 guessed.add(fqn)
-    weights = [fqn for fqn in paths if _floating(md.state_dict_metadata[fqn]) and paths[fqn][0] not in NOT_MODEL]
+    # a training state's other entries, at any depth (PyTorch's recipe {"app": {"model", "optim"}}, Megatron's
+    # chained_0.optimizer...) and in flat names ("optimizer.state.exp_avg..." saved as one key)
+    paths = {fqn: p for fqn, p in paths.items()
+             if not any(part in NOT_MODEL for key in p for part in key.split("."))}
+    weights = [fqn for fqn in paths if _floating(md.state_dict_metadata[fqn])]
     for container in STATE_DICT_KEYS:
         inside = {fqn: ".".join(p[1:]) for fqn, p in paths.items() if p[0] == container and len(p) > 1}
         # a guessed container holds every weight: else its "model." is part of flat names (HF's "model.norm.weight"
         # beside "lm_head.weight"), which are kept whole
         if inside and (not guessed & set(inside) or all(fqn in inside for fqn in weights)):
             return inside
-    return {fqn: ".".join(p) for fqn, p in paths.items() if p[0] not in NOT_MODEL}
+    return {fqn: ".".join(p) for fqn, p in paths.items()}
 
 
 def _floating(entry) -> bool:

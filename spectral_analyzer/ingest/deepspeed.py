@@ -34,6 +34,7 @@ __all__ = ["deepspeed_files", "is_model_states", "read_deepspeed"]
 _MODEL_STATES = re.compile(r"^mp_rank_([0-9]+)_model_states\.pt$")
 _ZERO3_STATES = re.compile(r"^zero_pp_rank_[0-9]+_mp_rank_[0-9]+_model_states\.pt$")
 _TAG = re.compile(r"^global_step[0-9]+$")
+_EXPERT_STATES = re.compile(r"^(?:layer_[0-9]+_)?expert_[0-9]+_mp_rank_[0-9]+_model_states\.pt$")
 
 
 def is_model_states(path: Path) -> bool:
@@ -91,6 +92,12 @@ def deepspeed_files(folder: Path) -> tuple[Path, ...] | None:
     if len(ranks) > 1 or ranks[0] != "mp_rank_00_model_states.pt":
         raise _refuse_model_parallel(tag / ranks[-1], f"{len(ranks)} mp_rank files" if len(ranks) > 1 else
                                      "mp_rank_00 is missing")
+    experts = [f for f in names if _EXPERT_STATES.match(f)]
+    if experts:  # DeepSpeed MoE takes the experts out of mp_rank_00's module: read alone, they would be lost
+        raise CheckpointError(
+            f"{tag / experts[0]}: a DeepSpeed mixture-of-experts checkpoint, whose experts are saved apart from "
+            f"{ranks[0]} ({len(experts)} expert files); these are not read: consolidate the model into one "
+            "state dict (zero_to_fp32.py, or save it gathered) and ingest that")
     return (tag / ranks[0],)
 
 

@@ -58,7 +58,8 @@ from .deepspeed import deepspeed_files
 from .readers import shard_files
 from .sources import RemoteFile, RemoteFolder
 
-__all__ = ["Checkpoint", "checkpoint_files", "discover", "natural_key", "order_by_step", "step_from_name"]
+__all__ = ["Checkpoint", "check_one_stage", "checkpoint_files", "discover", "natural_key", "order_by_step",
+           "step_from_name"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 NOT_WEIGHTS = (
@@ -169,8 +170,10 @@ def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> t
     DeepSpeed and torch.distributed.checkpoint folders are found on local
     disk only: a remote folder's are not read.
     """
-    # safetensors first: a stale pytorch_model.bin.index.json beside model.safetensors is never read
-    for name in ("model.safetensors.index.json", _MODEL_FILES[0], "pytorch_model.bin.index.json", *_MODEL_FILES[1:]):
+    # as from_pretrained looks for them: safetensors first (a stale pytorch_model.bin.index.json beside
+    # model.safetensors is never read), and the single file before the index of shards
+    for name in (_MODEL_FILES[0], "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                 *_MODEL_FILES[2:]):
         path = folder / name
         if not _present(path):
             continue
@@ -325,6 +328,24 @@ def _check_one_naming(found: Sequence[Checkpoint]) -> None:
                 f"({_STEP_WORD.search(_numbers_of(Path(worded.label).name)).group()}); {c.step} in its name is not "
                 "read as a step. Move it out of the run, rename it (step_<N>), or give the steps"
             ))
+
+
+_STAGE = re.compile(r"(?:^|[-_.])stage([0-9]+)(?=[-_.]|$)", re.IGNORECASE)
+
+
+def check_one_stage(where: str, names: Sequence[str], hint: str = "select one stage's revisions ('stage1-*')"
+                    ) -> None:
+    """Refuse revisions of several training stages (OLMo's ``stage1-step1000``, ``stage2-...-step500``): each
+    stage counts its steps from its own start, so ordered by step they would interleave."""
+    stages: dict[int, str] = {}
+    for name in names:
+        if match := _STAGE.search(name):
+            stages.setdefault(int(match[1]), name)
+    if len(stages) > 1:
+        a, b = list(stages.values())[:2]
+        raise StepError(printable(
+            f"{where}: revisions {a} and {b} are of different training stages, each counting its steps from its "
+            f"own start (in step order they would interleave); {hint}"))
 
 
 def order_by_step(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:

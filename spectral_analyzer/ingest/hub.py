@@ -54,7 +54,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import NoCheckpointsError, SourceError, StepError, printable
-from .discover import Checkpoint, checkpoint_files
+from .discover import Checkpoint, check_one_stage, checkpoint_files
 from .sources import RemoteFile, RemoteFolder, Source, Workspace, read_config, retrying
 
 __all__ = ["HubSource", "select_revisions", "step_from_revision"]
@@ -145,6 +145,7 @@ def select_revisions(repo: str, available: Sequence[str], spec: str | Sequence[s
         if steps[name] is None:
             raise StepError(f"{repo}@{name}: no step in the revision's name; select revisions named by their step "
                             "(step1000, stage1-step1000-tokens4B, ckpt_120)")
+    check_one_stage(repo, chosen)
     return sorted(((n, steps[n]) for n in chosen), key=lambda pair: pair[1])
 
 

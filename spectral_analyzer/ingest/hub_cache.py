@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import CheckpointError, NoCheckpointsError, StepError
 from ..groups import natural_key
-from .discover import WEIGHT_SUFFIXES, Checkpoint, checkpoint_files, step_from_name
+from .discover import WEIGHT_SUFFIXES, Checkpoint, check_one_stage, checkpoint_files, step_from_name
 
 __all__ = ["CacheListing", "is_hub_cache", "list_cache"]
 
@@ -181,4 +181,7 @@ def list_cache(folder: str | os.PathLike) -> CacheListing:
             f"{folder}: no cached revision with a step in its name to ingest" + (f" ({notes})" if notes else "")
         )
     ordered = [checkpoints[s] for s in sorted(checkpoints)]
+    check_one_stage(str(folder), [c.origin["revision"] for c in ordered],
+                    "ingest one stage: the hub's revisions with --revisions 'stage1-*', or this cache with the "
+                    "other stages' refs/ files moved out")
     return CacheListing(_repo_id(folder), ordered, left_out, _config(Path(ordered[0].label)))
