@@ -254,3 +254,14 @@ def test_a_change_of_precision_while_recording_is_warned_as_ingest_warns(tmp_pat
     with pytest.warns(sa.PrecisionChangeWarning, match=r"is float32 at step 1 .* but float16 at step 2"):
         rec.record(2)
     assert any("float16 at step 2" in w for w in sa.open_run(tmp_path / "r.zarr").warnings)
+
+
+def test_recorder_patterns_that_match_nothing_are_refused(tmp_path):
+    """As at ingest: a typo in include / exclude would narrow (or not narrow) the recording in silence."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    for option in ({"include": ["0.*", "2.*"]}, {"exclude": ["*.bais"]}):
+        recorder = sa.Recorder(tmp_path / "r.zarr", model, every=1, **option)
+        with pytest.raises(sa.SelectionError, match=r"pattern '(2\.\*|\*\.bais)' matches no tensor of the model"):
+            recorder.record(0)
+        assert not (tmp_path / "r.zarr").exists()
+    sa.Recorder(tmp_path / "r.zarr", model, every=1, exclude=["*num_batches_tracked"]).record(0)  # a buffer: found

@@ -208,3 +208,16 @@ def test_pickles_are_downloaded_into_a_folder_deleted_afterwards(memory, monkeyp
     same_bits(sa.ingest(f"memory://{root}", tmp_path / "r.zarr"),
               sa.ingest(FIXTURES / "layouts" / "plain_pt", tmp_path / "l.zarr"))
     assert made and not any(Path(m).exists() for m in made)
+
+
+def test_a_remote_pickle_whose_stored_step_contradicts_its_name_is_refused(memory, tmp_path):
+    """Remote pickles after the first are opened only when their row is written: the check of the name's step
+    against the stored one was skipped there (it ran for local files)."""
+    fs, root = memory
+    src = tmp_path / "src"
+    src.mkdir()
+    for step, stored in ((0, 0), (10, 10), (20, 25)):
+        torch.save({"w": torch.randn(6), "step": stored}, src / f"step_{step}.pt")
+    upload(fs, src, root)
+    with pytest.raises(sa.StepError, match=r"step_20.pt: its name says step 20 and the file records step 25"):
+        sa.ingest(f"memory://{root}", tmp_path / "r.zarr")

@@ -105,6 +105,18 @@ class _Planned:
     considered: frozenset[str] = frozenset()  # its tensors' names before include / exclude
 
 
+def _name_or_stored(c: Checkpoint, stored: int | None) -> int:
+    """The step of *c*, named by its name, where the file stores *stored* (see :func:`_preflight`)."""
+    if stored is None or stored == c.step:
+        return c.step
+    if not has_step_word(Path(c.label).name):
+        return stored  # a number in the name that is not said to be the step
+    if Path(c.label).suffix == ".ckpt" and stored == c.step + 1:
+        return c.step  # Lightning before 1.6
+    raise StepError(f"{printable(c.label)}: its name says step {c.step} and the file records step {stored}; "
+                    "rename it, or give the steps")
+
+
 def _preflight(
     checkpoints: Sequence[Checkpoint], keys: KeyOptions, selection: StepSelection | None = None, src: str = "",
     named: bool = True,
@@ -130,12 +142,8 @@ def _preflight(
             continue
         reader = open_checkpoint(c.files, c.label, keys)
         step = c.step if c.step is not None else reader.step_hint
-        if named and c.step is not None and reader.step_hint is not None and c.step != reader.step_hint:
-            if not has_step_word(Path(c.label).name):
-                step = reader.step_hint  # a number in the name that is not said to be the step
-            elif not (Path(c.label).suffix == ".ckpt" and reader.step_hint == c.step + 1):
-                raise StepError(f"{printable(c.label)}: its name says step {c.step} and the file records step "
-                                f"{reader.step_hint}; rename it, or give the steps")
+        if named and c.step is not None:
+            step = _name_or_stored(c, reader.step_hint)
         planned.append(_Planned(replace(c, step=step), step, reader.tensors, frozenset(reader.considered)))
     if selection is not None:
         selection.check_exact([p.step for p in planned], str(src))
@@ -608,6 +616,9 @@ def _ingest_source(
             if p.tensors is None:  # a remote pickle, read for the first time
                 p.tensors = reader.tensors
                 _check_consistent(first, planned[0].checkpoint.label, p)
+                if steps is None and _name_or_stored(p.checkpoint, reader.step_hint) != p.step:  # ordered by its name
+                    raise StepError(f"{printable(p.checkpoint.label)}: its name says step {p.step} and the file "
+                                    f"records step {reader.step_hint}; rename it, or give the steps")
             else:  # what was planned from its header: a file replaced since is refused, not read as planned
                 _check_consistent(_signature(p.tensors), f"{p.checkpoint.label} as planned",
                                   replace(p, tensors=reader.tensors), " as opened to be read", dtypes=True)

@@ -12,6 +12,7 @@ band and spectra extend incrementally at O(p) per new delta.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,15 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..errors import CheckpointError, PrecisionChangeWarning, RecordingWarning, StepError, StoreError
+from ..errors import (
+    CheckpointError,
+    PrecisionChangeWarning,
+    RecordingWarning,
+    SelectionError,
+    StepError,
+    StoreError,
+    printable,
+)
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter
 from ..store.layout import check_chunk_size
 from .discover import Checkpoint
@@ -106,7 +115,14 @@ class Recorder:
         # ZeRO-3 parameters are empty placeholders; their state_dict() copies lose the mark DeepSpeed sets
         named = getattr(self.model, "named_parameters", None)
         partitioned = {n for n, p in named() if hasattr(p, "ds_shape")} if callable(named) else set()
-        for name, value in self.model.state_dict().items():
+        state = self.model.state_dict()
+        names = [self.keys.canonical(name) for name in state]
+        for kind, globs in (("include", self.keys.include), ("exclude", self.keys.exclude)):  # as ingest does
+            missing = next((g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)), None)
+            if missing is not None:
+                raise SelectionError(printable(f"{reader.label}: the {kind} pattern {missing!r} matches no tensor "
+                                               "of the model; check it against its state_dict() names"))
+        for name, value in state.items():
             # Tied weights: the same storage under two names is one parameter, as the readers count it; of the
             # selected names the first is kept (a name left out by include / exclude hides no twin).
             canonical = self.keys.canonical(name)
