@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from .errors import SelectionError
 
-__all__ = ["GROUPINGS", "SelectionError", "group_tensors", "layer_of", "module_of", "natural_key", "select_tensors"]
+__all__ = ["GROUPINGS", "SelectionError", "group_tensors", "layer_of", "module_of", "name_matches", "natural_key",
+           "select_tensors"]
 
 GROUPINGS = ("tensor", "layer", "module")
 
@@ -44,13 +45,17 @@ _KINDS = (("attention", _ATTENTION), ("mlp", _MLP), ("embedding", _EMBEDDING), (
 _PARAM = {"weight", "bias", "in_proj_weight", "in_proj_bias", "w", "b"}  # w, b: TransformerLens's LayerNorm
 
 
+def name_matches(name: str, glob: str) -> bool:
+    """*name* is *glob*, matches it, or matches it with ``[`` taken literally (``*in_proj_weight[q]``)."""
+    return name == glob or fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(name, glob.replace("[", "[[]"))
+
+
 def _matched(names: Sequence[str], glob: str) -> set[int]:
     """The tensors *glob* names: the tensor of that exact name (``w[1]`` is a name, not ``w`` then a class),
-    else those matching it as a glob, or with ``[`` taken literally (``*in_proj_weight[q]``)."""
+    else those :func:`name_matches` finds."""
     if glob in names:
         return {i for i, n in enumerate(names) if n == glob}
-    literal = glob.replace("[", "[[]")
-    return {i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, glob) or fnmatch.fnmatchcase(n, literal)}
+    return {i for i, n in enumerate(names) if name_matches(n, glob)}
 
 
 def select_tensors(names: Sequence[str], params: str | Sequence[str] | None) -> list[int]:

@@ -17,7 +17,6 @@ kept, as an interruption does: the same ingest run again resumes after them.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import hashlib
 import math
@@ -535,12 +534,10 @@ def _ingest_source(
             f"{source.label}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
             f"in {planned[0].checkpoint.label}; check the patterns against its tensor names"
         )
-    for kind, globs in (("include", include), ("exclude", exclude)):  # a pattern that matches nothing: a typo
-        for glob in globs:
-            if not any(fnmatch.fnmatchcase(name, glob) for name in planned[0].considered):
-                raise SelectionError(printable(
-                    f"{source.label}: the {kind} pattern {glob!r} matches no tensor of "
-                    f"{planned[0].checkpoint.label}; check it against its tensor names"))
+    if (unmatched := keys.unmatched(planned[0].considered)) is not None:
+        raise SelectionError(printable(
+            f"{source.label}: the {unmatched[0]} pattern {unmatched[1]!r} matches no tensor of "
+            f"{planned[0].checkpoint.label}; check it against its tensor names"))
     first = _signature(planned[0].tensors)
     _check_names(first, planned[0].checkpoint.label)
     for p in planned[1:]:

@@ -35,7 +35,7 @@ import struct
 import weakref
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +111,16 @@ class KeyOptions:
                 if prefix and name.startswith(prefix):
                     name, changed = name[len(prefix) :], True
         return name
+
+    def unmatched(self, names: Iterable[str]) -> tuple[str, str] | None:
+        """``(option, pattern)`` of the first include or exclude pattern that matches none of *names* (a typo
+        would narrow, or fail to narrow, the selection in silence), else None."""
+        names = list(names)
+        for option, globs in (("include", self.include), ("exclude", self.exclude)):
+            for glob in globs:
+                if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                    return option, glob
+        return None
 
     def selected(self, name: str) -> bool:
         if self.include and not any(fnmatch.fnmatchcase(name, g) for g in self.include):

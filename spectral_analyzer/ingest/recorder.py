@@ -12,7 +12,6 @@ band and spectra extend incrementally at O(p) per new delta.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -116,12 +115,9 @@ class Recorder:
         named = getattr(self.model, "named_parameters", None)
         partitioned = {n for n, p in named() if hasattr(p, "ds_shape")} if callable(named) else set()
         state = self.model.state_dict()
-        names = [self.keys.canonical(name) for name in state]
-        for kind, globs in (("include", self.keys.include), ("exclude", self.keys.exclude)):  # as ingest does
-            missing = next((g for g in globs if not any(fnmatch.fnmatchcase(n, g) for n in names)), None)
-            if missing is not None:
-                raise SelectionError(printable(f"{reader.label}: the {kind} pattern {missing!r} matches no tensor "
-                                               "of the model; check it against its state_dict() names"))
+        if (unmatched := self.keys.unmatched(map(self.keys.canonical, state))) is not None:  # as ingest does
+            raise SelectionError(printable(f"{reader.label}: the {unmatched[0]} pattern {unmatched[1]!r} matches no "
+                                           "tensor of the model; check it against its state_dict() names"))
         for name, value in state.items():
             # Tied weights: the same storage under two names is one parameter, as the readers count it; of the
             # selected names the first is kept (a name left out by include / exclude hides no twin).

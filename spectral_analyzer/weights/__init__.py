@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -13,7 +12,7 @@ from .._version import RESULTS_REVISION, __version__
 from ..devices import resolve_device
 from ..errors import HeadCountError
 from ..groups import SelectionError
-from ..groups import natural_key
+from ..groups import name_matches, natural_key
 from ..progress import progress_bar
 from ..store import Store, TensorEntry
 from ..attributes import describe
@@ -34,9 +33,7 @@ WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.we
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
     """Exact name, glob, or glob with ``[`` taken literally (``*in_proj_weight[q]``)."""
-    return any(
-        name == g or fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, g.replace("[", "[[]")) for g in globs
-    )
+    return any(name_matches(name, g) for g in globs)
 
 
 def expert_matrices(manifest: Sequence[TensorEntry]) -> list[TensorEntry]:

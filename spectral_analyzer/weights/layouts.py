@@ -37,14 +37,13 @@ the circuits of these layers are those of two tokens at the same position.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import HeadCountError, SelectionError
-from ..groups import natural_key
+from ..groups import name_matches, natural_key
 
 __all__ = ["AttentionLayer", "HEAD_FIELDS", "find_attention_layers", "head_blocks", "heads_from_config",
            "interleaved_packing", "projections", "select_layers"]
@@ -168,8 +167,7 @@ def select_layers(layers: Sequence[AttentionLayer], globs: str | Sequence[str] |
     globs = [globs] if isinstance(globs, str) else list(globs)
 
     def hit(name: str) -> bool:
-        return any(name == g or fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name, g.replace("[", "[[]"))
-                   for g in globs)
+        return any(name_matches(name, g) for g in globs)
 
     return [layer for layer in layers if hit(layer.name) or hit(layer.query)]
 
