@@ -339,8 +339,9 @@ def test_circuits_reproduce_the_models_attention(kind):
         attn.register_forward_pre_hook(take_input, with_kwargs=True)
         out_proj.register_forward_hook(take_output)
         ids = torch.randint(32, (1, 5), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            probs = model(ids, position_ids=torch.zeros_like(ids), output_attentions=True).attentions[0]
+        with torch.no_grad():  # an explicit mask: with all positions 0 and none, transformers >= 5.25 reads packed sequences
+            probs = model(ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
+                          output_attentions=True).attentions[0]
         causal = kind != "bert"
     x = seen["x"].detach().double().numpy()
     probs = probs[0].detach().double().numpy()
