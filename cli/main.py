@@ -431,7 +431,8 @@ def spectra(store, window, params, group_by, center, stride, step_range, max_lag
     floors = [ratio(v) for v in np.atleast_1d(ds["null_q95"].values)]
     if "group" in ds.dims:
         floors = [f"{printable(str(g))} {f}" for g, f in zip(ds["group"].values, floors)]
-    click.echo(f"noise floor of R (Wishart 95% quantile, W={window}): " + ", ".join(floors))
+    null = f"W-1={window - 1}, centred" if center else f"W={window}"  # a centred window's Gram has rank W-1
+    click.echo(f"noise floor of R (Wishart 95% quantile, {null}): " + ", ".join(floors))
     for line in _summaries(ds):
         click.echo(line)
 
@@ -500,7 +501,7 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
     click.echo(f"events ({len(events)}):" if events else "events: none")
     for e in events:
         click.echo(f"  step {e['step']:>8}  {e['kind']:<22} k*={mode(e['mode'])}  R={ratio(e['value'])}")
-    click.echo("dC: ||dC||_F, the change of the window Gram; A: adiabatic parameter ||dC||_F / (eta g^2); "
+    click.echo("dC: ||dC||_F, the rank-two change d_i d_i^T - d_i-W d_i-W^T of the window covariance; A: adiabatic parameter ||dC||_F / (eta g^2); "
                "alpha_j: Davis-Kahan stability of mode j; rot_j: rotation of mode j since the last window (rad); "
                "-: not defined")
     for line in _summaries(ds):

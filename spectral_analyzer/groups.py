@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .errors import SelectionError
 
@@ -50,12 +50,19 @@ def name_matches(name: str, glob: str) -> bool:
     return name == glob or fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(name, glob.replace("[", "[[]"))
 
 
+def matcher(names: Iterable[str], globs: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a name is one of those *globs* pick among *names*: a glob that is one of the names picks that
+    name alone (``w[1]``, not ``w1``), any other one what :func:`name_matches` finds."""
+    names = set(names)
+    exact = {g for g in globs if g in names}
+    others = [g for g in globs if g not in exact]
+    return lambda name: name in exact or any(name_matches(name, g) for g in others)
+
+
 def _matched(names: Sequence[str], glob: str) -> set[int]:
-    """The tensors *glob* names: the tensor of that exact name (``w[1]`` is a name, not ``w`` then a class),
-    else those :func:`name_matches` finds."""
-    if glob in names:
-        return {i for i, n in enumerate(names) if n == glob}
-    return {i for i, n in enumerate(names) if name_matches(n, glob)}
+    """The tensors *glob* names (:func:`matcher`)."""
+    hit = matcher(names, [glob])
+    return {i for i, n in enumerate(names) if hit(n)}
 
 
 def select_tensors(names: Sequence[str], params: str | Sequence[str] | None) -> list[int]:

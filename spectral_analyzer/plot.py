@@ -212,7 +212,7 @@ def plot_gap_ratio(ds: xr.Dataset, metrics: xr.Dataset | None = None, metric: st
         raise MetricError(f"metric={metric!r} needs the series it is read from: pass metrics=run.metrics")
     if metrics is not None and metric is None:
         raise MetricError(f"metrics= given without metric=: name one of {', '.join(metrics.data_vars) or 'none'}")
-    if metrics is not None and metric not in metrics:
+    if metrics is not None and metric not in metrics.data_vars:
         raise MetricError(f"metric {metric!r} is not logged (metrics: {', '.join(metrics.data_vars) or 'none'})")
     ax = _axes(ax)
     lines = _lines(ds)

@@ -68,7 +68,7 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
     check_output(output, overwrite=overwrite, formats=None)
     metrics = run.metrics
     names = list(metrics.data_vars)
-    if metric is not None and metric not in metrics:
+    if metric is not None and metric not in metrics.data_vars:
         raise MetricError(f"{run.path}: metric {metric!r} is not logged (metrics: {', '.join(names) or 'none'})")
     spectra = run.spectra(window=window)
     dyn = run.dynamics(window=window) if run.n_deltas > window else None

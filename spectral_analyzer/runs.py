@@ -22,7 +22,7 @@ from typing import Any
 import xarray as xr
 
 from .attributes import describe
-from .errors import StoreError
+from .errors import MetricError, StoreError
 from .groups import natural_key
 from .run import Run, open_run
 
@@ -80,6 +80,11 @@ class Runs:
 
     def _side_by_side(self, result: Callable[[Run], xr.Dataset]) -> xr.Dataset:
         parts = [result(run) for run in self.runs.values()]
+        for run, part in zip(self.runs.values(), parts):  # a logged series of these names would be lost or clash
+            if clash := next((name for name in ("run", "store") if name in part.variables), None):
+                raise MetricError(f"{run.path}: its series {clash!r} has the name of the coordinate that tells the "
+                                  "runs apart; compare the runs one by one, or rename the column where it was "
+                                  "logged and ingest the run again")
         ds = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts", coords="different",
                        compat="equals")
         for dim in ("group", "matrix", "layer"):  # the outer join sorts labels as text (layer 10 before layer 2):

@@ -47,8 +47,12 @@ MAX_LAG = 16
 # What the fork server imports once (distributed and xarray's zarr backend: dask and xarray import them on
 # first use). Not this module itself: a fork server of Python < 3.12 does not see the test folder on its
 # path (each child does, and imports this module, cheaply, from there).
+# The package's own subpackages too: it imports them on first use, and a child importing them pays about a
+# second (scipy, safetensors) that the server pays once.
 _PRELOAD = ["numpy", "torch", "zarr", "xarray", "xarray.backends.zarr", "distributed", "dask.array", "click",
-            "pytest", "spectral_analyzer", "spectral_analyzer.cli"]
+            "pytest", "spectral_analyzer", "spectral_analyzer.cli", "spectral_analyzer.run", "spectral_analyzer.ingest",
+            "spectral_analyzer.ingest.recorder", "spectral_analyzer.gram.build", "spectral_analyzer.spectra",
+            "spectral_analyzer.dynamics", "spectral_analyzer.weights"]
 
 
 def context():

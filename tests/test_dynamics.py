@@ -10,7 +10,7 @@ from conftest import FIXTURES
 from safetensors.torch import save_file
 
 import spectral_analyzer as sa
-from spectral_analyzer.dynamics.events import detect_events
+from spectral_analyzer.dynamics.events import detect_events, phases
 from spectral_analyzer.dynamics.kernel import eig_desc, flow_terms
 
 
@@ -250,7 +250,8 @@ def test_correlate_with_metrics(grok):
 
 @pytest.mark.parametrize("option", [{"tau": float("nan")}, {"tau": 0.0}, {"factor": 0.0}, {"factor": 1.0},
                                     {"lr": -1.0}, {"lr": 0.0}, {"constant": -5.0}, {"persistence": 0},
-                                    {"top_k": 0}, {"phase_fraction": 1.5}, {"group_by": "modules"}])
+                                    {"top_k": 0}, {"phase_fraction": 1.5}, {"group_by": "modules"},
+                                    {"persistence": 1.5}, {"top_k": 2.5}, {"persistence": 2.0}])
 def test_options_without_meaning_are_refused_before_any_work(grok, option, tmp_path):
     run, _ = grok
     from conftest import snapshot
@@ -344,3 +345,15 @@ def test_a_grok_step_past_the_last_checkpoint_has_nothing_at_grokking(grok):
     assert np.isfinite(qk["qk_ratio_12_end"].values).all()
     two = compute_grokking(run.store, run.spectra(window=2), _metrics_of([0, 1000], [0.0, 1.0], "test_acc"))
     assert np.isnan(float(two["g23_decline"])) and np.isfinite(float(two["R_grok"]))  # W = 2: no g23
+
+
+def test_an_infinite_gap_ratio_is_in_the_plateau():
+    """R = inf (a window of lower rank: its spectrum ends at k*) is the largest gap there is: the event detector
+    counts it above tau, and the phases put it in the plateau (it was labelled collapse or rise)."""
+    inf = np.inf
+    assert list(phases([0.5, 1.2, inf, inf])) == ["rise", "plateau", "plateau", "plateau"]
+    assert list(phases([2.0, 3.0, 2.9, inf, 1.1, 1.0])) == ["rise", "plateau", "plateau", "plateau", "collapse",
+                                                             "collapse"]
+    assert list(phases([inf, np.nan, 5.0, 1.0])) == ["plateau", "", "plateau", "collapse"]
+    assert list(phases([inf, inf, np.nan])) == ["plateau", "plateau", ""]
+    assert list(phases([np.nan, np.nan])) == ["", ""]

@@ -120,3 +120,28 @@ def test_runs_side_by_side_keep_the_layers_in_order(tmp_path):
     assert list(ds["group"].values) == [f"layer {i}" for i in range(12)]
     np.testing.assert_array_equal(ds["sigma"].isel(run=0).sel(group="layer 10").values,
                                   a.spectra(window=3, group_by="layer")["sigma"].sel(group="layer 10").values)
+
+
+def test_a_pattern_that_is_a_tensors_name_picks_it_alone_wherever_patterns_are_taken(tmp_path):
+    """'w[1]' is the tensor w[1] for --params; it was w1 for --include and --wq ('[1]' a character class) and
+    both for weights' match. The weights and the query matrix now take the exact name first, as --params does;
+    ingest, which selects while reading, refuses the pattern in one line instead of guessing."""
+    from spectral_analyzer.weights import find_wq
+
+    run = _run(tmp_path / "c", {"w[1]": (3, 3), "w1": (2, 2), "v": (2,)})
+    assert [str(m) for m in run.weight_spectra("w[1]")["matrix"].values] == ["w[1]"]
+    assert [str(m) for m in run.weight_spectra("w[12]")["matrix"].values] == ["w1"]
+    assert find_wq(run.store, "w[1]") == "w[1]"
+    for option in ({"include": ["w[1]"]}, {"exclude": ["w[1]"]}):
+        message = (rf"the {next(iter(option))} pattern 'w\[1\]' is the name of a tensor and, as a glob, matches "
+                   r"'w1' too; write \[\[\] for a literal \[ or name the tensors one by one \(.*step_0")
+        with pytest.raises(sa.SelectionError, match=message):
+            sa.ingest(tmp_path / "c", tmp_path / "s.zarr", **option)
+        assert not (tmp_path / "s.zarr").exists()
+    kept = sa.ingest(tmp_path / "c", tmp_path / "s.zarr", exclude=["w[[]1]"]).tensors["tensor"].values
+    assert sorted(kept) == ["v", "w1"]
+    model = torch.nn.Module()
+    model.register_parameter("w[1]", torch.nn.Parameter(torch.ones(2)))
+    model.register_parameter("w1", torch.nn.Parameter(torch.ones(2)))
+    with pytest.raises(sa.SelectionError, match=r"the include pattern 'w\[1\]' is the name of a tensor"):
+        sa.Recorder(tmp_path / "rec.zarr", model, include=["w[1]"]).record(0)

@@ -110,24 +110,29 @@ def test_a_file_name_that_is_not_utf8_is_refused_by_its_name(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_a_tensor_name_that_is_no_unicode_text_is_refused_at_ingest(tmp_path):
+@pytest.mark.parametrize("name, why", [("w\udcff", "has a name that is not Unicode text"),
+                                       # numpy's strings drop trailing NULs: w and w\x00 were one label
+                                       ("v\x00", "has a NUL character in its name")])
+def test_a_tensor_name_that_is_no_unicode_text_is_refused_at_ingest(tmp_path, name, why):
     src = tmp_path / "ckpts"
     src.mkdir()
     for step in (0, 10, 20):  # a pickle keeps a lone surrogate, which no UTF-8 export can
-        torch.save({"w\udcff": torch.full((3, 3), float(step)), "v": torch.ones(3)}, src / f"step_{step}.pt")
+        torch.save({name: torch.full((3, 3), float(step)), "v": torch.ones(3)}, src / f"step_{step}.pt")
     line = _one_line_error(_ingest(src, tmp_path / "s.zarr"))
-    assert "step_0.pt: tensor 'w\\udcff' has a name that is not Unicode text" in line
+    assert f"step_0.pt: tensor {name!r} {why}" in line
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_a_metric_name_that_is_no_unicode_text_is_refused(tmp_path):
+@pytest.mark.parametrize("name, why", [("lo\ud800ss", "has a name that is not Unicode text"),
+                                       ("loss\x00", "has a NUL character in its name")])
+def test_a_metric_name_that_is_no_unicode_text_is_refused(tmp_path, name, why):
     src = tmp_path / "ckpts"
     write_run(src, 3, {"w": (3, 3)})
-    records = [{"step": 10 * i, "lo\ud800ss": i / 3} for i in range(3)]  # JSON's \ud800 escape: valid JSON
+    records = [{"step": 10 * i, name: i / 3, "loss": 1.0} for i in range(3)]  # JSON's \ud800 escape: valid JSON
     (src / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     store = tmp_path / "s.zarr"
     line = _one_line_error(_ingest(src, store))
-    assert "metrics.jsonl: series 'lo\\ud800ss' has a name that is not Unicode text" in line
+    assert f"metrics.jsonl: series {name!r} {why}" in line
     assert not store.exists()
 
 

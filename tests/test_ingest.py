@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import xarray as xr
 from conftest import FIXTURES, LAYOUTS, expected_deltas, flat_theta, layout_checkpoints, load_state, write_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import spectral_analyzer as sa
 
@@ -143,6 +144,37 @@ def test_reingest_same_folder_is_a_no_op(tmp_path, hf_copy):
     run = sa.ingest(hf_copy, tmp_path / "r.zarr")
     assert run.n_deltas == 3
     assert snapshot(tmp_path / "r.zarr") == before
+
+
+def test_another_folder_with_the_same_sizes_and_times_is_compared_by_content(tmp_path):
+    """A second run of a sweep (its first checkpoints copied, then its own walk) whose files have the first
+    run's sizes and mtimes, as after ``cp -p`` or on a filesystem with coarse times: ingested into the first
+    run's store, it is refused; its later rows would have been deltas from the first run's last weights.
+    The first run moved to another folder with its times still appends."""
+    first = write_run(tmp_path / "a", 7, {"w": (30, 4)}, seed=1)
+    (tmp_path / "b").mkdir()
+    other = [shutil.copyfile(a, tmp_path / "b" / a.name) for a in first[:4]]
+    gen, w = torch.Generator().manual_seed(2), load_file(first[3])["w"]
+    for step in (40, 50, 60):  # the same walk's size of step from step 30 on, in other directions
+        w = w + 1e-2 * torch.randn(w.shape, generator=gen)
+        save_file({"w": w}, tmp_path / "b" / f"step_{step}.safetensors")
+        other.append(tmp_path / "b" / f"step_{step}.safetensors")
+    for a, b in zip(first, other):
+        os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    later = first[6].rename(tmp_path / first[6].name)
+    sa.ingest(tmp_path / "a", tmp_path / "r.zarr", chunk_size=64)
+    with pytest.raises(sa.StoreExistsError, match=r"holds a different run \(the checkpoint at step 40, .*b/step_40"
+                                                  r"\.safetensors, differs from the one ingested\)"):
+        sa.ingest(tmp_path / "b", tmp_path / "r.zarr")
+    assert sa.open_run(tmp_path / "r.zarr").n_deltas == 5
+    moved = shutil.copytree(tmp_path / "a", tmp_path / "moved")  # copy2: times kept, same bytes
+    shutil.copy2(later, moved / later.name)
+    shutil.copyfile(other[5], moved / "step_50.safetensors")  # the size and time of a's step 50, other bytes
+    os.utime(moved / "step_50.safetensors", ns=(first[5].stat().st_atime_ns, first[5].stat().st_mtime_ns))
+    with pytest.raises(sa.StoreExistsError, match="the checkpoint at step 50"):
+        sa.ingest(moved, tmp_path / "r.zarr")
+    shutil.copy2(first[5], moved / "step_50.safetensors")
+    assert list(sa.ingest(moved, tmp_path / "r.zarr").checkpoint_steps) == [0, 10, 20, 30, 40, 50, 60]
 
 
 def test_steps_from_file_contents_and_explicit(tmp_path):

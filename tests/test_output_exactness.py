@@ -315,6 +315,8 @@ def test_an_undefined_k_star_shows_as_undefined_and_ratios_near_1_keep_their_dig
     assert rows[0]["R"] == "1.19996"
     assert "noise floor of R (Wishart 95% quantile, W=3): 1.000169" in out
     assert "k* changes 1 time (first at step" in out  # 1 -> 2; never through the undefined windows
+    centred = CliRunner().invoke(main, ["spectra", str(stores[0]), "-w", "3", "--center"]).output
+    assert "noise floor of R (Wishart 95% quantile, W-1=2, centred): 1.000169" in centred  # its null's rank
 
 
 def _tables(page: str) -> dict[str, list[dict[str, str]]]:

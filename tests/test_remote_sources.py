@@ -221,3 +221,23 @@ def test_a_remote_pickle_whose_stored_step_contradicts_its_name_is_refused(memor
     upload(fs, src, root)
     with pytest.raises(sa.StepError, match=r"step_20.pt: its name says step 20 and the file records step 25"):
         sa.ingest(f"memory://{root}", tmp_path / "r.zarr")
+
+
+def test_a_file_at_another_url_is_the_same_only_by_its_content_fields(tmp_path):
+    """Two objects of the same size written in the same second (LastModified has seconds) at two URLs are
+    not the same file; an ETag or MD5 in common is; at its own URL the object's version fields decide."""
+    from spectral_analyzer.ingest.remote import FsspecFile
+
+    fs = MemoryFileSystem()
+
+    def remote(path: str, **info) -> FsspecFile:
+        return FsspecFile(fs, path, {"size": 40, **info}, workspace=None, parent=None)
+
+    at_a = remote("/a/step_10.safetensors", LastModified="2026-12-03 10:00:00", ETag='"e1"').identity()
+    timed = {k: v for k, v in at_a.items() if k != "ETag"}
+    assert remote("/a/step_10.safetensors", LastModified="2026-12-03 10:00:00").matches(timed)
+    assert not remote("/b/step_10.safetensors", LastModified="2026-12-03 10:00:00").matches(timed)
+    assert remote("/b/step_10.safetensors", LastModified="2026-12-03 10:00:05", ETag='"e1"').matches(at_a)
+    assert not remote("/b/step_10.safetensors", LastModified="2026-12-03 10:00:00", ETag='"e2"').matches(at_a)
+    assert not remote("/b/step_10.safetensors").matches({"url": "memory:///a/step_10.safetensors", "size": 40})
+    assert remote("/a/step_10.safetensors").matches({"url": "memory:///a/step_10.safetensors", "size": 40})

@@ -71,3 +71,45 @@ def test_every_result_type_concatenates(stores):
     ws = runs.weight_spectra("*in_proj_weight*")
     own = runs["wd0"].weight_spectra("*in_proj_weight*")
     np.testing.assert_array_equal(ws.sigma.sel(run="wd0").sel(step=own.step).values, own.sigma.values)
+
+
+@pytest.mark.parametrize("series", ["run", "store"])
+def test_a_series_named_like_the_runs_coordinate_is_refused_in_one_line(tmp_path, series):
+    """A logged series 'store' vanished from the metrics side by side (m['store'] gave the stores' paths); one
+    named 'run' raised xarray's error, and the report of two such runs a traceback."""
+    from click.testing import CliRunner
+    from conftest import write_run
+
+    from spectral_analyzer.cli import main
+
+    for name in ("a", "b"):
+        write_run(tmp_path / name, 6, {"w": (4, 4)})
+        (tmp_path / name / "metrics.csv").write_text(
+            f"step,test_acc,{series}\n" + "".join(f"{10 * i},{i / 5},{100 + i}\n" for i in range(6)))
+        sa.ingest(tmp_path / name, tmp_path / f"{name}.zarr")
+    runs = sa.open_runs([tmp_path / "a.zarr", tmp_path / "b.zarr"])
+    message = f"a.zarr: its series '{series}' has the name of the coordinate that tells the runs apart"
+    with pytest.raises(sa.MetricError, match=message):
+        runs.metrics
+    out = CliRunner().invoke(main, ["report", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), "-w", "3",
+                                    "-o", str(tmp_path / "r.html"), "--metric", "test_acc"])
+    assert out.exit_code == 1 and out.output.count("\n") == 1 and message in out.output
+    assert not (tmp_path / "r.html").exists()
+    assert float(sa.open_run(tmp_path / "a.zarr").metrics[series][-1]) == 105  # one run alone keeps it
+
+
+def test_the_step_coordinate_is_no_metric(tmp_path):
+    """--metric step took the step coordinate for a logged series: 'grokked at step 20' for any threshold."""
+    from conftest import write_run
+
+    write_run(tmp_path / "a", 6, {"w": (4, 4)})
+    (tmp_path / "a" / "metrics.csv").write_text("step,loss\n" + "".join(f"{10 * i},{1 - i / 9}\n" for i in range(6)))
+    run = sa.ingest(tmp_path / "a", tmp_path / "a.zarr")
+    with pytest.raises(sa.MetricError, match=r"metric 'step' is not logged \(metrics: loss\)"):
+        run.grokking(metric="step", threshold=15, window=3)
+    with pytest.raises(sa.MetricError, match=r"metric 'step' is not logged \(metrics: loss\)"):
+        run.correlate("step", window=3)
+    from spectral_analyzer.report import write_report
+
+    with pytest.raises(sa.MetricError, match=r"metric 'step' is not logged"):
+        write_report(run, tmp_path / "r.html", window=3, metric="step")

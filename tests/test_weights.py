@@ -169,3 +169,27 @@ def test_recorded_at_ingest_are_the_source_singular_values(tmp_path):
     assert run.weight_spectra("embed.weight").attrs["source"].startswith("theta_i = base")
     with pytest.raises(sa.StoreError, match="recorded for"):
         sa.ingest(src, tmp_path / "r.zarr", weights=["*mlp*"])
+
+
+@pytest.mark.parametrize("sizes, made, source", [
+    ({"attn.in_proj_weight": (12, 4), "attn.in_proj_weight[q]": (6, 5)}, "attn.in_proj_weight[q]",
+     "attn.in_proj_weight"),
+    ({"moe.experts.w": (2, 3, 3), "moe.experts.w[expert 0]": (5, 4)}, "moe.experts.w[expert 0]", "moe.experts.w"),
+])
+def test_a_made_matrix_name_that_is_another_tensors_is_refused(tmp_path, sizes, made, source):
+    """The q of a packed projection (``w[q]``) or an expert of a stacked tensor (``w[expert 0]``) named like a
+    tensor of the model: one column held both (the made matrix NaN at every step, the other's values under the
+    shared name); refused in one line, at analysis and when an ingest records the weights."""
+    from conftest import write_run
+
+    write_run(tmp_path / "src", 3, sizes, seed=4)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr")
+    message = f"the matrix '{made}' made from tensor '{source}' has the name of tensor '{made}'"
+    with pytest.raises(sa.SelectionError, match=message.replace("[", r"\[")):
+        run.weight_spectra()
+    with pytest.raises(sa.SelectionError, match="has the name of tensor"):
+        sa.ingest(tmp_path / "src", tmp_path / "w.zarr", weights="*")
+    out = CliRunner().invoke(main, ["weights", str(tmp_path / "r.zarr"), "--no-progress"])
+    assert out.exit_code == 1 and out.output.count("\n") == 1 and "has the name of tensor" in out.output
+    apart = sa.ingest(tmp_path / "src", tmp_path / "apart.zarr", exclude=[made.replace("[", "[[]")])
+    assert made in [str(m) for m in apart.weight_spectra()["matrix"].values]  # the made one, alone

@@ -78,10 +78,13 @@ def _check_options(**given) -> None:
     for name, value in given.items():
         if value is None and name in ("factor", "lr"):
             continue
-        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-        if not ok or not np.isfinite(value) or value <= bounds[name] or (name == "phase_fraction" and value > 1):
+        counts = name in ("persistence", "top_k")  # numbers of windows and of modes
+        ok = isinstance(value, (int, np.integer) if counts else (int, float, np.integer, np.floating))
+        if (not ok or isinstance(value, bool) or not np.isfinite(value) or value <= bounds[name]
+                or (name == "phase_fraction" and value > 1)):
             top = " and at most 1" if name == "phase_fraction" else ""
-            raise SelectionError(f"dynamics: {name} must be a finite number above {bounds[name]}{top}, not {value!r}")
+            what = "a whole number" if counts else "a finite number"
+            raise SelectionError(f"dynamics: {name} must be {what} above {bounds[name]}{top}, not {value!r}")
 
 
 def compute_dynamics(

@@ -92,7 +92,7 @@ def correlate(
         windows l apart (a lag counts windows; where checkpoints are unevenly spaced the same lag spans
         different step offsets along the run, and across runs compared side by side).
     """
-    if metric not in metrics:
+    if metric not in metrics.data_vars:  # a coordinate (step) is no series
         logged = ", ".join(metrics.data_vars) or "none"
         raise MetricError(f"metric {metric!r} is not logged (metrics: {logged})")
     if detrend_kind not in DETRENDS:

@@ -72,15 +72,18 @@ def phases(gap_ratio: np.ndarray, fraction: float = 0.8) -> np.ndarray:
     """Rise / plateau / collapse of R(t).
 
     The plateau runs from the first to the last window where R reaches
-    ``fraction * max(R)`` (finite values); before it R rises, after it R
-    collapses. Windows with R undefined get ``""``.
+    ``fraction * max(R)`` (the largest finite value; an infinite R, a window
+    whose spectrum ends at k*, reaches it as the event detector counts it);
+    before it R rises, after it R collapses. Windows with R undefined get ``""``.
     """
     r = np.asarray(gap_ratio, dtype=float)
     out = np.full(r.size, "", dtype=object)
     finite = np.isfinite(r)
-    if not finite.any():
+    high = np.isposinf(r)
+    if finite.any():
+        high |= finite & (r >= fraction * r[finite].max())
+    if not high.any():
         return out.astype(str)
-    high = finite & (r >= fraction * r[finite].max())
     first, last = np.flatnonzero(high)[[0, -1]]
     idx = np.arange(r.size)
     out[idx < first] = "rise"

@@ -59,6 +59,8 @@ def _check_names(names: Iterable[str], origin: Path) -> None:
         except UnicodeEncodeError:
             raise MetricsError(f"{origin}: series {name!r} has a name that is not Unicode text (a lone surrogate); "
                                "rename it") from None
+        if "\x00" in name:  # numpy's strings drop it at the end: two series would be one label
+            raise MetricsError(f"{origin}: series {name!r} has a NUL character in its name; rename it")
 
 
 def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:

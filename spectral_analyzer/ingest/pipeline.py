@@ -85,13 +85,18 @@ def _fingerprint(path: Path) -> dict[str, Any]:
 
 
 def _same_file(path: Path | RemoteFile, recorded: dict[str, Any]) -> bool:
-    """Whether *path* holds what was ingested (size and mtime, else sha256; a remote file: its identity)."""
+    """Whether *path* holds what was ingested (a remote file: its identity).
+
+    The same size and mtime vouch for the same content only at the path that was ingested: a file of another
+    folder (a copy kept with its times, a run of the same sweep saved in the same second on a filesystem with
+    coarse times) is compared by its sha256.
+    """
     if isinstance(path, RemoteFile):
         return path.matches(recorded)
     st = path.stat()
     if st.st_size != recorded["size"]:
         return False
-    if st.st_mtime_ns == recorded.get("mtime_ns"):
+    if st.st_mtime_ns == recorded.get("mtime_ns") and str(path.resolve()) == recorded.get("path"):
         return True
     return _sha256(path) == recorded.get("sha256")
 
@@ -162,13 +167,17 @@ def _signature(tensors: dict[str, TensorInfo]) -> dict[str, tuple[tuple[int, ...
 
 def _check_names(names: Iterable[str], label: str) -> None:
     """Refuse a tensor name that is no Unicode text (a lone surrogate, which a pickle can hold): results and
-    exports name tensors in UTF-8."""
+    exports name tensors in UTF-8; or that holds a NUL, which numpy's strings drop at the end (``w`` and
+    ``w\x00`` would be one label of the results)."""
     for name in names:
         try:
             name.encode()
         except UnicodeEncodeError:
             raise CheckpointError(f"{label}: tensor {name!r} has a name that is not Unicode text (a lone "
                                   "surrogate); rename it in the checkpoint") from None
+        if "\x00" in name:
+            raise CheckpointError(f"{label}: tensor {name!r} has a NUL character in its name; rename it in the "
+                                  "checkpoint")
 
 
 def _check_consistent(
@@ -538,6 +547,8 @@ def _ingest_source(
         raise SelectionError(printable(
             f"{source.label}: the {unmatched[0]} pattern {unmatched[1]!r} matches no tensor of "
             f"{planned[0].checkpoint.label}; check it against its tensor names"))
+    if (ambiguous := keys.ambiguous(planned[0].considered)) is not None:
+        raise SelectionError(printable(f"{source.label}: {ambiguous} ({planned[0].checkpoint.label})"))
     first = _signature(planned[0].tensors)
     _check_names(first, planned[0].checkpoint.label)
     for p in planned[1:]:

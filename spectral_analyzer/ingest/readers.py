@@ -25,7 +25,6 @@ beside it.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import os
@@ -44,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, InconsistentCheckpointsError, StepError, UnsafeCheckpointError, printable
-from ..groups import natural_key
+from ..groups import name_matches, natural_key
 from .sources import AHEAD_BYTES, RemoteFile, is_remote
 
 __all__ = [
@@ -118,14 +117,29 @@ class KeyOptions:
         names = list(names)
         for option, globs in (("include", self.include), ("exclude", self.exclude)):
             for glob in globs:
-                if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                if not any(name_matches(n, glob) for n in names):
                     return option, glob
         return None
 
+    def ambiguous(self, names: Iterable[str]) -> str | None:
+        """A pattern that is the exact name of one tensor and, as a glob, matches others too (``w[1]``: the
+        tensor ``w[1]``, and ``w1``), said in a phrase; the analysis takes such a pattern as the name, and a
+        selection made when the checkpoints are read cannot know the names yet: refused, else None."""
+        names = set(names)
+        for option, globs in (("include", self.include), ("exclude", self.exclude)):
+            for glob in globs:
+                others = sorted(n for n in names if n != glob and name_matches(n, glob))
+                if glob in names and others:
+                    return (f"the {option} pattern {glob!r} is the name of a tensor and, as a glob, matches "
+                            f"{others[0]!r} too; write [[] for a literal [ or name the tensors one by one")
+        return None
+
     def selected(self, name: str) -> bool:
-        if self.include and not any(fnmatch.fnmatchcase(name, g) for g in self.include):
+        """*name* kept: matched by an include pattern (if any) and by no exclude pattern, each pattern its exact
+        name, a glob, or a glob with ``[`` taken literally, as the analysis matches them."""
+        if self.include and not any(name_matches(name, g) for g in self.include):
             return False
-        return not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)
+        return not any(name_matches(name, g) for g in self.exclude)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,8 @@ class Recorder:
         if (unmatched := self.keys.unmatched(map(self.keys.canonical, state))) is not None:  # as ingest does
             raise SelectionError(printable(f"{reader.label}: the {unmatched[0]} pattern {unmatched[1]!r} matches no "
                                            "tensor of the model; check it against its state_dict() names"))
+        if (ambiguous := self.keys.ambiguous(map(self.keys.canonical, state))) is not None:
+            raise SelectionError(printable(f"{reader.label}: {ambiguous} (the model's state_dict() names)"))
         for name, value in state.items():
             # Tied weights: the same storage under two names is one parameter, as the readers count it; of the
             # selected names the first is kept (a name left out by include / exclude hides no twin).

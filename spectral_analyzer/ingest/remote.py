@@ -23,6 +23,7 @@ __all__ = ["FsspecSource"]
 # What an fsspec backend's info() may hold that changes when an object is replaced (S3, GCS, Azure, memory).
 VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash", "crc32c", "content_md5", "LastModified",
                 "last_modified", "updated", "mtime", "created")
+CONTENT_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5")  # those that name the bytes, not the object
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError, TypeError,
               NotImplementedError, ImportError)
 
@@ -59,12 +60,16 @@ class FsspecFile(RemoteFile):
     def matches(self, recorded: Mapping[str, Any]) -> bool:
         """Same size and the same version fields (ETag, generation, mtime, ...) as recorded.
 
-        A file whose filesystem reports none is judged by its size.
+        At another URL only the fields of the content (ETag, MD5, CRC32C) count: two objects of the same size
+        written in the same second are not the same file. At its own URL, a file whose filesystem reports no
+        version field is judged by its size.
         """
         if recorded.get("size") != self.size:
             return False
-        common = [k for k in self.version if k in recorded]
-        return all(recorded[k] == self.version[k] for k in common) and (bool(common) or not self.version)
+        keys = VERSION_KEYS if recorded.get("url") == self.label else CONTENT_KEYS
+        common = [k for k in self.version if k in recorded and k in keys]
+        return all(recorded[k] == self.version[k] for k in common) and (
+            bool(common) or (not self.version and keys is VERSION_KEYS))
 
 
 class FsspecFolder(RemoteFolder):

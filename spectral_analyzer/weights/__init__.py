@@ -12,7 +12,7 @@ from .._version import RESULTS_REVISION, __version__
 from ..devices import resolve_device
 from ..errors import HeadCountError
 from ..groups import SelectionError
-from ..groups import name_matches, natural_key
+from ..groups import matcher, natural_key
 from ..progress import progress_bar
 from ..store import Store, TensorEntry
 from ..attributes import describe
@@ -29,11 +29,6 @@ __all__ = ["WQ_PATTERNS", "compute_attention_spectra", "compute_grokking", "comp
 
 WQ_PATTERNS = ("*q_proj.weight", "*in_proj_weight[q]", "*query.weight", "*.wq.weight", "*attn.q.weight",
                "*c_attn.weight[q]", "*query_key_value.weight[q]")
-
-
-def _matches(name: str, globs: Sequence[str]) -> bool:
-    """Exact name, glob, or glob with ``[`` taken literally (``*in_proj_weight[q]``)."""
-    return any(name_matches(name, g) for g in globs)
 
 
 def expert_matrices(manifest: Sequence[TensorEntry]) -> list[TensorEntry]:
@@ -77,18 +72,37 @@ def select_weights(manifest: Sequence[TensorEntry], match, packing: Mapping[str,
     (*packing*: the tensors packed per head, with their head count, split by :func:`split_packed`)."""
     globs = None if match is None else ([match] if isinstance(match, str) else list(match))
     packing = packing or {}
+    split = [(t, [n for n, _ in split_packed(t.name, np.broadcast_to(np.False_, t.shape), packing.get(t.name))])
+             for t in expert_matrices(manifest)]
+    hit = None if globs is None else matcher([n for t, parts in split for n in (t.name, *parts)], globs)
     picked = []
-    for t in expert_matrices(manifest):
-        shape_only = np.broadcast_to(np.False_, t.shape)
-        parts = [n for n, _ in split_packed(t.name, shape_only, packing.get(t.name))]
-        if globs is not None and not _matches(t.name, globs):
-            parts = [n for n in parts if _matches(n, globs)]
+    for t, parts in split:
+        if hit is not None and not hit(t.name):
+            parts = [n for n in parts if hit(n)]
         if parts:
             picked.append((t, parts))
     if not picked:
         shown = ", ".join(t.name for t in expert_matrices(manifest))[:200] or "none"
         raise SelectionError(f"no 2-D weight matches {globs!r} (2-D weights: {shown})")
+    whole = {id(t) for t in manifest}  # the rest are experts' matrices, name[expert i]
+    unique_names([(n, t.name if id(t) in whole else t.name.rsplit("[", 1)[0]) for t, parts in picked for n in parts],
+                 {t.name for t in manifest})
     return picked
+
+
+def unique_names(made: Sequence[tuple[str, str]], tensors: set[str]) -> None:
+    """Refuse, in one line, a matrix name made from a tensor (``w[q]``, ``w[expert 0]``, ``w[head 2]``) that
+    another matrix has too, or another tensor: its values would be served under the other's name."""
+    sources: dict[str, list[str]] = {}
+    for name, source in made:
+        sources.setdefault(name, []).append(source)
+    for name, of in sources.items():
+        made_from = [s for s in of if s != name]
+        if made_from and (len(of) > 1 or name in tensors):
+            other = next((s for s in of if s != made_from[0]), None)
+            what = f"tensor {name!r}" if other is None or other == name else f"a matrix made from {other!r}"
+            raise SelectionError(f"the matrix {name!r} made from tensor {made_from[0]!r} has the name of {what}: "
+                                 "leave one of the two tensors out (exclude=/--exclude)")
 
 
 def _head_plan(store: Store, picked, heads: int) -> dict[str, tuple[int, int, str]]:
@@ -214,6 +228,9 @@ def _reconstruct(
     dev = resolve_device(device)
     layout = _matrix_shapes(picked, plan, packing)
     names = [n for n, _ in layout]
+    if plan:
+        unique_names([(n, n.rsplit("[", 1)[0] if n.endswith("]") else n) for n in names],
+                     {t.name for t in store.manifest})
     column = {n: j for j, n in enumerate(names)}
     rank = max(min(shape) for _, shape in layout)
     rank = min(rank, top) if top else rank
@@ -285,8 +302,8 @@ def find_wq(store: Store, wq: str | None) -> str | None:
         if len(t.shape) == 2:
             names += [n for n, _ in split_packed(t.name, np.broadcast_to(np.False_, t.shape), packing.get(t.name))]
     names.sort(key=natural_key)
-    globs = [wq] if wq else list(WQ_PATTERNS)
-    hits = [n for n in names if _matches(n, globs)]
+    hit = matcher(names, [wq] if wq else WQ_PATTERNS)
+    hits = [n for n in names if hit(n)]
     if wq and not hits:
         raise SelectionError(f"no weight matrix matches {wq!r}")
     return hits[0] if hits else None

@@ -19,7 +19,7 @@ def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) 
 
     Raises :class:`MetricError` naming *origin* when *metric* is not logged.
     """
-    if metric not in metrics:
+    if metric not in metrics.data_vars:  # a coordinate (step) is no series
         logged = ", ".join(map(str, metrics.data_vars)) or "none"
         raise MetricError(f"{origin}: metric {metric!r} is not logged (metrics: {logged})")
     m = metrics[metric]

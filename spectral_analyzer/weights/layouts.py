@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HeadCountError, SelectionError
-from ..groups import name_matches, natural_key
+from ..groups import matcher, natural_key
 
 __all__ = ["AttentionLayer", "HEAD_FIELDS", "find_attention_layers", "head_blocks", "heads_from_config",
            "interleaved_packing", "projections", "select_layers"]
@@ -161,14 +161,12 @@ def _candidates(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str, s
 
 
 def select_layers(layers: Sequence[AttentionLayer], globs: str | Sequence[str] | None) -> list[AttentionLayer]:
-    """The layers whose name or query matrix matches a glob (exactly, as a glob, or with ``[`` taken literally)."""
+    """The layers whose name or query matrix matches a glob (exactly, as a glob, or with ``[`` taken literally;
+    a glob that is a layer's or query's name picks that one alone)."""
     if globs is None:
         return list(layers)
     globs = [globs] if isinstance(globs, str) else list(globs)
-
-    def hit(name: str) -> bool:
-        return any(name_matches(name, g) for g in globs)
-
+    hit = matcher([n for layer in layers for n in (layer.name, layer.query)], globs)
     return [layer for layer in layers if hit(layer.name) or hit(layer.query)]
 
 
