@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError
+from .store.location import sibling_name
 
 __all__ = ["ExportError", "check_output", "events_table", "export", "replacing", "table"]
 
@@ -105,7 +106,7 @@ def replacing(path: str | os.PathLike, label: str | None = None) -> Iterator[Pat
     ...     tmp.write_text("step,k_star\n10,1\n")
     """
     path = Path(path)
-    tmp = path.with_name(f".{label or path.name}.{secrets.token_hex(4)}.partial")
+    tmp = path.with_name(sibling_name(label or path.name, f".{secrets.token_hex(4)}.partial", prefix="."))
     try:
         yield tmp
         _fsync(tmp)
@@ -128,15 +129,27 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet runs as a formula at the start of a cell
+
+
+def _inert(cell):
+    """A text cell a spreadsheet would run as a formula (a tensor named ``=HYPERLINK(...)``), with an apostrophe
+    before it, as spreadsheets write such text themselves; numbers (``-inf`` too) as they are."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA) and cell not in ("-inf", "+inf"):
+        return "'" + cell
+    return cell
+
+
 def _write_records(records: list[dict], path: Path, suffix: str, attrs: dict | None = None) -> None:
     """*records* into the file at *path* as CSV or JSON (*suffix*: ``.csv`` or ``.json``)."""
     if suffix == ".csv":
         import csv
 
         with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["step"])
-            writer.writeheader()
-            writer.writerows(records)
+            writer = csv.writer(f)
+            names = list(records[0]) if records else ["step"]
+            writer.writerow([_inert(n) for n in names])
+            writer.writerows([_inert(r.get(n, "")) for n in names] for r in records)
     else:
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps({"attrs": attrs or {}, "records": records}, indent=1))

@@ -84,7 +84,7 @@ def select_tensors(names: Sequence[str], params: str | Sequence[str] | None) -> 
 def layer_of(name: str) -> str:
     """``layers.3.mlp.fc1.weight`` -> ``layer 3``; names with no layer index -> ``other``."""
     m = _LAYER.search(name)
-    return f"layer {int(m.group(1))}" if m else "other"
+    return f"layer {m.group(1)}" if m else "other"  # the digits as written: layers.01 is not layers.1
 
 
 def module_of(name: str) -> str:
@@ -121,7 +121,7 @@ def _layer_labels(names: Sequence[str]) -> list[str]:
     found = [_LAYER.search(n) for n in names]
     stacks = {n[: m.start()] for n, m in zip(names, found) if m}
     return [
-        "other" if m is None else f"{n[: m.start()] + ' ' if len(stacks) > 1 and m.start() else ''}layer {int(m[1])}"
+        "other" if m is None else f"{n[: m.start()] + ' ' if len(stacks) > 1 and m.start() else ''}layer {m[1]}"
         for n, m in zip(names, found)
     ]
 

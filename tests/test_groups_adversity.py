@@ -145,3 +145,12 @@ def test_a_pattern_that_is_a_tensors_name_picks_it_alone_wherever_patterns_are_t
     model.register_parameter("w1", torch.nn.Parameter(torch.ones(2)))
     with pytest.raises(sa.SelectionError, match=r"the include pattern 'w\[1\]' is the name of a tensor"):
         sa.Recorder(tmp_path / "rec.zarr", model, include=["w[1]"]).record(0)
+
+
+def test_layer_indices_are_the_digits_as_written():
+    """layers.01.* and layers.1.* were one group, 'layer 1' (the index went through int())."""
+    from spectral_analyzer.groups import group_tensors, layer_of
+
+    names = ["layers.01.w", "layers.1.w", "layers.2.w"]
+    assert group_tensors(names, [0, 1, 2], "layer") == {"layer 01": [0], "layer 1": [1], "layer 2": [2]}
+    assert [layer_of(n) for n in names] == ["layer 01", "layer 1", "layer 2"]

@@ -175,3 +175,39 @@ def test_a_folder_named_like_an_option_is_read_after_a_double_dash(tmp_path, mon
     result = CliRunner().invoke(main, ["ingest", "--no-progress", "-o", "-o", "--", "--overwrite"])
     assert _lines(result) == ["-o: 2 deltas over steps 0..20, p = 9 in 1 tensors"]
     assert list(sa.open_run(tmp_path / "-o").checkpoint_steps) == [0, 10, 20]
+
+
+def test_two_pickles_of_one_name_are_refused(tmp_path):
+    """step_20.pt and step_20.bin holding other weights: the .bin was ingested and the .pt left out in silence.
+    A .safetensors file of the name is still taken before its pickle (the same weights converted)."""
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    for step in (0, 10, 20):
+        torch.save({"w": torch.full((3, 3), float(step))}, src / f"step_{step}.pt")
+    torch.save({"w": torch.full((3, 3), -1.0)}, src / "step_20.bin")
+    line = _one_line_error(_ingest(src, tmp_path / "s.zarr"))
+    assert line == f"Error: {src}/step_20.bin and step_20.pt: two checkpoints of one name; move one of them out " \
+                   "of the folder"
+    assert not (tmp_path / "s.zarr").exists()
+    (src / "step_20.bin").unlink()
+    save_file({"w": torch.full((3, 3), 20.0)}, src / "step_20.safetensors")
+    assert _ingest(src, tmp_path / "s.zarr").exit_code == 0
+    assert [s["files"][0]["path"].rsplit("/", 1)[1] for s in sa.open_run(tmp_path / "s.zarr").sources] == [
+        "step_0.pt", "step_10.pt", "step_20.safetensors"]
+
+
+def test_names_as_long_as_the_filesystem_takes(tmp_path):
+    """A store or output named with 245-250 bytes (the limit is 255): the names written beside them
+    (.overwrite-partial, .<name>.<hex>.partial) were longer, and the ingest failed, leaving an empty store."""
+    src = tmp_path / "ckpts"
+    write_run(src, 4, {"w": (4, 4)})
+    store = tmp_path / ("s" * 245 + ".zarr")
+    for args in ([], ["--overwrite"]):
+        assert _ingest(src, store, *args).exit_code == 0
+    write_run(src, 5, {"w": (4, 4)})
+    assert _ingest(src, store).exit_code == 0 and sa.open_run(store).n_deltas == 4
+    out = tmp_path / ("x" * 240 + ".csv")
+    done = CliRunner().invoke(main, ["spectra", str(store), "-w", "3", "-q", "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert out.read_text().startswith("step,")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpts", store.name, out.name])

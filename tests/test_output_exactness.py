@@ -209,6 +209,23 @@ def test_csv_and_report_are_utf8_whatever_the_locale(tmp_path):
     assert "<p>ün☃</p>" in (tmp_path / "r.html").read_text(encoding="utf-8")
 
 
+def test_a_csv_cell_a_spreadsheet_would_run_is_written_after_an_apostrophe(tmp_path):
+    """Tensor, group and metric names such as =HYPERLINK(...) landed as they were in the CSV exports, where a
+    spreadsheet runs them; numbers, -inf among them, keep their text, and JSON keeps the names as they are."""
+    from spectral_analyzer.exporting import export
+
+    names = ['=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "@SUM(1)", "-x", "\tx", "plain"]
+    ds = xr.Dataset({"gap_ratio": (("group", "step"), [[-np.inf]] * 5 + [[1.5]]), "=m": (("group", "step"), [[1.0]] * 6)},
+                    coords={"step": [10], "group": names})
+    export(ds, tmp_path / "x.csv")
+    rows = list(csv.reader((tmp_path / "x.csv").open(encoding="utf-8", newline="")))
+    assert rows[0] == ["group", "step", "gap_ratio", "'=m"]
+    assert [r[0] for r in rows[1:]] == ["'" + n for n in names[:-1]] + ["plain"]
+    assert [r[2] for r in rows[1:]] == ["-inf"] * 5 + ["1.5"]
+    export(ds, tmp_path / "x.json")
+    assert [r["group"] for r in json.loads((tmp_path / "x.json").read_text())["records"]] == names
+
+
 def _printed(text: str, header: str) -> list[dict[str, str]]:
     """The rows of the table whose header line starts with *header*, by column."""
     lines = [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()]  # columns: two spaces apart

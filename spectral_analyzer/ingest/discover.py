@@ -252,15 +252,22 @@ def _check_utf8(path: Path) -> None:
         ) from None
 
 
-def _top_level_files(folder: Path) -> list[Path]:
-    by_stem: dict[str, Path] = {}
+def _top_level_files(folder: Path, numbered: bool) -> list[Path]:
+    """The weight files of *folder* (*numbered*: those with a number in their name), one per name: a
+    ``.safetensors`` file before a pickle of its name (the same weights converted); two pickles of one name
+    and no safetensors beside them are refused."""
+    by_stem: dict[str, list[Path]] = {}
     for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name)):
-        if not _is_weight_file(f):
-            continue
-        current = by_stem.get(f.stem)
-        if current is None or f.suffix == ".safetensors":
-            by_stem[f.stem] = f
-    return list(by_stem.values())
+        if _is_weight_file(f) and (not numbered or _NUMBER.search(_numbers_of(f.stem)) is not None):
+            by_stem.setdefault(f.stem, []).append(f)
+    chosen = []
+    for files in by_stem.values():
+        safe = [f for f in files if f.suffix == ".safetensors"]
+        if not safe and len(files) > 1:
+            raise CheckpointError(printable(f"{files[0]} and {files[1].name}: two checkpoints of one name; move "
+                                            "one of them out of the folder"))
+        chosen.append((safe or files)[0])
+    return chosen
 
 
 def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None) -> list[Checkpoint]:
@@ -288,10 +295,9 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
             found.append(Checkpoint(str(d), files, step_from_name(d.name, label=str(d)) if named else None))
         elif (refusal := _refusal(d)) is not None:
             raise refusal
-    has_folders = bool(found)
-    for f in _top_level_files(src):
-        if has_folders and _NUMBER.search(_numbers_of(f.stem)) is None:
-            continue  # the final model (its shards, a copy in another precision) beside checkpoint-<step>/ folders
+    # beside checkpoint-<step>/ folders, files without a number are the final model (its shards, a copy in
+    # another precision)
+    for f in _top_level_files(src, numbered=bool(found)):
         found.append(Checkpoint(str(f), (f,), step_from_name(f.stem, label=str(f)) if named else None))
     if not found:
         raise NoCheckpointsError(

@@ -30,6 +30,23 @@ LOCK_NAME = ".lock"  # the writer lock inside a store (see lock.py); never part 
 _NOT_A_STORE = (FileNotFoundError, NotADirectoryError, ValueError)  # zarr's not-found and bad-metadata errors
 
 
+NAME_MAX = 255  # bytes of one name in a folder, on the filesystems in use
+
+
+def sibling_name(name: str, suffix: str, prefix: str = "") -> str:
+    """``prefix + name + suffix``, the name of a file or folder written beside *name*; where that is longer
+    than a folder's names may be, *name* shortened and a digest of it kept: the same name every time (a
+    later writer finds what a killed one left), and no refusal of a name the filesystem itself takes."""
+    whole = prefix + name + suffix
+    if len(whole.encode()) <= NAME_MAX:
+        return whole
+    import hashlib
+
+    digest = "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    room = NAME_MAX - len((prefix + digest + suffix).encode())
+    return prefix + name.encode()[:room].decode(errors="ignore") + digest + suffix
+
+
 def exchange(a: str, b: str) -> bool:
     """Swap what is at two local paths in one atomic step (Linux's ``renameat2`` with
     ``RENAME_EXCHANGE``); False where the system or the filesystem has no such call."""
@@ -97,8 +114,9 @@ class Location:
         return is_url(self.path)
 
     def beside(self, suffix: str) -> Location:
-        """A sibling location: the same path with *suffix* appended."""
-        return Location(self.path.rstrip("/") + suffix, self.storage_options)
+        """A sibling location: the same path with *suffix* appended (:func:`sibling_name`)."""
+        head, sep, name = self.path.rstrip("/").rpartition("/")
+        return Location(head + sep + sibling_name(name, suffix), self.storage_options)
 
     def filesystem(self):
         """``(fsspec filesystem, path inside it)``; a bucket itself is refused."""
