@@ -43,6 +43,7 @@ from .errors import (
     StoreError,
     StoreExistsError,
     StoreVersionError,
+    UnreadFilesWarning,
     UnsafeCheckpointError,
     WindowError,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "StoreError",
     "StoreExistsError",
     "StoreVersionError",
+    "UnreadFilesWarning",
     "UnsafeCheckpointError",
     "WindowError",
     "__version__",

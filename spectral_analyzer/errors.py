@@ -145,6 +145,10 @@ class MixedIntervalsWarning(UserWarning):
     """A window's deltas span step intervals of very different lengths, so its spectrum mixes unlike updates."""
 
 
+class UnreadFilesWarning(UserWarning):
+    """Weight files beside a checkpoint's own (an adapter, an EMA copy, a second model) are not read."""
+
+
 class RecordingWarning(UserWarning):
     """Live recording went on after training resumed before the store's last step."""
 

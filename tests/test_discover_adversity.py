@@ -6,6 +6,7 @@ folders) are still read as before."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -211,3 +212,49 @@ def test_the_single_file_is_read_before_an_index_of_shards_as_from_pretrained_do
     assert checkpoint_files(folder) == (folder / "model.safetensors",)
     (folder / "model.safetensors").unlink()
     assert checkpoint_files(folder) == (folder / "model-00001-of-00001.safetensors",)
+
+
+def test_weight_files_beside_the_model_are_told_and_kept_in_provenance(tmp_path):
+    """A LoRA adapter beside the base model: only model.safetensors was read, and nothing said the adapter,
+    the weights that trained, was left out. Now one warning, and each source's provenance lists it; the same
+    model in the other format (pytorch_model.bin) is not counted."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 4, generator=g)}
+    for step in (10, 20, 30):
+        d = tmp_path / "run" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        save_file({"w": base["w"] + step * 1e-2}, str(d / "model.safetensors"))
+        save_file({"lora_A": torch.randn(2, 4, generator=g)}, str(d / "adapter_model.safetensors"))
+        torch.save({"w": base["w"]}, d / "pytorch_model.bin")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = sa.ingest(tmp_path / "run", tmp_path / "r.zarr")
+    told = [str(w.message) for w in caught if issubclass(w.category, sa.UnreadFilesWarning)]
+    assert told == [f"{tmp_path}/run/checkpoint-10: adapter_model.safetensors is not read, and 2 more beside the "
+                    "other checkpoints: the checkpoint is its model's weights (model.safetensors); an adapter, EMA "
+                    "copy or second model beside them is not part of the run"]
+    assert [s.get("passed_over") for s in run.sources] == [["adapter_model.safetensors"]] * 3
+
+
+@pytest.mark.parametrize("names", [("ema.safetensors", "weights.safetensors"),
+                                   ("model-00001-of-00001.safetensors", "model-extra.safetensors")])
+def test_weight_files_of_no_one_model_are_refused(tmp_path, names):
+    """weights.safetensors beside ema.safetensors (no index): both were read as one model, the EMA's tensors
+    mixed into the parameter vector."""
+    for step in (10, 20):
+        d = tmp_path / "run" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        for i, name in enumerate(names):
+            save_file({f"t{i}": torch.full((3,), float(step))}, str(d / name))
+    with pytest.raises(sa.CheckpointError, match=rf"checkpoint-10: 2 weight files \({re.escape(', '.join(names))}\) "
+                                                 r"and no model.safetensors.index.json naming them shards of one model"):
+        sa.ingest(tmp_path / "run", tmp_path / "r.zarr")
+
+
+def test_hidden_files_are_no_checkpoints(tmp_path):
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (0, 10, 20):
+        save_file({"w": torch.full((3,), float(step))}, str(src / f"step_{step}.safetensors"))
+    save_file({"w": torch.full((3,), 15.0)}, str(src / ".step_15.safetensors"))  # a copy being written
+    assert list(sa.ingest(src, tmp_path / "r.zarr").checkpoint_steps) == [0, 10, 20]

@@ -211,3 +211,41 @@ def test_names_as_long_as_the_filesystem_takes(tmp_path):
     assert done.exit_code == 0, done.output
     assert out.read_text().startswith("step,")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpts", store.name, out.name])
+
+
+def test_a_store_name_that_is_not_utf8_is_written_beside_as_it_is(tmp_path):
+    """The names written beside a store are measured in the bytes on disk: a store named with a byte that is
+    not UTF-8 (r\\xe9sultats.zarr) raised UnicodeEncodeError and left a folder holding only its lock."""
+    src = tmp_path / "ckpts"
+    write_run(src, 3, {"w": (3, 3)})
+    store = tmp_path / os.fsdecode(b"r\xe9sultats.zarr")
+    try:
+        store.mkdir()
+        store.rmdir()
+    except OSError:
+        pytest.skip("this file system does not hold names that are not UTF-8")
+    sa.ingest(src, store)
+    sa.ingest(src, store, overwrite=True)
+    assert sa.open_run(store).n_deltas == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpts", store.name])
+
+
+def test_nul_characters_are_refused_from_the_recorder_and_tensorboard(tmp_path):
+    model = torch.nn.Module()
+    model.register_parameter("w", torch.nn.Parameter(torch.ones(2)))
+    model.register_parameter("w\x00", torch.nn.Parameter(torch.ones(2)))
+    with pytest.raises(sa.CheckpointError, match=r"tensor 'w\\x00' has a NUL character in its name"):
+        sa.Recorder(tmp_path / "r.zarr", model).record(0)
+    recorder = sa.Recorder(tmp_path / "s.zarr", torch.nn.Linear(2, 2))
+    with pytest.raises(sa.MetricsError, match=r"series 'loss\\x00' has a NUL character in its name"):
+        recorder.log(0, **{"loss\x00": 1.0})
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from spectral_analyzer.ingest.metrics import read_metrics
+
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        for step in range(3):
+            writer.add_scalar("loss\x00", 1.0, step)
+    with pytest.raises(sa.MetricsError, match=r"series 'loss\\x00' has a NUL character in its name"):
+        read_metrics(tmp_path / "tb")

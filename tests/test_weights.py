@@ -193,3 +193,30 @@ def test_a_made_matrix_name_that_is_another_tensors_is_refused(tmp_path, sizes, 
     assert out.exit_code == 1 and out.output.count("\n") == 1 and "has the name of tensor" in out.output
     apart = sa.ingest(tmp_path / "src", tmp_path / "apart.zarr", exclude=[made.replace("[", "[[]")])
     assert made in [str(m) for m in apart.weight_spectra()["matrix"].values]  # the made one, alone
+
+
+def test_stacked_experts_are_recorded_at_ingest(tmp_path):
+    """ingest(weights='*') of a stacked mixture-of-experts tensor raised KeyError: the record looked its
+    matrices up by the experts' names while the readers hand it the stacked tensor."""
+    from conftest import write_run
+
+    paths = write_run(tmp_path / "src", 3, {"mlp.experts.down_proj": (3, 8, 5), "head": (4, 6)}, seed=1)
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr", weights="*")
+    ws = run.weight_spectra()
+    assert [str(m) for m in ws["matrix"].values] == ["head"] + [f"mlp.experts.down_proj[expert {e}]" for e in range(3)]
+    for k, path in enumerate(paths):
+        state = load_file(str(path))
+        for j, m in enumerate([state["head"]] + list(state["mlp.experts.down_proj"])):
+            want = np.linalg.svd(m.double().numpy(), compute_uv=False)
+            np.testing.assert_allclose(ws["sigma"].values[k, j, : want.size], want, rtol=1e-12)
+
+
+def test_heads_beside_a_whole_tensor_named_with_brackets(tmp_path):
+    """A 2-D tensor named adapters[0] beside the attention projections: heads=2 refused it as a matrix 'made
+    from tensor adapters', which the model does not have."""
+    from conftest import write_run
+
+    sizes = {f"layers.0.attn.{p}_proj.weight": (8, 8) for p in "qkvo"} | {"adapters[0]": (8, 8)}
+    write_run(tmp_path / "src", 3, sizes, seed=4)
+    matrices = [str(m) for m in sa.ingest(tmp_path / "src", tmp_path / "r.zarr").weight_spectra(heads=2)["matrix"].values]
+    assert "adapters[0]" in matrices and "layers.0.attn.q_proj.weight[head 1]" in matrices

@@ -59,7 +59,7 @@ from .readers import shard_files
 from .sources import RemoteFile, RemoteFolder
 
 __all__ = ["Checkpoint", "check_one_stage", "checkpoint_files", "discover", "natural_key", "order_by_step",
-           "step_from_name"]
+           "passed_over", "step_from_name"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 NOT_WEIGHTS = (
@@ -94,6 +94,7 @@ class Checkpoint:
     step: int | None
     origin: Mapping[str, Any] = field(default_factory=dict)
     digests: tuple[str | None, ...] = ()
+    passed_over: tuple[str, ...] = ()  # weight files beside its files, not read (:func:`passed_over`)
 
 
 def _numbers_of(name: str) -> str:
@@ -156,11 +157,31 @@ def _present(path: Path | RemoteFile) -> bool:
 
 
 def _is_weight_file(path: Path) -> bool:
+    """A file with a weight suffix that is not optimizer, scheduler or trainer state; hidden files (``.name``:
+    a copy being written, an editor's or a sync tool's) are no checkpoint."""
     return (
-        _present(path)
+        not path.name.startswith(".")
+        and _present(path)
         and path.suffix in WEIGHT_SUFFIXES
         and not any(fnmatch.fnmatchcase(path.name, g) for g in NOT_WEIGHTS)
     )
+
+
+_DISTRIBUTED = re.compile(r"model_states\.pt$|\.distcp$|^\.metadata$")
+# The model's weights in the other format, as from_pretrained chooses between them: never a second model
+_ALTERNATES = re.compile(r"^(?:model|pytorch_model)(?:-[0-9]+-of-[0-9]+)?\.(?:safetensors|bin)$|^model\.pth?$")
+
+
+def passed_over(folder: Path | RemoteFolder, files: Sequence[Path | RemoteFile]) -> tuple[str, ...]:
+    """The weight files of a checkpoint *folder* that its *files* leave out (an adapter beside the base model,
+    an EMA copy, a second model), the same weights in the other format (``pytorch_model.bin`` beside
+    ``model.safetensors``) apart: told to the user, and kept in provenance."""
+    if not files or any(_DISTRIBUTED.search(f.name) for f in files) or all(
+            isinstance(f, Path) and f.parent != folder for f in files):
+        return ()  # DeepSpeed's and torch.distributed.checkpoint's files: their folders hold the ranks' state
+    taken = {f.name for f in files}
+    return tuple(f.name for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
+                 if f.name not in taken and _is_weight_file(f) and not _ALTERNATES.match(f.name))
 
 
 def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> tuple[Path | RemoteFile, ...] | None:
@@ -191,6 +212,12 @@ def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> t
     chosen = safetensors or (files if len(files) == 1 else None)
     if chosen:
         _check_shard_names(folder, chosen)
+        if len(chosen) > 1 and len({(m["stem"], m["n"]) if (m := _SHARD_NAME.match(f.name)) else f.name
+                                    for f in chosen}) > 1:  # weights.safetensors beside ema.safetensors
+            names = ", ".join(f.name for f in chosen)
+            raise CheckpointError(printable(
+                f"{folder}: {len(chosen)} weight files ({names}) and no model.safetensors.index.json naming them "
+                "shards of one model: which is the model is not known; restore the index or keep one file"))
     return tuple(chosen) if chosen else None
 
 
@@ -292,7 +319,8 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
             continue
         files = checkpoint_files(d)
         if files:
-            found.append(Checkpoint(str(d), files, step_from_name(d.name, label=str(d)) if named else None))
+            found.append(Checkpoint(str(d), files, step_from_name(d.name, label=str(d)) if named else None,
+                                    passed_over=passed_over(d, files)))
         elif (refusal := _refusal(d)) is not None:
             raise refusal
     # beside checkpoint-<step>/ folders, files without a number are the final model (its shards, a copy in

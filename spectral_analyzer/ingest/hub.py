@@ -54,7 +54,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import NoCheckpointsError, SourceError, StepError, printable
-from .discover import Checkpoint, check_one_stage, checkpoint_files
+from .discover import Checkpoint, check_one_stage, checkpoint_files, passed_over
 from .sources import RemoteFile, RemoteFolder, Source, Workspace, read_config, retrying
 
 __all__ = ["HubSource", "select_revisions", "step_from_revision"]
@@ -427,7 +427,8 @@ class HubSource(Source):
             aliases = [n for n in unstepped if available[n] == commit]
             if aliases:
                 origin["aliases"] = aliases
-            found.append(Checkpoint(revision.label, files, step, origin, tuple(f.sha256 for f in files)))
+            found.append(Checkpoint(revision.label, files, step, origin, tuple(f.sha256 for f in files),
+                                    passed_over(revision, files)))
         commits = {available[n] for n, _ in chosen}
         left_out = [] if self.revisions is not None else [
             {"revision": n, "commit": available[n], "reason": "no step in the revision name"}

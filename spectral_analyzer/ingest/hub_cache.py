@@ -31,7 +31,8 @@ from typing import Any
 
 from ..errors import CheckpointError, NoCheckpointsError, StepError
 from ..groups import natural_key
-from .discover import WEIGHT_SUFFIXES, Checkpoint, check_one_stage, checkpoint_files, step_from_name
+from .discover import (WEIGHT_SUFFIXES, Checkpoint, check_one_stage, checkpoint_files, passed_over,
+                       step_from_name)
 
 __all__ = ["CacheListing", "is_hub_cache", "list_cache"]
 
@@ -174,7 +175,7 @@ def list_cache(folder: str | os.PathLike) -> CacheListing:
             aliases = stepped[1:] + unstepped
             if aliases:
                 origin["aliases"] = aliases
-            checkpoints[step] = Checkpoint(str(snapshot), files, step, origin, digests)
+            checkpoints[step] = Checkpoint(str(snapshot), files, step, origin, digests, passed_over(snapshot, files))
     if not checkpoints:
         notes = "; ".join(f"{n['revision'] or n['commit'][:12]}: {n['reason']}" for n in left_out[:3])
         raise NoCheckpointsError(

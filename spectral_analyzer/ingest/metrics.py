@@ -142,7 +142,9 @@ def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """
     path = Path(path)
     if path.is_dir() or is_event_file(path):
-        return read_scalars(path)
+        steps, series = read_scalars(path)
+        _check_names(series, path)  # TensorBoard tags: the same rules as a table's columns
+        return steps, series
     require_regular_file(path, MetricsError)
     try:
         text = path.read_text()

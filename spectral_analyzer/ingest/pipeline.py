@@ -17,6 +17,7 @@ kept, as an interruption does: the same ingest run again resumes after them.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import math
@@ -45,6 +46,7 @@ from ..errors import (
     StepError,
     StoreError,
     StoreExistsError,
+    UnreadFilesWarning,
     printable,
 )
 from ..progress import progress_bar
@@ -342,16 +344,21 @@ class _WeightRecorder:
         self.store = store
         record = store.weights.info()
         self.packing = {} if record is None else store.weights.packing()
-        self.picked = {} if record is None else {
-            t.name: (t, parts) for t, parts in select_weights(store.manifest, record[0], self.packing)}
+        # by the tensor each matrix is read from: a stacked experts tensor holds several (name[expert i])
+        self.picked: dict[str, list[tuple[TensorEntry, list[str], int]]] = {}
+        if record is not None:
+            offsets = sorted((t.offset, t.name) for t in store.manifest if t.size)
+            for t, parts in select_weights(store.manifest, record[0], self.packing):
+                start, source = offsets[bisect.bisect_right(offsets, (t.offset, "\U0010ffff")) - 1]
+                self.picked.setdefault(source, []).append((t, parts, t.offset - start))
         self.matrices = [] if record is None else record[1]
         self.rank = 0 if record is None else record[2]
         self.values: dict[str, np.ndarray] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.picked:
-            t, parts = self.picked[name]
-            mats = matrices_of([(t, parts)], [tensor.to(torch.float64).reshape(-1).numpy()], packing=self.packing)
+        for t, parts, start in self.picked.get(name, []):
+            flat = tensor.reshape(-1)[start : start + t.size].to(torch.float64).numpy()
+            mats = matrices_of([(t, parts)], [flat], packing=self.packing)
             with torch_threads():  # beside the writer threads: only the cores free now
                 values = singular_values([m for _, m in mats])
             for (matrix, _), s in zip(mats, values):
@@ -441,6 +448,19 @@ def _progress(enabled: bool, total: int):
     if not enabled:
         return None
     return progress_bar(total=total, unit="B", unit_scale=True, desc="ingest", leave=False)
+
+
+def _warn_passed_over(new: list[_Planned]) -> None:
+    """One warning for the weight files beside the checkpoints' own that are not read (an adapter beside the
+    base model, an EMA copy); each source's entry in provenance lists its own."""
+    over = [(p.checkpoint.label, name) for p in new for name in p.checkpoint.passed_over]
+    if over:
+        label, name = over[0]
+        more = f", and {len(over) - 1} more beside the other checkpoints" if len(over) > 1 else ""
+        warnings.warn(printable(
+            f"{label}: {name} is not read{more}: the checkpoint is its model's weights "
+            f"({', '.join(f.name for f in new[0].checkpoint.files[:2])}{', ...' if len(new[0].checkpoint.files) > 2 else ''}); "
+            "an adapter, EMA copy or second model beside them is not part of the run"), UnreadFilesWarning, stacklevel=4)
 
 
 def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:
@@ -576,6 +596,7 @@ def _ingest_source(
                     f"{path}: was made with the step selection {chosen!r}, and this append gives none (every "
                     "checkpoint); give the same --select / --every (select= / every=) again to append"))
             new = _match_existing(st, manifest, planned)
+            _warn_passed_over(new)
             recorded = st.weights.info()
             if match is not None and (recorded is None or recorded[0] != match):
                 raise StoreError(
@@ -584,6 +605,7 @@ def _ingest_source(
                 )
         else:
             new = planned
+            _warn_passed_over(new)
             options = {
                 "chunk_size": chunk_size,
                 "include": list(include),
@@ -742,6 +764,8 @@ def write_rows(
             files = [f.identity() if h is None else {**_fingerprint(f), "sha256": h.result()}
                      for f, h in zip(p.checkpoint.files, hashes[i])]
             entry = {**p.checkpoint.origin, "step": p.step, "label": p.checkpoint.label, "files": files}
+            if p.checkpoint.passed_over:
+                entry["passed_over"] = list(p.checkpoint.passed_over)
             if delta_norm is not None:
                 entry["delta_norm"] = delta_norm
             return entry

@@ -34,7 +34,8 @@ from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter
 from ..store.layout import check_chunk_size
 from .discover import Checkpoint
 from .model_config import attention_config
-from .pipeline import _check_consistent, _manifest, _Planned, _precision_changes, write_rows
+from .metrics import _check_names as _check_metric_names
+from .pipeline import _check_consistent, _check_names, _manifest, _Planned, _precision_changes, write_rows
 from .readers import CheckpointReader, KeyOptions, _add
 
 __all__ = ["Recorder"]
@@ -120,6 +121,7 @@ class Recorder:
                                            "tensor of the model; check it against its state_dict() names"))
         if (ambiguous := self.keys.ambiguous(map(self.keys.canonical, state))) is not None:
             raise SelectionError(printable(f"{reader.label}: {ambiguous} (the model's state_dict() names)"))
+        _check_names([self.keys.canonical(n) for n in state], reader.label)
         for name, value in state.items():
             # Tied weights: the same storage under two names is one parameter, as the readers count it; of the
             # selected names the first is kept (a name left out by include / exclude hides no twin).
@@ -275,6 +277,7 @@ class Recorder:
 
         A metric named ``step`` (a logger's own record of the step) is the index, not a series: left out."""
         metrics.pop("step", None)
+        _check_metric_names(metrics, f"{self.path} (logged at step {step})")
         if metrics:
             self._pending.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
 

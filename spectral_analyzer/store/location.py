@@ -38,13 +38,14 @@ def sibling_name(name: str, suffix: str, prefix: str = "") -> str:
     than a folder's names may be, *name* shortened and a digest of it kept: the same name every time (a
     later writer finds what a killed one left), and no refusal of a name the filesystem itself takes."""
     whole = prefix + name + suffix
-    if len(whole.encode()) <= NAME_MAX:
+    if len(os.fsencode(whole)) <= NAME_MAX:  # the bytes on disk (a name that is no UTF-8 kept as it is)
         return whole
     import hashlib
 
-    digest = "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
-    room = NAME_MAX - len((prefix + digest + suffix).encode())
-    return prefix + name.encode()[:room].decode(errors="ignore") + digest + suffix
+    raw = os.fsencode(name)
+    digest = "~" + hashlib.sha256(raw).hexdigest()[:16]
+    room = NAME_MAX - len(os.fsencode(prefix + digest + suffix))
+    return prefix + raw[:room].decode("utf-8", errors="ignore") + digest + suffix
 
 
 def exchange(a: str, b: str) -> bool:

@@ -228,8 +228,9 @@ def _reconstruct(
     dev = resolve_device(device)
     layout = _matrix_shapes(picked, plan, packing)
     names = [n for n, _ in layout]
-    if plan:
-        unique_names([(n, n.rsplit("[", 1)[0] if n.endswith("]") else n) for n in names],
+    if plan:  # the heads' names (w[head 2]); the rest were checked as picked
+        picked_names = {n for _, parts in picked for n in parts}
+        unique_names([(n, n if n in picked_names else n[: n.rindex("[")]) for n in names],
                      {t.name for t in store.manifest})
     column = {n: j for j, n in enumerate(names)}
     rank = max(min(shape) for _, shape in layout)
