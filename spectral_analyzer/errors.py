@@ -33,6 +33,7 @@ __all__ = [
     "PrecisionChangeWarning",
     "MixedIntervalsWarning",
     "RecordingWarning",
+    "UnreadFilesWarning",
     "printable",
 ]
 

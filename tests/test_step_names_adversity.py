@@ -128,3 +128,26 @@ def test_bare_numbers_alone_are_still_steps(tmp_path):
     for i, step in enumerate((0, 100, 200)):
         save_file(_state(i), str(tmp_path / f"run_{step}.safetensors"))
     assert [c.step for c in discover(tmp_path)] == [0, 100, 200]
+
+
+def test_a_file_saved_over_during_the_ingest_is_refused(tmp_path, monkeypatch):
+    """latest.pt (no step in its name) planned at the step it stored, 40, then saved over by a training still
+    running before its row was written: the row was labelled 40 and held step 50's weights."""
+    from spectral_analyzer.ingest import pipeline
+
+    src = tmp_path / "c"
+    src.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for name, step in (("first", 5), ("second", 9), ("latest", 40)):
+        torch.save({"model_state_dict": {"w": torch.randn(4, generator=gen)}, "global_step": step}, src / f"{name}.pt")
+    real = pipeline.write_rows
+
+    def saved_over(*args, **kwargs):
+        torch.save({"model_state_dict": {"w": torch.randn(4, generator=gen)}, "global_step": 50}, src / "latest.pt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_rows", saved_over)
+    with pytest.raises(sa.StepError, match=r"latest\.pt: records step 50 as opened to be read, not the step 40 it "
+                                           r"was planned at: it was written again during the ingest"):
+        sa.ingest(src, tmp_path / "r.zarr")
+    assert not (tmp_path / "r.zarr").exists() or list(sa.open_run(tmp_path / "r.zarr").checkpoint_steps) == [5, 9]

@@ -157,10 +157,10 @@ def _present(path: Path | RemoteFile) -> bool:
 
 
 def _is_weight_file(path: Path) -> bool:
-    """A file with a weight suffix that is not optimizer, scheduler or trainer state; hidden files (``.name``:
-    a copy being written, an editor's or a sync tool's) are no checkpoint."""
+    """A file with a weight suffix that is not optimizer, scheduler or trainer state; a hidden file on local
+    disk (``.name``: a copy being written, an editor's or a sync tool's) is no checkpoint."""
     return (
-        not path.name.startswith(".")
+        not (isinstance(path, Path) and path.name.startswith("."))
         and _present(path)
         and path.suffix in WEIGHT_SUFFIXES
         and not any(fnmatch.fnmatchcase(path.name, g) for g in NOT_WEIGHTS)

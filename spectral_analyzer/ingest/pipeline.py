@@ -652,6 +652,11 @@ def _ingest_source(
             else:  # what was planned from its header: a file replaced since is refused, not read as planned
                 _check_consistent(_signature(p.tensors), f"{p.checkpoint.label} as planned",
                                   replace(p, tensors=reader.tensors), " as opened to be read", dtypes=True)
+                if steps is None and reader.step_hint is not None and (
+                        _name_or_stored(p.checkpoint, reader.step_hint) != p.step):  # latest.pt, saved over
+                    raise StepError(f"{printable(p.checkpoint.label)}: records step {reader.step_hint} as opened to "
+                                    f"be read, not the step {p.step} it was planned at: it was written again during "
+                                    "the ingest (a training still saving?); ingest again")
             return reader
 
         precision = _precision_changes(planned, new)
