@@ -43,7 +43,7 @@ from .errors import (
     StoreError,
     StoreExistsError,
     StoreVersionError,
-    UnreadFilesWarning,
+    UnreadWeightsWarning,
     UnsafeCheckpointError,
     WindowError,
 )
@@ -89,7 +89,7 @@ __all__ = [
     "StoreError",
     "StoreExistsError",
     "StoreVersionError",
-    "UnreadFilesWarning",
+    "UnreadWeightsWarning",
     "UnsafeCheckpointError",
     "WindowError",
     "__version__",

@@ -33,7 +33,7 @@ __all__ = [
     "PrecisionChangeWarning",
     "MixedIntervalsWarning",
     "RecordingWarning",
-    "UnreadFilesWarning",
+    "UnreadWeightsWarning",
     "printable",
 ]
 
@@ -146,8 +146,10 @@ class MixedIntervalsWarning(UserWarning):
     """A window's deltas span step intervals of very different lengths, so its spectrum mixes unlike updates."""
 
 
-class UnreadFilesWarning(UserWarning):
-    """Weight files beside a checkpoint's own (an adapter, an EMA copy, a second model) are not read."""
+class UnreadWeightsWarning(UserWarning):
+    """Weights in the checkpoints that are not read: files beside a checkpoint's own (an adapter, an EMA copy, a
+    second model), a save still in progress, or tensors that are not floating point (int8 quantised weights,
+    complex parameters)."""
 
 
 class RecordingWarning(UserWarning):

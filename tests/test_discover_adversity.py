@@ -229,7 +229,7 @@ def test_weight_files_beside_the_model_are_told_and_kept_in_provenance(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = sa.ingest(tmp_path / "run", tmp_path / "r.zarr")
-    told = [str(w.message) for w in caught if issubclass(w.category, sa.UnreadFilesWarning)]
+    told = [str(w.message) for w in caught if issubclass(w.category, sa.UnreadWeightsWarning)]
     assert told == [f"{tmp_path}/run/checkpoint-10: adapter_model.safetensors is not read, and 2 more beside the "
                     "other checkpoints: the checkpoint is its model's weights (model.safetensors); an adapter, EMA "
                     "copy or second model beside them is not part of the run"]
@@ -258,3 +258,40 @@ def test_hidden_files_are_no_checkpoints(tmp_path):
         save_file({"w": torch.full((3,), float(step))}, str(src / f"step_{step}.safetensors"))
     save_file({"w": torch.full((3,), 15.0)}, str(src / ".step_15.safetensors"))  # a copy being written
     assert list(sa.ingest(src, tmp_path / "r.zarr").checkpoint_steps) == [0, 10, 20]
+
+
+def test_weights_of_no_float_dtype_are_told(tmp_path):
+    """An int8 quantised matrix beside its float scale, a complex parameter: left out in silence, the
+    'trajectory' of the scales alone. Told now, once; integer buffers and boolean masks still pass quietly."""
+    src, pickles = tmp_path / "st", tmp_path / "pk"
+    src.mkdir()
+    pickles.mkdir()
+    for step in (0, 10, 20):
+        state = {"q.weight": torch.full((4, 4), step, dtype=torch.int8), "q.weight_scale": torch.full((4,), 1.0 + step),
+                 "pos_ids": torch.arange(4), "mask": torch.ones(4, dtype=torch.bool)}
+        save_file(state, str(src / f"step_{step}.safetensors"))
+        torch.save({**state, "rot": torch.ones(2, dtype=torch.complex64)}, pickles / f"step_{step}.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sa.ingest(src, tmp_path / "r.zarr")
+    told = [str(w.message) for w in caught if issubclass(w.category, sa.UnreadWeightsWarning)]
+    assert told == [f"{src}/step_0.safetensors: tensor 'q.weight' (int8) are not read: only floating-point tensors "
+                    "are; quantised weights and complex parameters are not part of the run (dequantise them, or "
+                    "leave them out with exclude= to silence this)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sa.UnreadWeightsWarning)
+        sa.ingest(src, tmp_path / "s.zarr", exclude=["q.weight"])
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"step_0\.pt: tensor 'q\.weight' \(int8\) and 1 more are not"):
+        sa.ingest(pickles, tmp_path / "p.zarr")
+
+
+def test_a_save_in_progress_is_told_and_not_read(tmp_path):
+    src = tmp_path / "run"
+    for step in (10, 20, 30):
+        folder = src / (f"checkpoint-{step}" if step < 30 else f"tmp-checkpoint-{step}")
+        folder.mkdir(parents=True)
+        save_file({"w": torch.full((3,), float(step))}, str(folder / "model.safetensors"))
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"tmp-checkpoint-30: a save in progress \(or cut short\), not "
+                                                      "read"):
+        run = sa.ingest(src, tmp_path / "r.zarr")
+    assert list(run.checkpoint_steps) == [10, 20]

@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, NoCheckpointsError, StepError, printable
+from ..errors import CheckpointError, NoCheckpointsError, StepError, UnreadWeightsWarning, printable
 from ..groups import natural_key
 from .dcp import METADATA, dcp_files
 from .deepspeed import deepspeed_files
@@ -314,8 +315,13 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
     found: list[Checkpoint] = []
     subdirs = sorted((d for d in src.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name))
     named = steps is None  # explicit steps replace the names'
+    saving = [d for d in subdirs if d.name.startswith("tmp-checkpoint-")]
+    if saving:  # the HF Trainer saves into tmp-checkpoint-<step>/ and renames it when the save is whole
+        warnings.warn(printable(f"{saving[0]}{f' and {len(saving) - 1} more' if len(saving) > 1 else ''}: a save "
+                                "in progress (or cut short), not read; its checkpoint is read once the trainer "
+                                "has renamed it"), UnreadWeightsWarning, stacklevel=3)
     for d in subdirs:
-        if _NUMBER.search(d.name) is None:
+        if _NUMBER.search(d.name) is None or d in saving:
             continue
         files = checkpoint_files(d)
         if files:

@@ -26,7 +26,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from ..errors import (
     StepError,
     StoreError,
     StoreExistsError,
-    UnreadFilesWarning,
+    UnreadWeightsWarning,
     printable,
 )
 from ..progress import progress_bar
@@ -109,6 +109,7 @@ class _Planned:
     step: int
     tensors: dict[str, TensorInfo] | None  # None: a remote pickle, not read until its row is written
     considered: frozenset[str] = frozenset()  # its tensors' names before include / exclude
+    unread: Mapping[str, str] = field(default_factory=dict)  # selected weights of no float dtype: name: dtype
 
 
 def _name_or_stored(c: Checkpoint, stored: int | None) -> int:
@@ -150,7 +151,8 @@ def _preflight(
         step = c.step if c.step is not None else reader.step_hint
         if named and c.step is not None:
             step = _name_or_stored(c, reader.step_hint)
-        planned.append(_Planned(replace(c, step=step), step, reader.tensors, frozenset(reader.considered)))
+        planned.append(_Planned(replace(c, step=step), step, reader.tensors, frozenset(reader.considered),
+                                dict(reader.unread)))
     if selection is not None:
         selection.check_exact([p.step for p in planned], str(src))
         kept = [p for p in planned if p.step is not None and selection.keeps(p.step)]
@@ -452,7 +454,15 @@ def _progress(enabled: bool, total: int):
 
 def _warn_passed_over(new: list[_Planned]) -> None:
     """One warning for the weight files beside the checkpoints' own that are not read (an adapter beside the
-    base model, an EMA copy); each source's entry in provenance lists its own."""
+    base model, an EMA copy), each source's entry in provenance listing its own; one for the weights that are
+    not floating point (int8 quantised, complex), which the run leaves out."""
+    if unread := next((p for p in new if p.unread), None):
+        name, kind = next(iter(unread.unread.items()))
+        more = f" and {len(unread.unread) - 1} more" if len(unread.unread) > 1 else ""
+        warnings.warn(printable(
+            f"{unread.checkpoint.label}: tensor {name!r} ({kind}){more} are not read: only floating-point "
+            "tensors are; quantised weights and complex parameters are not part of the run (dequantise them, or "
+            "leave them out with exclude= to silence this)"), UnreadWeightsWarning, stacklevel=4)
     over = [(p.checkpoint.label, name) for p in new for name in p.checkpoint.passed_over]
     if over:
         label, name = over[0]
@@ -460,7 +470,7 @@ def _warn_passed_over(new: list[_Planned]) -> None:
         warnings.warn(printable(
             f"{label}: {name} is not read{more}: the checkpoint is its model's weights "
             f"({', '.join(f.name for f in new[0].checkpoint.files[:2])}{', ...' if len(new[0].checkpoint.files) > 2 else ''}); "
-            "an adapter, EMA copy or second model beside them is not part of the run"), UnreadFilesWarning, stacklevel=4)
+            "an adapter, EMA copy or second model beside them is not part of the run"), UnreadWeightsWarning, stacklevel=4)
 
 
 def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:

@@ -167,6 +167,7 @@ class CheckpointReader:
     _spans: _Spans | None = field(default=None, repr=False)  # a remote safetensors checkpoint's byte spans
     _sources: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # name: (name in file, file)
     considered: set[str] = field(default_factory=set, repr=False)  # every tensor's name, selected or not
+    unread: dict[str, str] = field(default_factory=dict, repr=False)  # selected weights of no float dtype: name: dtype
 
     def read_on_into(self, following: CheckpointReader) -> None:
         """Let this checkpoint's read-ahead go on into the first tensors of *following* (the next
@@ -216,15 +217,32 @@ def require_regular_file(path: Path, error: type[Exception] = CheckpointError) -
         raise error(f"{path}: not a regular file ({kind}); give the path of a file")
 
 
-def _add(reader: CheckpointReader, raw: str, info_shape, dtype, loader, keys: KeyOptions, origin: str) -> None:
+# Dtypes of weights that are not floating point: quantised (int8, packed 4-bit in uint8) and complex. Integer
+# buffers (step counters, position ids) and boolean masks are no weights and pass in silence.
+_UNREAD = {"I8": "int8", "U8": "uint8", "C64": "complex64", "C128": "complex128",
+           **{str(d).removeprefix("torch."): str(d).removeprefix("torch.")
+              for d in (torch.int8, torch.uint8, torch.complex64, torch.complex128)}}
+
+
+def skip_unread(reader: CheckpointReader, name: str, dtype, keys: KeyOptions) -> None:
+    """Note *name*, a tensor left out for its dtype, where that dtype is a weight's (:data:`_UNREAD`)."""
+    kind = _UNREAD.get(str(dtype).removeprefix("torch."))
+    if kind is not None and keys.selected(name):
+        reader.unread[name] = kind
+
+
+def _add(reader: CheckpointReader, raw: str, info_shape, dtype, loader, keys: KeyOptions, origin: str,
+         dtype_name: str = "") -> None:
     """Add a tensor to *reader* if it is floating and selected.
 
-    *dtype* is a torch dtype, ``None`` for a non-floating one torch lacks, or
-    the file's name (a str) for a floating dtype torch lacks.
+    *dtype* is a torch dtype, ``None`` for a non-floating one torch lacks
+    (*dtype_name*: the file's), or the file's name (a str) for a floating
+    dtype torch lacks.
     """
     name = keys.canonical(raw)
     reader.considered.add(name)
     if dtype is None or (isinstance(dtype, torch.dtype) and not dtype.is_floating_point):
+        skip_unread(reader, name, dtype_name if dtype is None else dtype, keys)
         return
     if not keys.selected(name):
         return
@@ -310,7 +328,7 @@ def _read_safetensors(files: Sequence[Path], label: str, keys: KeyOptions) -> Ch
             dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name if dtype_name.startswith("F") else None)
             begin, end = spans[key]
             loader = _span_loader(path, data_start + begin, data_start + end, dtype)
-            _add(reader, key, shape, dtype, loader, keys, str(path))
+            _add(reader, key, shape, dtype, loader, keys, str(path), dtype_name)
     return reader
 
 
@@ -468,7 +486,7 @@ def _read_remote_safetensors(files: Sequence[RemoteFile], label: str, keys: KeyO
             begin, end = header[key]["data_offsets"]
             name = keys.canonical(key)
             loader = spans.loader(name, f, data_start + begin, data_start + end, dtype)
-            _add(reader, key, shape, dtype, loader, keys, f.label)
+            _add(reader, key, shape, dtype, loader, keys, f.label, dtype_name)
             if reader._loaders.get(name) is loader:
                 spans.add(name, f, data_start + begin, data_start + end)
     reader._spans = spans
@@ -747,6 +765,8 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
         name = keys.canonical(raw)
         reader.considered.add(name)
         if not t.is_floating_point() or not keys.selected(name):
+            if not t.is_floating_point():
+                skip_unread(reader, name, t.dtype, keys)
             continue
         if t.is_meta or t.layout != torch.strided:
             what = "on the meta device (it holds no values)" if t.is_meta else f"{str(t.layout)[6:]}, not dense"
