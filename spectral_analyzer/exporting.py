@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError
-from .store.location import sibling_name
+from .store.location import NAME_MAX, sibling_name
 
 __all__ = ["ExportError", "check_output", "events_table", "export", "replacing", "table"]
 
@@ -238,6 +238,9 @@ def check_output(
     if events and path.suffix != ".nc":  # netCDF keeps the events along its event dim
         targets.append(path.with_name(f"{path.stem}.events{path.suffix}"))
     for target in targets:
+        if len(os.fsencode(target.name)) > NAME_MAX:  # is_dir() itself would raise ENAMETOOLONG
+            raise ExportError(f"{target}: its name is longer than the {NAME_MAX} bytes a file name may have; "
+                              "choose a shorter one")
         if target.is_dir():
             raise ExportError(f"{target}: is a folder; give a file name")
         if target.exists() and not overwrite:

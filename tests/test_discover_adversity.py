@@ -295,3 +295,17 @@ def test_a_save_in_progress_is_told_and_not_read(tmp_path):
                                                       "read"):
         run = sa.ingest(src, tmp_path / "r.zarr")
     assert list(run.checkpoint_steps) == [10, 20]
+
+
+def test_weights_that_hold_no_values_are_told(tmp_path):
+    """save_pretrained under DeepSpeed ZeRO-3 without gathering: the matrices saved as shape (0,) placeholders
+    beside the small parameters in full, ingested without a word. A device tracker (an empty buffer) is quiet."""
+    src = tmp_path / "run"
+    for step in (10, 20, 30):
+        folder = src / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"q_proj.weight": torch.empty(0), "fc1.weight": torch.empty(0), "norm.weight": torch.full((4,), step
+                   * 1.0), "_device_tracker": torch.empty(0)}, str(folder / "model.safetensors"))
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"checkpoint-10: tensor 'fc1\.weight' \(no values, shape \(0,\)\) "
+                                                      r"and 1 more hold no values: placeholders of weights"):
+        sa.ingest(src, tmp_path / "r.zarr")

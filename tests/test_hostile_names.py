@@ -211,6 +211,10 @@ def test_names_as_long_as_the_filesystem_takes(tmp_path):
     assert done.exit_code == 0, done.output
     assert out.read_text().startswith("step,")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpts", store.name, out.name])
+    events = tmp_path / ("y" * 248 + ".csv")  # its events table, y...y.events.csv, would pass 255 bytes
+    line = _one_line_error(CliRunner().invoke(main, ["dynamics", str(store), "-w", "2", "-q", "-o", str(events)]))
+    assert line.endswith(".events.csv: its name is longer than the 255 bytes a file name may have; choose a "
+                         "shorter one")
 
 
 def test_a_store_name_that_is_not_utf8_is_written_beside_as_it_is(tmp_path):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,14 @@ def test_damaged_blob_refused_and_store_kept(pythia, tmp_path):
     with pytest.raises(sa.CheckpointError, match=f"{snap / 'model.safetensors'}: its sha256 is .* hub cache blob"):
         sa.ingest(cache.repo, store)
     assert snapshot(store) == before
+
+
+def test_a_revision_not_downloaded_is_a_warning_in_python_too(pythia, tmp_path):
+    """A stepped revision whose snapshot is not on disk: the store jumped from 1000 to 3000 and only the command
+    line said so; run.warnings and the Python API said nothing."""
+    cache, _, _ = pythia
+    shutil.rmtree(cache.repo / "snapshots" / _commit("step2000"))
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"revision step2000 \(not downloaded \(no snapshot folder\)\) "
+                                                      r"left out of the run; download it"):
+        run = sa.ingest(cache.repo, tmp_path / "c.zarr")
+    assert 2000 not in list(run.checkpoint_steps)

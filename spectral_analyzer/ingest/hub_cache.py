@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, NoCheckpointsError, StepError
+from ..errors import CheckpointError, NoCheckpointsError, StepError, UnreadWeightsWarning, printable
 from ..groups import natural_key
 from .discover import (WEIGHT_SUFFIXES, Checkpoint, check_one_stage, checkpoint_files, passed_over,
                        step_from_name)
@@ -182,6 +183,13 @@ def list_cache(folder: str | os.PathLike) -> CacheListing:
             f"{folder}: no cached revision with a step in its name to ingest" + (f" ({notes})" if notes else "")
         )
     ordered = [checkpoints[s] for s in sorted(checkpoints)]
+    # stepped revisions whose weights are not here: a gap in the trajectory (what names no step is no checkpoint)
+    missing = [n for n in left_out if n["revision"] and n["reason"] != "no step in the revision name"]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        warnings.warn(printable(f"{folder}: revision {missing[0]['revision']} ({missing[0]['reason']}){more} left "
+                                "out of the run; download it (from_pretrained(..., revision=...)) to ingest it"),
+                      UnreadWeightsWarning, stacklevel=4)
     check_one_stage(str(folder), [c.origin["revision"] for c in ordered],
                     "ingest one stage: the hub's revisions with --revisions 'stage1-*', or this cache with the "
                     "other stages' refs/ files moved out")

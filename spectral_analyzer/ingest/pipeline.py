@@ -452,17 +452,22 @@ def _progress(enabled: bool, total: int):
     return progress_bar(total=total, unit="B", unit_scale=True, desc="ingest", leave=False)
 
 
-def _warn_passed_over(new: list[_Planned]) -> None:
+def _warn_unread(new: list[_Planned]) -> None:
     """One warning for the weight files beside the checkpoints' own that are not read (an adapter beside the
     base model, an EMA copy), each source's entry in provenance listing its own; one for the weights that are
     not floating point (int8 quantised, complex), which the run leaves out."""
-    if unread := next((p for p in new if p.unread), None):
-        name, kind = next(iter(unread.unread.items()))
-        more = f" and {len(unread.unread) - 1} more" if len(unread.unread) > 1 else ""
-        warnings.warn(printable(
-            f"{unread.checkpoint.label}: tensor {name!r} ({kind}){more} are not read: only floating-point "
-            "tensors are; quantised weights and complex parameters are not part of the run (dequantise them, or "
-            "leave them out with exclude= to silence this)"), UnreadWeightsWarning, stacklevel=4)
+    for empty in (False, True):  # weights of no float dtype; weights that hold no values (placeholders)
+        p = next((p for p in new if any(k.startswith("no values") == empty for k in p.unread.values())), None)
+        if p is None:
+            continue
+        named = [(n, k) for n, k in p.unread.items() if k.startswith("no values") == empty]
+        (name, kind), more = named[0], f" and {len(named) - 1} more" if len(named) > 1 else ""
+        why = ("hold no values: placeholders of weights saved without them (DeepSpeed ZeRO-3's save_pretrained "
+               "without gathering?), so the run lacks those weights; save the gathered model" if empty else
+               "are not read: only floating-point tensors are; quantised weights and complex parameters are not "
+               "part of the run (dequantise them, or leave them out with exclude= to silence this)")
+        warnings.warn(printable(f"{p.checkpoint.label}: tensor {name!r} ({kind}){more} {why}"),
+                      UnreadWeightsWarning, stacklevel=4)
     over = [(p.checkpoint.label, name) for p in new for name in p.checkpoint.passed_over]
     if over:
         label, name = over[0]
@@ -606,7 +611,7 @@ def _ingest_source(
                     f"{path}: was made with the step selection {chosen!r}, and this append gives none (every "
                     "checkpoint); give the same --select / --every (select= / every=) again to append"))
             new = _match_existing(st, manifest, planned)
-            _warn_passed_over(new)
+            _warn_unread(new)
             recorded = st.weights.info()
             if match is not None and (recorded is None or recorded[0] != match):
                 raise StoreError(
@@ -615,7 +620,7 @@ def _ingest_source(
                 )
         else:
             new = planned
-            _warn_passed_over(new)
+            _warn_unread(new)
             options = {
                 "chunk_size": chunk_size,
                 "include": list(include),
