@@ -270,12 +270,12 @@ def test_weights_of_no_float_dtype_are_told(tmp_path):
         state = {"q.weight": torch.full((4, 4), step, dtype=torch.int8), "q.weight_scale": torch.full((4,), 1.0 + step),
                  "pos_ids": torch.arange(4), "mask": torch.ones(4, dtype=torch.bool)}
         save_file(state, str(src / f"step_{step}.safetensors"))
-        torch.save({**state, "rot": torch.ones(2, dtype=torch.complex64)}, pickles / f"step_{step}.pt")
+        torch.save({**state, "rot.weight": torch.ones(2, dtype=torch.complex64)}, pickles / f"step_{step}.pt")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sa.ingest(src, tmp_path / "r.zarr")
     told = [str(w.message) for w in caught if issubclass(w.category, sa.UnreadWeightsWarning)]
-    assert told == [f"{src}/step_0.safetensors: tensor 'q.weight' (int8) are not read: only floating-point tensors "
+    assert told == [f"{src}/step_0.safetensors: tensor 'q.weight' (int8) is not read: only floating-point tensors "
                     "are; quantised weights and complex parameters are not part of the run (dequantise them, or "
                     "leave them out with exclude= to silence this)"]
     with warnings.catch_warnings():
@@ -309,3 +309,38 @@ def test_weights_that_hold_no_values_are_told(tmp_path):
     with pytest.warns(sa.UnreadWeightsWarning, match=r"checkpoint-10: tensor 'fc1\.weight' \(no values, shape \(0,\)\) "
                                                       r"and 1 more hold no values: placeholders of weights"):
         sa.ingest(src, tmp_path / "r.zarr")
+
+
+def test_what_is_no_second_model_and_no_weight_stays_quiet(tmp_path):
+    """No warning for the same weights in another precision or format (model.fp16.safetensors, Mistral's
+    consolidated.safetensors, torchtune's adapter_model.pt beside adapter_model.safetensors), Accelerate's
+    sampler and data-loader state, GPT-2's uint8 causal mask or a complex rotary table."""
+    src = tmp_path / "run"
+    for step in (10, 20):
+        d = src / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        state = {"w": torch.full((3,), float(step)), "h.0.attn.bias": torch.ones(2, 2, dtype=torch.uint8)}
+        save_file(state, str(d / "model.safetensors"))
+        save_file({"w": torch.full((3,), float(step)).half()}, str(d / "model.fp16.safetensors"))
+        save_file(state, str(d / "consolidated.safetensors"))
+        torch.save({"epoch": 1}, d / "sampler.bin")
+        torch.save({"state": 1}, d / "dl_state_dict.bin")
+        a = src / f"epoch_{step}"
+        a.mkdir()
+        save_file({"lora_a.weight": torch.full((2,), float(step))}, str(a / "adapter_model.safetensors"))
+        torch.save({"lora_a.weight": torch.full((2,), float(step)),
+                    "freqs_cis": torch.ones(2, dtype=torch.complex64)}, a / "adapter_model.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sa.UnreadWeightsWarning)
+        for name in ("checkpoint", "epoch"):
+            run_dir = tmp_path / name
+            run_dir.mkdir()
+            for d in src.glob(f"{name}*"):
+                shutil.copytree(d, run_dir / d.name)
+            sa.ingest(run_dir, tmp_path / f"{name}.zarr")
+        pickles = tmp_path / "pk"
+        pickles.mkdir()
+        for step in (0, 10):
+            torch.save({"w": torch.full((3,), float(step)), "freqs_cis": torch.ones(2, dtype=torch.complex64),
+                        "h.0.attn.bias": torch.ones(2, 2, dtype=torch.uint8)}, pickles / f"step_{step}.pt")
+        sa.ingest(pickles, tmp_path / "pk.zarr")

@@ -462,9 +462,10 @@ def _warn_unread(new: list[_Planned]) -> None:
             continue
         named = [(n, k) for n, k in p.unread.items() if k.startswith("no values") == empty]
         (name, kind), more = named[0], f" and {len(named) - 1} more" if len(named) > 1 else ""
-        why = ("hold no values: placeholders of weights saved without them (DeepSpeed ZeRO-3's save_pretrained "
+        verb = ("hold" if empty else "are") if more else ("holds" if empty else "is")
+        why = (f"{verb} no values: placeholders of weights saved without them (DeepSpeed ZeRO-3's save_pretrained "
                "without gathering?), so the run lacks those weights; save the gathered model" if empty else
-               "are not read: only floating-point tensors are; quantised weights and complex parameters are not "
+               f"{verb} not read: only floating-point tensors are; quantised weights and complex parameters are not "
                "part of the run (dequantise them, or leave them out with exclude= to silence this)")
         warnings.warn(printable(f"{p.checkpoint.label}: tensor {name!r} ({kind}){more} {why}"),
                       UnreadWeightsWarning, stacklevel=4)

@@ -217,17 +217,18 @@ def require_regular_file(path: Path, error: type[Exception] = CheckpointError) -
         raise error(f"{path}: not a regular file ({kind}); give the path of a file")
 
 
-# Dtypes of weights that are not floating point: quantised (int8, packed 4-bit in uint8) and complex. Integer
-# buffers (step counters, position ids) and boolean masks are no weights and pass in silence.
-_UNREAD = {"I8": "int8", "U8": "uint8", "C64": "complex64", "C128": "complex128",
+# Dtypes of weights that are not floating point: quantised (int8, packed 4-bit in uint8 or int32) and complex.
+# Integer buffers (step counters, position ids, masks) are no weights and pass in silence.
+_UNREAD = {"I8": "int8", "U8": "uint8", "I32": "int32", "C64": "complex64", "C128": "complex128",
            **{str(d).removeprefix("torch."): str(d).removeprefix("torch.")
-              for d in (torch.int8, torch.uint8, torch.complex64, torch.complex128)}}
+              for d in (torch.int8, torch.uint8, torch.int32, torch.complex64, torch.complex128)}}
 
 
 def skip_unread(reader: CheckpointReader, name: str, dtype, keys: KeyOptions) -> None:
-    """Note *name*, a tensor left out for its dtype, where that dtype is a weight's (:data:`_UNREAD`)."""
+    """Note *name*, a tensor left out for its dtype, where it is a weight (``weight``, GPTQ's ``qweight``) of a
+    weight's dtype (:data:`_UNREAD`); masks (GPT-2's uint8 ``attn.bias``) and tables (``freqs_cis``) pass."""
     kind = _UNREAD.get(str(dtype).removeprefix("torch."))
-    if kind is not None and keys.selected(name):
+    if kind is not None and name.endswith("weight") and keys.selected(name):
         reader.unread[name] = kind
 
 
