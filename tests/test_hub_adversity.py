@@ -279,6 +279,7 @@ def test_a_revision_deleted_after_listing_is_one_line_and_keeps_the_rows_before_
 # -- what is fetched ahead, and for whom -----------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::spectral_analyzer.UnreadWeightsWarning")  # the int32 A.weight, told
 def test_a_float_and_an_integer_tensor_under_one_canonical_name_read_as_locally(monkeypatch, tmp_path):
     """An int32 tensor 'module.A.weight' (canonical 'A.weight', after the float 'A.weight' in sorted order)
     must not take the float tensor's byte span: read as the local reader reads it (the float tensor), from
