@@ -274,3 +274,14 @@ def test_optimizer_state_at_any_depth_is_no_weight(layout, tmp_path):
     _save(tmp_path / "step-10", state)
     reader = open_checkpoint(dcp_files(tmp_path / "step-10"), "step-10", KeyOptions())
     assert set(reader.tensors) == names
+
+
+def test_an_int8_weight_is_told_as_the_other_readers_tell_it(tmp_path):
+    """torch.distributed.checkpoint dropped non-floating tensors before the check that tells an int8 weight;
+    a complex rotary table (torchtitan's freqs_cis) stays quiet."""
+    for step in STEPS:
+        _save(tmp_path / f"step-{step}", {"w": torch.full((3,), float(step)),
+                                          "q.weight": torch.ones(2, 2, dtype=torch.int8),
+                                          "freqs_cis": torch.ones(2, dtype=torch.complex64)})
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"tensor 'q\.weight' \(int8\) is not read"):
+        sa.ingest(tmp_path, tmp_path / "r.zarr")

@@ -247,7 +247,8 @@ def test_weight_files_of_no_one_model_are_refused(tmp_path, names):
         for i, name in enumerate(names):
             save_file({f"t{i}": torch.full((3,), float(step))}, str(d / name))
     with pytest.raises(sa.CheckpointError, match=rf"checkpoint-10: 2 weight files \({re.escape(', '.join(names))}\) "
-                                                 r"and no model.safetensors.index.json naming them shards of one model"):
+                                                 r"and no model.safetensors.index.json naming them shards of one "
+                                                 r"model"):
         sa.ingest(tmp_path / "run", tmp_path / "r.zarr")
 
 

@@ -215,8 +215,8 @@ def test_a_csv_cell_a_spreadsheet_would_run_is_written_after_an_apostrophe(tmp_p
     from spectral_analyzer.exporting import export
 
     names = ['=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "@SUM(1)", "-x", "\tx", "plain"]
-    ds = xr.Dataset({"gap_ratio": (("group", "step"), [[-np.inf]] * 5 + [[1.5]]), "=m": (("group", "step"), [[1.0]] * 6)},
-                    coords={"step": [10], "group": names})
+    ds = xr.Dataset({"gap_ratio": (("group", "step"), [[-np.inf]] * 5 + [[1.5]]),
+                     "=m": (("group", "step"), [[1.0]] * 6)}, coords={"step": [10], "group": names})
     export(ds, tmp_path / "x.csv")
     rows = list(csv.reader((tmp_path / "x.csv").open(encoding="utf-8", newline="")))
     assert rows[0] == ["group", "step", "gap_ratio", "'=m"]

@@ -218,5 +218,6 @@ def test_heads_beside_a_whole_tensor_named_with_brackets(tmp_path):
 
     sizes = {f"layers.0.attn.{p}_proj.weight": (8, 8) for p in "qkvo"} | {"adapters[0]": (8, 8)}
     write_run(tmp_path / "src", 3, sizes, seed=4)
-    matrices = [str(m) for m in sa.ingest(tmp_path / "src", tmp_path / "r.zarr").weight_spectra(heads=2)["matrix"].values]
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr")
+    matrices = [str(m) for m in run.weight_spectra(heads=2)["matrix"].values]
     assert "adapters[0]" in matrices and "layers.0.attn.q_proj.weight[head 1]" in matrices

@@ -53,6 +53,7 @@ from .readers import (
     _read_span,
     _stored_step,
     require_regular_file,
+    skip_unread,
 )
 
 __all__ = ["METADATA", "dcp_files", "load_metadata", "read_dcp"]
@@ -362,7 +363,8 @@ def _reader(md, meta: Path, files: Sequence[Path], label: str, keys: KeyOptions)
         dtype = getattr(entry.properties, "dtype", None)
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(f"{meta}: tensor {fqn!r} has no dtype")
-        if not dtype.is_floating_point:
+        if not dtype.is_floating_point:  # an int8 weight told, as the other readers tell it
+            skip_unread(reader, keys.canonical(name), dtype, keys)
             continue
         tensor = _Chunks(fqn, entry, locations, meta.parent, on_disk, meta)
         before = len(reader.tensors)

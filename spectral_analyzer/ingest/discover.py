@@ -174,8 +174,8 @@ _PRECISION_VARIANT = re.compile(r"\.(?:fp|bf|float|int)(?:4|8|16|32|64)$")  # mo
 _DISTRIBUTED = re.compile(r"model_states\.pt$|\.distcp$|^\.metadata$")
 # The model's weights in another format or precision, as from_pretrained chooses between them (variant=fp16),
 # or as other tools export them (Mistral's consolidated, OpenVINO's): never a second model
-_ALTERNATES = re.compile(r"^(?:model|pytorch_model|consolidated|openvino_model)(?:\.[a-z]+[0-9]+)?(?:-[0-9]+-of-[0-9]+)?"
-                         r"(?:\.[0-9]+)?\.(?:safetensors|bin|pth?)$")
+_ALTERNATES = re.compile(r"^(?:model|pytorch_model|consolidated|openvino_model)(?:\.[a-z]+[0-9]+)?"
+                         r"(?:-[0-9]+-of-[0-9]+)?(?:\.[0-9]+)?\.(?:safetensors|bin|pth?)$")
 
 
 def passed_over(folder: Path | RemoteFolder, files: Sequence[Path | RemoteFile]) -> tuple[str, ...]:
@@ -186,7 +186,8 @@ def passed_over(folder: Path | RemoteFolder, files: Sequence[Path | RemoteFile])
             isinstance(f, Path) and f.parent != folder for f in files):
         return ()  # DeepSpeed's and torch.distributed.checkpoint's files: their folders hold the ranks' state
     taken = {f.name for f in files}
-    stems = {_PRECISION_VARIANT.sub("", f.name.rsplit(".", 1)[0]) for f in files}  # adapter_model.pt beside .safetensors
+    # a taken file's name in another format: torchtune's adapter_model.pt beside adapter_model.safetensors
+    stems = {_PRECISION_VARIANT.sub("", f.name.rsplit(".", 1)[0]) for f in files}
     return tuple(f.name for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
                  if f.name not in taken and _is_weight_file(f) and not _ALTERNATES.match(f.name)
                  and _PRECISION_VARIANT.sub("", f.name.rsplit(".", 1)[0]) not in stems)

@@ -469,14 +469,15 @@ def _warn_unread(new: list[_Planned]) -> None:
                "part of the run (dequantise them, or leave them out with exclude= to silence this)")
         warnings.warn(printable(f"{p.checkpoint.label}: tensor {name!r} ({kind}){more} {why}"),
                       UnreadWeightsWarning, stacklevel=4)
-    over = [(p.checkpoint.label, name) for p in new for name in p.checkpoint.passed_over]
+    over = [(p.checkpoint, name) for p in new for name in p.checkpoint.passed_over]
     if over:
-        label, name = over[0]
+        (checkpoint, name), files = over[0], over[0][0].files
         more = f", and {len(over) - 1} more beside the other checkpoints" if len(over) > 1 else ""
+        taken = ", ".join(f.name for f in files[:2]) + (", ..." if len(files) > 2 else "")
         warnings.warn(printable(
-            f"{label}: {name} is not read{more}: the checkpoint is its model's weights "
-            f"({', '.join(f.name for f in new[0].checkpoint.files[:2])}{', ...' if len(new[0].checkpoint.files) > 2 else ''}); "
-            "an adapter, EMA copy or second model beside them is not part of the run"), UnreadWeightsWarning, stacklevel=4)
+            f"{checkpoint.label}: {name} is not read{more}: the checkpoint is its model's weights ({taken}); "
+            "an adapter, EMA copy or second model beside them is not part of the run"), UnreadWeightsWarning,
+            stacklevel=4)
 
 
 def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:
