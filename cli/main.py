@@ -501,7 +501,8 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
     click.echo(f"events ({len(events)}):" if events else "events: none")
     for e in events:
         click.echo(f"  step {e['step']:>8}  {e['kind']:<22} k*={mode(e['mode'])}  R={ratio(e['value'])}")
-    click.echo("dC: ||dC||_F, the rank-two change d_i d_i^T - d_i-W d_i-W^T of the window covariance; A: adiabatic parameter ||dC||_F / (eta g^2); "
+    click.echo("dC: ||dC||_F, the rank-two change d_i d_i^T - d_i-W d_i-W^T of the window covariance; "
+               "A: adiabatic parameter ||dC||_F / (eta g^2); "
                "alpha_j: Davis-Kahan stability of mode j; rot_j: rotation of mode j since the last window (rad); "
                "-: not defined")
     for line in _summaries(ds):

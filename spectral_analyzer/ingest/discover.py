@@ -185,12 +185,14 @@ def passed_over(folder: Path | RemoteFolder, files: Sequence[Path | RemoteFile])
     if not files or any(_DISTRIBUTED.search(f.name) for f in files) or all(
             isinstance(f, Path) and f.parent != folder for f in files):
         return ()  # DeepSpeed's and torch.distributed.checkpoint's files: their folders hold the ranks' state
+    def base(name: str) -> str:  # the name without its format and precision: model.fp16.bin -> model
+        return _PRECISION_VARIANT.sub("", name.rsplit(".", 1)[0])
+
     taken = {f.name for f in files}
-    # a taken file's name in another format: torchtune's adapter_model.pt beside adapter_model.safetensors
-    stems = {_PRECISION_VARIANT.sub("", f.name.rsplit(".", 1)[0]) for f in files}
+    bases = {base(f.name) for f in files}  # a taken file in another format: torchtune's adapter_model.pt
     return tuple(f.name for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
                  if f.name not in taken and _is_weight_file(f) and not _ALTERNATES.match(f.name)
-                 and _PRECISION_VARIANT.sub("", f.name.rsplit(".", 1)[0]) not in stems)
+                 and base(f.name) not in bases)
 
 
 def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> tuple[Path | RemoteFile, ...] | None:
