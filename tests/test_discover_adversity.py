@@ -312,6 +312,53 @@ def test_weights_that_hold_no_values_are_told(tmp_path):
         sa.ingest(src, tmp_path / "r.zarr")
 
 
+@pytest.mark.parametrize("layout, where", [
+    ("ema", "'ema_state_dict'"),  # the EMA copy saved beside the state dict
+    ("nested", "'nested'"),  # top-level tensors with a second model nested among them
+    ("shadow", "'shadow_params'"),  # an EMA's list of shadow parameters
+    ("inner", "'state_dict.encoder'"),  # a module's weights nested inside the state dict read
+])
+def test_weights_in_a_pickle_beside_its_state_dict_are_told(tmp_path, layout, where):
+    """A pickle holding a second set of weights beside the state dict read (an EMA copy, a teacher, a nested
+    module) was ingested without a word about them; the optimizer's state stays quiet."""
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (10, 20, 30):
+        state = _state(step)
+        other = {k: v * 0.5 for k, v in state.items()}
+        optimizer = {"state": {0: {"exp_avg": torch.randn(8, 8), "step": torch.tensor(3.0)}},
+                     "param_groups": [{"params": [0], "lr": 0.1}]}
+        obj = {"ema": {"state_dict": state, "ema_state_dict": other, "optimizer": optimizer},
+               "nested": {**state, "nested": other},
+               "shadow": {"model": state, "optimizer_states": [optimizer], "shadow_params": list(other.values())},
+               "inner": {"state_dict": {**state, "encoder": other}},
+               }[layout]
+        torch.save(obj, src / f"step_{step}.pt")
+    with pytest.warns(sa.UnreadWeightsWarning) as caught:
+        run = sa.ingest(src, tmp_path / "r.zarr")
+    told = [str(w.message) for w in caught if issubclass(w.category, sa.UnreadWeightsWarning)]
+    assert told == [f"{src}/step_10.pt: 2 tensors under {where} (and 2 more such) are not read: the run is the "
+                    "weights of the file's state dict; an EMA copy, teacher or second model saved beside them is "
+                    "not part of it (save the one to analyse as the state dict)"]
+    assert [s["passed_over"] for s in run.sources] == [[f"step_{step}.pt: {where[1:-1]}"] for step in (10, 20, 30)]
+    theta = [torch.cat([v.flatten() for v in _state(step).values()]).double() for step in (10, 20, 30)]
+    band = run.band(max_lag=1).sum("tensor").values
+    assert band[1, 0] == pytest.approx(float((theta[2] - theta[1]).square().sum()), rel=1e-6)
+
+
+def test_the_same_model_under_two_keys_of_a_pickle_is_quiet(tmp_path):
+    """One model saved under two keys (the same tensors), and a Lightning checkpoint with its optimizer and
+    loops' state: nothing beside the state dict to tell."""
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (10, 20):
+        state = _state(step)
+        torch.save({"model": state, "model_ema_off": dict(state), "epoch": 1}, src / f"step_{step}.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sa.UnreadWeightsWarning)
+        sa.ingest(src, tmp_path / "r.zarr")
+
+
 def test_what_is_no_second_model_and_no_weight_stays_quiet(tmp_path):
     """No warning for the same weights in another precision or format (model.fp16.safetensors, Mistral's
     consolidated.safetensors, torchtune's adapter_model.pt beside adapter_model.safetensors), Accelerate's

@@ -110,6 +110,7 @@ class _Planned:
     tensors: dict[str, TensorInfo] | None  # None: a remote pickle, not read until its row is written
     considered: frozenset[str] = frozenset()  # its tensors' names before include / exclude
     unread: Mapping[str, str] = field(default_factory=dict)  # selected weights of no float dtype: name: dtype
+    beside: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (file, key): weights outside its state dict
 
 
 def _name_or_stored(c: Checkpoint, stored: int | None) -> int:
@@ -152,7 +153,7 @@ def _preflight(
         if named and c.step is not None:
             step = _name_or_stored(c, reader.step_hint)
         planned.append(_Planned(replace(c, step=step), step, reader.tensors, frozenset(reader.considered),
-                                dict(reader.unread)))
+                                dict(reader.unread), dict(reader.beside)))
     if selection is not None:
         selection.check_exact([p.step for p in planned], str(src))
         kept = [p for p in planned if p.step is not None and selection.keeps(p.step)]
@@ -478,6 +479,15 @@ def _warn_unread(new: list[_Planned]) -> None:
             f"{checkpoint.label}: {name} is not read{more}: the checkpoint is its model's weights ({taken}); "
             "an adapter, EMA copy or second model beside them is not part of the run"), UnreadWeightsWarning,
             stacklevel=4)
+    inside = [(p.checkpoint, file, key, n) for p in new for (file, key), n in p.beside.items()]
+    if inside:
+        (checkpoint, file, key, n), more = inside[0], f" (and {len(inside) - 1} more such)" if len(inside) > 1 else ""
+        of = "" if Path(checkpoint.label).name == file else f" of {file}"
+        warnings.warn(printable(
+            f"{checkpoint.label}: {n} tensor{'s' * (n > 1)} under {key!r}{of}{more} {'are' if n > 1 else 'is'} "
+            "not read: the run is the weights of the file's state dict; an EMA copy, teacher or second model "
+            "saved beside them is not part of it (save the one to analyse as the state dict)"),
+            UnreadWeightsWarning, stacklevel=4)
 
 
 def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:
@@ -786,8 +796,8 @@ def write_rows(
             files = [f.identity() if h is None else {**_fingerprint(f), "sha256": h.result()}
                      for f, h in zip(p.checkpoint.files, hashes[i])]
             entry = {**p.checkpoint.origin, "step": p.step, "label": p.checkpoint.label, "files": files}
-            if p.checkpoint.passed_over:
-                entry["passed_over"] = list(p.checkpoint.passed_over)
+            if p.checkpoint.passed_over or p.beside:
+                entry["passed_over"] = [*p.checkpoint.passed_over, *(f"{file}: {key}" for file, key in p.beside)]
             if delta_norm is not None:
                 entry["delta_norm"] = delta_norm
             return entry

@@ -168,6 +168,8 @@ class CheckpointReader:
     _sources: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # name: (name in file, file)
     considered: set[str] = field(default_factory=set, repr=False)  # every tensor's name, selected or not
     unread: dict[str, str] = field(default_factory=dict, repr=False)  # selected weights of no float dtype: name: dtype
+    # weights a pickle holds outside the state dict read (an EMA copy, a teacher): (file name, key path): how many
+    beside: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
     def read_on_into(self, following: CheckpointReader) -> None:
         """Let this checkpoint's read-ahead go on into the first tensors of *following* (the next
@@ -731,6 +733,37 @@ def _state_dict(obj, path: Path) -> tuple[dict, int | None, bool]:
     )
 
 
+def _weights_beside(obj, state: dict) -> dict[str, int]:
+    """The containers of weights in a loaded pickle *obj* outside *state*, the state dict read: each one's key
+    path (``ema_state_dict``, ``model.encoder`` nested in the state dict) and how many floating tensors it holds.
+
+    A container of weights holds a floating tensor under a name ending in ``weight`` (as a state dict names
+    them), or is a list with a floating tensor of two or more dimensions (``shadow_params`` of an EMA);
+    optimizer state (``exp_avg`` under a parameter's index) is none. A tensor on a storage of *state*'s (the same model saved
+    under two keys) is no second copy.
+    """
+    taken = {t.untyped_storage().data_ptr() for t in state.values()
+             if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta and t.numel()}
+    found: dict[str, int] = {}
+    todo, seen = [("", obj)], {id(state)}
+    while todo:
+        where, item = todo.pop()
+        if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+            seen.add(id(item))
+            pairs = list(item.items() if isinstance(item, dict) else enumerate(item))
+            floating = [(k, v) for k, v in pairs if isinstance(v, torch.Tensor) and v.is_floating_point()
+                        and not (v.layout == torch.strided and not v.is_meta and v.numel()
+                                 and v.untyped_storage().data_ptr() in taken)]
+            if any(str(k).endswith("weight") if isinstance(item, dict) else v.dim() >= 2 for k, v in floating):
+                found[where or "(top level)"] = len(floating)
+            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in pairs
+                        if isinstance(v, (dict, list, tuple)))
+        elif item is state:
+            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in state.items()
+                        if isinstance(v, (dict, list, tuple)))
+    return dict(sorted(found.items()))
+
+
 def _read_torch(files: Sequence[Path], label: str, keys: KeyOptions,
                 check: Callable[[Sequence[Path], list[list[str]]], None] | None = None) -> CheckpointReader:
     """The tensors of pickles *files*, checked against their shard index (by *check*, default
@@ -758,6 +791,7 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
     """
     state, step, lightning = _state_dict(obj, path)
     reader.step_hint = step if step is not None else reader.step_hint
+    reader.beside.update({(path.name, where): n for where, n in _weights_beside(obj, state).items()})
     names = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
     prefix = keys.lightning_prefix
     strip_lightning = lightning and prefix and names and all(k.startswith(prefix) for k in names)
