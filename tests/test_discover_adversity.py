@@ -346,6 +346,29 @@ def test_weights_in_a_pickle_beside_its_state_dict_are_told(tmp_path, layout, wh
     assert band[1, 0] == pytest.approx(float((theta[2] - theta[1]).square().sum()), rel=1e-6)
 
 
+def test_compressed_checkpoints_are_told(tmp_path):
+    """Checkpoints archived to save space (step_300.pt.gz, checkpoint-400.tar.zst) were passed over in silence:
+    the run lost them, and its deltas spanned the gaps. Told when others are read; named when none is."""
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (100, 200):
+        torch.save(_state(step), src / f"step_{step}.pt")
+    (src / "step_300.pt.gz").write_bytes(b"\x1f\x8b")
+    (src / "checkpoint-400.tar.zst").write_bytes(b"(")
+    (src / "logs.tar").write_bytes(b"")  # no number: no checkpoint
+    with pytest.warns(sa.UnreadWeightsWarning, match=re.escape(
+            f"{src}/checkpoint-400.tar.zst and 1 more: compressed or archived checkpoints, not read; unpack them to make "
+            "them part of the run")):
+        run = sa.ingest(src, tmp_path / "r.zarr")
+    assert list(run.checkpoint_steps) == [100, 200]
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "model_step_5.safetensors.zst").write_bytes(b"")
+    with pytest.raises(sa.NoCheckpointsError, match=r"checkpoint-<step>/ folders\); model_step_5\.safetensors\.zst: "
+                                                    "compressed or archived checkpoint, not read"):
+        sa.ingest(packed, tmp_path / "p.zarr")
+
+
 def test_the_same_model_under_two_keys_of_a_pickle_is_quiet(tmp_path):
     """One model saved under two keys (the same tensors), and a Lightning checkpoint with its optimizer and
     loops' state: nothing beside the state dict to tell."""

@@ -80,6 +80,9 @@ _SHARD = re.compile(r"-[0-9]+-of-[0-9]+")  # model-00001-of-00002: the shard's p
 # model.fp16, pytorch_model.bf16, weights-int8: a precision, not a step
 _VERSION = re.compile(r"-v[0-9]+(?=(?:\.[A-Za-z]+)?$)")  # last-v1.ckpt: Lightning's second file of one name
 _PRECISION = re.compile(r"(?<![^\W_])(?:fp|bf|float|int)(?:4|8|16|32|64)(?![^\W_])", re.IGNORECASE)
+# A checkpoint compressed or archived (step_300.pt.gz, checkpoint-300.tar.zst): not read, so told
+_PACKED = re.compile(r"(?:\.(?:safetensors|pt|pth|bin|ckpt)\.(?:gz|bz2|xz|zst|lz4|zip|7z)"
+                     r"|\.(?:tar(?:\.(?:gz|bz2|xz|zst|lz4))?|tgz|zip|7z))$", re.IGNORECASE)
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin")
 
 
@@ -343,11 +346,18 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
     # another precision)
     for f in _top_level_files(src, numbered=bool(found)):
         found.append(Checkpoint(str(f), (f,), step_from_name(f.stem, label=str(f)) if named else None))
+    packed = [f.name for f in sorted(src.iterdir(), key=lambda f: natural_key(f.name))
+              if _PACKED.search(f.name) and _NUMBER.search(f.name) and not f.name.startswith(".") and not f.is_dir()]
+    told = (f"{packed[0]}{f' and {len(packed) - 1} more' if len(packed) > 1 else ''}: compressed or archived "
+            f"checkpoint{'s' * (len(packed) > 1)}, not read; unpack {'them' if len(packed) > 1 else 'it'} to "
+            "make them part of the run") if packed else ""
     if not found:
-        raise NoCheckpointsError(
+        raise NoCheckpointsError(printable(
             f"{src}: no checkpoints found (looked for {', '.join('*' + s for s in WEIGHT_SUFFIXES)} "
-            "files and checkpoint-<step>/ folders)"
-        )
+            f"files and checkpoint-<step>/ folders){f'; {told}' if told else ''}"
+        ))
+    if packed:
+        warnings.warn(printable(f"{src}/{told}"), UnreadWeightsWarning, stacklevel=3)
     found.sort(key=lambda c: natural_key(Path(c.label).name))
     for f in (f for c in found for f in c.files if isinstance(f, Path)):
         _check_utf8(f)
