@@ -285,3 +285,32 @@ def test_an_int8_weight_is_told_as_the_other_readers_tell_it(tmp_path):
                                           "freqs_cis": torch.ones(2, dtype=torch.complex64)})
     with pytest.warns(sa.UnreadWeightsWarning, match=r"tensor 'q\.weight' \(int8\) is not read"):
         sa.ingest(tmp_path, tmp_path / "r.zarr")
+
+
+def _dcp_run(tmp_path: Path, make) -> Path:
+    src = tmp_path / "run"
+    for step in (0, 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-process save
+            dcp.save(make(torch.ones(3) * (step + 1)), checkpoint_id=str(src / f"step-{step}"))
+    return src
+
+
+def test_a_module_named_like_training_state_is_read_inside_the_model(tmp_path):
+    """A weight under a module called scaler or rng, inside the model's container, was left out as if it were
+    the training state's: the run lost it in silence."""
+    src = _dcp_run(tmp_path, lambda t: {"model": {"enc.weight": t, "enc.scaler.weight": t * 2, "head.rng.weight": t},
+                                        "optimizer": {"state.exp_avg": t}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sa.UnreadWeightsWarning)
+        run = sa.ingest(src, tmp_path / "r.zarr")
+    assert sorted(run.tensors.tensor.values) == ["enc.scaler.weight", "enc.weight", "head.rng.weight"]
+
+
+def test_a_module_named_like_training_state_is_read_in_flat_names(tmp_path):
+    """Without a model container: a module named scaler that holds a weight is read; the optimizer's entries,
+    their leaves named by the weights they belong to, are not."""
+    src = _dcp_run(tmp_path, lambda t: {"enc.weight": t, "enc.scaler.weight": t * 2, "scaler.bias": t,
+                                        "optimizer": {"exp_avg": {"enc.weight": t}}, "optim.state.enc.weight": t})
+    run = sa.ingest(src, tmp_path / "r.zarr")
+    assert sorted(run.tensors.tensor.values) == ["enc.scaler.weight", "enc.weight", "scaler.bias"]

@@ -338,8 +338,8 @@ def test_weights_in_a_pickle_beside_its_state_dict_are_told(tmp_path, layout, wh
         run = sa.ingest(src, tmp_path / "r.zarr")
     told = [str(w.message) for w in caught if issubclass(w.category, sa.UnreadWeightsWarning)]
     assert told == [f"{src}/step_10.pt: 2 tensors under {where} (and 2 more such) are not read: the run is the "
-                    "weights of the file's state dict; an EMA copy, teacher or second model saved beside them is "
-                    "not part of it (save the one to analyse as the state dict)"]
+                    "weights of the file's state dict; an EMA copy, teacher, second model or training state saved "
+                    "beside them is not part of it (save the one to analyse as the state dict)"]
     assert [s["passed_over"] for s in run.sources] == [[f"step_{step}.pt: {where[1:-1]}"] for step in (10, 20, 30)]
     theta = [torch.cat([v.flatten() for v in _state(step).values()]).double() for step in (10, 20, 30)]
     band = run.band(max_lag=1).sum("tensor").values

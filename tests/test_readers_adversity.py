@@ -317,3 +317,94 @@ def test_recorder_keeps_a_tied_tensor_whose_twin_is_not_selected(tmp_path):
     rec = sa.Recorder(tmp_path / "r.zarr", Tied(), exclude=("embed*",))
     rec.record(0)
     assert [t for t in sa.open_run(tmp_path / "r.zarr").tensors["tensor"].values] == ["layer.weight", "lm_head.weight"]
+
+
+# -- views that share values, tensors of no dense layout, quantised weights --------
+
+
+def _views_run(tmp_path: Path, make) -> Path:
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (0, 1):
+        torch.save(make(torch.randn(6, 4, generator=torch.Generator().manual_seed(step))), src / f"step_{step}.pt")
+    return src
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: {"in_proj_weight": p, "q": p[0:2], "k": p[2:4], "v": p[4:6]},  # a packed parameter and its slices
+    lambda p: {"w": p, "w_t": p.t()},  # a weight beside its transpose
+    lambda p: {"w": p, "flat": p.view(24)[3:9]},
+    lambda p: {"even": p[:, ::2], "cols": p[:, 1:3]},  # interleaved views sharing column 2
+])
+def test_views_that_share_values_are_refused(tmp_path, make):
+    """A packed parameter saved beside its slices was counted twice (24 values of one 6 x 4 storage read as 48)."""
+    src = _views_run(tmp_path, make)
+    with pytest.raises(sa.CheckpointError, match=r"step_0\.pt: tensors '\w+' and '\w+' are views of the same "
+                                                 r"values .* which would be counted twice") as exc:
+        sa.ingest(src, tmp_path / "r.zarr")
+    _one_line(exc)
+    assert not (tmp_path / "r.zarr").exists()
+
+
+@pytest.mark.parametrize("make, n", [
+    (lambda p: {"even": p[:, ::2], "odd": p[:, 1::2]}, 24),  # interleaved columns: disjoint
+    (lambda p: {"a": p.view(24)[:10], "b": p.view(24)[10:]}, 24),  # FSDP's flat parameter
+    (lambda p: {"w": p, "tied": p}, 24),  # tied: one parameter
+])
+def test_disjoint_views_of_one_storage_are_read_once_each(tmp_path, make, n):
+    src = _views_run(tmp_path, make)
+    run = sa.ingest(src, tmp_path / "r.zarr")
+    assert int(run.tensors.size.sum()) == n
+    d = (torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+         - torch.randn(6, 4, generator=torch.Generator().manual_seed(0))).double()
+    assert float(run.band(max_lag=1).sum("tensor").values[0, 0]) == pytest.approx(float(d.square().sum()), rel=1e-6)
+
+
+def test_a_nested_tensor_is_refused_in_one_line(tmp_path):
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (0, 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the prototype API's notice
+            nested = torch.nested.nested_tensor([torch.ones(2) * step, torch.ones(3)])
+        torch.save({"w": nested, "b": torch.ones(2) * step}, src / f"step_{step}.pt")
+    with pytest.raises(sa.CheckpointError, match=r"step_0\.pt: tensor 'w' is a nested tensor; save its values as a "
+                                                 "dense tensor") as exc:
+        sa.ingest(src, tmp_path / "r.zarr")
+    _one_line(exc)
+
+
+@pytest.mark.parametrize("weight, kind", [
+    (lambda: {"fc.weight": torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8)}, "qint8"),
+    (lambda: {"fc.weight_packed": torch.zeros(4, 1, dtype=torch.int32),  # compressed-tensors' packing
+              "fc.weight_shape": torch.tensor([4, 4])}, "int32"),
+    (lambda: {"fc.weight": torch.zeros(4, 4, dtype=torch.int16)}, "int16"),
+    (lambda: {"layer.W_q": torch.zeros(4, 4, dtype=torch.uint8)}, "uint8"),  # HQQ
+])
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")  # torch.load of a quantised tensor
+def test_weights_of_any_integer_dtype_are_told(tmp_path, weight, kind):
+    """A qint8 weight, compressed-tensors' int32 weight_packed and an int16 weight went unread in silence, the
+    run made of the float scales beside them."""
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (0, 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's deprecation of quantised tensors
+            state = weight()
+        torch.save({**state, "fc.weight_scale": torch.ones(4) * (step + 1)}, src / f"step_{step}.pt")
+    with pytest.warns(sa.UnreadWeightsWarning, match=rf"step_0\.pt: tensor '[\w.]+' \({kind}\).* not read"):
+        sa.ingest(src, tmp_path / "r.zarr")
+
+
+def test_a_refused_pickle_names_the_class_it_holds(tmp_path):
+    import fractions
+
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (0, 1):
+        torch.save({"w": torch.ones(2) * step, "meta": fractions.Fraction(1, 3)}, src / f"step_{step}.pt")
+    with pytest.raises(sa.UnsafeCheckpointError, match=r"step_0\.pt: refused to unpickle: "
+                                                       r"torch.load\(weights_only=True\) found a fractions\.Fraction, "
+                                                       "not only tensors") as exc:
+        sa.ingest(src, tmp_path / "r.zarr")
+    assert "weights_only=False" not in _one_line(exc)

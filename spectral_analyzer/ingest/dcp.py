@@ -170,9 +170,15 @@ def _model_names(md, path: Path) -> dict[str, str]:
             if not ok:
                 guessed.add(fqn)
     # a training state's other entries, at any depth (PyTorch's recipe {"app": {"model", "optim"}}, Megatron's
-    # chained_0.optimizer...) and in flat names ("optimizer.state.exp_avg..." saved as one key)
-    paths = {fqn: p for fqn, p in paths.items()
-             if not any(part in NOT_MODEL for key in p for part in key.split("."))}
+    # chained_0.optimizer...) and in flat names ("optimizer.state.exp_avg..." saved as one key); never inside a
+    # model's container, nor a module so named that holds the parameter ("enc.scaler.weight")
+    def training_state(p: tuple[str, ...]) -> bool:
+        parts = [part for key in p for part in key.split(".")]
+        end = next((i for i, part in enumerate(parts) if part in STATE_DICT_KEYS), len(parts))
+        at = next((i for i, part in enumerate(parts[:end]) if part in NOT_MODEL), None)
+        return at is not None and not (at == len(parts) - 2 and parts[-1].endswith(("weight", "bias")))
+
+    paths = {fqn: p for fqn, p in paths.items() if not training_state(p)}
     weights = [fqn for fqn in paths if _floating(md.state_dict_metadata[fqn])]
     for container in STATE_DICT_KEYS:
         inside = {fqn: ".".join(p[1:]) for fqn, p in paths.items() if p[0] == container and len(p) > 1}

@@ -485,8 +485,8 @@ def _warn_unread(new: list[_Planned]) -> None:
         of = "" if Path(checkpoint.label).name == file else f" of {file}"
         warnings.warn(printable(
             f"{checkpoint.label}: {n} tensor{'s' * (n > 1)} under {key!r}{of}{more} {'are' if n > 1 else 'is'} "
-            "not read: the run is the weights of the file's state dict; an EMA copy, teacher or second model "
-            "saved beside them is not part of it (save the one to analyse as the state dict)"),
+            "not read: the run is the weights of the file's state dict; an EMA copy, teacher, second model or "
+            "training state saved beside them is not part of it (save the one to analyse as the state dict)"),
             UnreadWeightsWarning, stacklevel=4)
 
 

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pickle
+import re
 import stat
 import struct
 import weakref
@@ -219,19 +220,21 @@ def require_regular_file(path: Path, error: type[Exception] = CheckpointError) -
         raise error(f"{path}: not a regular file ({kind}); give the path of a file")
 
 
-# Dtypes of weights that are not floating point: quantised (int8, packed 4-bit in uint8 or int32) and complex.
-# Integer buffers (step counters, position ids, masks) are no weights and pass in silence.
+# The names of safetensors' dtypes of weights that are not floating point, as torch names them: quantised
+# (int8, packed 4-bit in uint8 or int32) and complex.
 _UNREAD = {"I8": "int8", "U8": "uint8", "I32": "int32", "C64": "complex64", "C128": "complex128",
            **{str(d).removeprefix("torch."): str(d).removeprefix("torch.")
               for d in (torch.int8, torch.uint8, torch.int32, torch.complex64, torch.complex128)}}
 
 
 def skip_unread(reader: CheckpointReader, name: str, dtype, keys: KeyOptions) -> None:
-    """Note *name*, a tensor left out for its dtype, where it is a weight (``weight``, GPTQ's ``qweight``) of a
-    weight's dtype (:data:`_UNREAD`); masks (GPT-2's uint8 ``attn.bias``) and tables (``freqs_cis``) pass."""
-    kind = _UNREAD.get(str(dtype).removeprefix("torch."))
-    if kind is not None and name.endswith("weight") and keys.selected(name):
-        reader.unread[name] = kind
+    """Note *name*, a tensor left out for its dtype, where it is a weight (``weight``, GPTQ's ``qweight``,
+    compressed-tensors' ``weight_packed``, HQQ's ``W_q``) of any dtype but bool; masks (GPT-2's uint8
+    ``attn.bias``) and tables (``freqs_cis``) pass."""
+    kind = str(dtype).removeprefix("torch.")
+    last = name.rsplit(".", 1)[-1]
+    if kind.lower() not in ("bool", "") and ("weight" in last or last == "W_q") and keys.selected(name):
+        reader.unread[name] = _UNREAD.get(kind, kind.lower())
 
 
 def _add(reader: CheckpointReader, raw: str, info_shape, dtype, loader, keys: KeyOptions, origin: str,
@@ -699,9 +702,11 @@ def _torch_load(path: Path):
             # Legacy (non-zip) serialisation cannot be memory-mapped.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"a {found.group(1)}" if found else "objects"
         raise UnsafeCheckpointError(
-            f"{path}: refused to unpickle: torch.load(weights_only=True) found objects other than "
-            f"tensors and plain containers ({_one_line(exc)}); save model.state_dict() or safetensors instead"
+            f"{path}: refused to unpickle: torch.load(weights_only=True) found {what}, not only tensors and plain "
+            "containers; save model.state_dict() or safetensors instead"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, LookupError, struct.error,
             AttributeError, TypeError, AssertionError) as exc:
@@ -738,8 +743,8 @@ def _weights_beside(obj, state: dict) -> dict[str, int]:
     path (``ema_state_dict``, ``model.encoder`` nested in the state dict) and how many floating tensors it holds.
 
     A container of weights holds a floating tensor under a name ending in ``weight`` (as a state dict names
-    them), or is a list with a floating tensor of two or more dimensions (``shadow_params`` of an EMA);
-    optimizer state (``exp_avg`` under a parameter's index) is none. A tensor on a storage of *state*'s (the same model saved
+    them), or is a list of floating tensors (``shadow_params`` of an EMA, a module's blocks); optimizer state
+    (``exp_avg`` under a parameter's index) is none. A tensor on a storage of *state*'s (the same model saved
     under two keys) is no second copy.
     """
     taken = {t.untyped_storage().data_ptr() for t in state.values()
@@ -754,7 +759,7 @@ def _weights_beside(obj, state: dict) -> dict[str, int]:
             floating = [(k, v) for k, v in pairs if isinstance(v, torch.Tensor) and v.is_floating_point()
                         and not (v.layout == torch.strided and not v.is_meta and v.numel()
                                  and v.untyped_storage().data_ptr() in taken)]
-            if any(str(k).endswith("weight") if isinstance(item, dict) else v.dim() >= 2 for k, v in floating):
+            if floating and (not isinstance(item, dict) or any(str(k).endswith("weight") for k, _ in floating)):
                 found[where or "(top level)"] = len(floating)
             todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in pairs
                         if isinstance(v, (dict, list, tuple)))
@@ -786,7 +791,10 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
     offset, shape and strides) are one parameter: of the names selected by
     *keys* (include / exclude), the first in the state dict's order is kept,
     as ``save_pretrained`` keeps it. A name left out by the selection never
-    hides its tied twin. A selected floating tensor that is sparse or on the
+    hides its tied twin. Other views that share values (a packed
+    ``in_proj_weight`` beside its q, k, v slices, a weight beside its
+    transpose) are refused; disjoint views of one storage (FSDP's flat
+    parameter) are separate parameters. A selected floating tensor that is sparse or on the
     meta device (which holds no values) is refused.
     """
     state, step, lightning = _state_dict(obj, path)
@@ -796,6 +804,7 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
     prefix = keys.lightning_prefix
     strip_lightning = lightning and prefix and names and all(k.startswith(prefix) for k in names)
     seen_storage: set[tuple] = set()
+    views: dict[int, list[tuple[torch.Tensor, str]]] = {}  # storage: the tensors read on it, with their names
     for key in names:
         t = state[key]
         raw = key[len(prefix) :] if strip_lightning else key
@@ -805,8 +814,9 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
             if not t.is_floating_point():
                 skip_unread(reader, name, t.dtype, keys)
             continue
-        if t.is_meta or t.layout != torch.strided:
-            what = "on the meta device (it holds no values)" if t.is_meta else f"{str(t.layout)[6:]}, not dense"
+        if t.is_meta or t.is_nested or t.layout != torch.strided:
+            what = ("on the meta device (it holds no values)" if t.is_meta else "a nested tensor" if t.is_nested
+                    else f"{str(t.layout)[6:]}, not dense")
             raise CheckpointError(
                 f"{path}: tensor {name!r} is {what}; save its values as a dense tensor or leave it out with "
                 f"exclude={name!r}"
@@ -815,9 +825,36 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
             if ident in seen_storage:
                 continue
+            for other, other_name in views.get(ident[0], ()):
+                if _overlap(t, other):
+                    raise CheckpointError(
+                        f"{path}: tensors {other_name!r} and {name!r} are views of the same values (a packed "
+                        "parameter saved beside its slices?), which would be counted twice; leave one out with "
+                        f"exclude={name!r}"
+                    )
             seen_storage.add(ident)
+            views.setdefault(ident[0], []).append((t, name))
         loader = (lambda t=t, name=name: _crc_checked(t, name, path)) if t.untyped_storage() in _UNCHECKED else t
         _add(reader, raw, t.shape, t.dtype, loader, keys, str(path))
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether views *a* and *b* of one storage share a byte."""
+    def extent(t: torch.Tensor) -> tuple[int, int]:
+        size = t.element_size()
+        last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        return t.storage_offset() * size, (t.storage_offset() + last + 1) * size
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    if a.element_size() != b.element_size() or a.is_contiguous() or b.is_contiguous():
+        return True  # spans that overlap: a contiguous view holds every element of its span
+    # interleaved strided views (columns of one matrix): compare the elements each one covers
+    size, lo = a.element_size(), min(a0, b0) // a.element_size()
+    covered = torch.zeros(max(a1, b1) // size - lo, dtype=torch.bool)
+    covered.as_strided(a.shape, a.stride(), a.storage_offset() - lo).fill_(True)
+    return bool(covered.as_strided(b.shape, b.stride(), b.storage_offset() - lo).any())
 
 
 def open_checkpoint(files: Sequence[Path | RemoteFile], label: str, keys: KeyOptions) -> CheckpointReader:
