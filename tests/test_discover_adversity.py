@@ -369,6 +369,37 @@ def test_compressed_checkpoints_are_told(tmp_path):
         sa.ingest(packed, tmp_path / "p.zarr")
 
 
+def test_a_model_in_a_subfolder_of_a_checkpoint_is_told(tmp_path):
+    """checkpoint-N/ema/model.safetensors beside checkpoint-N/model.safetensors went unmentioned; DeepSpeed's
+    global_step folder beside the model (the same weights as the ranks' state) stays quiet."""
+    src = tmp_path / "run"
+    for step in (10, 20):
+        d = src / f"checkpoint-{step}"
+        (d / "ema").mkdir(parents=True)
+        (d / f"global_step{step}").mkdir()
+        save_file(_state(step), str(d / "model.safetensors"))
+        save_file(_state(step + 1), str(d / "ema" / "model.safetensors"))
+        torch.save({"module": _state(step)}, d / f"global_step{step}" / "mp_rank_00_model_states.pt")
+        (d / "original").mkdir()  # the model in Meta's format, as a hub snapshot holds it
+        torch.save(_state(step), d / "original" / "consolidated.00.pth")
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"checkpoint-10: ema/model\.safetensors is not read, and 1 "
+                                                      "more beside the other checkpoints"):
+        run = sa.ingest(src, tmp_path / "r.zarr")
+    assert [s["passed_over"] for s in run.sources] == [["ema/model.safetensors"]] * 2
+
+
+def test_a_weight_suffix_in_capitals_is_refused(tmp_path):
+    """step_2.PT among step_N.pt files was passed over: the run lost step 2, and the delta 1 -> 3 read as one."""
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (0, 1, 2, 3):
+        torch.save(_state(step), src / f"step_{step}.{'PT' if step == 2 else 'pt'}")
+    with pytest.raises(sa.CheckpointError, match=r"step_2\.PT: a weight file's suffix in capitals; rename it "
+                                                 r"step_2\.pt to read it"):
+        sa.ingest(src, tmp_path / "r.zarr")
+    assert not (tmp_path / "r.zarr").exists()
+
+
 def test_the_same_model_under_two_keys_of_a_pickle_is_quiet(tmp_path):
     """One model saved under two keys (the same tensors), and a Lightning checkpoint with its optimizer and
     loops' state: nothing beside the state dict to tell."""

@@ -164,13 +164,19 @@ def _present(path: Path | RemoteFile) -> bool:
 
 def _is_weight_file(path: Path) -> bool:
     """A file with a weight suffix that is not optimizer, scheduler or trainer state; a hidden file on local
-    disk (``.name``: a copy being written, an editor's or a sync tool's) is no checkpoint."""
-    return (
-        not (isinstance(path, Path) and path.name.startswith("."))
-        and _present(path)
-        and path.suffix in WEIGHT_SUFFIXES
-        and not any(fnmatch.fnmatchcase(path.name, g) for g in NOT_WEIGHTS)
-    )
+    disk (``.name``: a copy being written, an editor's or a sync tool's) is no checkpoint. A weight suffix in
+    other letters (``step_2.PT``) is refused: passed over, the run would lose that checkpoint in silence."""
+    if (
+        isinstance(path, Path) and path.name.startswith(".")
+        or path.suffix.lower() not in WEIGHT_SUFFIXES
+        or any(fnmatch.fnmatch(path.name.lower(), g) for g in NOT_WEIGHTS)
+        or not _present(path)
+    ):
+        return False
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise CheckpointError(printable(f"{path}: a weight file's suffix in capitals; rename it "
+                                        f"{path.stem}{path.suffix.lower()} to read it"))
+    return True
 
 
 _PRECISION_VARIANT = re.compile(r"\.(?:fp|bf|float|int)(?:4|8|16|32|64)$")  # model.fp16: the variant= infix
@@ -193,9 +199,17 @@ def passed_over(folder: Path | RemoteFolder, files: Sequence[Path | RemoteFile])
 
     taken = {f.name for f in files}
     bases = {base(f.name) for f in files}  # a taken file in another format: torchtune's adapter_model.pt
-    return tuple(f.name for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
-                 if f.name not in taken and _is_weight_file(f) and not _ALTERNATES.match(f.name)
-                 and base(f.name) not in bases)
+    entries = sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
+    beside = [f.name for f in entries if f.name not in taken and _is_weight_file(f)
+              and not _ALTERNATES.match(f.name) and base(f.name) not in bases]
+    if isinstance(folder, Path):  # a model in a subfolder (ema/, teacher/); not the ranks' state of DeepSpeed or
+        for d in entries:  # DCP, nor the model in another format (a hub snapshot's original/consolidated.00.pth)
+            if d.is_dir() and not d.name.startswith("."):
+                inside = sorted(d.iterdir(), key=lambda f: natural_key(f.name))
+                if not any(_DISTRIBUTED.search(f.name) for f in inside):
+                    beside += [f"{d.name}/{f.name}" for f in inside if _is_weight_file(f) and not (
+                        _ALTERNATES.match(f.name) and not f.name.startswith(("model", "pytorch_model")))]
+    return tuple(beside)
 
 
 def checkpoint_files(folder: Path | RemoteFolder, root: Path | None = None) -> tuple[Path | RemoteFile, ...] | None:
