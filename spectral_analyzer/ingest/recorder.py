@@ -23,6 +23,7 @@ import torch
 from .._version import __version__
 from ..errors import (
     CheckpointError,
+    MetricsError,
     PrecisionChangeWarning,
     RecordingWarning,
     SelectionError,
@@ -35,7 +36,17 @@ from ..store.layout import check_chunk_size
 from .discover import Checkpoint
 from .model_config import attention_config
 from .metrics import _check_names as _check_metric_names
-from .pipeline import _check_consistent, _check_names, _manifest, _Planned, _precision_changes, write_rows
+from .pipeline import (
+    _check_consistent,
+    _check_names,
+    _ChunkedRow,
+    _crc_only,
+    _manifest,
+    _Planned,
+    _precision_changes,
+    _stored_is_exact,
+    write_rows,
+)
 from .readers import CheckpointReader, KeyOptions, _add
 
 __all__ = ["Recorder"]
@@ -67,6 +78,11 @@ class Recorder:
 
     Memory: one copy of the recorded tensors (the previous snapshot), so each
     delta is the exact difference of two snapshots.
+
+    In a distributed training (a process group initialised), rank 0 records
+    and the other ranks' recorders do nothing: every rank of a data-parallel
+    training holds the same weights, and one writer keeps the store whole.
+    Steps are integers (a float such as an epoch fraction is refused).
     """
 
     def __init__(
@@ -101,8 +117,30 @@ class Recorder:
         self._attempt: tuple[int, int] | None = None  # the step and row count of the record being committed
         self._continues = False  # resumed: the store goes on, whatever overwrite says
 
+    @staticmethod
+    def _silent() -> bool:
+        """Whether this process is a rank other than 0 of a distributed training (it records nothing)."""
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+    def _step(self, step) -> int:
+        """*step* as an int; a float that is not a whole number (an epoch fraction), a bool or a string is
+        refused: cut to an int, it would file a value under another step."""
+        if not isinstance(step, (bool, np.bool_)):
+            try:
+                return int(step.__index__())
+            except (AttributeError, TypeError):
+                pass
+            if isinstance(step, (float, np.floating)) and float(step).is_integer():
+                return int(step)
+            if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+                return int(step.item())
+        raise StepError(printable(f"{self.path}: step {step!r} is not a whole number; steps are the training's "
+                                  "integer steps"))
+
     def step(self, step: int, /, **metrics: float) -> bool:
         """Record at multiples of ``every``; log *metrics* at every call. Returns whether it recorded."""
+        step = self._step(step)
         self.log(step, **metrics)
         if step % self.every:
             return False
@@ -143,12 +181,24 @@ class Recorder:
 
     def record(self, step: int) -> None:
         """Snapshot the model now and commit the delta from the previous snapshot."""
+        step = self._step(step)
+        if self._silent():
+            return
         if self._skip_through is not None:
             if step <= self._skip_through:
                 return
             self._skip_through = None
         reader = self._snapshot(step)
-        planned = _Planned(Checkpoint(reader.label, (), int(step)), int(step), reader.tensors)
+        pending, cut = dict(self._pending), self._cut
+        try:
+            self._record(step, reader)
+        except BaseException:
+            # the metrics' commit went with the refused row (rolled back): they are written at the next write
+            self._pending, self._cut = pending, cut
+            raise
+
+    def _record(self, step: int, reader: CheckpointReader) -> None:
+        planned = _Planned(Checkpoint(reader.label, (), step), step, reader.tensors)
         overwrite = self.overwrite and self._previous is None and not self._continues
         with StoreWriter(self.path, self.storage_options, overwrite=overwrite, wait=self.wait) as writer:
             store = writer.existing
@@ -158,6 +208,12 @@ class Recorder:
                 if step <= last:
                     raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
                 previous = self._current_previous(store)
+                if previous is None and not _stored_is_exact(store, store.commit_record):
+                    raise StepError(
+                        f"{self.path}: cannot append: this recorder holds no snapshot of the model at the store's "
+                        f"last step {last}, and the store's float32 copy rounds its float64 values; call "
+                        f"resume({last}) while the model holds that step's weights, or record into a new store"
+                    )
                 if self._previous is None and self._cut is None:  # only once the record is accepted
                     self._cut = int(step)
             elif self._previous is not None:  # once this recorder has written a row, the store is its own
@@ -222,12 +278,17 @@ class Recorder:
         recorded again. When it ends before *step* (or there is none) and
         *step* is one it records (a multiple of ``every``), the model is
         recorded at *step* now: a training killed while recording that step,
-        after saving the checkpoint it resumed from, lacks that row. Whenever
-        the rows go no further than *step*, the metrics the store holds after
-        *step* (flushed by the abandoned training) are dropped at the next
-        write, as the resumed training logs those steps again. A resumed
-        recorder continues the store: ``overwrite`` no longer applies.
+        after saving the checkpoint it resumed from, lacks that row. The
+        metrics the store holds after *step* (flushed by the abandoned
+        training) are dropped at the next write, as the resumed training logs
+        those steps again. Where the store holds the weights of *step* (its
+        last row), the model is checked against them: resumed from other
+        weights, the recorder refuses to go on. A resumed recorder continues
+        the store: ``overwrite`` no longer applies.
         """
+        step = self._step(step)
+        if self._silent():
+            return
         # A recorder that has recorded (a callback reused for a training resumed from a checkpoint) forgets
         # its snapshot, which is of the abandoned training, and what was logged after *step*.
         self._previous = self._previous_at = self._skip_through = None
@@ -249,7 +310,7 @@ class Recorder:
     def _resume(self, store: Store, step: int) -> None:
         steps = store.checkpoint_steps.tolist()
         if steps and steps[-1] == step:  # the model holds the store's last checkpoint: deltas from it exactly
-            self._keep(self._snapshot(step), store)
+            self._keep(self._checked(self._snapshot(step), store), store)
             self._cut = int(step) + 1
             return
         if not steps or steps[-1] < step:
@@ -263,23 +324,51 @@ class Recorder:
             )
             store.truncate(keep)
             self._cut = int(step) + 1
-            self._keep(self._snapshot(step), store)
+            self._keep(self._checked(self._snapshot(step), store), store)
         else:
             warnings.warn(
                 f"{self.path}: training resumed at step {step}, before the store's last step {steps[-1]}, which "
-                f"holds no row at {step}: steps up to {steps[-1]} are not recorded again",
+                f"holds no row at {step}: steps up to {steps[-1]} are not recorded again, and the metrics it "
+                f"holds after {step} are replaced by the ones the resumed training logs",
                 RecordingWarning, stacklevel=2,
             )
+            self._cut = int(step) + 1  # the abandoned training's metrics: the resumed one logs those steps again
         self._skip_through = steps[-1] if step not in steps else None
+
+    def _checked(self, snapshot: CheckpointReader, store: Store) -> CheckpointReader:
+        """*snapshot*, the model at the store's last step, checked against the store's copy of that step's
+        weights (its chunks' checksums, in float32): a training resumed from another run's checkpoint, or from
+        one saved in lower precision, would take the next delta from weights the store's rows do not sum to."""
+        record = store.commit_record
+        if not record or not record.get("last_crc") or record.get("last_step") != store.last_checkpoint_step:
+            return snapshot  # no copy of this step's weights (rows after it dropped): nothing to check against
+        row = _ChunkedRow(store.chunk_size, store.n_params, _crc_only)
+        for t in store.manifest:
+            row.add(snapshot.read(t.name).to(torch.float32).reshape(-1).numpy())
+        if row.crcs() != list(record["last_crc"]):
+            raise StepError(
+                f"{self.path}: training resumed at step {store.last_checkpoint_step}, but the model's weights are "
+                "not the ones the store recorded at that step (resumed from another run's checkpoint, or one "
+                "saved in lower precision?); resume from that step's checkpoint, or record into a new store"
+            )
+        return snapshot
 
     def log(self, step: int, /, **metrics: float) -> None:
         """Keep *metrics* as logged at *step*; they are written with the next record, or by :meth:`flush`.
 
         A metric named ``step`` (a logger's own record of the step) is the index, not a series: left out."""
+        step = self._step(step)
         metrics.pop("step", None)
         _check_metric_names(metrics, f"{self.path} (logged at step {step})")
-        if metrics:
-            self._pending.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
+        values = {}
+        for k, v in metrics.items():
+            try:
+                values[k] = float(v)
+            except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+                raise MetricsError(printable(f"{self.path}: metric {k!r} logged at step {step} is {v!r}, not a "
+                                             f"number ({exc})")) from None
+        if values and not self._silent():
+            self._pending.setdefault(step, {}).update(values)
 
     def flush(self) -> None:
         """Write the metrics logged so far into the store (those logged after the last record, at the end of training)."""
