@@ -255,6 +255,31 @@ def test_a_float64_previous_file_changed_in_place_is_refused_against_the_store_s
     _check_store(store, states)
 
 
+def test_every_change_of_precision_is_named(tmp_path):
+    """float32 -> bfloat16 -> float16 -> float64: the warning named the first change only, though each later
+    delta across a change holds its rounding too."""
+    base = torch.linspace(-1, 1, 12)
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float64]
+    states = [(s, {"a": (base + s * 1e-3).to(d)}) for s, d in enumerate(dtypes)]
+    src = tmp_path / "src"
+    _write(src, states)
+    with pytest.warns(sa.PrecisionChangeWarning) as caught:
+        sa.ingest(src, tmp_path / "r.zarr")
+    (message,) = [str(w.message) for w in caught if w.category is sa.PrecisionChangeWarning]
+    assert message.startswith("tensor 'a' is float32 at step 1 (")
+    assert message.endswith("; precisions change again in the deltas to steps 3, 4")
+
+
+def test_a_group_of_empty_tensors_gives_nan_quietly(tmp_path):
+    """A (3, 0) tensor's group: NaN margin and noise level, with numpy's divide-by-zero warning printed."""
+    src = tmp_path / "src"
+    _write(src, [(s, {"a": torch.randn(5, generator=torch.Generator().manual_seed(s)), "e": torch.zeros(3, 0)})
+                 for s in range(5)])
+    ds = sa.ingest(src, tmp_path / "r.zarr").spectra(window=3, group_by="tensor")
+    empty = ds.sel(group="e")
+    assert int(empty.n_params) == 0 and np.isnan(empty.margin.values).all()
+
+
 def test_a_change_of_precision_between_checkpoints_is_exact_and_warned_once(tmp_path):
     """float32, then bfloat16: the deltas are the exact differences of the stored values, and the one across
     the change is named in a PrecisionChangeWarning (kept in the store's warnings) since it holds the

@@ -216,18 +216,24 @@ def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned]) -> 
     dwarf a training update and look like an event."""
     known = [p for p in planned if p.tensors is not None]
     fresh = {id(p) for p in new}
+    message, later = None, []
     for a, b in zip(known, known[1:]):
         if id(b) not in fresh:
             continue
         da, db = _signature(a.tensors), _signature(b.tensors)
         changed = [n for n in sorted(da, key=natural_key) if n in db and da[n][1] != db[n][1]]
-        if changed:
+        if changed and message is not None:
+            later.append(b.step)
+        elif changed:
             n = changed[0]
             more = f" (and {len(changed) - 1} more tensors)" if len(changed) > 1 else ""
-            return (f"tensor {n!r} is {da[n][1]} at step {a.step} ({_shown(a.checkpoint)}) but {db[n][1]} at step "
-                    f"{b.step} ({_shown(b.checkpoint)}){more}: the delta between them holds the rounding of the "
-                    "change of precision besides the update")
-    return None
+            message = (f"tensor {n!r} is {da[n][1]} at step {a.step} ({_shown(a.checkpoint)}) but {db[n][1]} at "
+                       f"step {b.step} ({_shown(b.checkpoint)}){more}: the delta between them holds the rounding "
+                       "of the change of precision besides the update")
+    if later:
+        steps = ", ".join(map(str, later[:5])) + (f" and {len(later) - 5} more" if len(later) > 5 else "")
+        message += f"; precisions change again in the deltas to step{'s' * (len(later) > 1)} {steps}"
+    return message
 
 
 def _manifest(tensors: dict[str, TensorInfo]) -> list[TensorEntry]:

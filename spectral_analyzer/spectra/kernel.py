@@ -155,10 +155,10 @@ def bbp(lam: np.ndarray, p: int, center: bool = False) -> dict[str, np.ndarray]:
     """
     w = lam.shape[1] - 1 if center else lam.shape[1]
     live = lam[:, :w]
-    nu = np.sqrt(live[:, w // 2 :].mean(axis=1) / p)
-    d_crit = nu * (p * (w - 1)) ** 0.25
-    last = np.sqrt(live[:, w - 1])
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # p = 0: a group of empty tensors, NaN throughout
+        nu = np.sqrt(live[:, w // 2 :].mean(axis=1) / p)
+        d_crit = nu * (p * (w - 1)) ** 0.25
+        last = np.sqrt(live[:, w - 1])
         margin = np.where(d_crit > 0, last / d_crit, np.nan)
     return {"nu": nu, "d_crit": d_crit, "margin": margin}
 
