@@ -44,6 +44,7 @@ from .errors import (
     StoreExistsError,
     StoreVersionError,
     UnreadWeightsWarning,
+    TiedWeightsWarning,
     UnsafeCheckpointError,
     WindowError,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "StoreExistsError",
     "StoreVersionError",
     "UnreadWeightsWarning",
+    "TiedWeightsWarning",
     "UnsafeCheckpointError",
     "WindowError",
     "__version__",

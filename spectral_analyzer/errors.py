@@ -34,6 +34,7 @@ __all__ = [
     "MixedIntervalsWarning",
     "RecordingWarning",
     "UnreadWeightsWarning",
+    "TiedWeightsWarning",
     "printable",
 ]
 
@@ -150,6 +151,11 @@ class UnreadWeightsWarning(UserWarning):
     """Weights in the checkpoints that are not read: files beside a checkpoint's own (an adapter, an EMA copy, a
     second model), a save still in progress, or tensors that are not floating point (int8 quantised weights,
     complex parameters)."""
+
+
+class TiedWeightsWarning(UserWarning):
+    """Two tensors have the same update at every step ingested: one tied weight saved under both names
+    (torch.distributed.checkpoint keeps both; so does a state dict cloned to save as safetensors), counted twice."""
 
 
 class RecordingWarning(UserWarning):

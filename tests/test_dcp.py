@@ -299,7 +299,8 @@ def _dcp_run(tmp_path: Path, make) -> Path:
 def test_a_module_named_like_training_state_is_read_inside_the_model(tmp_path):
     """A weight under a module called scaler or rng, inside the model's container, was left out as if it were
     the training state's: the run lost it in silence."""
-    src = _dcp_run(tmp_path, lambda t: {"model": {"enc.weight": t, "enc.scaler.weight": t * 2, "head.rng.weight": t},
+    src = _dcp_run(tmp_path, lambda t: {"model": {"enc.weight": t, "enc.scaler.weight": t * 2,
+                                                  "head.rng.weight": t * 3},
                                         "optimizer": {"state.exp_avg": t}})
     with warnings.catch_warnings():
         warnings.simplefilter("error", sa.UnreadWeightsWarning)
@@ -310,7 +311,34 @@ def test_a_module_named_like_training_state_is_read_inside_the_model(tmp_path):
 def test_a_module_named_like_training_state_is_read_in_flat_names(tmp_path):
     """Without a model container: a module named scaler that holds a weight is read; the optimizer's entries,
     their leaves named by the weights they belong to, are not."""
-    src = _dcp_run(tmp_path, lambda t: {"enc.weight": t, "enc.scaler.weight": t * 2, "scaler.bias": t,
+    src = _dcp_run(tmp_path, lambda t: {"enc.weight": t, "enc.scaler.weight": t * 2, "scaler.bias": t * 3,
                                         "optimizer": {"exp_avg": {"enc.weight": t}}, "optim.state.enc.weight": t})
     run = sa.ingest(src, tmp_path / "r.zarr")
     assert sorted(run.tensors.tensor.values) == ["enc.scaler.weight", "enc.weight", "scaler.bias"]
+
+
+def test_a_tied_weight_saved_under_both_names_is_told(tmp_path):
+    """torch.distributed.checkpoint saves a tied embedding and head under both names: the run counted the
+    weight twice in every Gram, without a word. Told (and kept in the store's warnings); a layer norm pair
+    equal at initialisation only, and a frozen pair, are not."""
+    g = torch.Generator().manual_seed(0)
+    emb, norms, frozen = torch.randn(10, 4, generator=g), torch.ones(2, 4), torch.randn(3, generator=g)
+    src = tmp_path / "run"
+    for step in range(3):
+        emb = emb + 0.01 * torch.randn(10, 4, generator=g)
+        moved = norms + (0 if step == 0 else 0.01 * torch.randn(2, 4, generator=g))
+        state = {"emb.weight": emb, "head.weight": emb, "ln1.weight": moved[0], "ln2.weight": moved[1],
+                 "f1": frozen, "f2": frozen}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"model": state}, checkpoint_id=str(src / f"step-{step}"))
+    with pytest.warns(sa.TiedWeightsWarning) as caught:
+        run = sa.ingest(src, tmp_path / "r.zarr")
+    (message,) = [str(w.message) for w in caught if w.category is sa.TiedWeightsWarning]
+    assert message.startswith("tensors 'emb.weight' and 'head.weight' have the same update at every step ingested")
+    assert message.endswith("ingest again with exclude='head.weight'")
+    assert message in run.warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sa.TiedWeightsWarning)
+        once = sa.ingest(src, tmp_path / "once.zarr", exclude=["head.weight"])
+    assert int(once.tensors.size.sum()) == int(run.tensors.size.sum()) - 40

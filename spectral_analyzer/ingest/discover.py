@@ -168,9 +168,9 @@ def _is_weight_file(path: Path) -> bool:
     other letters (``step_2.PT``) is refused: passed over, the run would lose that checkpoint in silence."""
     if (
         isinstance(path, Path) and path.name.startswith(".")
+        or not _present(path)
         or path.suffix.lower() not in WEIGHT_SUFFIXES
         or any(fnmatch.fnmatch(path.name.lower(), g) for g in NOT_WEIGHTS)
-        or not _present(path)
     ):
         return False
     if path.suffix not in WEIGHT_SUFFIXES:

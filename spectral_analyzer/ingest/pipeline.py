@@ -46,13 +46,15 @@ from ..errors import (
     StepError,
     StoreError,
     StoreExistsError,
+    TiedWeightsWarning,
     UnreadWeightsWarning,
     printable,
 )
 from ..progress import progress_bar
 from ..steps import StepSelection
 from ..store import DEFAULT_CHUNK_SIZE, Store, StoreWriter, TensorEntry
-from ..store.generations import base_link, chain, chunk_crc, hex_of
+from ..store.crc import crc32c
+from ..store.generations import base_link, chain, chunk_crc, hex_of, zero_crc
 from ..threads import torch_threads
 from ..weights import ingest_packing, matrices_of, select_weights
 from ..weights.kernel import singular_values
@@ -234,6 +236,25 @@ def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned]) -> 
         steps = ", ".join(map(str, later[:5])) + (f" and {len(later) - 5} more" if len(later) > 5 else "")
         message += f"; precisions change again in the deltas to step{'s' * (len(later) > 1)} {steps}"
     return message
+
+
+def _tied(updates: Mapping[str, Sequence[int]], sizes: Mapping[str, int]) -> str | None:
+    """A message where tensors have the same update (the crc32c of each row's delta in *updates*) at every
+    step, not all zero: one tied weight saved under two names, which the run counts twice; else None."""
+    same: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, crcs in updates.items():
+        if any(c != zero_crc(sizes[name]) for c in crcs):
+            same.setdefault((sizes[name], tuple(crcs)), []).append(name)
+    pairs = [names for names in same.values() if len(names) > 1]
+    if not pairs:
+        return None
+    (first, *rest), more = pairs[0], f" (and {len(pairs) - 1} more such)" if len(pairs) > 1 else ""
+    twins = " and ".join(repr(n) for n in rest)
+    return printable(
+        f"tensors {first!r} and {twins}{more} have the same update at every step ingested: one tied weight saved "
+        "under each name (torch.distributed.checkpoint keeps both, as does a state dict cloned to save as "
+        "safetensors)? The run counts it once per name, so its updates weigh that much more in every Gram; if "
+        f"it is one weight, ingest again with exclude={rest[0]!r}")
 
 
 def _manifest(tensors: dict[str, TensorInfo]) -> list[TensorEntry]:
@@ -907,6 +928,12 @@ def write_rows(
         prev_step = last_step
         prev_checked = False
         norms = DeltaNorms(_recent_norms(st, n0))
+        # the crc32c of each row's update of every tensor that shares its shape with another: two with the same
+        # update at every step are one tied weight saved under two names (told, as both are counted)
+        shapes: dict[tuple, list[str]] = {}
+        for t in manifest:
+            shapes.setdefault(tuple(t.shape), []).append(t.name)
+        updates = {n: [] for names in shapes.values() if len(names) > 1 for n in names}
         st.reserve_rows(n0 + len(new) - start)
         for k, i in enumerate(range(start, len(new))):
             cur = new[i]
@@ -940,12 +967,17 @@ def write_rows(
                         prev_verify.add(a.to(torch.float32).reshape(-1).numpy())
                 check = _may_overflow_float32(b.dtype, a.dtype)
                 b_flat, a_flat = b.reshape(-1), a.reshape(-1)
+                update = 0
                 for view, lo, hi in row.segments(b_flat.numel()):
                     out = torch.from_numpy(view)
                     _delta_into(out, b_flat[lo:hi], a_flat[lo:hi])
                     if check and not _all_finite(out):  # counted over the whole tensor
                         _check_float32(_delta(b_flat, a_flat), t.name, cur.checkpoint.label, cur.step,
                                        "values of its delta from the previous checkpoint")
+                    if t.name in updates:
+                        update = crc32c(view, update)
+                if t.name in updates:
+                    updates[t.name].append(update)
                 del a, a_flat, b_flat
                 if last is not None:
                     b32 = b.to(torch.float32)  # finite: checked with b
@@ -983,6 +1015,9 @@ def write_rows(
             record = {**record, "n_deltas": r + 1}
             if final:
                 record.update(last_slot=slot, last_step=cur.step, last_crc=last.crcs(), last_exact=exact)
+                if (tied := _tied(updates, {t.name: t.size for t in manifest})) is not None:
+                    warnings.warn(tied, TiedWeightsWarning, stacklevel=3)
+                    found_warnings += [tied] if tied not in found_warnings else []
             st.commit_rows(record, [cur.step], [crcs], warnings=found_warnings)
             record = st.commit_record
             prev, prev_label, prev_step = reader, cur.checkpoint.label, cur.step
