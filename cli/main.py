@@ -52,8 +52,13 @@ class _Group(click.Group):
 def _one_line_warnings(show):
     """A ``warnings.showwarning`` that prints the package's warnings as ``warning: <one line>``, others by *show*."""
 
+    shown = set()  # a warning given twice in one command (the band's cache, then the spectra's) is printed once
+
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if category.__module__ == "spectral_analyzer.errors":
+            if str(message) in shown:
+                return
+            shown.add(str(message))
             tqdm = sys.modules.get("tqdm")
             with tqdm.tqdm.external_write_mode(file=sys.stderr) if tqdm else contextlib.nullcontext():
                 click.echo(f"warning: {printable(str(message))}", err=True)
@@ -78,6 +83,10 @@ def _one_line_errors():
         _fail(message, exc.exit_code)
     except SpectralAnalyzerError as exc:
         _fail(str(exc), 1)
+    except MemoryError as exc:
+        _fail(f"out of memory: {exc or 'an allocation failed'}", 1)
+    except KeyboardInterrupt:
+        _fail("interrupted; what was committed before is kept (a store's rows, its caches)", 130)
     except OSError as exc:
         if exc.errno == errno.EPIPE:
             raise  # output piped into a closed reader (`| head`): click's own quiet exit

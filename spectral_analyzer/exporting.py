@@ -17,7 +17,7 @@ import xarray as xr
 from .errors import ExportError
 from .store.location import NAME_MAX, sibling_name
 
-__all__ = ["ExportError", "check_output", "events_table", "export", "replacing", "table"]
+__all__ = ["ExportError", "check_output", "events_table", "export", "refuse_inside_store", "replacing", "table"]
 
 FORMATS = (".nc", ".csv", ".json")
 
@@ -216,6 +216,18 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
     return path
 
 
+def refuse_inside_store(path: str | os.PathLike) -> None:
+    """Refuse *path*, where an output is to be written, if it is a Zarr store or inside one (``run.zarr/zarr.json``
+    given as the output of its own spectra): the write would replace the store's own files."""
+    folder = Path(os.path.abspath(path))
+    for above in reversed((folder, *folder.parents)):  # the outermost store: a store's arrays are Zarr nodes too
+        try:
+            if (above / "zarr.json").is_file():
+                raise ExportError(f"{path}: is inside the Zarr store {above}; write outputs outside it")
+        except OSError:  # an unreadable folder on the way up: no store can be told there
+            continue
+
+
 def check_output(
     path: str | os.PathLike, *, overwrite: bool = False, events: bool = False, formats: tuple[str, ...] | None = FORMATS
 ) -> list[Path]:
@@ -224,7 +236,8 @@ def check_output(
     Those are *path* and, for a CSV or JSON export of a Dataset with
     *events*, ``<stem>.events<suffix>`` beside it. Refused: an extension not
     in *formats* (None: any), a target that exists unless *overwrite*, a
-    target that is a folder, and a folder that does not exist.
+    target that is a folder, a folder that does not exist, and a target
+    inside a Zarr store.
 
     Examples
     --------
@@ -247,4 +260,5 @@ def check_output(
             raise ExportError(f"{target}: exists; pass overwrite to replace it")
     if not path.parent.is_dir():
         raise ExportError(f"{path}: the folder {path.parent} does not exist; create it or choose another path")
+    refuse_inside_store(path)
     return targets

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ExportError, MetricsError
+from .exporting import refuse_inside_store
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -271,6 +272,7 @@ def check_logdir(logdir: str | os.PathLike, *, overwrite: bool = False) -> list[
     logdir = Path(logdir)
     if logdir.exists() and not logdir.is_dir():
         raise ExportError(f"{logdir}: is a file; give a folder for the TensorBoard logs")
+    refuse_inside_store(logdir)
     ours = sorted(f for f in logdir.glob(f"{EVENT_PREFIX}*{EXPORT_SUFFIX}") if f.is_file()) if logdir.is_dir() else []
     if ours and not overwrite:
         raise ExportError(f"{logdir}: holds an export of spectra already ({ours[0].name}); "

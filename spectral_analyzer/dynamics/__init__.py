@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -80,7 +81,7 @@ def _check_options(**given) -> None:
             continue
         counts = name in ("persistence", "top_k")  # numbers of windows and of modes
         ok = isinstance(value, (int, np.integer) if counts else (int, float, np.integer, np.floating))
-        if (not ok or isinstance(value, bool) or not np.isfinite(value) or value <= bounds[name]
+        if (not ok or isinstance(value, bool) or not math.isfinite(value) or value <= bounds[name]
                 or (name == "phase_fraction" and value > 1)):
             top = " and at most 1" if name == "phase_fraction" else ""
             what = "a whole number" if counts else "a finite number"

@@ -416,8 +416,9 @@ def build_band(
     band : numpy.ndarray, float64, shape (n_tensors, n_deltas, L + 1)
         NaN where ``i - l < 0``.
     max_lag : int
-        The L of the returned band (the one asked for; a cached band with a
-        larger L is sliced).
+        The L of the returned band: the one asked for (a cached band with a
+        larger L is sliced), but at most the larger of 16 and the run's
+        deltas less one, since lags past the first delta hold no product.
 
     Cost: one read of the deltas not yet in the cache (plus L halo rows per
     task), ``~2 (L + 8)`` flops per element read.
@@ -427,6 +428,9 @@ def build_band(
     n = store.n_deltas
     if n == 0:
         raise StoreError(f"{store.path}: holds no deltas yet (ingest at least two checkpoints)")
+    # lags past the last delta hold no product (all NaN): a lag asked far beyond them (1000 on a run of 39
+    # deltas) would size every task's ring by it, and the band returned
+    max_lag = min(max_lag, max(n - 1, DEFAULT_MAX_LAG))
     found = store.band_cache.lookup(max_lag)
     cached, lag = found if found is not None else (None, max_lag)
     # From the start of the block holding the first row not cached: every row is then computed in

@@ -45,7 +45,10 @@ _CONFIG_MAX = 1 << 20
 
 def is_hub_cache(src: Path) -> bool:
     """Whether *src* is one repository's folder of a hub cache (``refs/`` and ``snapshots/``)."""
-    return (src / "refs").is_dir() and (src / "snapshots").is_dir()
+    try:
+        return (src / "refs").is_dir() and (src / "snapshots").is_dir()
+    except OSError:  # an unreadable folder: no hub cache can be told there (listing it says why)
+        return False
 
 
 @dataclass

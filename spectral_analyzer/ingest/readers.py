@@ -318,6 +318,11 @@ def _read_safetensors(files: Sequence[Path], label: str, keys: KeyOptions) -> Ch
     for path in files:
         require_regular_file(path)
         try:
+            with open(path, "rb"):  # safe_open calls a file it may not open "No such file or directory"
+                pass
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 metadata = handle.metadata() or {}
                 entries = [(k, handle.get_slice(k)) for k in handle.keys()]

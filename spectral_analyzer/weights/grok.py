@@ -17,8 +17,12 @@ __all__ = ["compute_qk_grokking", "grok_point"]
 def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) -> tuple[bool, int | float]:
     """(grokked, grok step): the first logged step where *metric* reaches *threshold* (an int; NaN if never).
 
-    Raises :class:`MetricError` naming *origin* when *metric* is not logged.
+    Raises :class:`MetricError` naming *origin* when *metric* is not logged, or *threshold* is not a finite
+    number (NaN: never reached; -inf: reached at the first step).
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)) or not (
+            np.isfinite(threshold)):
+        raise MetricError(f"{origin}: threshold must be a finite number, not {threshold!r}")
     if metric not in metrics.data_vars:  # a coordinate (step) is no series
         logged = ", ".join(map(str, metrics.data_vars)) or "none"
         raise MetricError(f"{origin}: metric {metric!r} is not logged (metrics: {logged})")
