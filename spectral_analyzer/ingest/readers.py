@@ -830,27 +830,46 @@ def add_state_dict(reader: CheckpointReader, obj, path: Path, keys: KeyOptions) 
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
             if ident in seen_storage:
                 continue
-            for other, other_name in views.get(ident[0], ()):
-                if _overlap(t, other):
-                    raise CheckpointError(
-                        f"{path}: tensors {other_name!r} and {name!r} are views of the same values (a packed "
-                        "parameter saved beside its slices?), which would be counted twice; leave one out with "
-                        f"exclude={name!r}"
-                    )
             seen_storage.add(ident)
             views.setdefault(ident[0], []).append((t, name))
         loader = (lambda t=t, name=name: _crc_checked(t, name, path)) if t.untyped_storage() in _UNCHECKED else t
         _add(reader, raw, t.shape, t.dtype, loader, keys, str(path))
+    for on_one in views.values():
+        if (shared := _sharing(on_one)) is not None:
+            raise CheckpointError(
+                f"{path}: tensors {shared[0]!r} and {shared[1]!r} are views of the same values (a packed parameter "
+                f"saved beside its slices?), which would be counted twice; leave one out with exclude={shared[1]!r}"
+            )
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage that view *t* spans, from its first element to its last."""
+    size = t.element_size()
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return t.storage_offset() * size, (t.storage_offset() + last + 1) * size
+
+
+def _sharing(views: list[tuple[torch.Tensor, str]]) -> tuple[str, str] | None:
+    """Two names of *views* (tensors on one storage, in the state dict's order) whose values overlap, else None.
+
+    Views are swept in order of their first byte; only those whose spans overlap are compared element by
+    element, so the views of a flat storage (FSDP's, thousands of them) cost a sort."""
+    order = sorted(range(len(views)), key=lambda i: _extent(views[i][0]))
+    open_: list[int] = []  # views whose span reaches past the current one's start
+    for i in order:
+        start = _extent(views[i][0])[0]
+        open_ = [j for j in open_ if _extent(views[j][0])[1] > start]
+        for j in open_:
+            if _overlap(views[j][0], views[i][0]):
+                first, second = sorted((i, j))
+                return views[first][1], views[second][1]
+        open_.append(i)
+    return None
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether views *a* and *b* of one storage share a byte."""
-    def extent(t: torch.Tensor) -> tuple[int, int]:
-        size = t.element_size()
-        last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-        return t.storage_offset() * size, (t.storage_offset() + last + 1) * size
-
-    (a0, a1), (b0, b1) = extent(a), extent(b)
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
     if a1 <= b0 or b1 <= a0:
         return False
     if a.element_size() != b.element_size() or a.is_contiguous() or b.is_contiguous():
