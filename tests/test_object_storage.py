@@ -220,3 +220,48 @@ def test_file_urls_are_local_stores(tmp_path):
     run = sa.ingest(FIXTURES / "layouts" / "hf_trainer", url)
     assert run.path == f"{tmp_path}/r.zarr"
     assert run.spectra(window=3).sizes["step"] == 1
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pickle"])
+def test_a_file_replaced_while_it_is_read_is_refused(s3, tmp_path, monkeypatch, kind):
+    """A safetensors file replaced on S3 between its header and its tensors was read as a mix of both versions,
+    the old version's ETag recorded; a pickle replaced before its download was read new and recorded old, so the
+    same command run again was refused as another run. Now the row is refused, the rows before it kept."""
+    from safetensors.torch import save_file
+
+    from spectral_analyzer.ingest import readers, remote
+
+    options, fs = s3
+    paths = write_run(tmp_path / "src", 4, {"w": (40, 30), "b": (30,)}, seed=1)
+    folder = f"runs/replaced-{kind}"
+    for p in paths:
+        if kind == "pickle":
+            from safetensors.torch import load_file
+
+            torch.save(load_file(str(p)), tmp_path / "x.pt")
+            fs.pipe_file(f"{folder}/{p.stem}.pt", (tmp_path / "x.pt").read_bytes())
+        else:
+            fs.pipe_file(f"{folder}/{p.name}", p.read_bytes())
+    victim = sorted(fs.ls(folder))[2].rsplit("/", 1)[-1]
+    other = tmp_path / "other" / "x.pt"  # a pickle's archive is named after its file: the same size as the others
+    other.parent.mkdir()
+    state = {"w": torch.randn(40, 30), "b": torch.randn(30)}
+    save_file(state, str(other)) if kind == "safetensors" else torch.save(state, other)
+
+    def replace(name: str) -> None:
+        if name == victim:
+            fs.pipe_file(f"{folder}/{victim}", other.read_bytes())
+
+    if kind == "safetensors":
+        header = readers._fetch_safetensors_header
+        monkeypatch.setattr(readers, "_fetch_safetensors_header", lambda f: (header(f), replace(f.name))[0])
+    else:
+        download = remote.FsspecFile._download
+        monkeypatch.setattr(remote.FsspecFile, "_download", lambda f, path: (replace(f.name), download(f, path))[1])
+    with pytest.raises(sa.CheckpointError, match=rf"s3://{folder}/{victim}: replaced while it was read \(ETag "):
+        sa.ingest(f"s3://{folder}", tmp_path / "r.zarr", source_options=options, progress=False)
+    monkeypatch.undo()
+    run = sa.ingest(f"s3://{folder}", tmp_path / "r.zarr", source_options=options, progress=False)  # settled
+    assert run.n_deltas == 3
+    assert [f["ETag"] for s in run.sources for f in s["files"] if f["url"].endswith(victim)] == [
+        fs.info(f"{folder}/{victim}")["ETag"]]

@@ -207,3 +207,29 @@ def test_a_cached_revision_with_a_shard_missing_and_no_index_is_refused(tmp_path
     with pytest.raises(sa.CheckpointError, match=rf"^{run}: holds shards of pytorch_model\.bin but not "
                                                  r"pytorch_model-00001-of-00003\.bin"):
         sa.ingest(tmp_path / "run", tmp_path / "l.zarr")
+
+
+@pytest.mark.parametrize("where", ["memory", "s3"])
+def test_identical_checkpoints_apart_are_told_from_remote_sources(where, memory, request, tmp_path):
+    """step_20 holding step_0's bytes: told from a local folder (sha256), not from memory:// (no content key:
+    now by the values read) nor from S3 (its content ETag now names the bytes)."""
+    import shutil
+
+    from conftest import write_run
+
+    paths = write_run(tmp_path / "src", 4, {"w": (40, 30)}, seed=1)
+    shutil.copyfile(paths[0], paths[2])
+    if where == "memory":
+        fs, root = memory
+        options, src = None, f"memory://{root}"
+        for p in paths:
+            fs.pipe_file(f"{root}/{p.name}", p.read_bytes())
+    else:
+        options, fs = request.getfixturevalue("s3")
+        src = "s3://runs/duplicates"
+        for p in paths:
+            fs.pipe_file(f"runs/duplicates/{p.name}", p.read_bytes())
+    with pytest.warns(sa.DuplicateCheckpointWarning, match=r"steps 0 \(.*step_0\.safetensors\) and 20 \(.*step_20"
+                                                           r"\.safetensors\) have identical contents"):
+        run = sa.ingest(src, tmp_path / "r.zarr", source_options=options, progress=False)
+    assert run.n_deltas == 3

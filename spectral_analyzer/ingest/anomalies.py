@@ -42,9 +42,16 @@ def squared_norm(d: np.ndarray) -> float:
 
 
 def identical_message(first: tuple[int, str], second: tuple[int, str], digest: str) -> str:
+    """*digest*: a file's sha256, or the name its source gives its bytes (``size:etag:value``, see
+    :meth:`~.sources.RemoteFile.content_id`)."""
+    if digest.count(":") >= 2:
+        size, kind, value = digest.split(":", 2)
+        what = f"the same {'git blob id' if kind == 'blob' else kind} {value.strip(chr(34))[:16]}... and size"
+    else:
+        what = f"sha256 {digest[:16]}..."
     return (
         f"checkpoints at steps {first[0]} ({first[1]}) and {second[0]} ({second[1]}) have identical contents: "
-        f"byte-identical files (sha256 {digest[:16]}...), one of them stored under the wrong step?"
+        f"byte-identical files ({what}), one of them stored under the wrong step?"
     )
 
 

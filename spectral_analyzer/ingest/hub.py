@@ -213,6 +213,9 @@ class HubFile(RemoteFile):
         self._location: str | None = None
         self._resolving = threading.Lock()  # ranges are fetched on several threads: one HEAD per file
 
+    def content_id(self) -> str | None:
+        return f"{self.size}:blob:{self.etag}" if self.etag else None
+
     @property
     def key(self) -> tuple:
         """The label with the revision and path apart: the label alone is ambiguous, a revision name may

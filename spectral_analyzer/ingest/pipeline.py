@@ -238,6 +238,19 @@ def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned]) -> 
     return message
 
 
+def _values_crc(t: torch.Tensor) -> int:
+    """crc32c of tensor *t*'s values, in its dtype."""
+    return crc32c(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _check_unchanged(checkpoint: Checkpoint) -> None:
+    """Refuse *checkpoint*, read and not yet committed, if a remote file of it was replaced since it was listed:
+    its tensors, fetched by range, may come from both versions, and its provenance would name the old one."""
+    for f in checkpoint.files:
+        if isinstance(f, RemoteFile):
+            f.check_unchanged()
+
+
 def _tied(updates: Mapping[str, Sequence[int]], sizes: Mapping[str, int]) -> str | None:
     """A message where tensors have the same update (the crc32c of each row's delta in *updates*) at every
     step, not all zero: one tied weight saved under two names, which the run counts twice; else None."""
@@ -840,9 +853,11 @@ def write_rows(
                 identities[tuple(f["sha256"] for f in files)] = (last_source["step"], last_source["label"])
 
         def digests(j: int) -> tuple[str, ...] | None:
-            """The sha256 of checkpoint *j*'s files, known or hashed; None where one is not (a remote file
-            whose source gives none)."""
-            key = tuple(d or (h.result() if h is not None else None) for d, h in zip(known(j), hashes[j]))
+            """The sha256 of checkpoint *j*'s files, known or hashed, else the name its source gives a remote
+            file's bytes (a content ETag, a git blob id); None where a file has neither."""
+            key = tuple(d or (h.result() if h is not None else None)
+                        or (f.content_id() if isinstance(f, RemoteFile) else None)
+                        for d, h, f in zip(known(j), hashes[j], new[j].checkpoint.files))
             return key if key and None not in key else None
 
         def identical(i: int) -> str | None:
@@ -858,6 +873,9 @@ def write_rows(
             return None if earlier is None else identical_message(earlier, (new[i].step, _shown(new[i].checkpoint)),
                                                                   key[0])
 
+        # Checkpoints whose files have no digest (a remote file its source names no content of): by the crc32c
+        # of each tensor's values as read, so that two of one ingest with the same values are told all the same
+        same_values: dict[tuple[int, ...], tuple[int, str]] = {}
         start = 0
         following = None  # the next checkpoint's reader, opened early where its transfer can start early
         if record is None:  # a new store: the first checkpoint is the base
@@ -870,9 +888,12 @@ def write_rows(
             row = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("base", None, s, b))
             last = _ChunkedRow(st.chunk_size, st.n_params, lambda s, b: writer.submit("last_theta", 0, s, b))
             exact = True  # whether last_theta will hold the base exactly
+            values = [] if digests(0) is None else None
             for t in manifest:
                 x = reader.read(t.name)
                 _check_finite(x, t.name, base.checkpoint.label, base.step)
+                if values is not None:
+                    values.append(_values_crc(x))
                 x32 = x.to(torch.float32)  # finite: float64 values past float32's range were refused above
                 exact = exact and _exact_in_float32(x, x32)
                 flat = x32.reshape(-1).numpy()
@@ -883,6 +904,7 @@ def write_rows(
                     bar.update(4 * t.size)
             del reader, x, x32, flat
             writer.wait()
+            _check_unchanged(base.checkpoint)
             crcs = row.crcs()
             link = base_link(st.attrs["tensors"], st.chunk_size, base.step, crcs)
             recorder.write(0, link)
@@ -892,6 +914,8 @@ def write_rows(
             record = {"n_deltas": 0, "head_step": base.step, "last_slot": 0, "last_step": base.step, "base": c0,
                       "chain": c0, "last_crc": last.crcs(), "last_exact": exact}
             st.commit(commit=record, base_step=base.step, base_crc=crcs)
+            if values is not None:
+                same_values[tuple(values)] = (base.step, _shown(base.checkpoint))
             start = 1
             pending.append(0)
         if start >= len(new):
@@ -957,9 +981,12 @@ def write_rows(
                 else None
             )
             exact = True
+            values = [] if same_files is None and digests(i) is None else None
             for t in manifest:
                 b = reader.read(t.name)
                 _check_finite(b, t.name, cur.checkpoint.label, cur.step)
+                if values is not None:
+                    values.append(_values_crc(b))
                 a = prev.read(t.name)
                 if not prev_checked:  # a recorder's snapshot, the store's copy or an earlier ingest's file
                     _check_finite(a, t.name, prev_label, prev_step)
@@ -987,6 +1014,7 @@ def write_rows(
                 if bar is not None:
                     bar.update(4 * t.size)
             writer.wait()
+            _check_unchanged(cur.checkpoint)
             if prev_verify is not None:
                 if prev_verify.crcs() != list(record["last_crc"]):
                     raise StoreExistsError(
@@ -1012,6 +1040,14 @@ def write_rows(
                 )
                 warnings.warn(message, DuplicateCheckpointWarning, stacklevel=3)
                 found_warnings.append(message)
+            elif values is not None and (earlier := same_values.get(tuple(values))) is not None:
+                message = (f"checkpoints at steps {earlier[0]} ({earlier[1]}) and {cur.step} ({_shown(cur.checkpoint)}) "
+                           "have identical contents: the same values in every tensor, one of them stored under the "
+                           "wrong step?")
+                warnings.warn(message, DuplicateCheckpointWarning, stacklevel=3)
+                found_warnings.append(message)
+            if values is not None:
+                same_values.setdefault(tuple(values), (cur.step, _shown(cur.checkpoint)))
             record = {**record, "n_deltas": r + 1}
             if final:
                 record.update(last_slot=slot, last_step=cur.step, last_crc=last.crcs(), last_exact=exact)

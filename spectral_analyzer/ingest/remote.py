@@ -10,11 +10,12 @@ at a URL (store/location.py).
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import SourceError
+from ..errors import CheckpointError, SourceError, printable
 from .discover import Checkpoint, discover
 from .sources import RemoteFile, RemoteFolder, Source, Workspace, one_line, retrying
 
@@ -28,6 +29,21 @@ _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, Permissi
               NotImplementedError, ImportError)
 
 
+def _comparable(info: Mapping[str, Any]) -> dict[str, str]:
+    """The version fields of an fsspec ``info`` or ``ls`` entry, as text that the two give alike: a time as
+    milliseconds since the epoch (fsspec's memory filesystem lists a float and answers info with a datetime)."""
+    out = {}
+    for k in VERSION_KEYS:
+        v = info.get(k)
+        if isinstance(v, datetime.datetime):
+            v = v.timestamp()
+        if isinstance(v, float):
+            v = round(v * 1000)
+        if v is not None:
+            out[k] = str(v)
+    return out
+
+
 def _transient(exc: Exception) -> bool:
     return not isinstance(exc, _PERMANENT)
 
@@ -39,6 +55,7 @@ class FsspecFile(RemoteFile):
         super().__init__(fs.unstrip_protocol(path), path.rsplit("/", 1)[-1], info["size"], workspace, parent)
         self.fs, self.path = fs, path
         self.version = {k: str(info[k]) for k in VERSION_KEYS if info.get(k) is not None}
+        self._listed = _comparable(info)
 
     def _fetch(self, start: int, stop: int, out: memoryview) -> None:
         data = self.fs.cat_file(self.path, start=start, end=stop)
@@ -49,10 +66,28 @@ class FsspecFile(RemoteFile):
     def _download(self, path: Path) -> None:
         self.fs.get_file(self.path, str(path))
         if path.stat().st_size != self.size:
+            self.check_unchanged()  # another size: replaced since it was listed (refused), or cut short (retried)
             raise ConnectionError(f"downloaded {path.stat().st_size} bytes of {self.size}")
 
     def _transient(self, exc: Exception) -> bool:
         return _transient(exc)
+
+    def content_id(self) -> str | None:
+        key = next((k for k in CONTENT_KEYS if k in self.version), None)
+        return None if key is None else f"{self.size}:{key.lower()}:{self.version[key]}"
+
+    def check_unchanged(self) -> None:
+        """Refuse the file if its size or version fields (ETag, generation, ...) are no longer those listed: a
+        file replaced between its first byte range and its last would be read as a mix of two versions."""
+        self.fs.invalidate_cache(self.path)
+        info = self.retrying("checking its version", lambda: self.fs.info(self.path))
+        now = _comparable(info)
+        if info.get("size") != self.size or now != self._listed:
+            changed = next((f"{k} {self._listed.get(k)} -> {now.get(k)}" for k in sorted({*now, *self._listed})
+                            if now.get(k) != self._listed.get(k)), f"size {self.size} -> {info.get('size')}")
+            raise CheckpointError(printable(
+                f"{self.label}: replaced while it was read ({changed}); its row is not written: ingest again once "
+                "the file is settled"))
 
     def identity(self) -> dict[str, Any]:
         return {"url": self.label, "size": self.size, **self.version}

@@ -314,6 +314,15 @@ class RemoteFile(ABC):
             os.replace(partial, path)
         return path
 
+    def content_id(self) -> str | None:
+        """A name of the file's bytes that its source gives without reading them (a content ETag, a git blob
+        id), for telling two files with the same bytes apart from others; None where there is none."""
+        return None
+
+    def check_unchanged(self) -> None:
+        """Refuse the file if it is not the version listed (replaced while it was read). A source whose reads
+        are pinned to a version (a hub revision's commit) checks each answer instead: nothing to do here."""
+
     def retrying(self, what: str, call: Callable[[], T]) -> T:
         """``call()``, tried again after a transient failure (see the module's docstring)."""
         return retrying(self.label, what, call, self._transient, self._reset, self.workspace.closing)
