@@ -264,7 +264,7 @@ class Run:
                                  "steps, stride, center)")
         spectra = self.spectra(window=window, **options)
         return describe(correlate(spectra, self.metrics, metric, max_lag=own.get("max_lag", 10),
-                                  detrend_kind=own.get("detrend", "linear")))
+                                  detrend_kind=own.get("detrend", "linear"), origin=self._store.path))
 
     def weight_spectra(self, match: str | list[str] | None = None, **options) -> xr.Dataset:
         """Singular values of 2-D weight matrices at every checkpoint.

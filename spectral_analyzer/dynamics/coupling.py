@@ -38,17 +38,19 @@ def detrend(y: np.ndarray, t: np.ndarray, kind: str = "linear") -> np.ndarray:
 def lagged_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray:
     """``r(l) = corr(x_t, y_{t+l})`` for l = -max_lag..max_lag over the pairs where both are finite.
 
-    l > 0 pairs x with later y: the first series leads.
+    l > 0 pairs x with later y: the first series leads. NaN at a lag with fewer than 3 pairs, or fewer than
+    half as many as at lag 0: a correlation of a handful of far windows would win the best lag by chance.
     """
     n = x.size
     out = np.full(2 * max_lag + 1, np.nan)
+    least = max(3, -(-int((np.isfinite(x) & np.isfinite(y)).sum()) // 2))
     for i, lag in enumerate(range(-max_lag, max_lag + 1)):
         if abs(lag) >= n:  # no pairs (a slice to n - lag < 0 would count from the end)
             continue
         a = x[max(0, -lag) : n - max(0, lag)]
         b = y[max(0, lag) : n - max(0, -lag)]
         ok = np.isfinite(a) & np.isfinite(b)
-        if ok.sum() < 3:
+        if ok.sum() < least:
             continue
         a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
         denom = np.sqrt((a @ a) * (b @ b))
@@ -74,6 +76,7 @@ def correlate(
     *,
     max_lag: int = 10,
     detrend_kind: str = "linear",
+    origin: str = "correlate",
 ) -> xr.Dataset:
     """Lagged correlation of ``gap_ratio`` and each ``ratio_j`` with a logged metric.
 
@@ -92,9 +95,11 @@ def correlate(
         windows l apart (a lag counts windows; where checkpoints are unevenly spaced the same lag spans
         different step offsets along the run, and across runs compared side by side).
     """
+    if isinstance(max_lag, bool) or not isinstance(max_lag, (int, np.integer)) or max_lag < 0:
+        raise MetricError(f"{origin}: max_lag must be a whole number of windows, 0 or more, not {max_lag!r}")
     if metric not in metrics.data_vars:  # a coordinate (step) is no series
         logged = ", ".join(metrics.data_vars) or "none"
-        raise MetricError(f"metric {metric!r} is not logged (metrics: {logged})")
+        raise MetricError(f"{origin}: metric {metric!r} is not logged (metrics: {logged})")
     if detrend_kind not in DETRENDS:
         raise MetricError(f"unknown detrend {detrend_kind!r}; choose one of {', '.join(DETRENDS)}")
     if "group" in spectra.dims:

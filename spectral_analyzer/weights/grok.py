@@ -17,8 +17,9 @@ __all__ = ["compute_qk_grokking", "grok_point"]
 def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) -> tuple[bool, int | float]:
     """(grokked, grok step): the first logged step where *metric* reaches *threshold* (an int; NaN if never).
 
-    Raises :class:`MetricError` naming *origin* when *metric* is not logged, or *threshold* is not a finite
-    number (NaN: never reached; -inf: reached at the first step).
+    Raises :class:`MetricError` naming *origin* when *metric* is not logged, *threshold* is not a finite
+    number (NaN: never reached; -inf: reached at the first step), or an accuracy logged in percent (above 1)
+    is given a threshold that is a fraction (0.95 would be reached at 0.95 %).
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)) or not (
             np.isfinite(threshold)):
@@ -27,6 +28,10 @@ def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) 
         logged = ", ".join(map(str, metrics.data_vars)) or "none"
         raise MetricError(f"{origin}: metric {metric!r} is not logged (metrics: {logged})")
     m = metrics[metric]
+    top = np.nanmax(m.values) if np.isfinite(m.values).any() else np.nan
+    if "acc" in metric.lower() and 0 <= threshold <= 1 < top <= 100:
+        raise MetricError(f"{origin}: metric {metric!r} reaches {top:g}, an accuracy in percent, while the threshold "
+                          f"{threshold:g} is a fraction; pass threshold={threshold * 100:g}")
     reached = np.flatnonzero(np.nan_to_num(m.values, nan=-np.inf) >= threshold)
     return (True, int(m["step"].values[reached[0]])) if reached.size else (False, np.nan)
 
