@@ -253,10 +253,12 @@ def _check_unchanged(checkpoint: Checkpoint) -> None:
 
 def _tied(updates: Mapping[str, Sequence[int]], sizes: Mapping[str, int]) -> str | None:
     """A message where tensors have the same update (the crc32c of each row's delta in *updates*) at every
-    step, not all zero: one tied weight saved under two names, which the run counts twice; else None."""
+    step, not all zero, over two rows or more (one row's coincidence is no tie: a recorder writes one at a
+    time, and counts a tied weight once by its storage): one tied weight saved under two names, which the
+    run counts twice; else None."""
     same: dict[tuple[int, tuple[int, ...]], list[str]] = {}
     for name, crcs in updates.items():
-        if any(c != zero_crc(sizes[name]) for c in crcs):
+        if len(crcs) >= 2 and any(c != zero_crc(sizes[name]) for c in crcs):
             same.setdefault((sizes[name], tuple(crcs)), []).append(name)
     pairs = [names for names in same.values() if len(names) > 1]
     if not pairs:
@@ -873,8 +875,9 @@ def write_rows(
             return None if earlier is None else identical_message(earlier, (new[i].step, _shown(new[i].checkpoint)),
                                                                   key[0])
 
-        # Checkpoints whose files have no digest (a remote file its source names no content of): by the crc32c
-        # of each tensor's values as read, so that two of one ingest with the same values are told all the same
+        # Checkpoints whose files have no digest (a remote file its source names no content of, a recorder's
+        # snapshot): by the crc32c of each tensor's values as read, so that two of one ingest with the same
+        # values are told all the same
         same_values: dict[tuple[int, ...], tuple[int, str]] = {}
         start = 0
         following = None  # the next checkpoint's reader, opened early where its transfer can start early
