@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -123,12 +122,12 @@ def test_ctrl_c_is_one_line(tmp_path):
     """Ctrl-C printed a blank line and 'Aborted!'."""
     code = ("import sys, time; from spectral_analyzer.cli import main\n"
             "import importlib; p = importlib.import_module('spectral_analyzer.ingest.pipeline')\n"
-            "def slow(*a, **k):\n    time.sleep(60)\n"
+            "def slow(*a, **k):\n    print('writing', flush=True)\n    time.sleep(60)\n"
             "p.write_rows = slow\nsys.exit(main())")
     proc = subprocess.Popen([sys.executable, "-c", code, "ingest", str(FIXTURES / "grokking" / "wd1"), "-o",
-                             str(tmp_path / "s.zarr"), "--no-progress"], stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(8)
+                             str(tmp_path / "s.zarr"), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline() == "writing\n"  # inside the ingest's writes
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
