@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import ExportError
-from .store.location import NAME_MAX, sibling_name
+from .store.location import NAME_MAX, Location, sibling_name
 
 __all__ = ["ExportError", "check_output", "events_table", "export", "refuse_inside_store", "replacing", "table"]
 
@@ -221,11 +221,8 @@ def refuse_inside_store(path: str | os.PathLike) -> None:
     given as the output of its own spectra): the write would replace the store's own files."""
     folder = Path(os.path.abspath(path))
     for above in reversed((folder, *folder.parents)):  # the outermost store: a store's arrays are Zarr nodes too
-        try:
-            if (above / "zarr.json").is_file():
-                raise ExportError(f"{path}: is inside the Zarr store {above}; write outputs outside it")
-        except OSError:  # an unreadable folder on the way up: no store can be told there
-            continue
+        if Location.of(above).holds_zarr_root():
+            raise ExportError(f"{path}: is inside the Zarr store {above}; write outputs outside it")
 
 
 def check_output(

@@ -35,7 +35,7 @@ import struct
 import weakref
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -598,18 +598,24 @@ def _mapped_records(storages: dict[int, int], records: dict[int, zipfile.ZipInfo
     return {ptr: records[ptr - bases[0]] for ptr in storages}
 
 
-def _tensors_in(obj) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in a loaded checkpoint, with its key path (``state_dict.layer.weight``)."""
-    found, todo, seen = [], [("", obj)], set()
+def _walk(obj) -> Iterator[tuple[str, object]]:
+    """Every tensor and container (dict, list, tuple) in a loaded checkpoint, with its key path
+    (``state_dict.layer.weight``); a container held twice is visited once."""
+    todo, seen = [("", obj)], set()
     while todo:  # no recursion: a pickle can nest containers deeper than Python's stack
         where, item = todo.pop()
         if isinstance(item, torch.Tensor):
-            found.append((where, item))
+            yield where, item
         elif isinstance(item, (dict, list, tuple)) and id(item) not in seen:
             seen.add(id(item))
+            yield where, item
             pairs = item.items() if isinstance(item, dict) else enumerate(item)
             todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in pairs)
-    return found
+
+
+def _tensors_in(obj) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a loaded checkpoint, with its key path (``state_dict.layer.weight``)."""
+    return [(where, item) for where, item in _walk(obj) if isinstance(item, torch.Tensor)]
 
 
 # Storages of memory-mapped torch zips whose bytes are not yet checked against their record's CRC-32, with the
@@ -755,22 +761,15 @@ def _weights_beside(obj, state: dict) -> dict[str, int]:
     taken = {t.untyped_storage().data_ptr() for t in state.values()
              if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta and t.numel()}
     found: dict[str, int] = {}
-    todo, seen = [("", obj)], {id(state)}
-    while todo:
-        where, item = todo.pop()
-        if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
-            seen.add(id(item))
-            pairs = list(item.items() if isinstance(item, dict) else enumerate(item))
-            floating = [(k, v) for k, v in pairs if isinstance(v, torch.Tensor) and v.is_floating_point()
-                        and not (v.layout == torch.strided and not v.is_meta and v.numel()
-                                 and v.untyped_storage().data_ptr() in taken)]
-            if floating and (not isinstance(item, dict) or any(str(k).endswith("weight") for k, _ in floating)):
-                found[where or "(top level)"] = len(floating)
-            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in pairs
-                        if isinstance(v, (dict, list, tuple)))
-        elif item is state:
-            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in state.items()
-                        if isinstance(v, (dict, list, tuple)))
+    for where, item in _walk(obj):
+        if item is state or isinstance(item, torch.Tensor):
+            continue
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        floating = [(k, v) for k, v in pairs if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    and not (v.layout == torch.strided and not v.is_meta and v.numel()
+                             and v.untyped_storage().data_ptr() in taken)]
+        if floating and (not isinstance(item, dict) or any(str(k).endswith("weight") for k, _ in floating)):
+            found[where or "(top level)"] = len(floating)
     return dict(sorted(found.items()))
 
 
@@ -854,11 +853,10 @@ def _sharing(views: list[tuple[torch.Tensor, str]]) -> tuple[str, str] | None:
 
     Views are swept in order of their first byte; only those whose spans overlap are compared element by
     element, so the views of a flat storage (FSDP's, thousands of them) cost a sort."""
-    order = sorted(range(len(views)), key=lambda i: _extent(views[i][0]))
+    spans = [_extent(t) for t, _ in views]
     open_: list[int] = []  # views whose span reaches past the current one's start
-    for i in order:
-        start = _extent(views[i][0])[0]
-        open_ = [j for j in open_ if _extent(views[j][0])[1] > start]
+    for i in sorted(range(len(views)), key=spans.__getitem__):
+        open_ = [j for j in open_ if spans[j][1] > spans[i][0]]
         for j in open_:
             if _overlap(views[j][0], views[i][0]):
                 first, second = sorted((i, j))
