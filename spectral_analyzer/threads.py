@@ -73,14 +73,16 @@ def free_cores() -> int:
     return free
 
 
-# torch's thread count is one setting for the process, and blocks that set it may run in several threads
-# at once (an ingest beside a notebook's analysis, two analyses in threads). Each restoring the count it
-# found would leave it wrong when they end out of order (A sets 1, B sets 2, A restores 2, B restores 1:
-# the process stays at 1 thread). So the blocks in progress are kept in a list: each sets its count on
-# entry, and on exit the count returns to the latest block still running, or to what it was before the first.
+# torch keeps a count per thread, and the last count set in any thread is the one threads started later
+# take. Blocks may run in several threads at once (an ingest beside a notebook's analysis, two analyses in
+# threads) and end in any order. So each block gives its thread back the count that thread had: the main
+# thread's own, which the user may have set; a worker thread's own inside an enclosing block of its, and
+# at its outermost block the process's count from before the first block began (what it had may be a
+# count another thread's block set, which new threads took while that block ran).
 _setting = threading.Lock()
-_blocks: list[tuple[object, int]] = []  # (a token, n) of each block in progress, in the order they began
+_running = 0  # blocks in progress, in all threads
 _before: int | None = None
+_local = threading.local()  # .counts: the counts this thread had before each of its blocks in progress
 
 
 def _process_default(torch) -> int:
@@ -102,20 +104,25 @@ def torch_threads(n: int | None = None) -> Iterator[int]:
     """Run the block with *n* torch threads (default :func:`free_cores`), restoring the count after."""
     import torch
 
-    global _before
+    global _before, _running
     n = n or free_cores()
-    token = object()
+    counts = _local.__dict__.setdefault("counts", [])
     with _setting:
-        if not _blocks:
+        if not _running:
             _before = _process_default(torch)
-        _blocks.append((token, n))
+        _running += 1
+        # read first: a thread's first read sets its count to the last one set in any thread (torch's lazy
+        # per-thread setup), which would otherwise happen later, inside the block, after another block ended
+        had = torch.get_num_threads()
+        own = counts or threading.current_thread() is threading.main_thread()
+        counts.append(had if own else _before)
         torch.set_num_threads(n)
     try:
         yield n
     finally:
         with _setting:
-            _blocks[:] = [b for b in _blocks if b[0] is not token]
-            torch.set_num_threads(_blocks[-1][1] if _blocks else _before)
+            _running -= 1
+            torch.set_num_threads(counts.pop())
 
 
 def one_thread_each(fn: Callable[[T], R], items: Sequence[T], prefix: str = "spectral-analyzer") -> list[R]:
@@ -131,5 +138,7 @@ def one_thread_each(fn: Callable[[T], R], items: Sequence[T], prefix: str = "spe
     threads = torch.get_num_threads()
     if threads < 2 or len(items) < 2:
         return [fn(x) for x in items]
-    with torch_threads(1), ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix=prefix) as pool:
+    # each pool thread sets its own count: one started after another thread's block set a count took that one
+    with torch_threads(1), ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix=prefix,
+                                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
         return list(pool.map(fn, items))

@@ -166,3 +166,26 @@ def test_resuming_between_rows_replaces_the_abandoned_metrics(tmp_path):
     assert {s: losses[s] for s in range(16, 31)} == {s: 100.0 + s for s in range(16, 31)}
     assert "eval" not in sa.open_run(path).metrics  # the abandoned training's evaluation at step 25
     assert sa.open_run(path).checkpoint_steps.tolist() == [0, 10, 20, 30]
+
+
+def test_a_refused_record_does_not_take_another_writers_row_for_its_own(tmp_path):
+    """A record refused (weights gone NaN) left the recorder believing a row at that step with that row
+    count would be its own: another writer's row there was then taken as the base of the next delta."""
+    path = tmp_path / "r.zarr"
+    model = _model(0)
+    rec = sa.Recorder(path, model, every=10)
+    rec.record(0)
+    _move(model, 0.1)
+    rec.record(10)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(sa.NonFiniteError):
+        rec.record(20)
+    other = _model(1)  # another training writing into the same store
+    sa.Recorder(path, other, every=10).record(20)
+    with torch.no_grad():
+        model.weight[0, 0] = 0.5
+    with pytest.raises(sa.StoreError, match=r"another writer changed the rows since this recorder's row at step 10 "
+                                            r"\(the store now ends at step 20\)"):
+        rec.record(30)
+    assert sa.open_run(path).checkpoint_steps.tolist() == [0, 10, 20]

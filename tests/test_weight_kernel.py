@@ -297,6 +297,36 @@ def test_thread_counts_set_by_blocks_in_several_threads_come_back_whatever_order
     assert torch.get_num_threads() == before
 
 
+def test_a_block_ending_while_another_threads_block_runs_gives_its_thread_back_its_own_count():
+    """The main thread's block ended while a worker's block (1 thread) ran: the main thread was left with the
+    worker's count, not the one it had, and every later torch call in the notebook ran on one thread."""
+    import threading
+
+    from spectral_analyzer.threads import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        b_in, main_out = threading.Event(), threading.Event()
+
+        def b():
+            with torch_threads(1):
+                b_in.set()
+                main_out.wait()
+                assert torch.get_num_threads() == 1
+
+        worker = threading.Thread(target=b)
+        with torch_threads(2):
+            worker.start()
+            b_in.wait()
+        main_out.set()
+        after = torch.get_num_threads()
+        worker.join()
+        assert after == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("scale", [1e-160, 1e-140, 1e140, 1e160])
 def test_entries_near_the_limits_of_float64_keep_the_tolerance(scale):
     """Grams of entries of 1e-160 would underflow and of 1e+160 overflow: such matrices are scaled to entries of

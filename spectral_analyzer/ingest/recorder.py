@@ -114,7 +114,7 @@ class Recorder:
         self._skip_through: int | None = None  # after a resume: steps already in the store, not recorded again
         self._pending: dict[int, dict[str, float]] = {}  # logged, not yet in the store
         self._cut: int | None = None  # the store's series from this step on are superseded by this recorder's
-        self._attempt: tuple[int, int] | None = None  # the step and row count of the record being committed
+        self._attempt: tuple[int, Any] | None = None  # step and commit chain of a record interrupted once committed
         self._continues = False  # resumed: the store goes on, whatever overwrite says
 
     @staticmethod
@@ -239,9 +239,25 @@ class Recorder:
                 if (message := _precision_changes([before, planned], [planned])) is not None:
                     warnings.warn(message, PrecisionChangeWarning, stacklevel=2)
                     notes.append(message)
-            self._attempt = (int(step), store.n_deltas + 1)
-            write_rows(store, [], [planned], lambda p: reader, False, prev_reader=previous, notes=notes)
-            self._keep(reader, store)  # before anything else can fail: the row is committed
+            rows = store.n_deltas + 1
+            try:
+                write_rows(store, [], [planned], lambda p: reader, False, prev_reader=previous, notes=notes)
+                self._keep(reader, store)  # before anything else can fail: the row is committed
+            except KeyboardInterrupt:
+                self._interrupted(store, int(step), rows)
+                raise
+
+    def _interrupted(self, store: Store, step: int, rows: int) -> None:
+        """Interrupted while committing its row at *step*: where the commit landed (read while the writer
+        lock is still held, so it is this recorder's), the row is remembered as its own by its commit chain.
+        Any other failure rolls the row back, and a row found there later is another writer's."""
+        try:
+            now = store.reopen()
+            record = now.commit_record
+            if record is not None and now.last_checkpoint_step == step and now.n_deltas == rows:
+                self._attempt = (step, record["chain"])
+        except Exception:  # unreadable: the row is not claimed, and the next record refuses a store it cannot place
+            pass
 
     def _keep(self, reader: CheckpointReader, store: Store) -> None:
         self._previous, self._previous_at = reader, (store.last_checkpoint_step, store.commit_record["chain"])
@@ -258,7 +274,7 @@ class Recorder:
         now = (store.last_checkpoint_step, store.commit_record["chain"])
         if now == self._previous_at:
             return self._previous
-        if self._attempt == (now[0], store.n_deltas):
+        if self._attempt == now:
             return None
         raise StoreError(
             f"{self.path}: another writer changed the rows since this recorder's row at step "

@@ -86,7 +86,7 @@ class BandCache:
             after = _subgroup(self.store, "gram").attrs.asdict()
         except Exception:  # noqa: BLE001 -- a damaged or half-replaced cache is no cache
             return None
-        if after != before:
+        if after != before or band.shape[1] != k or len(crcs) != k:  # arrays shorter than the attributes say
             return None
         for i in range(k):
             if _crc(band[:, i, :]) != int(crcs[i]):

@@ -42,6 +42,7 @@ from ..errors import StoreError
 __all__ = ["append_metrics", "last_logged_step", "read_metrics", "write_metrics"]
 
 _CURRENT, _NEW, _PREVIOUS = "metrics", "metrics-new", "metrics-previous"
+_LOOKUPS = 4  # a reader looks its group up again this many times while a writer moves the groups
 _ROWS = 4096  # rows per chunk: an append rewrites at most one partial chunk per series
 _OPTS = {"compressors": [Crc32cCodec()], "dimension_names": ("step",), "chunks": (_ROWS,)}
 
@@ -96,11 +97,15 @@ def _move(store, src: str, dst: str) -> None:
 
 
 def _settle(store) -> None:
-    """Finish or undo a write that was killed (the writer lock is held)."""
+    """Finish or undo a write that was killed or rolled back (the writer lock is held): the committed group
+    is put at ``metrics`` wherever the write left it (``metrics-new`` where it was killed before its moves,
+    ``metrics-previous`` where a rewrite's commit was rolled back after them), and the rest is dropped."""
     record = _record(store)
-    group = record and record["group"]
-    if group and _token_of(store, _CURRENT) != group and _token_of(store, _NEW) == group:
-        _move(store, _NEW, _CURRENT)
+    group = record and record.get("group")
+    if group and _token_of(store, _CURRENT) != group:
+        found = next((name for name in (_NEW, _PREVIOUS) if _token_of(store, name) == group), None)
+        if found is not None:
+            _move(store, found, _CURRENT)
     if _NEW in store.group:
         del store.group[_NEW]
 
@@ -171,6 +176,8 @@ def append_metrics(store, steps: np.ndarray, series: Mapping[str, np.ndarray]) -
         raise ValueError(f"appended metrics start at step {steps[0]}, not after the last logged step {last}")
     n, m = record["n"], len(steps)
     names, crcs = dict(record["names"]), dict(record["crc"])
+    if _token_of(store, _CURRENT) != record["group"]:  # rows appended anywhere else would be lost or read as damage
+        raise StoreError(f"{store.path}: the store is damaged: its metrics group is missing or not the committed one")
     group = store.location.open_group("r+", path=_CURRENT)
     with warnings.catch_warnings():  # a series' folder whose metadata a failed append did not write: no array
         warnings.filterwarnings("ignore", message=r"Object at \S+ is not recognized")
@@ -208,21 +215,39 @@ def read_metrics(store) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if list(names) != _keys(list(names.values())):  # each array is named after its series, in the order logged
         raise StoreError(f"{store.path}: the store is damaged: the metrics record's names are not those of its "
                          "series' arrays")
-    name = next((g for g in (_CURRENT, _NEW, _PREVIOUS) if _token_of(store, g) == group_token), None)
-    if name is None and store.location.open_group("r").attrs.get("metrics") != record:
-        raise StoreError(f"{store.path}: the metrics were replaced since this store was opened; open it again")
-    if name is None:
-        raise StoreError(f"{store.path}: the store is damaged: its metrics group is missing or not the committed one")
+    # A writer moves the groups while this reads (new -> current -> previous, each move atomic): a group
+    # looked up by its token and then read may have moved on, and another one read in its place fails the
+    # checksums. Damage is told only where the group still carries this commit's token after the read.
+    for _ in range(_LOOKUPS):
+        name = next((g for g in (_CURRENT, _NEW, _PREVIOUS) if _token_of(store, g) == group_token), None)
+        if name is None:
+            if store.location.open_group("r").attrs.get("metrics") != record:
+                break
+            continue  # between two names at the instant it was looked for: looked for again
+        problem, steps, data = _read_group(store, name, n, names, crcs, record.get("last_step"))
+        if problem is None:
+            return steps, {names[k]: v for k, v in data.items()}
+        if _token_of(store, name) == group_token:
+            raise StoreError(f"{store.path}: the store is damaged: {problem}")
+    else:
+        if store.location.open_group("r").attrs.get("metrics") == record:
+            raise StoreError(f"{store.path}: the store is damaged: its metrics group is missing or not the "
+                             "committed one")
+    raise StoreError(f"{store.path}: the metrics were replaced since this store was opened; open it again")
+
+
+def _read_group(store, name: str, n: int, names: dict, crcs: dict, last_step) -> tuple[str | None, np.ndarray, dict]:
+    """``(problem, steps, {key: values})`` of the first *n* rows of the group at *name*; problem None if sound."""
     try:
         group = store.location.open_group("r", path=name)
         steps = np.asarray(group["step"][:n], dtype=np.int64)
         data = {k: np.asarray(group[k][:n], dtype=np.float64) for k in names}
-    except (KeyError, ValueError) as exc:
-        raise StoreError(f"{store.path}: the store is damaged: its metrics are unreadable ({exc!r})") from None
-    if n and record.get("last_step") != int(steps[-1]):
-        raise StoreError(f"{store.path}: the store is damaged: the metrics record's last step is not the last one")
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        return f"its metrics are unreadable ({exc!r})", np.zeros(0, dtype=np.int64), {}
+    if n and (len(steps) != n or last_step != int(steps[-1])):
+        return "the metrics record's last step is not the last one", steps, data
     for key, v in [("step", steps), *data.items()]:
         if len(v) != n or _crc(v) != crcs.get(key):
             what = "step" if key == "step" else repr(names[key])
-            raise StoreError(f"{store.path}: the store is damaged: metrics series {what} does not match its checksum")
-    return steps, {names[k]: v for k, v in data.items()}
+            return f"metrics series {what} does not match its checksum", steps, data
+    return None, steps, data

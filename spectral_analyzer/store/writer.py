@@ -53,7 +53,11 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
                  overwrite: bool = False, wait: bool | float = False, fresh: bool = False):
-        self.location = Location.of(path, storage_options)
+        location = Location.of(path, storage_options)
+        if not location.is_remote and os.path.islink(location.path.rstrip("/")):
+            # the store the link names: an overwrite exchanges folders, which would swap the link itself
+            location = Location.of(os.path.realpath(location.path), storage_options)
+        self.location = location
         self.overwrite, self.wait, self.fresh = overwrite, wait, fresh
         self.existing: Store | None = None
         self.store: Store | None = None
@@ -72,6 +76,9 @@ class StoreWriter:
         self._stack.enter_context(writer_lock(loc, self.wait))
         try:
             self._open()
+        except OSError as exc:  # a leftover of a killed writer that cannot be removed
+            self._stack.close()
+            raise unwritable(loc.path, exc) from None
         except BaseException:
             self._stack.close()
             raise
