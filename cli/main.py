@@ -670,6 +670,7 @@ def grokking(stores, metric, threshold, window, wq, operator, heads, output, ove
     """One summary row per run (per head with --operator qk): did it grok, when, and what the spectrum did before."""
     import xarray as xr
     from spectral_analyzer.exporting import check_output, export
+    from spectral_analyzer.runs import per_run_attrs
 
     if output:
         check_output(output, overwrite=overwrite)
@@ -677,7 +678,8 @@ def grokking(stores, metric, threshold, window, wq, operator, heads, output, ove
     summaries = [_open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq, **options)
                  for s in stores]
     if output:
-        table = xr.concat(summaries, dim="run", combine_attrs="drop_conflicts").assign_coords(run=list(stores))
+        table = per_run_attrs(xr.concat(summaries, dim="run", combine_attrs="drop_conflicts")
+                              .assign_coords(run=list(stores)), summaries)
         export(table, output, overwrite=overwrite)
         click.echo(f"wrote {printable(output)}")
     if quiet:

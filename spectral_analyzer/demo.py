@@ -25,6 +25,8 @@ FIXTURE = _fixture()
 # what the demo writes into its folder: all that an overwrite removes
 WRITES = ("run.zarr", "spectra.nc", "dynamics.nc", "dynamics.csv", "dynamics.events.csv", "weights.nc",
           "grokking.csv", "report.html")
+# where an overwrite keeps the earlier output until the new run completes (removed then; put back if it fails)
+PREVIOUS = ".earlier-output.partial"
 
 
 def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.PathLike | None = None,
@@ -35,14 +37,10 @@ def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.Pa
     ``dynamics.events.csv``, ``weights.nc``, ``grokking.csv`` and ``report.html``
     into *output*, which must be new (or empty) unless *overwrite*, which
     replaces a folder holding these files (and nothing else) only.
-    Returns the paths written.
+    Returns the paths written. An overwrite keeps the earlier output until the
+    new run completes: a run that fails (or is killed, then run again) leaves
+    it as it was.
     """
-    import xarray as xr
-
-    from . import ingest
-    from .exporting import export
-    from .report import ACCURACY_METRICS, write_report
-
     src = Path(source) if source is not None else FIXTURE
     if not src.is_dir():
         raise NoCheckpointsError(
@@ -58,10 +56,50 @@ def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.Pa
             shown = ", ".join(printable(e) for e in others[:3]) + (", ..." if len(others) > 3 else "")
             raise StoreExistsError(f"{out}: holds files the demo does not write ({shown}); overwrite replaces a "
                                    "demo's output only: choose another folder")
-        for name in entries:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    aside = out / PREVIOUS
+    if overwrite:
+        _restore(out, aside)  # an earlier overwrite killed before it completed: its output comes back first
+        for name in os.listdir(out):
+            if name in WRITES:  # kept until the new run completes: a run that fails leaves them as they were
+                aside.mkdir(exist_ok=True)
+                os.replace(out / name, aside / name)
+            elif name != PREVIOUS:  # a killed export's temporary file
+                _remove(out / name)
+    try:
+        paths = _run(src, out, window)
+    except BaseException:
+        if overwrite:
+            _restore(out, aside)
+        raise
+    if aside.exists():
+        _remove(aside)
+    return paths
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _restore(out: Path, aside: Path) -> None:
+    """Put the output an overwrite moved *aside* back in *out*, in place of what the new run wrote."""
+    if not aside.is_dir():
+        return
+    for name in os.listdir(out):  # what the failed (or killed) run wrote
+        if name != PREVIOUS and (name in WRITES or name.endswith(".partial")):
+            _remove(out / name)
+    for name in os.listdir(aside):
+        os.replace(aside / name, out / name)
+    aside.rmdir()
+
+
+def _run(src: Path, out: Path, window: int) -> dict[str, Path]:
+    import xarray as xr
+
+    from . import ingest
+    from .exporting import export
+    from .report import ACCURACY_METRICS, write_report
+
     run = ingest(src, out / "run.zarr", weights=["*q_proj.weight", "*in_proj_weight[q]"])
     paths = {"store": out / "run.zarr"}
     paths["spectra"] = export(run.spectra(window=window), out / "spectra.nc")

@@ -24,6 +24,7 @@ FORMATS = (".nc", ".csv", ".json")
 
 KEY_DIMS = ("run", "group", "matrix", "layer", "head", "series", "step", "lag")
 SPREAD_DIMS = ("mode", "rank")
+EVENT_COLUMNS = ("step", "kind", "mode", "value")  # events_table's records (led by "run" for runs side by side)
 
 
 def table(ds: xr.Dataset) -> list[dict]:
@@ -82,7 +83,7 @@ def events_table(ds: xr.Dataset) -> list[dict]:
         return [{"run": _plain(label), **event}
                 for i, label in enumerate(ds["run"].values) for event in events_table(ds.isel(run=i))]
     return [
-        {"step": int(s), "kind": str(k), "mode": int(m), "value": _plain(float(v))}
+        dict(zip(EVENT_COLUMNS, (int(s), str(k), int(m), _plain(float(v)))))
         for s, k, m, v in zip(ds["event_step"].values, ds["event_kind"].values, ds["event_mode"].values,
                               ds["event_value"].values)
         if np.isfinite(s)  # a run's padding, where another run has more events
@@ -140,14 +141,16 @@ def _inert(cell):
     return cell
 
 
-def _write_records(records: list[dict], path: Path, suffix: str, attrs: dict | None = None) -> None:
-    """*records* into the file at *path* as CSV or JSON (*suffix*: ``.csv`` or ``.json``)."""
+def _write_records(records: list[dict], path: Path, suffix: str, attrs: dict | None = None,
+                   columns: list[str] | None = None) -> None:
+    """*records* into the file at *path* as CSV or JSON (*suffix*: ``.csv`` or ``.json``); *columns* heads a
+    CSV of no records (default: ``step``)."""
     if suffix == ".csv":
         import csv
 
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            names = list(records[0]) if records else ["step"]
+            names = list(records[0]) if records else list(columns or ["step"])
             writer.writerow([_inert(n) for n in names])
             writer.writerows([_inert(r.get(n, "")) for n in names] for r in records)
     else:
@@ -210,7 +213,8 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
             tmp = [stack.enter_context(replacing(target)) for target in targets]
             _write_records(table(ds), tmp[0], path.suffix, attrs)
             if len(targets) > 1:  # the events table beside the per-step table
-                _write_records(events_table(ds), tmp[1], path.suffix, attrs)
+                _write_records(events_table(ds), tmp[1], path.suffix, attrs,
+                               ["run", *EVENT_COLUMNS] if "run" in ds.dims else list(EVENT_COLUMNS))
     except OSError as exc:
         raise ExportError(f"{exc.filename or path}: cannot write ({exc.strerror or exc})") from None
     return path

@@ -98,6 +98,10 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
                [[steps.size, f"{steps[0]}..{steps[-1]}", run.n_deltas, f"{run.n_params:,}",
                  run.tensors.sizes["tensor"], window, ", ".join(names) or "none"]]),
     ]
+    told = list(dict.fromkeys([*run.warnings, *(ds.attrs["warnings"] for ds in (spectra, dyn)
+                                                  if ds is not None and ds.attrs.get("warnings"))]))
+    if told:  # what ingest and the analyses warned of: duplicate checkpoints, mixed step intervals, ...
+        parts += ["<h2>Warnings</h2>", "<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in told) + "</ul>"]
     if grok is not None:
         g = grok
         parts += ["<h2>Grokking</h2>", _table(

@@ -14,17 +14,20 @@ each full path.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from .attributes import describe
 from .errors import MetricError, StoreError
 from .groups import natural_key
 from .run import Run, open_run
+from .steps import exact_in_float
 
 __all__ = ["Runs", "open_runs"]
 
@@ -47,6 +50,54 @@ def _first_seen(joined, orders) -> list[int]:
     """Positions in *joined* of its labels in the order the runs have them, the first run's first."""
     order = list(dict.fromkeys(label for labels in orders for label in labels))
     return [joined.get_loc(label) for label in order]
+
+
+def _refuse_rounded(ds: xr.Dataset, parts: Sequence[xr.Dataset], paths: Sequence[str]) -> None:
+    """Integers (steps, event steps, window starts) the outer join turned into float64 to pad them with NaN:
+    refused, naming the run, where float64 would round them (beyond 2**53)."""
+    for name, var in ds.variables.items():
+        if var.dtype.kind != "f":
+            continue
+        for path, part in zip(paths, parts):
+            if name in part.variables and part[name].dtype.kind in "iu":
+                exact_in_float(part[name].values.ravel(), path, f"{name} of runs compared side by side")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:  # NaN: the same setting
+        return True
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # arrays
+        return False
+
+
+def _column(values: list) -> list | np.ndarray:
+    """Per-run attribute values as one coordinate's values: numbers as numbers (NaN where a run has none), the
+    rest as text ("" where a run has none; lists and mappings as JSON)."""
+    numbers = all(v is None or (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool))
+                  for v in values)
+    if numbers:
+        return np.array([np.nan if v is None else v for v in values],
+                        dtype=np.int64 if all(isinstance(v, (int, np.integer)) for v in values) else np.float64)
+    return ["" if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values]
+
+
+def per_run_attrs(ds: xr.Dataset, parts: Sequence[xr.Dataset]) -> xr.Dataset:
+    """*ds* (*parts* side by side along ``run``) with each attribute the runs do not share (their learning
+    rate source, the precision of their stores, the matrix taken as W_Q) as a coordinate along ``run``
+    holding every run's value, named after the attribute (``<name>_of_run`` where a variable has the name):
+    concatenation drops such attributes, or keeps one run's value as if it were every run's."""
+    keys = list(dict.fromkeys(k for p in parts for k in p.attrs if k != "store"))
+    for key in keys:
+        values = [p.attrs.get(key) for p in parts]
+        if all(key in p.attrs for p in parts) and all(_same(values[0], v) for v in values[1:]):
+            ds.attrs[key] = values[0]
+            continue
+        ds.attrs.pop(key, None)
+        name = key if key not in ds.variables else f"{key}_of_run"
+        ds = ds.assign_coords({name: ("run", _column(values))})
+    return ds
 
 
 class Runs:
@@ -95,8 +146,9 @@ class Runs:
             source = next((p[name] for p in parts if name in p.variables), None)
             if source is not None:
                 ds[name].attrs = dict(source.attrs)
+        _refuse_rounded(ds, parts, [run.path for run in self.runs.values()])
         ds.attrs.pop("store", None)
-        return describe(ds)
+        return describe(per_run_attrs(ds, parts))
 
     def spectra(self, window: int = 10, **options) -> xr.Dataset:
         """:meth:`Run.spectra` of every run, along ``run``."""

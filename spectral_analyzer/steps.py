@@ -17,12 +17,26 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import SelectionError
+from .errors import SelectionError, StepError
 
-__all__ = ["StepRange", "StepSelection", "delta_rows", "parse_step_range"]
+__all__ = ["StepRange", "StepSelection", "delta_rows", "exact_in_float", "parse_step_range"]
 
 _RANGE = re.compile(r"^(-?\d+)?\.\.(-?\d+)?(?::(\d+))?$")
 _INT64 = range(-(2**63), 2**63)
+
+
+FLOAT_EXACT = 2**53  # the largest magnitude up to which float64 holds every integer
+
+
+def exact_in_float(steps: Iterable[int], origin: str, what: str) -> None:
+    """Refuse steps that a float64 column (one that NaN can mark empty) would round: beyond 2**53 in magnitude.
+
+    Raises :class:`StepError` naming *origin*, the step and *what* holds it.
+    """
+    top = max((abs(int(s)) for s in steps), default=0)
+    if top > FLOAT_EXACT:
+        raise StepError(f"{origin}: step {top} is beyond 2**53, and {what} holds steps as float64 (NaN where there "
+                        "is none), which would round it")
 
 
 def _int(text: str, spec: str) -> int:

@@ -20,6 +20,7 @@ from ..spectra import (
     check_window,
     step_range_label,
     step_rows,
+    noted,
     warn_mixed_intervals,
 )
 from ..spectra.kernel import spectral_quantities, window_grams
@@ -123,14 +124,14 @@ def compute_dynamics(
             f"{store.path}: dynamics with window {window} compare consecutive windows and need at least "
             f"{window + 1} deltas; {where} {n_rows}"
         )
-    warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop), window, interval_factor)
+    mixed = warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop), window, interval_factor)
     options = (window, params, group_by, constant, lr, top_k, tau, factor, persistence, phase_fraction,
                effective_lag(window, max_lag))
     part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
     key = tokenize("dynamics", options, store.results_identity, __version__, RESULTS_REVISION, *part)
     name = f"dynamics-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
-        return cached
+        return noted(cached, mixed)
     band, lag, _, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
     band = band[:, rows]
     steps = store.steps[rows]
@@ -229,4 +230,4 @@ def compute_dynamics(
     ds = windowed(ds, store.steps, store.checkpoint_steps, w)
     if cache:
         store.cache_result(name, ds)
-    return ds
+    return noted(ds, mixed)

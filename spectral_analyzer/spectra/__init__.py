@@ -18,7 +18,7 @@ from ..store import Store
 from .kernel import bbp, spectral_quantities, window_grams, wishart_max_ratio
 
 __all__ = ["INTERVAL_FACTOR", "WindowError", "compute_spectra", "step_offsets", "step_range_label", "step_rows",
-           "warn_mixed_intervals"]
+           "noted", "warn_mixed_intervals"]
 
 NULL_SEED = 20240601
 INTERVAL_FACTOR = 2.0
@@ -70,33 +70,40 @@ def check_window(store: Store, window: int, stride: int = 1, rows: slice | None 
         raise WindowError(f"{store.path}: window {window} needs at least {window} deltas; {where} {n}{span}")
 
 
-def warn_mixed_intervals(store: Store, ends: np.ndarray, window: int, factor: float | None) -> None:
-    """Warn once if windows (ending at delta rows *ends*) hold deltas whose step intervals differ by > *factor*.
+def noted(ds: xr.Dataset, warning: str | None) -> xr.Dataset:
+    """*ds* with *warning* (what :func:`warn_mixed_intervals` told) as its ``warnings`` attribute, so that a
+    result saved or exported carries it; added after the cache, whose key the interval factor is not part of."""
+    return ds if not warning else ds.assign_attrs(warnings=warning)
+
+
+def warn_mixed_intervals(store: Store, ends: np.ndarray, window: int, factor: float | None) -> str | None:
+    """Warn once if windows (ending at delta rows *ends*) hold deltas whose step intervals differ by > *factor*;
+    the warning's text, or None.
 
     The spectrum of such a window mixes updates of different lengths: with
     Pythia's steps 1, 2, 4, ..., 512, 1000, 2000, a window over the early
     deltas spans intervals from 1 to 488 steps.
     """
     if factor is None or not ends.size:
-        return
+        return None
     steps = store.checkpoint_steps
     intervals = step_offsets(steps[1:], steps[:-1])
     spans = np.lib.stride_tricks.sliding_window_view(intervals, window)[ends - window + 1]
     lo, hi = spans.min(axis=1), spans.max(axis=1)
     mixed = np.nonzero(hi > factor * lo)[0]
     if not mixed.size:
-        return
+        return None
     end = int(ends[mixed[0]])
     first = [int(s) for s in steps[end - window + 1 : end + 2]]
     span = [b - a for a, b in zip(first, first[1:])]  # exact, as Python ints
-    warnings.warn(
+    message = (
         f"{store.path}: {mixed.size} of {ends.size} windows of {window} deltas mix step intervals differing by more "
         f"than {factor:g}x, the first from step {first[0]} to {first[-1]} (intervals of "
         f"{min(span)} to {max(span)} steps); their spectra mix updates of different lengths: choose steps "
-        "with equal intervals (steps=(A, B), --steps A..B)",
-        MixedIntervalsWarning,
-        stacklevel=2,
+        "with equal intervals (steps=(A, B), --steps A..B)"
     )
+    warnings.warn(message, MixedIntervalsWarning, stacklevel=2)
+    return message
 
 
 def effective_lag(window: int, max_lag: int | None) -> int:
@@ -152,7 +159,8 @@ def compute_spectra(
     """Spectra of every window of *window* consecutive deltas; see :meth:`Run.spectra`."""
     rows = step_rows(store, steps)
     check_window(store, window, stride, rows)
-    warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop, stride), window, interval_factor)
+    mixed = warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop, stride), window,
+                                 interval_factor)
     part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
     key = tokenize("spectra", window, params, group_by, center, stride, null_draws, effective_lag(window, max_lag),
                    store.results_identity, __version__, RESULTS_REVISION, *part)
@@ -160,7 +168,7 @@ def compute_spectra(
     if cache:
         cached = store.read_result(name)
         if cached is not None:
-            return cached
+            return noted(cached, mixed)
     if group_by:  # an unknown grouping is refused before the pass over the deltas
         names = [t.name for t in store.manifest]
         group_tensors(names, select_tensors(names, params), group_by)
@@ -208,7 +216,7 @@ def compute_spectra(
     ds = windowed(ds, store.steps, store.checkpoint_steps, window)
     if cache:
         store.cache_result(name, ds)
-    return ds
+    return noted(ds, mixed)
 
 
 _DESCRIPTIONS = {

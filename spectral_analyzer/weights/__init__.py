@@ -14,6 +14,7 @@ from ..errors import HeadCountError
 from ..groups import SelectionError
 from ..groups import matcher, natural_key
 from ..progress import progress_bar
+from ..steps import exact_in_float
 from ..store import Store, TensorEntry
 from ..attributes import describe
 from ..threads import torch_threads
@@ -323,6 +324,7 @@ def compute_grokking(
     """The grokking summary of a run; see :meth:`Run.grokking`."""
     grokked, grok_step = grok_point(metrics, metric, threshold, store.path)
     steps = spectra["step"].values
+    exact_in_float(steps[[0, -1]] if steps.size else [], store.path, "the grokking summary")  # its peak step
     r = spectra["gap_ratio"].values
     lam = spectra["lambda"].values
     g23 = lam[:, 1] - lam[:, 2] if lam.shape[1] > 2 else np.full(steps.size, np.nan)

@@ -7,6 +7,7 @@ import xarray as xr
 
 from .._version import __version__
 from ..errors import MetricError
+from ..steps import exact_in_float
 from ..store import Store
 from .circuits import compute_attention_spectra, model_config
 from .layouts import find_attention_layers
@@ -33,7 +34,11 @@ def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) 
         raise MetricError(f"{origin}: metric {metric!r} reaches {top:g}, an accuracy in percent, while the threshold "
                           f"{threshold:g} is a fraction; pass threshold={threshold * 100:g}")
     reached = np.flatnonzero(np.nan_to_num(m.values, nan=-np.inf) >= threshold)
-    return (True, int(m["step"].values[reached[0]])) if reached.size else (False, np.nan)
+    if not reached.size:
+        return False, np.nan
+    step = int(m["step"].values[reached[0]])
+    exact_in_float([step], origin, "the grokking summary")
+    return True, step
 
 
 def _mean(x: np.ndarray) -> np.ndarray:
@@ -60,6 +65,7 @@ def compute_qk_grokking(
     layer = find_attention_layers(shapes, heads=heads, config=model_config(store), match=wq, origin=store.path)[0]
     att = compute_attention_spectra(store, layer.name, heads=heads, device=device).sel(layer=layer.name)
     steps = att["step"].values
+    exact_in_float(steps[[0, -1]], store.path, "the grokking summary")  # its peak steps
     ratio = att["qk_ratio_12"].values  # (step, head)
     gap = att["qk_gap_23"].values
     n_heads = ratio.shape[1]

@@ -1,0 +1,137 @@
+"""Outputs under a third review: steps a float64 column would round, settings that differ between runs
+compared side by side, an events table with no events, a demo overwrite that fails, warnings that never
+reached the saved results."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_run
+from safetensors.torch import save_file
+
+import spectral_analyzer as sa
+from spectral_analyzer import demo, exporting
+from spectral_analyzer.report import write_report
+
+SIZES = {"a.weight": (6, 5), "b.bias": (7,)}
+HUGE = 2**60  # float64 holds multiples of 256 here: step 2**60 + 10 would become 2**60
+
+
+def _metrics(path: Path, steps, acc=None, lr=False) -> Path:
+    rows = ["step,test_acc" + (",lr" if lr else "")]
+    for i, s in enumerate(steps):
+        rows.append(f"{s},{acc[i] if acc is not None else i / 10}" + (f",{0.01 / (i + 1)}" if lr else ""))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_a_grok_step_beyond_2_53_is_refused_not_rounded(tmp_path):
+    write_run(tmp_path / "src", 6, SIZES, step0=HUGE)
+    steps = [HUGE + 10 * i for i in range(6)]
+    csv_path = _metrics(tmp_path / "m.csv", steps, acc=[0.1, 0.2, 0.3, 0.99, 0.99, 0.99])
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr", metrics=csv_path, chunk_size=16)
+    with pytest.raises(sa.StepError, match=rf"r\.zarr: step {HUGE + 30} is beyond 2\*\*53, and the grokking summary"):
+        run.grokking(window=3)
+
+
+def test_runs_side_by_side_refuse_steps_the_padding_would_round(tmp_path):
+    """The outer join pads a run's window starts with NaN, as float64: 2**60 + 15 became 2**60 in silence."""
+    write_run(tmp_path / "a", 6, SIZES, step0=HUGE)
+    write_run(tmp_path / "b", 6, SIZES, step0=HUGE + 5, seed=1)
+    for name in "ab":
+        sa.ingest(tmp_path / name, tmp_path / f"{name}.zarr", chunk_size=16)
+    runs = sa.open_runs([tmp_path / "a.zarr", tmp_path / "b.zarr"])
+    with pytest.raises(sa.StepError, match=r"step \d+ is beyond 2\*\*53, and window_start of runs compared side by "):
+        runs.spectra(window=3)
+
+
+def test_settings_the_runs_do_not_share_are_kept_for_each_run(tmp_path):
+    """Concatenation dropped the attributes that differ: which learning rate each run's flow used was lost."""
+    write_run(tmp_path / "a", 7, SIZES)
+    write_run(tmp_path / "b", 7, SIZES, seed=1)
+    sa.ingest(tmp_path / "a", tmp_path / "a.zarr", chunk_size=16,
+              metrics=_metrics(tmp_path / "m.csv", range(0, 70, 10), lr=True))
+    sa.ingest(tmp_path / "b", tmp_path / "b.zarr", chunk_size=16)
+    own = [sa.open_run(tmp_path / f"{n}.zarr").dynamics(window=3).attrs for n in "ab"]
+    assert own[0]["lr_source"] != own[1]["lr_source"]
+    both = sa.open_runs([tmp_path / "a.zarr", tmp_path / "b.zarr"]).dynamics(window=3)
+    assert both["lr_source"].values.tolist() == [own[0]["lr_source"], own[1]["lr_source"]]
+    assert "lr_source" not in both.attrs and both.attrs["window"] == 3
+    assert both.sel(run="b")["lr_source"].item() == own[1]["lr_source"]
+    out = exporting.export(both, tmp_path / "both.csv")
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["run"], r["lr_source"]) for r in rows} == {("a", own[0]["lr_source"]), ("b", own[1]["lr_source"])}
+    exporting.export(both, tmp_path / "both.nc")  # a coordinate of text along run: netCDF holds it
+
+
+def test_an_events_table_with_no_events_has_the_events_columns(tmp_path):
+    write_run(tmp_path / "a", 7, SIZES)
+    sa.ingest(tmp_path / "a", tmp_path / "a.zarr", chunk_size=16)
+    dyn = sa.open_run(tmp_path / "a.zarr").dynamics(window=3).isel(event=slice(0, 0))
+    exporting.export(dyn, tmp_path / "d.csv")
+    assert (tmp_path / "d.events.csv").read_text().splitlines() == ["step,kind,mode,value"]
+    both = sa.open_runs([tmp_path / "a.zarr"]).dynamics(window=3).isel(event=slice(0, 0))
+    exporting.export(both, tmp_path / "r.csv")
+    assert (tmp_path / "r.events.csv").read_text().splitlines() == ["run,step,kind,mode,value"]
+
+
+def test_a_demo_overwrite_that_fails_leaves_the_earlier_output(tmp_path):
+    """The earlier output was deleted before the new run could fail: a typo in --source, a full disk, a kill."""
+    src = tmp_path / "src"
+    write_run(src, 6, SIZES)
+    out = tmp_path / "demo"
+    out.mkdir()
+    for name in demo.WRITES[1:]:
+        (out / name).write_text(f"earlier {name}")
+    (out / "run.zarr").mkdir()
+    (out / "run.zarr" / "zarr.json").write_text("{}")
+
+    def contents() -> dict[str, str]:
+        return {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    earlier = contents()
+
+    # a source whose model has no query projection fails once the new store is begun
+    with pytest.raises(sa.SelectionError, match="no 2-D weight matches"):
+        demo.run_demo(out, source=src, window=3, overwrite=True)
+    assert contents() == earlier
+    # killed halfway: the earlier output aside, part of the new one in its place; the next run puts it back
+    (out / demo.PREVIOUS).mkdir()
+    for name in demo.WRITES:
+        (out / name).rename(out / demo.PREVIOUS / name)
+    (out / "run.zarr").mkdir()
+    (out / "run.zarr" / "zarr.json").write_text("{\"new\": 1}")
+    with pytest.raises(sa.SelectionError, match="no 2-D weight matches"):
+        demo.run_demo(out, source=src, window=3, overwrite=True)
+    assert contents() == earlier
+
+
+def test_warnings_are_kept_in_the_results_and_shown_in_the_report(tmp_path):
+    """A mixed-interval warning was told once, on the screen, and was in neither the result nor the report."""
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen) for k, s in SIZES.items()}
+    (tmp_path / "src").mkdir()
+    for step in (0, 1, 2, 3, 4, 5, 50, 100, 150, 200, 250):
+        state = {k: v + 1e-2 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+        save_file(state, str(tmp_path / "src" / f"step_{step}.safetensors"))
+    run = sa.ingest(tmp_path / "src", tmp_path / "r.zarr", chunk_size=16)
+    for _ in range(2):  # computed, then read from the cache
+        with pytest.warns(sa.MixedIntervalsWarning) as told:
+            spectra = run.spectra(window=3)
+        assert spectra.attrs["warnings"] == str(told[0].message)
+    with pytest.warns(sa.MixedIntervalsWarning):
+        assert "mix step intervals" in run.dynamics(window=3).attrs["warnings"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sa.MixedIntervalsWarning)
+        page = write_report(run, tmp_path / "report.html", window=3).read_text()
+    assert "<h2>Warnings</h2>" in page and "mix step intervals differing by more than 2x" in page
+    exporting.export(spectra, tmp_path / "s.nc")
+    import xarray as xr
+    with xr.open_dataset(tmp_path / "s.nc") as back:
+        assert back.attrs["warnings"] == spectra.attrs["warnings"]
+    assert np.isfinite(spectra["gap_ratio"].values).all()
