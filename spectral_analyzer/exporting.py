@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -36,32 +35,39 @@ def table(ds: xr.Dataset) -> list[dict]:
     other dims (overlaps, events) are left to netCDF. Runs side by side are
     outer-joined on ``step``: a run has no record at a step it does not hold."""
     keys = [d for d in KEY_DIMS if d in ds.dims]
-    labels = {name: coord for name, coord in ds.coords.items()
-              if name not in ds.dims and coord.dims and set(coord.dims) <= set(keys)}
-    held = _held(ds) if {"run", "step"} <= set(keys) else None
-    records = []
-    for combo in itertools.product(*(range(ds.sizes[d]) for d in keys)):
-        at = dict(zip(keys, combo))
-        if held is not None and not held[at["run"], at["step"]]:
+    shape = tuple(ds.sizes[d] for d in keys)
+
+    def column(var: xr.DataArray) -> list:
+        """*var* (over some of the key dims) at every record, in the records' order, as plain values."""
+        own = [d for d in keys if d in var.dims]
+        values = np.asarray(var.transpose(*own).values)
+        spread = tuple(slice(None) if d in var.dims else np.newaxis for d in keys)
+        return [_plain(v) for v in np.broadcast_to(values[spread], shape).reshape(-1).tolist()]
+
+    columns = {d: column(ds[d]) for d in keys}
+    spread = []
+    for name, var in ds.data_vars.items():
+        if not set(var.dims) <= set(keys) | set(SPREAD_DIMS):
             continue
-        row: dict = {d: _plain(ds[d].values[i]) for d, i in at.items()}
-        spread = []
-        for name, var in ds.data_vars.items():
-            if not set(var.dims) <= set(keys) | set(SPREAD_DIMS):
-                continue
-            extra = [d for d in var.dims if d not in keys]
-            value = var.isel({d: i for d, i in at.items() if d in var.dims})
-            if not extra:
-                row[name] = _plain(value.values)
-            elif len(extra) == 1:
-                spread.append((name, extra[0], value.values))
-        for name, dim, values in spread:
-            for j, label in enumerate(ds[dim].values):
-                row[f"{name}_{int(label)}"] = _plain(values[j])
-        for name, coord in labels.items():
-            row[name] = _plain(coord.isel({d: i for d, i in at.items() if d in coord.dims}).values)
-        records.append(row)
-    return records
+        extra = [d for d in var.dims if d not in keys]
+        if not extra:
+            columns[name] = column(var)
+        elif len(extra) == 1:
+            spread.append((name, extra[0], var))
+    for name, dim, var in spread:
+        for j, label in enumerate(ds[dim].values):
+            columns[f"{name}_{int(label)}"] = column(var.isel({dim: j}))
+    for name, coord in ds.coords.items():
+        if name not in ds.dims and coord.dims and set(coord.dims) <= set(keys):
+            columns[name] = column(coord)
+    n = int(np.prod(shape))
+    keep = np.ones(n, dtype=bool)
+    if {"run", "step"} <= set(keys):
+        at = tuple(slice(None) if d in ("run", "step") else np.newaxis for d in keys)
+        keep = np.broadcast_to(_held(ds)[at], shape).reshape(-1)
+    names = list(columns)
+    rows = zip(*columns.values()) if columns else iter([()] * n)
+    return [dict(zip(names, values)) for values, kept in zip(rows, keep) if kept]
 
 
 def _held(ds: xr.Dataset) -> np.ndarray:
