@@ -35,6 +35,7 @@ __all__ = [
     "RecordingWarning",
     "UnreadWeightsWarning",
     "TiedWeightsWarning",
+    "ModelCopyWarning",
     "printable",
 ]
 
@@ -156,6 +157,12 @@ class UnreadWeightsWarning(UserWarning):
 class TiedWeightsWarning(UserWarning):
     """Two tensors have the same update at every step ingested: one tied weight saved under both names
     (torch.distributed.checkpoint keeps both; so does a state dict cloned to save as safetensors), counted twice."""
+
+
+class ModelCopyWarning(UserWarning):
+    """Tensors under a name such as ``model_ema.`` or ``teacher.`` repeat the names and shapes of the model's
+    own: a copy of the model (an EMA, a teacher or target network) saved beside it, read as parameters of
+    its own, whose updates are summed into every Gram."""
 
 
 class RecordingWarning(UserWarning):

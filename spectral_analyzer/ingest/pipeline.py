@@ -22,6 +22,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,6 +39,7 @@ from ..errors import (
     CheckpointError,
     DuplicateCheckpointWarning,
     InconsistentCheckpointsError,
+    ModelCopyWarning,
     NonFiniteError,
     OutlierDeltaWarning,
     PrecisionChangeWarning,
@@ -270,6 +272,34 @@ def _tied(updates: Mapping[str, Sequence[int]], sizes: Mapping[str, int]) -> str
         "under each name (torch.distributed.checkpoint keeps both, as does a state dict cloned to save as "
         "safetensors)? The run counts it once per name, so its updates weigh that much more in every Gram; if "
         f"it is one weight, ingest again with exclude={rest[0]!r}")
+
+
+_COPY_WORDS = {"ema", "teacher", "target", "momentum", "shadow", "swa", "averaged", "polyak"}
+
+
+def _model_copy(manifest: Sequence[TensorEntry], origin: str) -> str | None:
+    """A message where the tensors under a top-level name that says copy (``model_ema``, ``ema_model``,
+    ``teacher``, ``target_net``, ``momentum_encoder``) repeat the names (after that first part) and shapes of
+    other tensors of the checkpoint; else None. Two layers of one shape (``fc1``, ``fc2``) are not copies:
+    the name must say so."""
+    by_top: dict[str, dict[str, tuple]] = {}
+    for t in manifest:
+        top, _, rest = t.name.partition(".")
+        if rest:
+            by_top.setdefault(top, {})[rest] = tuple(t.shape)
+    for top, tensors in by_top.items():
+        if not _COPY_WORDS & set(re.split(r"[_\-]+", top.lower())):
+            continue
+        others = {t.name: tuple(t.shape) for t in manifest if not t.name.startswith(top + ".")}
+        for other, its in by_top.items():
+            others.update(its if other != top else {})
+        if all(others.get(rest) == shape for rest, shape in tensors.items()):
+            return printable(
+                f"{origin}: the {len(tensors)} tensors under {top + '.'!r} repeat the names and shapes of the model's own: "
+                "a copy of the model (an EMA, a teacher or target network) saved beside it? It is read as "
+                "parameters of its own, and its updates are summed into every Gram; if it is a copy, ingest "
+                f"again with exclude={top + '.*'!r}")
+    return None
 
 
 def _manifest(tensors: dict[str, TensorInfo]) -> list[TensorEntry]:
@@ -731,9 +761,12 @@ def _ingest_source(
         precision = _precision_changes(planned, new)
         if precision is not None:
             warnings.warn(precision, PrecisionChangeWarning, stacklevel=2)
+        copy = _model_copy(manifest, planned[0].checkpoint.label) if st.commit_record is None else None  # told when the store is made
+        if copy is not None:
+            warnings.warn(copy, ModelCopyWarning, stacklevel=2)
         failure = None
         try:
-            write_rows(st, planned, new, open_reader, progress, notes=[precision] if precision else [])
+            write_rows(st, planned, new, open_reader, progress, notes=[n for n in (precision, copy) if n])
         except SourceError as exc:
             if overwrite or st.commit_record is None:
                 raise  # an overwrite, or a store with nothing committed yet: undone
