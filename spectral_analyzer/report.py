@@ -120,9 +120,11 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
     every = max(1, spectra.sizes["step"] // 20)
     rows = [[int(s), mode(k), ratio(r), float(gp), float(s1)] for s, k, r, gp, s1 in zip(
         spectra["step"].values, spectra["k_star"].values, spectra["gap_ratio"].values, spectra["gap"].values,
-        spectra["sigma"].values[:, 0])][::every]
-    parts += [f"<h2>Spectra (every {every} window{'s' if every > 1 else ''})</h2>",
-              _table(["step", "k*", "R", "gap", "sigma_1"], rows)]
+        spectra["sigma"].values[:, 0])]
+    shown_rows = rows[::every] + (rows[-1:] if (len(rows) - 1) % every else [])  # the last window always
+    parts += [f"<h2>Spectra (every {every} window{'s' if every > 1 else ''}"
+              f"{', and the last' if len(shown_rows) > len(rows[::every]) else ''})</h2>",
+              _table(["step", "k*", "R", "gap", "sigma_1"], shown_rows)]
     return _write_page(output, parts)
 
 
@@ -181,6 +183,9 @@ def write_comparison(runs, output: str | os.PathLike, *, window: int = 10, metri
         rows.append([label, run.path, steps.size, f"{steps[0]}..{steps[-1]}", f"{run.n_params:,}"])
     parts = [f"<h1>spectral-analyzer: {len(runs)} runs compared</h1><p>window {window} &middot; version "
              f"{__version__}</p>", "<h2>Runs</h2>", _table(["run", "store", "checkpoints", "steps", "parameters"], rows)]
+    if grok is None and any(_first(run.metrics.data_vars, ACCURACY_METRICS) for run in runs):
+        parts += ["<h2>Grokking</h2>", "<p>none: no accuracy series is logged under one name by every run "
+                  f"({', '.join(ACCURACY_METRICS)}); compare the runs that share one</p>"]
     if grok is not None:
         parts += [f"<h2>Grokking ({html.escape(accuracy)})</h2>", _table(
             ["run", "grokked", "grok step", "g23 decline", "R_early", "R_grok", "modal k*", "W_Q s1/s2 at grok",

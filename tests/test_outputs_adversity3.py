@@ -135,3 +135,22 @@ def test_warnings_are_kept_in_the_results_and_shown_in_the_report(tmp_path):
     with xr.open_dataset(tmp_path / "s.nc") as back:
         assert back.attrs["warnings"] == spectra.attrs["warnings"]
     assert np.isfinite(spectra["gap_ratio"].values).all()
+
+
+def test_the_report_shows_the_last_window_and_says_why_a_comparison_has_no_grokking_table(tmp_path):
+    """Every other window of 42 was shown, and the last one (the end of training) was not; a comparison of a run
+    logging an accuracy with one that logs none left its grokking table out without a word."""
+    from spectral_analyzer.report import write_comparison
+
+    write_run(tmp_path / "a", 45, {"w": (3, 2)})
+    write_run(tmp_path / "b", 45, {"w": (3, 2)}, seed=1)
+    steps = [10 * i for i in range(45)]
+    a = sa.ingest(tmp_path / "a", tmp_path / "a.zarr", metrics=_metrics(tmp_path / "m.csv", steps,
+                                                                         acc=[i / 44 for i in range(45)]))
+    sa.ingest(tmp_path / "b", tmp_path / "b.zarr")
+    last = int(a.spectra(window=3)["step"].values[-1])
+    page = write_report(a, tmp_path / "a.html", window=3).read_text()
+    assert "every 2 windows, and the last" in page and f"<td>{last}</td>" in page
+    both = write_comparison(sa.open_runs([tmp_path / "a.zarr", tmp_path / "b.zarr"]), tmp_path / "c.html",
+                            window=3).read_text()
+    assert "no accuracy series is logged under one name by every run" in both
