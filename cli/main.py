@@ -338,8 +338,9 @@ def _format(x) -> str:
 _QUIET = click.option("-q", "--quiet", is_flag=True, help="Print no table (only what was written).")
 
 
-def _summaries(ds) -> list[str]:
-    """One line per group: the peak of R and its step, where R falls back under its noise floor, the k* shifts."""
+def _summaries(ds, events=None) -> list[str]:
+    """One line per group: the peak of R and its step, where R falls back under its noise floor, the k* shifts;
+    and the first collapse among the *events* (a dynamics Dataset; default *ds*)."""
     import numpy as np
 
     groups = list(ds["group"].values) if "group" in ds["gap_ratio"].dims else [None]
@@ -368,11 +369,12 @@ def _summaries(ds) -> list[str]:
             first = shifts[0]
             text += f" (first at step {steps[first]}: {k[first - 1]} -> {k[first]})"
         lines.append(text)
-    if "event_kind" in ds:  # dynamics: the events name the collapse
-        kinds = [str(k) for k in ds["event_kind"].values]
+    events = ds if events is None else events
+    if "event_kind" in events:  # dynamics: the events name the collapse
+        kinds = [str(k) for k in events["event_kind"].values]
         collapse = next((i for i, kind in enumerate(kinds) if "collapse" in kind), None)
         if collapse is not None:
-            lines.append(f"first collapse of R at step {int(ds['event_step'].values[collapse])}")
+            lines.append(f"first collapse of R at step {int(events['event_step'].values[collapse])}")
     return lines
 
 
@@ -442,6 +444,13 @@ def spectra(store, window, params, group_by, center, stride, step_range, max_lag
         floors = [f"{printable(str(g))} {f}" for g, f in zip(ds["group"].values, floors)]
     null = f"W-1={window - 1}, centred" if center else f"W={window}"  # a centred window's Gram has rank W-1
     click.echo(f"noise floor of R (Wishart 95% quantile, {null}): " + ", ".join(floors))
+    if stride > 1:  # windows end every `stride` deltas from the first: the last deltas may be in none
+        from spectral_analyzer.spectra import step_rows
+
+        steps = run.store.steps[step_rows(run.store, step_range)]
+        if int(ds["step"].values[-1]) < int(steps[-1]):
+            click.echo(f"stride {stride}: the last window ends at step {int(ds['step'].values[-1])}; the deltas "
+                       f"after it, to step {int(steps[-1])}, are in no window")
     for line in _summaries(ds):
         click.echo(line)
 
@@ -514,7 +523,15 @@ def dynamics(store, window, params, group_by, tau, factor, persistence, lr, cons
                "A: adiabatic parameter ||dC||_F / (eta g^2); "
                "alpha_j: Davis-Kahan stability of mode j; rot_j: rotation of mode j since the last window (rad); "
                "-: not defined")
-    for line in _summaries(ds):
+    # The events and phases are those of every window; the table starts at the second, which has one before
+    # it: the summary is of every window too, from the spectra of the same windows (the band is cached).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sa.MixedIntervalsWarning)  # told once, by the dynamics
+        series = run.spectra(window=window, params=list(params) or None, steps=step_range, device=device,
+                             scheduler=scheduler)
+    click.echo(f"the first window, ending at step {int(series['step'].values[0])}, has none before it to compare "
+               "with: it is not in the table; the events, the phases and the summary take it")
+    for line in _summaries(series, events=ds):
         click.echo(line)
 
 

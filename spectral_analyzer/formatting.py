@@ -40,7 +40,12 @@ def ratio(x: float) -> str:
     if (special := _special(x)) is not None:
         return special
     if x != 1 and abs(x - 1) < 1e-3:
-        return f"{x:.{2 - math.floor(math.log10(abs(x - 1)))}f}"
+        decimals = 2 - math.floor(math.log10(abs(x - 1)))
+        text = f"{x:.{decimals}f}"
+        while float(text) != x and len(text.rstrip("0").split(".")[1]) < decimals:
+            decimals += 1  # the distance rounded to fewer digits (1.00019996 to 1.0002): more, as above
+            text = f"{x:.{decimals}f}"
+        return text
     digits = 6
     text = f"{x:.6g}"
     while float(text) != x and len(text.split("e")[0].replace("-", "").replace(".", "").strip("0")) < digits:

@@ -154,7 +154,7 @@ def test_spectra_errors(runner, tmp_path):
     result = runner.invoke(main, ["spectra", store, "--window", "8"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: {store}: window 8 needs at least 8 deltas; the store has 3 (steps 10..30)"
+        f"Error: {store}: window 8 needs at least 8 deltas; the store has 3 (between steps 0 and 30)"
     ]
     result = runner.invoke(main, ["spectra", store, "--window", "2", "-o", str(tmp_path / "x.parquet")])
     assert result.exit_code == 1 and "unknown output format '.parquet'" in result.output

@@ -191,7 +191,7 @@ def test_step_range_is_part_of_the_cache_key(pythia_run):
     assert list(first.step.values) == list(again.step.values) == [5000]
     assert full.sizes["step"] == 9
     with pytest.raises(sa.WindowError, match="window 3 needs at least 3 deltas; the step range holds 2 "
-                                             r"\(steps 3000..4000\)"):
+                                             r"\(between steps 2000 and 4000\)"):
         run.spectra(window=3, steps="2000..4000")
 
 

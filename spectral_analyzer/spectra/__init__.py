@@ -64,8 +64,8 @@ def check_window(store: Store, window: int, stride: int = 1, rows: slice | None 
     rows = slice(0, store.n_deltas) if rows is None else rows
     n = rows.stop - rows.start
     if n < window:
-        steps = store.steps
-        span = f" (steps {steps[rows.start]}..{steps[rows.stop - 1]})" if n else ""
+        steps = store.checkpoint_steps  # the checkpoints the deltas lie between
+        span = f" (between steps {steps[rows.start]} and {steps[rows.stop]})" if n else ""
         where = "the store has" if n == store.n_deltas else "the step range holds"
         raise WindowError(f"{store.path}: window {window} needs at least {window} deltas; {where} {n}{span}")
 
