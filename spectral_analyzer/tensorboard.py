@@ -100,8 +100,13 @@ def event_files(path: str | os.PathLike) -> list[Path]:
         if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
             raise MetricsError(f"{path}: not a regular file; give an event file or a TensorBoard log folder")
         return [path]
-    found = []
-    for folder, subfolders, names in os.walk(path):
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(path, followlinks=True):  # a run's folder linked in is a run too
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to one folder: read once
+            subfolders.clear()
+            continue
+        seen.add(real)
         subfolders.sort()
         candidates = (Path(folder) / n for n in sorted(names) if n.startswith(EVENT_PREFIX))
         found += [f for f in candidates if f.is_file()]
@@ -180,6 +185,13 @@ def _run_scalars(files: list[Path], Event) -> dict[str, dict[int, float]]:
                 event = Event.FromString(payload)
             except DecodeError as exc:
                 raise MetricsError(f"{path}: record {index} is not a TensorBoard event ({exc})") from None
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                # SummaryWriter(purge_step=s) of a resumed training: every tag's values at steps >= s go, as
+                # TensorBoard drops them (those of tags the resumed training does not log again too)
+                for points in scalars.values():
+                    while points and next(reversed(points)) >= event.step:
+                        points.popitem()
+                continue
             if not event.HasField("summary"):
                 continue
             for value in event.summary.value:
@@ -187,7 +199,7 @@ def _run_scalars(files: list[Path], Event) -> dict[str, dict[int, float]]:
                     plugins.setdefault(value.tag, value.metadata.plugin_data.plugin_name)
                 kind = value.WhichOneof("value")
                 if kind == "simple_value":
-                    x = float(value.simple_value)
+                    x = float(value.simple_value)  # float32, exactly (0.95 logged is 0.949999988)
                 elif kind == "tensor" and plugins.get(value.tag) == "scalars":
                     try:
                         x = _tensor_value(value.tensor)

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -36,14 +37,21 @@ def _number(value) -> float | None:
     return None
 
 
+# a number written with a thousands separator, a decimal comma or a percent sign: "1,000", "0,97", "97%"
+_NUMBER_LIKE = re.compile(r"^\s*[+-]?(\d[\d,.' ]*\d|\d)\s*%?\s*$")
+
+
 def _step(value) -> int | None:
-    """A record's step as an exact int: an int, an integral float, or a string of either."""
+    """A record's step as an exact int: an int, an integral float, or a string of either. A float from 2**53 on
+    raises OverflowError: it may be a rounded step (9007199254740993.0 is read as ...992)."""
     if isinstance(value, str):
         try:
             return int(value)  # exact, where float() would round a large step
         except ValueError:
             value = _number(value)
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        if abs(value) >= 2**53:  # 2**53 itself is also what 2**53 + 1 rounds to
+            raise OverflowError(value)
         return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -71,7 +79,12 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
     text: dict[str, tuple[int, object]] = {}  # each key's first value that is no number: (record, value)
     firsts: dict[str, int] = {}  # each series' first step
     for i, record in enumerate(records):
-        step = _step(record.get("step"))
+        try:
+            step = _step(record.get("step"))
+        except OverflowError:
+            raise MetricsError(f"{origin}: record {i + 1} has step {record.get('step')!r}, a floating-point number "
+                               "of 2**53 or more, which may have been rounded from another step; write steps as "
+                               "integers") from None
         if step is None:
             raise MetricsError(f"{origin}: record {i + 1} has no integer 'step'")
         if not -(2**63) <= step < 2**63:
@@ -105,6 +118,12 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
             row[key] = x
     _check_names(names, origin)
     for key, (i, value) in text.items():  # a series of numbers with a value that is none: refused, not dropped
+        if key not in names and isinstance(value, str) and _NUMBER_LIKE.match(value) and re.search(
+                r"[,%' ]", value.strip()):
+            raise MetricsError(printable(
+                f"{origin}: record {i + 1} has {key} = {value[:40]!r}, a number in a form that is not read (a "
+                "thousands separator, a decimal comma, a percent sign): the column would be left out as text; "
+                "write plain numbers (1000, 0.97)"))
         if key in names:
             raise MetricsError(printable(f"{origin}: record {i + 1} has {key} = {str(value)[:40]!r}, which is not "
                                          f"a number, where its other records hold numbers; write it as a number "
@@ -147,7 +166,7 @@ def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return steps, series
     require_regular_file(path, MetricsError)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's CSV) is no part of a name
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8
         raise MetricsError(f"{path}: cannot read metrics ({getattr(exc, 'strerror', None) or exc})") from None
     try:
@@ -172,7 +191,8 @@ def read_metrics(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 def _csv_records(text: str, path: Path) -> list[dict]:
     """The rows of a CSV file as records, its columns checked (see :func:`read_metrics`)."""
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = list(reader.fieldnames or [])
+    # names as written between the commas, less the spaces around them ("step, lr": the series lr)
+    columns = reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
     records = list(reader)
     if columns and "step" not in columns:
         hint = (
