@@ -107,3 +107,19 @@ def test_a_threshold_in_percent_on_an_accuracy_in_fractions_is_refused(tmp_path)
         grok_point(ds, "test_acc", 95, "r.zarr")
     assert grok_point(ds, "test_acc", 0.95, "r.zarr") == (True, 10)
     assert sa.MetricError is MetricError
+
+
+def test_a_trainer_state_at_the_top_that_extends_the_newest_checkpoints_is_taken(hf_copy, tmp_path):
+    """An evaluate() after train(), saved with save_state(), is in the run folder's own trainer_state.json only:
+    the newest checkpoint's was taken, and the final evaluation never reached the store."""
+    import json
+
+    newest = json.loads((hf_copy / "checkpoint-30" / "trainer_state.json").read_text())
+    final = {**newest, "log_history": [*newest["log_history"], {"step": 30, "final_accuracy": 0.875}]}
+    (hf_copy / "trainer_state.json").write_text(json.dumps(final))
+    run = sa.ingest(hf_copy, tmp_path / "r.zarr")
+    assert run.metrics["final_accuracy"].sel(step=30).item() == 0.875
+    stale = {**newest, "log_history": [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}] * 20}  # another run's
+    (hf_copy / "trainer_state.json").write_text(json.dumps(stale))
+    again = sa.ingest(hf_copy, tmp_path / "s.zarr")
+    assert "final_accuracy" not in again.metrics and 1 not in again.metrics["step"].values

@@ -223,13 +223,26 @@ def find_trainer_state(src: Path, checkpoint_labels: Iterable[str]) -> Path | No
 
     The newest ``trainer_state.json`` (labels in step order; its log history is
     cumulative, so it covers the whole run), else ``trainer_state.json``,
-    ``metrics.csv`` or ``metrics.jsonl`` at the top of *src*.
+    ``metrics.csv`` or ``metrics.jsonl`` at the top of *src*. A
+    ``trainer_state.json`` at the top whose log history extends the newest
+    checkpoint's (``save_state()`` after the last checkpoint, an
+    ``evaluate()`` after ``train()``) is taken instead: it holds more.
     """
     candidates = [Path(label) / "trainer_state.json" for label in checkpoint_labels]
     candidates = [c for c in candidates if c.exists()]  # a FIFO or folder is refused when read, not skipped
     if candidates:
-        return candidates[-1]
+        top = src / "trainer_state.json"
+        return top if top.is_file() and _extends(top, candidates[-1]) else candidates[-1]
     for name in ("trainer_state.json", "metrics.csv", "metrics.jsonl"):
         if (src / name).exists():
             return src / name
     return None
+
+
+def _extends(longer: Path, shorter: Path) -> bool:
+    """Whether the log history of the trainer state *longer* is that of *shorter* with more records after it."""
+    try:
+        a, b = (json.loads(p.read_text(encoding="utf-8-sig"))["log_history"] for p in (longer, shorter))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return False  # refused, if it is the one taken, when it is read
+    return isinstance(a, list) and isinstance(b, list) and len(a) > len(b) and a[: len(b)] == b
