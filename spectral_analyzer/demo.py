@@ -25,8 +25,9 @@ FIXTURE = _fixture()
 # what the demo writes into its folder: all that an overwrite removes
 WRITES = ("run.zarr", "spectra.nc", "dynamics.nc", "dynamics.csv", "dynamics.events.csv", "weights.nc",
           "grokking.csv", "report.html")
-# where an overwrite keeps the earlier output until the new run completes (removed then; put back if it fails)
-PREVIOUS = ".earlier-output.partial"
+# where an overwrite keeps the earlier output until the new run completes (removed then; put back if it fails):
+# moved file by file into MOVING, which is renamed PREVIOUS once whole, and DISCARDED before it is removed
+PREVIOUS, MOVING, DISCARDED = ".earlier-output.partial", ".earlier-output-moving.partial", ".discarded.partial"
 
 
 def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.PathLike | None = None,
@@ -57,23 +58,26 @@ def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.Pa
             raise StoreExistsError(f"{out}: holds files the demo does not write ({shown}); overwrite replaces a "
                                    "demo's output only: choose another folder")
     out.mkdir(parents=True, exist_ok=True)
-    aside = out / PREVIOUS
     if overwrite:
-        _restore(out, aside)  # an earlier overwrite killed before it completed: its output comes back first
-        for name in os.listdir(out):
+        _restore(out)  # an earlier overwrite killed before it completed: its output comes back first
+        moving = out / MOVING
+        for name in sorted(os.listdir(out)):
             if name in WRITES:  # kept until the new run completes: a run that fails leaves them as they were
-                aside.mkdir(exist_ok=True)
-                os.replace(out / name, aside / name)
-            elif name != PREVIOUS:  # a killed export's temporary file
+                moving.mkdir(exist_ok=True)
+                os.replace(out / name, moving / name)
+            elif name.endswith(".partial"):  # a killed export's temporary file, or an earlier output discarded
                 _remove(out / name)
+        if moving.exists():
+            os.replace(moving, out / PREVIOUS)  # every file moved: only now is it the earlier output, whole
     try:
         paths = _run(src, out, window)
     except BaseException:
         if overwrite:
-            _restore(out, aside)
+            _restore(out)
         raise
-    if aside.exists():
-        _remove(aside)
+    if (out / PREVIOUS).exists():
+        os.replace(out / PREVIOUS, out / DISCARDED)  # one rename: never taken for the earlier output again
+        _remove(out / DISCARDED)
     return paths
 
 
@@ -81,16 +85,21 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def _restore(out: Path, aside: Path) -> None:
-    """Put the output an overwrite moved *aside* back in *out*, in place of what the new run wrote."""
-    if not aside.is_dir():
-        return
-    for name in os.listdir(out):  # what the failed (or killed) run wrote
-        if name != PREVIOUS and (name in WRITES or name.endswith(".partial")):
-            _remove(out / name)
-    for name in os.listdir(aside):
-        os.replace(aside / name, out / name)
-    aside.rmdir()
+def _restore(out: Path) -> None:
+    """Put back the earlier output an overwrite moved aside: from :data:`PREVIOUS` (the new run begun, what
+    it wrote removed first) or from :data:`MOVING` (killed while moving it aside: the new run not begun)."""
+    aside, moving = out / PREVIOUS, out / MOVING
+    if aside.is_dir():
+        for name in os.listdir(out):  # what the failed (or killed) run wrote, its exports' temporary files too
+            if name in WRITES or (name.endswith(".partial") and name not in (PREVIOUS, MOVING)):
+                _remove(out / name)
+        for name in os.listdir(aside):
+            os.replace(aside / name, out / name)
+        aside.rmdir()
+    if moving.is_dir():
+        for name in os.listdir(moving):  # the rest of the earlier output is still in place
+            os.replace(moving / name, out / name)
+        moving.rmdir()
 
 
 def _run(src: Path, out: Path, window: int) -> dict[str, Path]:

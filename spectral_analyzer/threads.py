@@ -125,6 +125,13 @@ def torch_threads(n: int | None = None) -> Iterator[int]:
             torch.set_num_threads(counts.pop())
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.get_num_threads()  # first a read, which fixes the thread's count (to the last one set anywhere) ...
+    torch.set_num_threads(1)  # ... so that this set is the thread's own, not undone at its first torch call
+
+
 def one_thread_each(fn: Callable[[T], R], items: Sequence[T], prefix: str = "spectral-analyzer") -> list[R]:
     """``[fn(x) for x in items]``, run by as many threads as torch has, each with one torch thread.
 
@@ -140,5 +147,5 @@ def one_thread_each(fn: Callable[[T], R], items: Sequence[T], prefix: str = "spe
         return [fn(x) for x in items]
     # each pool thread sets its own count: one started after another thread's block set a count took that one
     with torch_threads(1), ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix=prefix,
-                                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                                              initializer=_one_thread) as pool:
         return list(pool.map(fn, items))

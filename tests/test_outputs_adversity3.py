@@ -109,6 +109,19 @@ def test_a_demo_overwrite_that_fails_leaves_the_earlier_output(tmp_path):
     with pytest.raises(sa.SelectionError, match="no 2-D weight matches"):
         demo.run_demo(out, source=src, window=3, overwrite=True)
     assert contents() == earlier
+    # killed while moving the earlier output aside: part of it moved, part in place; all of it comes back
+    (out / demo.MOVING).mkdir()
+    for name in demo.WRITES[:4]:
+        (out / name).rename(out / demo.MOVING / name)
+    with pytest.raises(sa.SelectionError, match="no 2-D weight matches"):
+        demo.run_demo(out, source=src, window=3, overwrite=True)
+    assert contents() == earlier
+    # killed while removing the output an overwrite replaced: that half folder is never taken for an output
+    (out / demo.DISCARDED).mkdir()
+    (out / demo.DISCARDED / "report.html").write_text("half removed")
+    with pytest.raises(sa.SelectionError, match="no 2-D weight matches"):
+        demo.run_demo(out, source=src, window=3, overwrite=True)
+    assert contents() == earlier
 
 
 def test_warnings_are_kept_in_the_results_and_shown_in_the_report(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,34 @@ def test_a_reader_whose_metrics_group_moves_while_it_reads_gets_its_own_series(t
     monkeypatch.undo()
     assert steps.tolist() == [0, 5, 10] and series["loss"].tolist() == [3.0, 2.0, 1.0]
     assert Store.open(path).read_metrics()[0].tolist() == [0, 1]
+
+
+def test_a_reader_whose_metrics_group_is_being_removed_is_told_to_open_again(tmp_path, source, monkeypatch):
+    """A later rewrite removes the reader's group (not atomic: its token goes last): the reader found its token
+    and half its arrays, and reported damage."""
+    from spectral_analyzer.store import metrics
+
+    path = tmp_path / "r.zarr"
+    sa.ingest(source, path, chunk_size=16)
+
+    def write(k):
+        with StoreWriter(path) as writer:
+            writer.existing.write_metrics(np.arange(5), {"loss": np.full(5, float(k)), "acc": np.full(5, k + 0.5)})
+
+    write(0)
+    reader = Store.open(path)
+    write(1)  # the reader's group is metrics-previous now, still whole
+    assert reader.read_metrics()[1]["loss"].tolist() == [0.0] * 5
+    real, told = shutil.rmtree, []
+
+    def removing(folder, *args, **kwargs):
+        if str(folder).endswith("metrics-previous") and not told:
+            real(os.path.join(folder, "acc"))  # half removed as the reader reads
+            with pytest.raises(sa.StoreError) as exc:
+                reader.read_metrics()
+            told.append(str(exc.value))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(metrics.shutil, "rmtree", removing)
+    write(2)
+    assert told and "replaced since this store was opened; open it again" in told[0], told

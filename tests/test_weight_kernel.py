@@ -345,3 +345,32 @@ def test_entries_near_the_limits_of_float64_keep_the_tolerance(scale):
     want = np.linalg.svd(spiked, compute_uv=False)[:4]
     top = top_singular_values(torch.from_numpy(spiked), 4)
     assert top is not None and np.max(np.abs(top.numpy() - want)) <= TOP_TOLERANCE * want[0]
+
+
+def test_pool_threads_keep_one_thread_whatever_another_threads_block_restores():
+    """The pool's initializer set 1 thread as its first torch call; torch fixes a thread's count at its first
+    read, from the last count set anywhere: a block ending in another thread before then undid the 1."""
+    import threading
+
+    from spectral_analyzer.threads import one_thread_each, torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        started, go, seen = threading.Barrier(3), threading.Event(), []
+
+        def fn(i):
+            started.wait()  # both pool threads up, their initializer run, no torch call of fn's yet
+            go.wait()
+            seen.append(torch.get_num_threads())
+            return i
+
+        worker = threading.Thread(target=lambda: one_thread_each(fn, [0, 1]))
+        with torch_threads(3):
+            worker.start()
+            started.wait()
+        go.set()  # the main thread's block has ended, and set its own 2 again
+        worker.join()
+        assert seen == [1, 1]
+    finally:
+        torch.set_num_threads(before)

@@ -79,6 +79,8 @@ class BandCache:
                 return None
             n = min(int(before["n_rows"]), self.store.n_deltas)
             cached = np.asarray(gram["chain"][:n])
+            if len(cached) != n:  # shorter than the attributes say: its generations cannot be checked
+                return None
             mine = self.store.chain[:n]
             k = int(np.argmin(cached == mine)) if n and not (cached == mine).all() else n
             band = np.asarray(gram["band"][:, :k, :])

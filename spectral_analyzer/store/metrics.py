@@ -228,6 +228,8 @@ def read_metrics(store) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if problem is None:
             return steps, {names[k]: v for k, v in data.items()}
         if _token_of(store, name) == group_token:
+            if store.location.open_group("r").attrs.get("metrics") != record:
+                break  # a later write is removing the group (its token is the last thing to go)
             raise StoreError(f"{store.path}: the store is damaged: {problem}")
     else:
         if store.location.open_group("r").attrs.get("metrics") == record:
