@@ -148,3 +148,57 @@ def test_a_reader_whose_metrics_group_is_being_removed_is_told_to_open_again(tmp
     monkeypatch.setattr(metrics.shutil, "rmtree", removing)
     write(2)
     assert told and "replaced since this store was opened; open it again" in told[0], told
+
+
+def _drop_from_commit(path: Path, key: str) -> None:
+    """The commit record as an earlier build wrote it, without *key*."""
+    import json
+
+    meta = json.loads((path / "zarr.json").read_text())
+    del meta["attributes"]["commit"][key]
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_a_store_whose_commit_has_no_last_step_is_read_and_appended(tmp_path, source):
+    """The first stores of format 3 recorded no head_step: a raw KeyError from open_run and ingest, and
+    'damaged' from info."""
+    from spectral_analyzer.store.summary import summarize
+
+    part = tmp_path / "part"
+    part.mkdir()
+    for f in sorted(source.iterdir(), key=lambda p: int(p.stem.split("_")[1]))[:4]:
+        (part / f.name).write_bytes(f.read_bytes())
+    path = tmp_path / "r.zarr"
+    sa.ingest(part, path, chunk_size=16)
+    _drop_from_commit(path, "head_step")
+    assert sa.open_run(path).checkpoint_steps.tolist() == [0, 10, 20, 30]
+    assert summarize(path).checkpoint_steps == (0, 30)
+    sa.ingest(source, path, chunk_size=16)
+    fresh = sa.ingest(source, tmp_path / "f.zarr", chunk_size=16)
+    np.testing.assert_array_equal(sa.open_run(path).deltas.values, fresh.deltas.values)
+
+
+def test_an_append_to_a_store_that_did_not_record_exactness_reads_the_last_checkpoint(tmp_path):
+    """A store from before commits recorded last_exact, its first checkpoint float32 and the later ones float64:
+    the float32 copy of the last was taken as exact (from the first's dtypes), and the first appended delta was
+    taken from rounded values (4e-5 relative)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(5)
+    (tmp_path / "src").mkdir()
+    theta = torch.randn(40, generator=gen, dtype=torch.float64)
+    for i in range(6):
+        theta = theta + 1e-3 * torch.randn(40, generator=gen, dtype=torch.float64)
+        save_file({"w": theta.float() if i == 0 else theta}, str(tmp_path / "src" / f"step_{i}.safetensors"))
+    with pytest.warns(sa.PrecisionChangeWarning):
+        fresh = sa.ingest(tmp_path / "src", tmp_path / "f.zarr", chunk_size=16)
+    (tmp_path / "half").mkdir()
+    for i in range(4):
+        (tmp_path / "half" / f"step_{i}.safetensors").write_bytes((tmp_path / "src" / f"step_{i}.safetensors")
+                                                                 .read_bytes())
+    with pytest.warns(sa.PrecisionChangeWarning):
+        sa.ingest(tmp_path / "half", tmp_path / "r.zarr", chunk_size=16)
+    _drop_from_commit(tmp_path / "r.zarr", "last_exact")
+    sa.ingest(tmp_path / "src", tmp_path / "r.zarr", chunk_size=16)
+    np.testing.assert_array_equal(sa.open_run(tmp_path / "r.zarr").deltas.values, fresh.deltas.values)

@@ -80,6 +80,29 @@ def test_chatglm2_multi_head_query_key_value_is_read_as_q_then_k_then_v():
     assert interleaved_packing(shapes, v1) == {"l.self_attention.query_key_value.weight": 4}
 
 
+def test_chatglm2_query_key_value_ingested_is_read_as_q_then_k_then_v(tmp_path):
+    """The store kept the config's integers and model_type only: multi_query_attention never reached it, and
+    an ingested ChatGLM2 query_key_value was split per head as GPT-NeoX's (W_Q sigma_1 9.857 against 10.133)."""
+    rng = np.random.default_rng(3)
+    E, H = 32, 4
+    p = "transformer.encoder.layers.0.self_attention"
+    tensors = {f"{p}.query_key_value.weight": rng.standard_normal((3 * E, E)),
+               f"{p}.dense.weight": rng.standard_normal((E, E))}
+    config = {"model_type": "chatglm", "num_attention_heads": H, "multi_query_attention": True,
+              "multi_query_group_num": H, "kv_channels": E // H, "hidden_size": E}
+    run, last = _run(tmp_path, tensors, config)
+    assert run.provenance["model_config"]["multi_query_attention"] is True
+    with pytest.raises(sa.SelectionError):  # not split per head: kept whole in the weight spectra
+        run.weight_spectra(f"{p}.query_key_value.weight[q]")
+    qkv = last[f"{p}.query_key_value.weight"]
+    got = run.attention_spectra()["qk_sigma"].values[-1, 0]
+    d = E // H
+    for h in range(H):  # q then k then v, each [head, d_head] rows
+        qk = qkv[h * d : (h + 1) * d].T @ qkv[E + h * d : E + (h + 1) * d]
+        want = np.linalg.svd(qk, compute_uv=False)[:d]
+        np.testing.assert_allclose(got[h, :d], want, rtol=0, atol=1e-6 * want[0])
+
+
 def _bigcode(rng, E: int = 32, H: int = 4):
     p = "transformer.h.0.attn"
     c_attn = rng.standard_normal((3 * E, E))

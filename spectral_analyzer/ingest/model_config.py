@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FIELDS", "MAX_BYTES", "attention_config", "read_model_config"]
+__all__ = ["FIELDS", "FLAGS", "MAX_BYTES", "attention_config", "read_model_config"]
 
 FIELDS = (
     "num_attention_heads",  # BERT, Llama, GPT-NeoX, ...
@@ -30,12 +30,15 @@ FIELDS = (
     "num_hidden_layers",
     "n_layer",
 )
+# boolean fields that tell packings apart: ChatGLM2 and 3 pack [q | k | v] one after another where
+# ChatGLM-6B interleaves them per head; Falcon's new decoder packs per key/value group
+FLAGS = ("multi_query_attention", "new_decoder_architecture")
 MAX_BYTES = 1 << 20  # a config.json is a few kB; a larger file is not one
 
 
-def attention_config(config: Mapping[str, Any]) -> dict[str, int | str]:
-    """The positive integer :data:`FIELDS` of *config* (booleans are not integers here), and its
-    ``model_type`` (a short name of letters, digits, ``_`` and ``-``: it tells packings apart that shapes
+def attention_config(config: Mapping[str, Any]) -> dict[str, int | str | bool]:
+    """The positive integer :data:`FIELDS` of *config* (booleans are not integers here), its boolean
+    :data:`FLAGS`, and its ``model_type`` (a short name of letters, digits, ``_`` and ``-``: it tells packings apart that shapes
     cannot, such as GPT-BigCode's ``c_attn`` from nanoGPT's).
 
     Examples
@@ -44,12 +47,15 @@ def attention_config(config: Mapping[str, Any]) -> dict[str, int | str]:
     ...                   "model_type": "gpt2"})
     {'n_head': 12, 'n_embd': 768, 'model_type': 'gpt2'}
     """
-    out: dict[str, int | str] = {
+    out: dict[str, int | str | bool] = {
         k: v for k in FIELDS if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0
     }
     kind = config.get("model_type")
     if isinstance(kind, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", kind):
         out["model_type"] = kind
+    for flag in FLAGS:
+        if isinstance(config.get(flag), bool):
+            out[flag] = config[flag]
     return out
 
 

@@ -511,12 +511,15 @@ def _exact_in_float32(x: torch.Tensor, x32: torch.Tensor) -> bool:
     return x.dtype != torch.float64 or torch.equal(x32.to(torch.float64), x)
 
 
-def _stored_is_exact(st: Store, record: dict[str, Any]) -> bool:
+def _stored_is_exact(st: Store, record: dict[str, Any], file_at_hand: bool = False) -> bool:
     """Whether ``last_theta`` (float32) holds the last checkpoint exactly, so that deltas can be taken from
-    it: as recorded when it was written; for a store written before that was recorded, when no tensor of
-    the manifest comes from float64."""
+    it: as recorded when it was written. For a store written before that was recorded, not where the
+    checkpoint's file is at hand (read instead: exact whatever its precision); else when no tensor of the
+    manifest, which has the first checkpoint's dtypes, comes from float64."""
     exact = record.get("last_exact")
-    return bool(exact) if exact is not None else all(t.dtype != "float64" for t in st.manifest)
+    if exact is not None:
+        return bool(exact)
+    return not file_at_hand and all(t.dtype != "float64" for t in st.manifest)
 
 
 def _progress(enabled: bool, total: int):
@@ -966,7 +969,7 @@ def write_rows(
         if prev_reader is not None:
             prev: Any = prev_reader
             prev_label = prev_reader.label
-        elif record["last_step"] == last_step and _stored_is_exact(st, record):
+        elif record["last_step"] == last_step and _stored_is_exact(st, record, prev_planned is not None):
             prev, prev_label = _StoredTheta(st), f"{st.path} at step {last_step}"
         elif prev_planned is not None:
             prev = open_reader(prev_planned)

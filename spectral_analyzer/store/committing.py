@@ -64,6 +64,8 @@ class CommitProtocol:
             raise damaged(self.path, f"unreadable commit record ({exc!r})") from None
         if not ok:
             raise damaged(self.path, f"the commit record {record!r} does not match the base checksums")
+        if "head_step" not in record:  # the first stores of format 3 committed no last step: read from the rows
+            self._attrs["commit"] = record = {**record, "head_step": self.last_checkpoint_step}
         p = self.n_params
         k = len(a["base_crc"])
         for name, want in (("deltas", (n, p)), ("step", (n,)), ("chunk_crc", (n, k)), ("base", (p,)),

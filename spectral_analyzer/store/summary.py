@@ -66,6 +66,15 @@ def _root(location: Location) -> dict[str, Any]:
         raise StoreError(f"{where}: not a spectral-analyzer store (its zarr.json is not a JSON object)") from None
 
 
+def _head_step(location: Location, record: Mapping[str, Any]) -> int:
+    """The commit's last step; the first stores of format 3 did not record it: read from their rows (Zarr)."""
+    if "head_step" in record:
+        return int(record["head_step"])
+    from .core import Store
+
+    return Store.open(location, verify=False).last_checkpoint_step
+
+
 def summarize(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Summary:
     """The :class:`Summary` of the store at *path* (a folder or an fsspec URL)."""
     location = Location.of(path, storage_options)
@@ -75,7 +84,7 @@ def summarize(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
     record = attrs.get("commit")
     metrics = attrs.get("metrics") or {}
     try:
-        steps = None if record is None else (int(attrs["base_step"]), int(record["head_step"]))
+        steps = None if record is None else (int(attrs["base_step"]), _head_step(location, record))
         n = 0 if record is None else int(record["n_deltas"])
         names = [str(name) for name in dict(metrics.get("names", {})).values() if name != "step"]  # the index
         logged = int(metrics.get("n", 0))
