@@ -572,7 +572,7 @@ def export_tb(store, logdir, window, params, group_by, events, tau, factor, pers
     """
     from spectral_analyzer.tensorboard import check_logdir, export_tensorboard
 
-    check_logdir(logdir, overwrite=overwrite)
+    replaced = check_logdir(logdir, overwrite=overwrite)
     run = _open_run(store)
     selection = list(params) or None
     ds = run.spectra(window=window, params=selection, group_by=group_by, device=device, progress=progress)
@@ -583,6 +583,9 @@ def export_tb(store, logdir, window, params, group_by, events, tau, factor, pers
     groups = f", {ds.sizes['group']} groups" if "group" in ds.dims else ""
     click.echo(f"wrote {printable(str(path))}: {ds.sizes['step']} steps{groups}, "
                f"{n_events} event{'s' if n_events != 1 else ''}")
+    if replaced:
+        click.echo("replaced the earlier export: restart a TensorBoard that is running, which keeps drawing the "
+                   "points it read from the removed file beside the new ones")
 
 
 def _echo_table(header: list[str], rows: list[list[str]]) -> None:
@@ -746,17 +749,21 @@ def _print_qk_grokking(stores, summaries, metric: str, threshold: float) -> None
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="report.html", show_default=True)
 @click.option("-w", "--window", type=click.IntRange(min=3), default=10, show_default=True)
 @click.option("--metric", default=None, help="Metric drawn beside the gap ratio [default: accuracy or loss].")
+@click.option("--threshold", type=float, default=None,
+              help="Accuracy that counts as grokked [default: 0.95, or 95 for an accuracy logged in percent].")
 @click.option("--overwrite", is_flag=True)
-def report(stores, output, window, metric, overwrite):
+def report(stores, output, window, metric, threshold, overwrite):
     """One self-contained HTML page with every plot and the summary tables; several STORES are compared."""
     from spectral_analyzer.report import write_comparison, write_report
 
     stores = stores or (os.environ.get(STORE_ENV, DEFAULT_STORE),)
     if len(stores) == 1:
-        path = write_report(_open_run(stores[0]), output, window=window, metric=metric, overwrite=overwrite)
+        path = write_report(_open_run(stores[0]), output, window=window, metric=metric, threshold=threshold,
+                            overwrite=overwrite)
     else:
         runs = sa.open_runs(list(stores), storage_options=_storage())
-        path = write_comparison(runs, output, window=window, metric=metric, overwrite=overwrite)
+        path = write_comparison(runs, output, window=window, metric=metric, threshold=threshold,
+                                overwrite=overwrite)
     click.echo(f"wrote {printable(str(path))}")
 
 

@@ -54,8 +54,18 @@ def _first(names, candidates):
     return next((c for c in candidates if c in names), None)
 
 
+def _threshold(metrics_of, accuracy: str, threshold: float | None) -> float:
+    """*threshold*, or by default 0.95 of an accuracy logged as a fraction, 95 of one logged in percent (a value
+    above 1 in any of the runs' *metrics_of*)."""
+    if threshold is not None:
+        return threshold
+    top = max((float(np.nanmax(m[accuracy].values)) for m in metrics_of if np.isfinite(m[accuracy].values).any()),
+              default=0.0)
+    return 95.0 if top > 1 else 0.95
+
+
 def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: str | None = None,
-                 overwrite: bool = False) -> Path:
+                 threshold: float | None = None, overwrite: bool = False) -> Path:
     """Write ``output`` (HTML) with the spectra, dynamics, weight spectra and summaries of *run*.
 
     Figures: sigma_j(t) (log), ratios with k* and events, the gap ratio with a
@@ -75,7 +85,8 @@ def write_report(run, output: str | os.PathLike, *, window: int = 10, metric: st
     accuracy = _first(names, ACCURACY_METRICS)
     shown = metric or accuracy or _first(names, LOSS_METRICS)
     wq = find_wq(run.store, None)
-    grok = run.grokking(metric=accuracy, window=window) if accuracy is not None else None
+    grok = None if accuracy is None else run.grokking(
+        metric=accuracy, window=window, threshold=_threshold([metrics], accuracy, threshold))
     drawn = [
         ("Singular values of the window", lambda ax: plot.plot_sigma(spectra, ax=ax)),
         ("Ratios, k* and events", lambda ax: plot.plot_ratios(spectra, events=dyn, ax=ax)),
@@ -149,7 +160,7 @@ def _write_page(output: Path, parts: list[str]) -> Path:
 
 
 def write_comparison(runs, output: str | os.PathLike, *, window: int = 10, metric: str | None = None,
-                     overwrite: bool = False) -> Path:
+                     threshold: float | None = None, overwrite: bool = False) -> Path:
     """Write ``output`` (HTML) comparing several runs (:class:`~spectral_analyzer.runs.Runs`) side by side.
 
     Figures: the gap ratio of every run (with *metric*, or the first accuracy
@@ -166,7 +177,8 @@ def write_comparison(runs, output: str | os.PathLike, *, window: int = 10, metri
     accuracy = _first(common, ACCURACY_METRICS)
     shown = metric or accuracy or _first(common, LOSS_METRICS)
     spectra = runs.spectra(window=window)
-    grok = runs.grokking(metric=accuracy, window=window) if accuracy is not None else None
+    grok = None if accuracy is None else runs.grokking(
+        metric=accuracy, window=window, threshold=_threshold([run.metrics for run in runs], accuracy, threshold))
     metrics = runs.metrics if shown else None
     title = "Gap ratio of each run" + (f", with {shown}" if shown else "")
     figures = [(title, _png(output, title, lambda ax: plot.plot_gap_ratio(spectra, metrics=metrics, metric=shown,

@@ -344,8 +344,11 @@ def export_tensorboard(
     short by an error, a full disk or a kill leaves no event file (an error
     removes the temporary; a kill may leave it, and it may be deleted). An
     earlier export in *logdir* is refused unless *overwrite*, and then
-    removed once the new one is in place. Other event files in *logdir* are
-    left alone. Returns the path of the file written.
+    removed once the new one is in place (a TensorBoard already running
+    keeps the points it read from the removed file, drawn with the new ones,
+    until it is restarted). Other event files in *logdir* are left alone.
+    Results of runs compared side by side are refused: export each run's
+    own. Returns the path of the file written.
 
     Examples
     --------
@@ -355,6 +358,10 @@ def export_tensorboard(
     missing = [v for v in ("gap_ratio", "k_star", "gap", "sigma") if v not in spectra]
     if missing:
         raise ExportError(f"the spectra Dataset has no {', '.join(missing)}; pass the result of run.spectra(...)")
+    for what, ds in (("spectra", spectra), ("dynamics", dynamics)):
+        if ds is not None and "run" in ds.coords:  # padded to the other runs' steps: phantom points
+            raise ExportError(f"the {what} Dataset is of runs compared side by side; export each run's own "
+                              "(sa.open_run(store).spectra(...)) into a folder of its own")
     logdir = Path(logdir)
     previous = check_logdir(logdir, overwrite=overwrite)
     try:

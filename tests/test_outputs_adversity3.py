@@ -167,3 +167,38 @@ def test_the_report_shows_the_last_window_and_says_why_a_comparison_has_no_grokk
     both = write_comparison(sa.open_runs([tmp_path / "a.zarr", tmp_path / "b.zarr"]), tmp_path / "c.html",
                             window=3).read_text()
     assert "no accuracy series is logged under one name by every run" in both
+
+
+def test_a_report_of_a_run_logging_accuracy_in_percent_finds_its_grok_step(tmp_path):
+    """The report asked for grokking at 0.95 and refused an accuracy in percent, with no option to say 95."""
+    from click.testing import CliRunner
+
+    from spectral_analyzer.cli import main
+
+    write_run(tmp_path / "a", 8, {"w": (3, 2)})
+    acc = [10.0, 20.0, 40.0, 80.0, 96.0, 97.0, 99.0, 99.0]
+    run = sa.ingest(tmp_path / "a", tmp_path / "a.zarr", metrics=_metrics(tmp_path / "m.csv", range(0, 80, 10), acc))
+    def grokking(page: str) -> str:
+        return page.split("<h2>Grokking</h2>")[1].split("<h2>")[0]
+
+    page = write_report(run, tmp_path / "a.html", window=3).read_text()
+    assert "<td>yes</td><td>40</td>" in grokking(page)  # 96 >= 95 at step 40
+    out = CliRunner().invoke(main, ["report", str(tmp_path / "a.zarr"), "-o", str(tmp_path / "b.html"),
+                                    "--window", "3", "--threshold", "98"])
+    assert out.exit_code == 0, out.output
+    assert "<td>yes</td><td>60</td>" in grokking((tmp_path / "b.html").read_text())
+
+
+def test_results_of_runs_side_by_side_are_not_exported_to_tensorboard(tmp_path):
+    """A run selected from runs side by side kept the other runs' steps: 25 phantom NaN points written."""
+    from spectral_analyzer.tensorboard import export_tensorboard
+
+    write_run(tmp_path / "a", 6, SIZES)
+    write_run(tmp_path / "b", 6, SIZES, seed=1, step0=5)
+    for name in "ab":
+        sa.ingest(tmp_path / name, tmp_path / f"{name}.zarr", chunk_size=16)
+    both = sa.open_runs([tmp_path / "a.zarr", tmp_path / "b.zarr"]).spectra(window=3)
+    for ds in (both, both.sel(run="b")):
+        with pytest.raises(sa.ExportError, match="runs compared side by side; export each run's own"):
+            export_tensorboard(ds, tmp_path / "tb")
+    assert not (tmp_path / "tb").exists() or not any((tmp_path / "tb").iterdir())
