@@ -50,7 +50,7 @@ def _step(value) -> int | None:
         except ValueError:
             value = _number(value)
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        if abs(value) >= 2**53:  # 2**53 itself is also what 2**53 + 1 rounds to
+        if 2**53 <= abs(value) < 2**63:  # 2**53 itself is also what 2**53 + 1 rounds to (beyond int64: refused)
             raise OverflowError(value)
         return int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
