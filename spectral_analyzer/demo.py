@@ -28,6 +28,7 @@ WRITES = ("run.zarr", "spectra.nc", "dynamics.nc", "dynamics.csv", "dynamics.eve
 # where an overwrite keeps the earlier output until the new run completes (removed then; put back if it fails):
 # moved file by file into MOVING, which is renamed PREVIOUS once whole, and DISCARDED before it is removed
 PREVIOUS, MOVING, DISCARDED = ".earlier-output.partial", ".earlier-output-moving.partial", ".discarded.partial"
+NAMES = ".names"  # in PREVIOUS: the earlier output's files, so that a restore cut short can be done again
 
 
 def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.PathLike | None = None,
@@ -67,8 +68,9 @@ def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.Pa
                 os.replace(out / name, moving / name)
             elif name.endswith(".partial"):  # a killed export's temporary file, or an earlier output discarded
                 _remove(out / name)
-        if moving.exists():
-            os.replace(moving, out / PREVIOUS)  # every file moved: only now is it the earlier output, whole
+        if moving.exists():  # every file moved: named, then renamed the earlier output, whole
+            (moving / NAMES).write_text("\n".join(sorted(n for n in os.listdir(moving) if n != NAMES)))
+            os.replace(moving, out / PREVIOUS)
     try:
         paths = _run(src, out, window)
     except BaseException:
@@ -90,11 +92,17 @@ def _restore(out: Path) -> None:
     it wrote removed first) or from :data:`MOVING` (killed while moving it aside: the new run not begun)."""
     aside, moving = out / PREVIOUS, out / MOVING
     if aside.is_dir():
-        for name in os.listdir(out):  # what the failed (or killed) run wrote, its exports' temporary files too
-            if name in WRITES or (name.endswith(".partial") and name not in (PREVIOUS, MOVING)):
+        # Each step may be cut short and done again: a file of the earlier output already put back (no longer
+        # aside) stays; the new run's files go where the earlier output has one still aside, or has none.
+        earlier = set((aside / NAMES).read_text().split("\n")) if (aside / NAMES).exists() else set()
+        for name in os.listdir(out):
+            new = name in WRITES and (name not in earlier or os.path.lexists(aside / name))
+            if new or (name.endswith(".partial") and name not in (PREVIOUS, MOVING)):
                 _remove(out / name)
         for name in os.listdir(aside):
-            os.replace(aside / name, out / name)
+            if name != NAMES:
+                os.replace(aside / name, out / name)
+        (aside / NAMES).unlink(missing_ok=True)
         aside.rmdir()
     if moving.is_dir():
         for name in os.listdir(moving):  # the rest of the earlier output is still in place

@@ -100,10 +100,13 @@ def event_files(path: str | os.PathLike) -> list[Path]:
         if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
             raise MetricsError(f"{path}: not a regular file; give an event file or a TensorBoard log folder")
         return [path]
+    # A run's folder linked in is a run too; a folder the tree holds itself is read under its own name, not
+    # a link's (wandb's latest-run), and a link back up the tree or a second link to one folder is read once.
+    own = {os.path.realpath(folder): folder for folder, _, _ in os.walk(path)}
     found, seen = [], set()
-    for folder, subfolders, names in os.walk(path, followlinks=True):  # a run's folder linked in is a run too
+    for folder, subfolders, names in os.walk(path, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:  # a link back up the tree, or a second link to one folder: read once
+        if real in seen or own.get(real, folder) != folder:
             subfolders.clear()
             continue
         seen.add(real)

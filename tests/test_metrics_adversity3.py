@@ -44,6 +44,8 @@ def test_a_float32_accuracy_reaches_the_threshold_it_was_logged_at(tmp_path):
     assert grok_point(ds, "test_acc", 0.96, "tb") == (True, 30)
     logged = xr.Dataset({"test_acc": ("step", [0.5, 0.9499999999, 0.95])}, coords={"step": [0, 10, 20]})
     assert grok_point(logged, "test_acc", 0.95, "csv") == (True, 20)  # float64 values: compared as they are
+    k = xr.Dataset({"test_acc": ("step", [0.25, 0.5, 0.75])}, coords={"step": [0, 10, 20]})  # k / 1024, float64
+    assert grok_point(k, "test_acc", 0.5 + 1e-9, "csv") == (True, 20)
 
 
 def test_a_purge_step_drops_every_tags_abandoned_values(tmp_path):
@@ -64,6 +66,12 @@ def test_a_run_folder_linked_into_the_log_folder_is_read(tmp_path):
     (tmp_path / "logs" / "train" / "loop").symlink_to(tmp_path / "logs", target_is_directory=True)  # a cycle
     steps, series = read_metrics(tmp_path / "logs")
     assert sorted(series) == ["loss", "test_acc"] and steps.tolist() == [10]
+    # a link to a run the folder holds itself (wandb's latest-run): that run, under its own name, once
+    _events(tmp_path / "wandb" / "run-aaa", [("loss", 10, 1.0)])
+    _events(tmp_path / "wandb" / "run-bbb", [("loss", 10, 2.0)])
+    (tmp_path / "wandb" / "latest-run").symlink_to(tmp_path / "wandb" / "run-bbb", target_is_directory=True)
+    steps, series = read_metrics(tmp_path / "wandb")
+    assert sorted(series) == ["run-aaa/loss", "run-bbb/loss"]
 
 
 @pytest.mark.parametrize("header", ["step, learning_rate, loss", "\ufeffstep,learning_rate,loss",
@@ -79,13 +87,14 @@ def test_csv_headers_as_spreadsheets_write_them_name_the_series(tmp_path, header
     assert series["learning_rate"].tolist() == [0.001, 0.001]
 
 
-@pytest.mark.parametrize("cell", ['"1,000"', '"0,97"', "97%", "1 000"])
+@pytest.mark.parametrize("cell", ['"1,000"', '"0,97"', "97%", '"12,345.5"'])
 def test_a_column_of_numbers_in_a_form_not_read_is_refused_not_left_out(tmp_path, cell):
     (tmp_path / "m.csv").write_text(f"step,acc\n10,{cell}\n20,{cell}\n")
     with pytest.raises(MetricsError, match=r"m\.csv: record 1 has acc = .*a number in a form that is not read"):
         read_metrics(tmp_path / "m.csv")
-    (tmp_path / "t.csv").write_text("step,phase,version\n10,train,1.2.3\n20,eval,1.2.3\n")
-    assert read_metrics(tmp_path / "t.csv")[1] == {}  # words, and a version: text, left out
+    (tmp_path / "t.csv").write_text('step,phase,version,milestones,pair,day\n10,train,1.2.3,"30,60,90",1 2,2024 01 05\n'
+                                    '20,eval,1.2.3,"30,60",3 4,2024 01 06\n')
+    assert read_metrics(tmp_path / "t.csv")[1] == {}  # words, versions, lists, pairs, dates: text, left out
 
 
 @pytest.mark.parametrize(("name", "text"), [("m.jsonl", '{"step": 9007199254740992, "loss": 2.0}\n'

@@ -116,6 +116,15 @@ def test_a_demo_overwrite_that_fails_leaves_the_earlier_output(tmp_path):
     with pytest.raises(sa.SelectionError, match="no 2-D weight matches"):
         demo.run_demo(out, source=src, window=3, overwrite=True)
     assert contents() == earlier
+    # killed while putting the earlier output back: half of it back, half still aside beside the new run's
+    (out / demo.PREVIOUS).mkdir()
+    (out / demo.PREVIOUS / demo.NAMES).write_text("\n".join(demo.WRITES))
+    for name in demo.WRITES[:4]:
+        (out / name).rename(out / demo.PREVIOUS / name)
+        (out / name).mkdir() if name.endswith(".zarr") else (out / name).write_text("the new run's")
+    with pytest.raises(sa.SelectionError, match="no 2-D weight matches"):
+        demo.run_demo(out, source=src, window=3, overwrite=True)
+    assert contents() == earlier
     # killed while removing the output an overwrite replaced: that half folder is never taken for an output
     (out / demo.DISCARDED).mkdir()
     (out / demo.DISCARDED / "report.html").write_text("half removed")

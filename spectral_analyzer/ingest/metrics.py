@@ -37,8 +37,9 @@ def _number(value) -> float | None:
     return None
 
 
-# a number written with a thousands separator, a decimal comma or a percent sign: "1,000", "0,97", "97%"
-_NUMBER_LIKE = re.compile(r"^\s*[+-]?(\d[\d,.' ]*\d|\d)\s*%?\s*$")
+# numbers written with thousands separators, a decimal comma or a percent sign: "1,000", "0,97", "97%"
+_NUMBER_FORMS = (re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?"), re.compile(r"[+-]?\d+,\d+"),
+                 re.compile(r"[+-]?\d+(\.\d+)?\s?%"))
 
 
 def _step(value) -> int | None:
@@ -77,6 +78,7 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
     names: list[str] = []
     logged: dict[str, list[int]] = {}  # each series' steps, increasing
     text: dict[str, tuple[int, object]] = {}  # each key's first value that is no number: (record, value)
+    words: dict[str, list] = {}  # each key's values that are no number
     firsts: dict[str, int] = {}  # each series' first step
     for i, record in enumerate(records):
         try:
@@ -98,6 +100,7 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
             if x is None:
                 if value is not None and value != "":  # null and an empty cell: not logged at this step
                     text.setdefault(key, (i, value))
+                    words.setdefault(key, []).append(value)
                 continue
             if key not in names:
                 names.append(key)
@@ -118,8 +121,8 @@ def _table(records: Iterable[Mapping], origin: Path) -> tuple[np.ndarray, dict[s
             row[key] = x
     _check_names(names, origin)
     for key, (i, value) in text.items():  # a series of numbers with a value that is none: refused, not dropped
-        if key not in names and isinstance(value, str) and _NUMBER_LIKE.match(value) and re.search(
-                r"[,%' ]", value.strip()):
+        if key not in names and any(all(isinstance(w, str) and form.fullmatch(w.strip()) for w in words[key])
+                                    for form in _NUMBER_FORMS):  # every value one such number
             raise MetricsError(printable(
                 f"{origin}: record {i + 1} has {key} = {value[:40]!r}, a number in a form that is not read (a "
                 "thousands separator, a decimal comma, a percent sign): the column would be left out as text; "

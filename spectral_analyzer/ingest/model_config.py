@@ -31,8 +31,8 @@ FIELDS = (
     "n_layer",
 )
 # boolean fields that tell packings apart: ChatGLM2 and 3 pack [q | k | v] one after another where
-# ChatGLM-6B interleaves them per head; Falcon's new decoder packs per key/value group
-FLAGS = ("multi_query_attention", "new_decoder_architecture")
+# ChatGLM-6B interleaves them per head
+FLAGS = ("multi_query_attention",)
 MAX_BYTES = 1 << 20  # a config.json is a few kB; a larger file is not one
 
 

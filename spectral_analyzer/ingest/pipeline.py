@@ -279,9 +279,10 @@ _COPY_WORDS = {"ema", "teacher", "target", "momentum", "shadow", "swa", "average
 
 def _model_copy(manifest: Sequence[TensorEntry], origin: str) -> str | None:
     """A message where the tensors under a top-level name that says copy (``model_ema``, ``ema_model``,
-    ``teacher``, ``target_net``, ``momentum_encoder``) repeat the names (after that first part) and shapes of
-    other tensors of the checkpoint; else None. Two layers of one shape (``fc1``, ``fc2``) are not copies:
-    the name must say so."""
+    ``teacher``, ``target_net``, ``momentum_encoder``; under it, ``module.`` as ``AveragedModel`` saves it)
+    mirror a model: the same names (after that first part) and shapes as all the other tensors, or as all
+    those of one other top-level module, two or more, nested (a name with a dot): a copy of a whole network,
+    not one layer of the shape of another (``source_embedding``, ``target_embedding``); else None."""
     by_top: dict[str, dict[str, tuple]] = {}
     for t in manifest:
         top, _, rest = t.name.partition(".")
@@ -290,15 +291,16 @@ def _model_copy(manifest: Sequence[TensorEntry], origin: str) -> str | None:
     for top, tensors in by_top.items():
         if not _COPY_WORDS & set(re.split(r"[_\-]+", top.lower())):
             continue
-        others = {t.name: tuple(t.shape) for t in manifest if not t.name.startswith(top + ".")}
-        for other, its in by_top.items():
-            others.update(its if other != top else {})
-        if all(others.get(rest) == shape for rest, shape in tensors.items()):
+        mirror = {rest.removeprefix("module."): shape for rest, shape in tensors.items()}
+        if len(mirror) < 2 or not any("." in rest for rest in mirror):
+            continue
+        root = {t.name: tuple(t.shape) for t in manifest if not t.name.startswith(top + ".")}
+        if mirror == root or any(mirror == its for other, its in by_top.items() if other != top):
             return printable(
-                f"{origin}: the {len(tensors)} tensors under {top + '.'!r} repeat the names and shapes of the model's own: "
-                "a copy of the model (an EMA, a teacher or target network) saved beside it? It is read as "
-                "parameters of its own, and its updates are summed into every Gram; if it is a copy, ingest "
-                f"again with exclude={top + '.*'!r}")
+                f"{origin}: the {len(tensors)} tensors under {top + '.'!r} repeat the names and shapes of the "
+                "model's own: a copy of the model (an EMA, a teacher or target network) saved beside it? It is "
+                "read as parameters of its own, and its updates are summed into every Gram; if it is a copy, "
+                f"ingest again with exclude={top + '.*'!r}")
     return None
 
 

@@ -18,8 +18,8 @@ __all__ = ["compute_qk_grokking", "grok_point"]
 def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) -> tuple[bool, int | float]:
     """(grokked, grok step): the first logged step where *metric* reaches *threshold* (an int; NaN if never).
 
-    A value that float32 holds exactly (TensorBoard's scalars are float32) is compared with the threshold
-    rounded to float32: 0.95 logged there is 0.949999988, and reaches a threshold of 0.95.
+    A value that float32 holds exactly (TensorBoard's scalars are float32) also counts as the shortest
+    decimal that is that float32: 0.95 logged there is 0.949999988, and reaches a threshold of 0.95.
 
     Raises :class:`MetricError` naming *origin* when *metric* is not logged, *threshold* is not a finite
     number (NaN: never reached; -inf: reached at the first step), or an accuracy logged in percent (above 1)
@@ -39,12 +39,14 @@ def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) 
     if "acc" in metric.lower() and threshold > 1 and 0 <= top <= 1:
         raise MetricError(f"{origin}: metric {metric!r} reaches {top:g} at most, an accuracy as a fraction, while the "
                           f"threshold {threshold:g} is in percent; pass threshold={threshold / 100:g}")
-    # A value float32 holds exactly (TensorBoard keeps scalars as float32: 0.95 logged is 0.949999988) is compared
-    # with the threshold rounded to float32 as well, so that 0.95 logged reaches a threshold of 0.95.
+    # A value float32 holds exactly (TensorBoard keeps scalars as float32: 0.95 logged is 0.949999988) also
+    # counts as the shortest decimal that is that float32 (0.95), which is what was logged.
     values = np.nan_to_num(m.values.astype(np.float64), nan=-np.inf)
     with np.errstate(over="ignore"):
-        single = values.astype(np.float32).astype(np.float64) == values
-        reached = np.flatnonzero(np.where(single, values >= float(np.float32(threshold)), values >= threshold))
+        single = np.flatnonzero((values.astype(np.float32).astype(np.float64) == values) & (values < threshold))
+    as_logged = values.copy()
+    as_logged[single] = [float(str(np.float32(v))) for v in values[single]]
+    reached = np.flatnonzero((values >= threshold) | (as_logged >= threshold))
     if not reached.size:
         return False, np.nan
     step = int(m["step"].values[reached[0]])
