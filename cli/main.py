@@ -174,8 +174,8 @@ def _key_values(options: dict, values, hint: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"not KEY=VALUE: {item}", param_hint=hint)
-        if value in ("true", "false"):
-            options[key] = value == "true"
+        if value.lower() in ("true", "false"):  # False, as Python writes it, is no string s3fs would take as false
+            options[key] = value.lower() == "true"
         elif value.startswith(("{", "[")):
             try:
                 options[key] = json.loads(value)
@@ -695,8 +695,12 @@ def grokking(stores, metric, threshold, window, wq, operator, heads, output, ove
     if output:
         check_output(output, overwrite=overwrite)
     options = {"operator": "qk", "heads": heads} if operator == "qk" else {}
-    summaries = [_open_run(s).grokking(metric=metric, threshold=threshold, window=window, wq=wq, **options)
-                 for s in stores]
+    runs = [_open_run(s) for s in stores]
+    for s, run in zip(stores, runs):  # refused before any run is analysed (and its band cached)
+        if metric not in run.metrics.data_vars:
+            logged = ", ".join(map(str, run.metrics.data_vars)) or "none"
+            raise sa.MetricError(f"{s}: metric {metric!r} is not logged (metrics: {logged})")
+    summaries = [run.grokking(metric=metric, threshold=threshold, window=window, wq=wq, **options) for run in runs]
     if output:
         table = per_run_attrs(xr.concat(summaries, dim="run", combine_attrs="drop_conflicts")
                               .assign_coords(run=list(stores)), summaries)
@@ -756,7 +760,9 @@ def report(stores, output, window, metric, threshold, overwrite):
     """One self-contained HTML page with every plot and the summary tables; several STORES are compared."""
     from spectral_analyzer.report import write_comparison, write_report
 
-    stores = stores or (os.environ.get(STORE_ENV, DEFAULT_STORE),)
+    stores = stores or (os.environ.get(STORE_ENV) or DEFAULT_STORE,)  # empty: the default, as elsewhere
+    if not output.lower().endswith((".html", ".htm")):
+        raise click.BadParameter(f"{output}: the report is an HTML page; name it .html", param_hint="-o")
     if len(stores) == 1:
         path = write_report(_open_run(stores[0]), output, window=window, metric=metric, threshold=threshold,
                             overwrite=overwrite)

@@ -45,7 +45,7 @@ def _one_line_error(result, code: int = 1) -> str:
 @pytest.mark.parametrize("command, target", [
     (["spectra", "-w", "4"], "zarr.json"),
     (["weights"], "base/zarr.json"),
-    (["report"], "zarr.json"),
+    (["report"], "report.html"),
     (["export-tb"], ""),
 ])
 def test_an_output_inside_the_store_is_refused(grok_store, tmp_path, command, target):

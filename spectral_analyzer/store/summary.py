@@ -62,7 +62,7 @@ def _root(location: Location) -> dict[str, Any]:
     try:
         meta = json.loads(raw)
         return dict(meta.get("attributes") or {})
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         raise StoreError(f"{where}: not a spectral-analyzer store (its zarr.json is not a JSON object)") from None
 
 
@@ -88,10 +88,13 @@ def summarize(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
         n = 0 if record is None else int(record["n_deltas"])
         names = [str(name) for name in dict(metrics.get("names", {})).values() if name != "step"]  # the index
         logged = int(metrics.get("n", 0))
-    except (KeyError, TypeError, ValueError) as exc:
+        warned = attrs.get("warnings", [])
+        if not isinstance(warned, list):
+            raise TypeError(f"warnings is a {type(warned).__name__}, not a list")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StoreError(f"{location.path}: the store is damaged: unreadable commit record ({exc!r})") from None
     return Summary(
         path=location.path, format_version=int(attrs["format_version"]), checkpoint_steps=steps, n_deltas=n,
         n_params=int(attrs["n_params"]), tensors=tensors, metrics=names, logged_steps=logged,
-        warnings=[str(w) for w in attrs.get("warnings", [])], size_on_disk=location.size_on_disk(),
+        warnings=[str(w) for w in warned], size_on_disk=location.size_on_disk(),
     )

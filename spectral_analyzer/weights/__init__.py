@@ -297,7 +297,8 @@ def matrices_of(picked, flats, plan: Mapping[str, tuple[int, int, str]] | None =
 
 
 def find_wq(store: Store, wq: str | None) -> str | None:
-    """The query matrix the attention analysis uses: the first matching *wq* (a glob), or the usual names."""
+    """The query matrix the attention analysis uses: the one *wq* (a glob) matches, or the first of the usual
+    names; a *wq* that matches several is refused."""
     names = []
     packing = packing_of(store)
     for t in store.manifest:
@@ -308,6 +309,9 @@ def find_wq(store: Store, wq: str | None) -> str | None:
     hits = [n for n in names if hit(n)]
     if wq and not hits:
         raise SelectionError(f"no weight matrix matches {wq!r}")
+    if wq and len(hits) > 1:  # the first of them would be taken in silence ([k] sorts before [q])
+        shown = ", ".join(hits[:4]) + (", ..." if len(hits) > 4 else "")
+        raise SelectionError(f"{wq!r} matches {len(hits)} weight matrices ({shown}); give the one that is W_Q")
     return hits[0] if hits else None
 
 
