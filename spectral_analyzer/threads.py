@@ -108,15 +108,14 @@ def torch_threads(n: int | None = None) -> Iterator[int]:
     n = n or free_cores()
     counts = _local.__dict__.setdefault("counts", [])
     with _setting:
-        if not _running:
-            _before = _process_default(torch)
-        _running += 1
+        before = _process_default(torch) if not _running else _before
         # read first: a thread's first read sets its count to the last one set in any thread (torch's lazy
         # per-thread setup), which would otherwise happen later, inside the block, after another block ended
         had = torch.get_num_threads()
         own = counts or threading.current_thread() is threading.main_thread()
-        counts.append(had if own else _before)
-        torch.set_num_threads(n)
+        torch.set_num_threads(n)  # refused (n < 1): nothing recorded, nothing to restore
+        _before, _running = before, _running + 1
+        counts.append(had if own else before)
     try:
         yield n
     finally:

@@ -374,3 +374,14 @@ def test_pool_threads_keep_one_thread_whatever_another_threads_block_restores():
         assert seen == [1, 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_count_torch_refuses_leaves_nothing_to_restore():
+    """set_num_threads(-3) raised after the block was recorded: the next block restored a stale count."""
+    from spectral_analyzer import threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with threads.torch_threads(-3):
+            pass
+    assert threads._running == 0 and threads._local.counts == [] and torch.get_num_threads() == before
