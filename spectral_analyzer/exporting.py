@@ -229,10 +229,8 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
 def refuse_inside_store(path: str | os.PathLike) -> None:
     """Refuse *path*, where an output is to be written, if it is a Zarr store or inside one (``run.zarr/zarr.json``
     given as the output of its own spectra): the write would replace the store's own files."""
-    folder = Path(os.path.abspath(path))
-    for above in reversed((folder, *folder.parents)):  # the outermost store: a store's arrays are Zarr nodes too
-        if Location.of(above).holds_zarr_root():
-            raise ExportError(f"{path}: is inside the Zarr store {above}; write outputs outside it")
+    if (above := Location.of(os.path.abspath(path)).enclosing_store(itself=True)) is not None:
+        raise ExportError(f"{path}: is inside the Zarr store {above}; write outputs outside it")
 
 
 def check_output(

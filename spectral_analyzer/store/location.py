@@ -164,6 +164,17 @@ class Location:
         except Exception as exc:  # noqa: BLE001 -- credentials, permissions, the network: not "no store"
             raise unreachable(self.path, exc) from None
 
+    def enclosing_store(self, itself: bool = False) -> str | None:
+        """The outermost folder above this local path (or the path *itself*) that holds a Zarr root: a store's
+        arrays are Zarr nodes too, so the store is the outermost. None where there is none, or remotely."""
+        if self.is_remote:
+            return None
+        folder = Path(os.path.abspath(self.path))
+        for above in reversed((folder, *folder.parents) if itself else folder.parents):
+            if Location.of(above).holds_zarr_root():
+                return str(above)
+        return None
+
     def holds_zarr_root(self) -> bool:
         """Whether a Zarr root (``zarr.json``) is at the path: a store, of any version or damaged, or a
         Zarr hierarchy; what an overwrite may replace."""

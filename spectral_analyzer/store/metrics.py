@@ -215,24 +215,27 @@ def read_metrics(store) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if list(names) != _keys(list(names.values())):  # each array is named after its series, in the order logged
         raise StoreError(f"{store.path}: the store is damaged: the metrics record's names are not those of its "
                          "series' arrays")
+    def current() -> bool:  # whether the store's commit is still the one read
+        return store.location.open_group("r").attrs.get("metrics") == record
+
     # A writer moves the groups while this reads (new -> current -> previous, each move atomic): a group
     # looked up by its token and then read may have moved on, and another one read in its place fails the
     # checksums. Damage is told only where the group still carries this commit's token after the read.
     for _ in range(_LOOKUPS):
         name = next((g for g in (_CURRENT, _NEW, _PREVIOUS) if _token_of(store, g) == group_token), None)
         if name is None:
-            if store.location.open_group("r").attrs.get("metrics") != record:
+            if not current():
                 break
             continue  # between two names at the instant it was looked for: looked for again
         problem, steps, data = _read_group(store, name, n, names, crcs, record.get("last_step"))
         if problem is None:
             return steps, {names[k]: v for k, v in data.items()}
         if _token_of(store, name) == group_token:
-            if store.location.open_group("r").attrs.get("metrics") != record:
+            if not current():
                 break  # a later write is removing the group (its token is the last thing to go)
             raise StoreError(f"{store.path}: the store is damaged: {problem}")
     else:
-        if store.location.open_group("r").attrs.get("metrics") == record:
+        if current():
             raise StoreError(f"{store.path}: the store is damaged: its metrics group is missing or not the "
                              "committed one")
     raise StoreError(f"{store.path}: the metrics were replaced since this store was opened; open it again")

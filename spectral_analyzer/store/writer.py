@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError, StoreExistsError
@@ -70,10 +69,8 @@ class StoreWriter:
 
     def __enter__(self) -> StoreWriter:
         loc = self.location
-        if not loc.is_remote:  # a store inside another's folder would be written into that store's arrays
-            for above in reversed(Path(os.path.abspath(loc.path)).parents):  # the outermost store first
-                if Location.of(above).holds_zarr_root():
-                    raise StoreError(f"{loc.path}: is inside the Zarr store {above}; put the store outside it")
+        if (above := loc.enclosing_store()) is not None:  # it would be written into that store's arrays
+            raise StoreError(f"{loc.path}: is inside the Zarr store {above}; put the store outside it")
         self._fresh_folder = not loc.is_remote and not os.path.exists(loc.path)
         if (not loc.is_remote and not os.path.lexists(os.path.join(loc.path, LOCK_NAME)) and loc.occupied()
                 and not loc.holds_zarr_root()):
