@@ -59,6 +59,15 @@ def matcher(names: Iterable[str], globs: Sequence[str]) -> Callable[[str], bool]
     return lambda name: name in exact or any(name_matches(name, g) for g in others)
 
 
+def unmatched_glob(names: Sequence[str], globs: Sequence[str]) -> str | None:
+    """The first of several *globs* that picks none of *names* (:func:`matcher`), refused by every selection:
+    a typo in a list would narrow the selection in silence. None for a single glob (its caller says none
+    matched) or when every glob picks a name."""
+    if len(globs) < 2:
+        return None
+    return next((g for g in globs if not any(map(matcher(names, [g]), names))), None)
+
+
 def _matched(names: Sequence[str], glob: str) -> set[int]:
     """The tensors *glob* names (:func:`matcher`)."""
     hit = matcher(names, [glob])
@@ -75,9 +84,8 @@ def select_tensors(names: Sequence[str], params: str | Sequence[str] | None) -> 
     hits = [_matched(names, g) for g in globs]
     if not any(hits):
         raise SelectionError(f"no tensor matches {', '.join(map(repr, globs))} (tensors: {shown})")
-    for g, hit in zip(globs, hits):
-        if not hit:
-            raise SelectionError(f"no tensor matches {g!r}, one of the patterns {globs!r} (tensors: {shown})")
+    if (g := unmatched_glob(names, globs)) is not None:
+        raise SelectionError(f"no tensor matches {g!r}, one of the patterns {globs!r} (tensors: {shown})")
     return sorted(set().union(*hits))
 
 

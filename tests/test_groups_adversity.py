@@ -154,3 +154,21 @@ def test_layer_indices_are_the_digits_as_written():
     names = ["layers.01.w", "layers.1.w", "layers.2.w"]
     assert group_tensors(names, [0, 1, 2], "layer") == {"layer 01": [0], "layer 1": [1], "layer 2": [2]}
     assert [layer_of(n) for n in names] == ["layer 01", "layer 1", "layer 2"]
+
+
+def test_every_pattern_of_a_weight_or_layer_selection_must_match():
+    """weights --match 'attn.*' --match 'mpl.*' decomposed the attention matrices alone, and attention
+    --layer the layers of the first pattern alone: a typo in a list narrowed the selection in silence."""
+    from spectral_analyzer.store.layout import TensorEntry
+    from spectral_analyzer.weights import select_weights
+    from spectral_analyzer.weights.layouts import find_attention_layers
+
+    manifest = [TensorEntry(n, 16 * i, 16, (4, 4), "float32") for i, n in enumerate(["attn.weight", "mlp.weight"])]
+    with pytest.raises(sa.SelectionError, match=r"no 2-D weight matches 'mpl\.\*', one of the patterns"):
+        select_weights(manifest, ["attn.*", "mpl.*"])
+    assert [t.name for t, _ in select_weights(manifest, ["attn.*", "mlp.*"])] == ["attn.weight", "mlp.weight"]
+    shapes = {f"l{i}.attn.in_proj_weight": (24, 8) for i in range(2)} | {f"l{i}.attn.out_proj.weight": (8, 8)
+                                                                       for i in range(2)}
+    with pytest.raises(sa.SelectionError, match=r"s\.zarr: no attention layer matches 'l2\*', one of the patterns"):
+        find_attention_layers(shapes, heads=2, match=["l0*", "l2*"], origin="s.zarr")
+    assert [a.name for a in find_attention_layers(shapes, heads=2, match=["l0*", "l1*"])] == ["l0.attn", "l1.attn"]

@@ -12,7 +12,7 @@ from .._version import RESULTS_REVISION, __version__
 from ..devices import resolve_device
 from ..errors import HeadCountError
 from ..groups import SelectionError
-from ..groups import matcher, natural_key
+from ..groups import matcher, natural_key, unmatched_glob
 from ..progress import progress_bar
 from ..steps import exact_in_float
 from ..store import Store, TensorEntry
@@ -75,7 +75,11 @@ def select_weights(manifest: Sequence[TensorEntry], match, packing: Mapping[str,
     packing = packing or {}
     split = [(t, [n for n, _ in split_packed(t.name, np.broadcast_to(np.False_, t.shape), packing.get(t.name))])
              for t in expert_matrices(manifest)]
-    hit = None if globs is None else matcher([n for t, parts in split for n in (t.name, *parts)], globs)
+    names = [n for t, parts in split for n in (t.name, *parts)]
+    if globs is not None and (g := unmatched_glob(names, globs)) is not None:
+        raise SelectionError(f"no 2-D weight matches {g!r}, one of the patterns {globs!r} (2-D weights: "
+                             f"{', '.join(t.name for t, _ in split)[:200]})")
+    hit = None if globs is None else matcher(names, globs)
     picked = []
     for t, parts in split:
         if hit is not None and not hit(t.name):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 import xarray as xr
 from dask.base import tokenize
 
@@ -15,6 +14,7 @@ from ..devices import resolve_device
 from ..store import Store
 from ..threads import one_thread_each, torch_threads
 from .attention import circuit_spectra
+from .kernel import aligned
 from .layouts import AttentionLayer, find_attention_layers, projections
 from .streaming import thetas
 
@@ -79,7 +79,7 @@ def _circuits(store: Store, layers: list[AttentionLayer], device: str) -> dict[s
 
                 def spectra(part: list[int], h=h, g=g) -> dict[str, np.ndarray]:
                     mats = [projections(layers[i], tensors) for i in part]
-                    stacked = [torch.from_numpy(np.stack([m[j] for m in mats])).to(dev) for j in range(4)]
+                    stacked = [aligned(np.stack([m[j] for m in mats])).to(dev) for j in range(4)]
                     return {k: v.cpu().numpy() for k, v in circuit_spectra(*stacked, heads=h, kv_heads=g).items()}
 
                 # on the cpu one layer per torch thread at a time (QR of many small blocks: 1.6x faster so

@@ -248,7 +248,7 @@ def singular_values(
         for i, m in enumerate(matrices):
             found = None
             if min(m.shape) > top:
-                found = top_singular_values(torch.from_numpy(np.asarray(m, dtype=np.float64)).to(device), top)
+                found = top_singular_values(aligned(m).to(device), top)
             if found is None:
                 rest.append(i)
             else:
@@ -270,14 +270,31 @@ def singular_values(
 SHARED_SIZE = 1 << 23
 
 
+# MKL's kernels round differently by where their operands lie: a 768 x 768 matrix starting 8 bytes past a
+# 16-byte boundary gave other last bits (687 of its 768 singular values) than the same values on one, so the
+# same checkpoint gave other values by where the allocator had put its buffer. Every matrix is decomposed
+# from an address on a 64-byte boundary (torch's own allocations are): the values depend on the data alone.
+ALIGNMENT = 64
+
+
+def aligned(matrix: np.ndarray) -> torch.Tensor:
+    """*matrix* as a float64 tensor whose data starts on an ALIGNMENT boundary: a view where it already
+    does (writeable, positive strides, as ``from_numpy`` wants), else a copy into a torch allocation."""
+    m = np.asarray(matrix)
+    if (m.dtype == np.float64 and m.ctypes.data % ALIGNMENT == 0 and m.flags.writeable
+            and all(st >= 0 for st in m.strides)):
+        return torch.from_numpy(m)
+    out = torch.empty(m.shape, dtype=torch.float64)
+    assert out.data_ptr() % ALIGNMENT == 0  # torch's cpu allocator aligns to 64 bytes
+    out.numpy()[...] = m
+    return out
+
+
 def _one(matrix: np.ndarray) -> np.ndarray:
     """Singular values of one matrix on the cpu: the Gram route, or ``svdvals`` where it falls back."""
     if min(matrix.shape) == 0:
         return np.zeros(0)
-    m = np.asarray(matrix, dtype=np.float64)
-    if not m.flags.writeable or any(st < 0 for st in m.strides):  # from_numpy wants writeable, positive strides
-        m = np.array(m)
-    w = torch.from_numpy(m)
+    w = aligned(matrix)
     values, fallback = _gram_batch(w[None])
     return (torch.linalg.svdvals(w) if bool(fallback[0]) else values[0]).numpy()
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HeadCountError, SelectionError
-from ..groups import matcher, natural_key
+from ..groups import matcher, natural_key, unmatched_glob
 
 __all__ = ["AttentionLayer", "HEAD_FIELDS", "find_attention_layers", "head_blocks", "heads_from_config",
            "interleaved_packing", "projections", "select_layers"]
@@ -160,13 +160,19 @@ def _candidates(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, str, s
     return [found[p] for p in sorted(found, key=natural_key)]
 
 
-def select_layers(layers: Sequence[AttentionLayer], globs: str | Sequence[str] | None) -> list[AttentionLayer]:
+def select_layers(layers: Sequence[AttentionLayer], globs: str | Sequence[str] | None, where: str = ""
+                  ) -> list[AttentionLayer]:
     """The layers whose name or query matrix matches a glob (exactly, as a glob, or with ``[`` taken literally;
-    a glob that is a layer's or query's name picks that one alone)."""
+    a glob that is a layer's or query's name picks that one alone); one of several globs that matches none is
+    refused (*where*: the store, to name in the message)."""
     if globs is None:
         return list(layers)
     globs = [globs] if isinstance(globs, str) else list(globs)
-    hit = matcher([n for layer in layers for n in (layer.name, layer.query)], globs)
+    names = [n for layer in layers for n in (layer.name, layer.query)]
+    if (g := unmatched_glob(names, globs)) is not None:
+        raise SelectionError(f"{where}no attention layer matches {g!r}, one of the patterns {globs!r} (layers: "
+                             f"{', '.join(layer.name for layer in layers)[:200]})")
+    hit = matcher(names, globs)
     return [layer for layer in layers if hit(layer.name) or hit(layer.query)]
 
 
@@ -223,7 +229,7 @@ def find_attention_layers(
     if not found:
         raise SelectionError(f"{where}no attention layer recognised (looked for in_proj_weight, c_attn, "
                              "query_key_value, q_proj/k_proj/v_proj, self.query/key/value and their outputs)")
-    chosen = select_layers([AttentionLayer(*c[:7], 0, 0, 0, 0) for c in found], match)
+    chosen = select_layers([AttentionLayer(*c[:7], 0, 0, 0, 0) for c in found], match, where)
     if not chosen:
         raise SelectionError(f"{where}no attention layer matches {match!r} (layers: "
                              f"{', '.join(c[0] for c in found)[:200]})")
