@@ -137,7 +137,7 @@ _ATTRS: dict[str, tuple[str, str | None, str]] = {
     "size": ("size", "1", "number of parameters"),
     "shape": ("shape", None, "the tensor's shape, a tuple of ints"),
     "ndim": ("dimensions", "1", "number of dimensions of the tensor"),
-    "dtype": ("source dtype", None, "dtype in the checkpoints"),
+    "dtype": ("source dtype", None, "dtype in the first checkpoint (a later change is told as it is ingested)"),
 }
 
 

@@ -25,7 +25,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -190,13 +190,19 @@ def _check_names(names: Iterable[str], label: str) -> None:
 
 
 def _check_consistent(
-    reference: dict[str, tuple], ref_label: str, other: _Planned, what: str = "", dtypes: bool = False
+    reference: dict[str, tuple], ref_label: str, other: _Planned, what: str = "", dtypes: bool = False,
+    ref_unread: Mapping[str, str] = {},
 ) -> None:
     """That *other* has the tensors of *reference* (``_signature``) with the same shapes (and dtypes, if
-    asked: a file checked against its own plan)."""
+    asked: a file checked against its own plan). *ref_unread*: the reference's weights of no float dtype
+    (a weight that is float in one checkpoint and int8 in the other is named so, not as missing)."""
     here = _signature(other.tensors)
     label = f"{other.checkpoint.label}{what}"
     for name in sorted(reference, key=natural_key):
+        if name not in here and name in other.unread:
+            raise InconsistentCheckpointsError(
+                f"tensor {name!r} is {reference[name][1]} in {ref_label} but {other.unread[name]} in {label}, "
+                "which is not read (only floating-point tensors are)")
         if name not in here:
             raise InconsistentCheckpointsError(f"tensor {name!r} is in {ref_label} but missing from {label}")
         (shape, dtype), (shape2, dtype2) = reference[name], here[name]
@@ -207,37 +213,78 @@ def _check_consistent(
         if dtypes and dtype != dtype2:
             raise InconsistentCheckpointsError(f"tensor {name!r} is {dtype} in {ref_label} but {dtype2} in {label}")
     for name in sorted(here, key=natural_key):
+        if name not in reference and name in ref_unread:
+            raise InconsistentCheckpointsError(
+                f"tensor {name!r} is {ref_unread[name]} in {ref_label}, which is not read (only floating-point "
+                f"tensors are), but {here[name][1]} in {label}")
         if name not in reference:
             raise InconsistentCheckpointsError(f"tensor {name!r} appears in {label} but not in {ref_label}")
 
 
-def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned]) -> str | None:
+def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned]) -> tuple[str | None, set[int]]:
     """A message where a tensor's dtype changes between consecutive checkpoints (in step order) into one of
-    *new*, else None.
+    *new*, else None; and the steps of *new* compared so with the checkpoint before them (the others, whose
+    tensors or predecessor are not known before their rows are written, are compared by :func:`write_rows`).
 
     The deltas stay exact differences of the stored values, but the one across the change also holds the
     rounding of one precision into the other (float32 to bfloat16: about 2^-9 of each value), which can
     dwarf a training update and look like an event."""
     known = [p for p in planned if p.tensors is not None]
     fresh = {id(p) for p in new}
-    message, later = None, []
+    message, later, compared = None, [], set()
     for a, b in zip(known, known[1:]):
         if id(b) not in fresh:
             continue
+        compared.add(b.step)
         da, db = _signature(a.tensors), _signature(b.tensors)
-        changed = [n for n in sorted(da, key=natural_key) if n in db and da[n][1] != db[n][1]]
-        if changed and message is not None:
+        told = _precision_message(da, a.step, _shown(a.checkpoint), db, b.step, _shown(b.checkpoint))
+        if told is not None and message is not None:
             later.append(b.step)
-        elif changed:
-            n = changed[0]
-            more = f" (and {len(changed) - 1} more tensors)" if len(changed) > 1 else ""
-            message = (f"tensor {n!r} is {da[n][1]} at step {a.step} ({_shown(a.checkpoint)}) but {db[n][1]} at "
-                       f"step {b.step} ({_shown(b.checkpoint)}){more}: the delta between them holds the rounding "
-                       "of the change of precision besides the update")
+        elif told is not None:
+            message = told
     if later:
         steps = ", ".join(map(str, later[:5])) + (f" and {len(later) - 5} more" if len(later) > 5 else "")
         message += f"; precisions change again in the deltas to step{'s' * (len(later) > 1)} {steps}"
-    return message
+    return message, compared
+
+
+def _precision_message(before: Mapping[str, tuple], step_a: int, label_a: str, after: Mapping[str, tuple],
+                       step_b: int, label_b: str) -> str | None:
+    """The message for tensors whose dtype differs between two checkpoints' signatures (name: (shape, dtype)),
+    or None."""
+    changed = [n for n in sorted(before, key=natural_key) if n in after and before[n][1] != after[n][1]]
+    if not changed:
+        return None
+    n = changed[0]
+    more = f" (and {len(changed) - 1} more tensors)" if len(changed) > 1 else ""
+    return (f"tensor {n!r} is {before[n][1]} at step {step_a} ({label_a}) but {after[n][1]} at step {step_b} "
+            f"({label_b}){more}: the delta between them holds the rounding of the change of precision besides "
+            "the update")
+
+
+def _dtype_runs(signature: Mapping[str, tuple], manifest: Sequence[TensorEntry]) -> list[list]:
+    """The dtypes of *manifest*'s tensors in a checkpoint, as [dtype, count] runs in manifest order: what a
+    commit record keeps of its last checkpoint, so that an append compares its first checkpoint's precision
+    with the store's last (whose file may be gone) and a recorder started anew with the store's last."""
+    runs: list[list] = []
+    for t in manifest:
+        dtype = signature[t.name][1]
+        if runs and runs[-1][0] == dtype:
+            runs[-1][1] += 1
+        else:
+            runs.append([dtype, 1])
+    return runs
+
+
+def _recorded_signature(record: Mapping[str, Any] | None, manifest: Sequence[TensorEntry]
+                        ) -> dict[str, tuple] | None:
+    """The store's last checkpoint's signature from its commit record's dtype runs; None where the record
+    keeps none (written before it was recorded) or they do not fit the manifest."""
+    runs = (record or {}).get("last_dtypes")
+    if not isinstance(runs, list) or sum(int(n) for _, n in runs) != len(manifest):
+        return None
+    dtypes = [dtype for dtype, n in runs for _ in range(int(n))]
+    return {t.name: (tuple(t.shape), d) for t, d in zip(manifest, dtypes)}
 
 
 def _values_crc(t: torch.Tensor) -> int:
@@ -677,7 +724,7 @@ def _ingest_source(
     _check_names(first, planned[0].checkpoint.label)
     for p in planned[1:]:
         if p.tensors is not None:
-            _check_consistent(first, planned[0].checkpoint.label, p)
+            _check_consistent(first, planned[0].checkpoint.label, p, ref_unread=planned[0].unread)
     manifest = _manifest(planned[0].tensors)
     if metrics is not None:
         metrics_path = Path(metrics)
@@ -747,9 +794,11 @@ def _ingest_source(
 
         def open_reader(p: _Planned):
             reader = open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys)
-            if p.tensors is None:  # a remote pickle, read for the first time
-                p.tensors = reader.tensors
-                _check_consistent(first, planned[0].checkpoint.label, p)
+            if p.tensors is None:  # a remote pickle, read for the first time: planned now as the others were
+                p.tensors, p.considered = reader.tensors, frozenset(reader.considered)
+                p.unread, p.beside = dict(reader.unread), dict(reader.beside)
+                _warn_unread([replace(p, checkpoint=replace(p.checkpoint, passed_over=()))])  # those told already
+                _check_consistent(first, planned[0].checkpoint.label, p, ref_unread=planned[0].unread)
                 if steps is None and _name_or_stored(p.checkpoint, reader.step_hint) != p.step:  # ordered by its name
                     raise StepError(f"{printable(p.checkpoint.label)}: its name says step {p.step} and the file "
                                     f"records step {reader.step_hint}; rename it, or give the steps")
@@ -763,7 +812,7 @@ def _ingest_source(
                                     "the ingest (a training still saving?); ingest again")
             return reader
 
-        precision = _precision_changes(planned, new)
+        precision, compared = _precision_changes(planned, new)
         if precision is not None:
             warnings.warn(precision, PrecisionChangeWarning, stacklevel=2)
         copy = _model_copy(manifest, planned[0].checkpoint.label) if st.commit_record is None else None  # told when the store is made
@@ -771,7 +820,8 @@ def _ingest_source(
             warnings.warn(copy, ModelCopyWarning, stacklevel=2)
         failure = None
         try:
-            write_rows(st, planned, new, open_reader, progress, notes=[n for n in (precision, copy) if n])
+            write_rows(st, planned, new, open_reader, progress, notes=[n for n in (precision, copy) if n],
+                       precision_compared=compared)
         except SourceError as exc:
             if overwrite or st.commit_record is None:
                 raise  # an overwrite, or a store with nothing committed yet: undone
@@ -831,12 +881,17 @@ def write_rows(
     progress: bool,
     prev_reader: Any = None,
     notes: Sequence[str] = (),
+    precision_compared: Collection[int] = (),
 ) -> None:
     """Write the base (for a new store) and one committed row per checkpoint in *new* (the lock is held).
 
     *open_reader* gives a checkpoint's reader; the previous theta comes from
     *prev_reader*, else the folder's checkpoint at the store's last step,
-    else the store's own copy of it.
+    else the store's own copy of it. A change of precision from the checkpoint
+    before is told here for the steps not in *precision_compared* (told
+    before the rows were written): the first new one against the store's
+    last (its file gone, or a recorder's earlier snapshot), a remote pickle
+    read for the first time.
 
     Torch runs on one thread here: the ingest's torch work (float16 to
     float32, the differences, the finite checks) is memory-bound passes over
@@ -878,6 +933,8 @@ def write_rows(
             entry = {**p.checkpoint.origin, "step": p.step, "label": p.checkpoint.label, "files": files}
             if p.checkpoint.passed_over or p.beside:
                 entry["passed_over"] = [*p.checkpoint.passed_over, *(f"{file}: {key}" for file, key in p.beside)]
+            if p.unread:  # weights of no float dtype, or with no values: not part of the run
+                entry["unread"] = dict(p.unread)
             if delta_norm is not None:
                 entry["delta_norm"] = delta_norm
             return entry
@@ -923,6 +980,7 @@ def write_rows(
             base = new[0]
             verify(0)
             reader = open_reader(base)
+            prev_signature = _signature(reader.tensors)
             following = _open_following(new, 1, open_reader)
             if following is not None:
                 reader.read_on_into(following)
@@ -953,7 +1011,8 @@ def write_rows(
             st.write_source(0, source_entry(0))
             c0 = hex_of(link)
             record = {"n_deltas": 0, "head_step": base.step, "last_slot": 0, "last_step": base.step, "base": c0,
-                      "chain": c0, "last_crc": last.crcs(), "last_exact": exact}
+                      "chain": c0, "last_crc": last.crcs(), "last_exact": exact, "base_exact": exact,
+                      "last_dtypes": _dtype_runs(prev_signature, manifest)}
             st.commit(commit=record, base_step=base.step, base_crc=crcs)
             if values is not None:
                 same_values[tuple(values)] = (base.step, _shown(base.checkpoint))
@@ -992,6 +1051,12 @@ def write_rows(
             )
         prev_step = last_step
         prev_checked = False
+        if prev_reader is not None or not isinstance(prev, _StoredTheta):
+            prev_signature = _signature(prev.tensors)
+        elif prev_planned is not None and prev_planned.tensors is not None:
+            prev_signature = _signature(prev_planned.tensors)
+        else:
+            prev_signature = _recorded_signature(record, manifest)
         norms = DeltaNorms(_recent_norms(st, n0))
         # the crc32c of each row's update of every tensor that shares its shape with another: two with the same
         # update at every step are one tied weight saved under two names (told, as both are counted)
@@ -1011,6 +1076,12 @@ def write_rows(
             following = _open_following(new, i + 1, open_reader)
             if following is not None:
                 reader.read_on_into(following)
+            signature = _signature(reader.tensors)
+            if cur.step not in precision_compared and prev_signature is not None and (message := _precision_message(
+                    prev_signature, prev_step, prev_label, signature, cur.step, _shown(cur.checkpoint))) is not None:
+                warnings.warn(message, PrecisionChangeWarning, stacklevel=3)
+                found_warnings.append(message)
+            prev_signature = signature
             r = n0 + k
             final = i == len(new) - 1
             slot = 1 - record["last_slot"]
@@ -1091,7 +1162,8 @@ def write_rows(
                 same_values.setdefault(tuple(values), (cur.step, _shown(cur.checkpoint)))
             record = {**record, "n_deltas": r + 1}
             if final:
-                record.update(last_slot=slot, last_step=cur.step, last_crc=last.crcs(), last_exact=exact)
+                record.update(last_slot=slot, last_step=cur.step, last_crc=last.crcs(), last_exact=exact,
+                              last_dtypes=_dtype_runs(signature, manifest))
                 if (tied := _tied(updates, {t.name: t.size for t in manifest})) is not None:
                     warnings.warn(tied, TiedWeightsWarning, stacklevel=3)
                     found_warnings += [tied] if tied not in found_warnings else []

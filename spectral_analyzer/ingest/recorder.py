@@ -24,7 +24,6 @@ from .._version import __version__
 from ..errors import (
     CheckpointError,
     MetricsError,
-    PrecisionChangeWarning,
     RecordingWarning,
     SelectionError,
     StepError,
@@ -43,11 +42,11 @@ from .pipeline import (
     _crc_only,
     _manifest,
     _Planned,
-    _precision_changes,
     _stored_is_exact,
+    _warn_unread,
     write_rows,
 )
-from .readers import CheckpointReader, KeyOptions, _add
+from .readers import CheckpointReader, KeyOptions, _add, skip_unread
 
 __all__ = ["Recorder"]
 
@@ -116,6 +115,7 @@ class Recorder:
         self._cut: int | None = None  # the store's series from this step on are superseded by this recorder's
         self._attempt: tuple[int, Any] | None = None  # step and commit chain of a record interrupted once committed
         self._continues = False  # resumed: the store goes on, whatever overwrite says
+        self._told_unread = False  # whether the model's weights of no float dtype were told
 
     @staticmethod
     def _silent() -> bool:
@@ -164,7 +164,10 @@ class Recorder:
             # Tied weights: the same storage under two names is one parameter, as the readers count it; of the
             # selected names the first is kept (a name left out by include / exclude hides no twin).
             canonical = self.keys.canonical(name)
-            if not value.is_floating_point() or not self.keys.selected(canonical):
+            if not value.is_floating_point():  # an int8 quantised weight: left out, and told as ingest tells it
+                skip_unread(reader, canonical, value.dtype, self.keys)
+                continue
+            if not self.keys.selected(canonical):
                 continue
             if (what := _not_whole(value, name in partitioned)) is not None:  # refused, as ingest refuses it in a file
                 raise CheckpointError(f"{reader.label}: tensor {canonical!r} is {what}; record a model whose "
@@ -198,7 +201,10 @@ class Recorder:
             raise
 
     def _record(self, step: int, reader: CheckpointReader) -> None:
-        planned = _Planned(Checkpoint(reader.label, (), step), step, reader.tensors)
+        planned = _Planned(Checkpoint(reader.label, (), step), step, reader.tensors, unread=dict(reader.unread))
+        if planned.unread and not self._told_unread:  # once a recorder: the same model at every step
+            _warn_unread([planned])
+            self._told_unread = True
         overwrite = self.overwrite and self._previous is None and not self._continues
         with StoreWriter(self.path, self.storage_options, overwrite=overwrite, wait=self.wait) as writer:
             store = writer.existing
@@ -232,16 +238,9 @@ class Recorder:
             # the row, and the training resumed before this step logs the steps after it again (the other
             # way round, the steps up to this one would be lost: a training resumed here does not log them)
             self._write_metrics(store)
-            notes = []
-            if previous is not None:  # a tensor whose dtype changed since the last snapshot: warned as ingest does
-                before = _Planned(Checkpoint(previous.label, (), self._previous_at[0]), self._previous_at[0],
-                                  previous.tensors)
-                if (message := _precision_changes([before, planned], [planned])) is not None:
-                    warnings.warn(message, PrecisionChangeWarning, stacklevel=2)
-                    notes.append(message)
             rows = store.n_deltas + 1
-            try:
-                write_rows(store, [], [planned], lambda p: reader, False, prev_reader=previous, notes=notes)
+            try:  # a tensor whose dtype changed since the last snapshot, or the store's last row: told as ingest does
+                write_rows(store, [], [planned], lambda p: reader, False, prev_reader=previous)
                 self._keep(reader, store)  # before anything else can fail: the row is committed
             except KeyboardInterrupt:
                 self._interrupted(store, int(step), rows)

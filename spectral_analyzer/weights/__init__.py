@@ -153,6 +153,9 @@ def compute_weight_spectra(
     else:
         names, sigma, frobenius2 = _reconstruct(store, picked, plan, packing, device, progress, top)
         source = "theta_i = base + sum_{k<=i} d_k, float64 accumulation of float32 deltas"
+        if not base_is_exact(store):
+            source += ("; the float32 base rounds the first checkpoint's float64 weights (each value to 2^-24 of "
+                       "itself): record exact values with ingest --weights")
     rank = sigma.shape[-1]
     keep = min(rank, top) if top else rank
     stats = matrix_stats(sigma, frobenius2)
@@ -183,6 +186,13 @@ def compute_weight_spectra(
     if cache:
         store.cache_result(name, ds)
     return ds
+
+
+def base_is_exact(store: Store) -> bool:
+    """Whether the store's float32 base holds the first checkpoint exactly: as recorded when the base was
+    committed; for a store written before that was recorded, when no tensor came from float64."""
+    exact = (store.commit_record or {}).get("base_exact")
+    return bool(exact) if exact is not None else all(t.dtype != "float64" for t in store.manifest)
 
 
 def _matrix_shapes(picked, plan=None, packing=None) -> list[tuple[str, tuple[int, int]]]:
