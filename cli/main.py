@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 import spectral_analyzer as sa
-from spectral_analyzer.errors import DeviceError, SchedulerError, SpectralAnalyzerError, printable
+from spectral_analyzer.errors import DeviceError, SchedulerError, SpectralAnalyzerError, printable, printable_name
 from spectral_analyzer.formatting import MISSING, mode, number, ratio
 from spectral_analyzer.store import DEFAULT_CHUNK_SIZE
 
@@ -323,10 +323,10 @@ def info(store, show_tensors):
     for message in s.warnings:
         click.echo(f"warning: {printable(message)}")
     if show_tensors:
-        nw = max(len(printable(t.name)) for t in s.tensors)
+        nw = max(len(printable_name(t.name)) for t in s.tensors)
         for t in s.tensors:
             shape = "x".join(map(str, t.shape)) or "scalar"
-            click.echo(f"  {printable(t.name):<{nw}}  {shape:>14}  {t.dtype:>9}  offset {t.offset}")
+            click.echo(f"  {printable_name(t.name):<{nw}}  {shape:>14}  {t.dtype:>9}  offset {t.offset}")
 
 
 def _format(x) -> str:
@@ -348,7 +348,7 @@ def _summaries(ds, events=None) -> list[str]:
     for g in groups:
         part = ds.sel(group=g) if g is not None else ds
         r, k, steps = part["gap_ratio"].values, part["k_star"].values, part["step"].values
-        prefix = "" if g is None else f"{printable(str(g))}: "
+        prefix = "" if g is None else f"{printable_name(str(g))}: "
         if not np.isfinite(r).any():
             lines.append(f"{prefix}R is not defined in any window")
             continue
@@ -389,7 +389,7 @@ def _print_table(ds, n_sigma: int = 4) -> None:
     for g in groups:
         part = ds.sel(group=g) if g is not None else ds
         for i, step in enumerate(part["step"].values):
-            row = [printable(str(g))] if g is not None else []
+            row = [printable_name(str(g))] if g is not None else []
             row += [str(int(step)), mode(part["k_star"].values[i]), ratio(part["gap_ratio"].values[i]),
                     _format(float(part["gap"].values[i]))]
             row += [_format(float(v)) for v in part["sigma"].values[i, :n_sigma]]
@@ -441,7 +441,7 @@ def spectra(store, window, params, group_by, center, stride, step_range, max_lag
     click.echo("k*: gap position; R: sigma_k* / sigma_k*+1; gap: sigma_k* - sigma_k*+1; -: not defined")
     floors = [ratio(v) for v in np.atleast_1d(ds["null_q95"].values)]
     if "group" in ds.dims:
-        floors = [f"{printable(str(g))} {f}" for g, f in zip(ds["group"].values, floors)]
+        floors = [f"{printable_name(str(g))} {f}" for g, f in zip(ds["group"].values, floors)]
     null = f"W-1={window - 1}, centred" if center else f"W={window}"  # a centred window's Gram has rank W-1
     click.echo(f"noise floor of R (Wishart 95% quantile, {null}): " + ", ".join(floors))
     if stride > 1:  # windows end every `stride` deltas from the first: the last deltas may be in none
@@ -624,7 +624,7 @@ def weights(store, match, top, heads, device, output, overwrite, progress, quiet
         part = ds.sel(matrix=name)
         for t, step in enumerate(ds["step"].values):
             s = part["sigma"].values[t]
-            rows.append([str(int(step)), printable(str(name)), _format(float(s[0])),
+            rows.append([str(int(step)), printable_name(str(name)), _format(float(s[0])),
                          _format(float(s[1])) if s.size > 1 else MISSING,
                          ratio(part["sigma_ratio_12"].values[t]), _format(float(part["g12"].values[t])),
                          _format(float(part["g23"].values[t])), _format(float(part["stable_rank"].values[t]))])
@@ -662,7 +662,7 @@ def attention(store, layer, heads, device, output, overwrite, quiet):
     for i, name in enumerate(ds["layer"].values):
         for h in range(int(ds["n_heads"].values[i])):
             for t, step in enumerate(ds["step"].values):
-                rows.append([str(int(step)), printable(str(name)), str(h)]
+                rows.append([str(int(step)), printable_name(str(name)), str(h)]
                             + [_format(float(lam[t, i, h, j])) if j < rank else MISSING for j in range(3)]
                             + [ratio(ds["qk_ratio_12"].values[t, i, h]),
                                _format(float(ds["qk_gap_23"].values[t, i, h])),

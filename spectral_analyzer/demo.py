@@ -116,15 +116,18 @@ def _run(src: Path, out: Path, window: int) -> dict[str, Path]:
     from . import ingest
     from .exporting import export
     from .report import ACCURACY_METRICS, write_report
+    from .store import Store
+    from .weights import find_wq
 
-    run = ingest(src, out / "run.zarr", weights=["*q_proj.weight", "*in_proj_weight[q]"])
+    run = ingest(src, out / "run.zarr")
+    wq = find_wq(Store.open(run.path), None)  # the query matrix, whatever its naming (None: every 2-D weight)
     paths = {"store": out / "run.zarr"}
     paths["spectra"] = export(run.spectra(window=window), out / "spectra.nc")
     dyn = run.dynamics(window=window)
     paths["dynamics"] = export(dyn, out / "dynamics.nc")
     paths["table"] = export(dyn, out / "dynamics.csv")
     paths["events"] = out / "dynamics.events.csv"
-    paths["weights"] = export(run.weight_spectra(["*q_proj.weight", "*in_proj_weight[q]"]), out / "weights.nc")
+    paths["weights"] = export(run.weight_spectra(wq), out / "weights.nc")
     accuracy = next((m for m in ACCURACY_METRICS if m in run.metrics), None)
     if accuracy is not None:
         summary = run.grokking(metric=accuracy, window=window)

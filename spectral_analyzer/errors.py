@@ -16,6 +16,7 @@ __all__ = [
     "NoCheckpointsError",
     "SourceError",
     "StoreError",
+    "StoreRewrittenError",
     "StoreVersionError",
     "StoreExistsError",
     "StoreBusyError",
@@ -30,6 +31,7 @@ __all__ = [
     "CacheWarning",
     "DuplicateCheckpointWarning",
     "OutlierDeltaWarning",
+    "UnderflowWarning",
     "PrecisionChangeWarning",
     "MixedIntervalsWarning",
     "RecordingWarning",
@@ -91,6 +93,10 @@ class StoreExistsError(StoreError):
     """The output path holds something else; overwriting it takes a flag."""
 
 
+class StoreRewrittenError(StoreError):
+    """A store was overwritten, or its rows rewritten, by another process since it was opened."""
+
+
 class StoreBusyError(StoreError):
     """Another process is writing the store."""
 
@@ -140,6 +146,11 @@ class OutlierDeltaWarning(UserWarning):
     """A delta's norm per step is far above that of the deltas before it: a replaced or mislabelled checkpoint?"""
 
 
+class UnderflowWarning(UserWarning):
+    """Changes of a float64 parameter below float32's range, which the store's float32 deltas hold as 0 or
+    with fewer digits."""
+
+
 class PrecisionChangeWarning(UserWarning):
     """A tensor's dtype changes between checkpoints: the delta across the change holds its rounding."""
 
@@ -174,9 +185,23 @@ def printable(text: str) -> str:
 
     Names that come from files (tensor names, paths) may hold newlines or
     terminal escape sequences; ``printable`` makes them visible instead of
-    letting them break a line or recolour a terminal.
+    letting them break a line or recolour a terminal. (Messages name tensors
+    with ``repr``, which escapes a backslash too; :func:`printable_name` is for
+    tables.)
 
     >>> printable("layer\\n\\x1b[31mq")
     'layer\\\\n\\\\x1b[31mq'
     """
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def printable_name(name: str) -> str:
+    """A name (tensor, group, matrix) as tables show it: :func:`printable` with a backslash escaped too (a
+    name holding a newline and one holding a backslash and ``n`` read apart), quoted where it is empty or
+    starts or ends with a space (``a`` and ``a `` read apart).
+
+    >>> printable_name("a"), printable_name("a "), printable_name(""), printable_name("x\\n")
+    ('a', "'a '", "''", 'x\\\\n')
+    """
+    shown = printable(name.replace("\\", "\\\\"))
+    return shown if shown and shown == shown.strip() else f"'{shown}'"

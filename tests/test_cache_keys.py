@@ -154,7 +154,8 @@ def test_the_band_is_the_same_bits_whatever_L_tiles_and_memory_built_it(tmp_path
     """A band cached at a larger L is served for every smaller one, and built in row tiles that depend on L,
     the cores and the memory limit. Each tile's rows were summed over the chunks in a tree over all tasks, so
     another tiling added the chunks in another order: spectra at L = 4 after a band of L = 24 differed from a
-    fresh computation in the last bits. Now every L and tiling give the same bits."""
+    fresh computation in the last bits. Now every tiling gives the same bits, and so does every L on chunks
+    this narrow (wider ones round by the product's width, which follows L: see the guide)."""
     import spectral_analyzer.gram.build as build
 
     monkeypatch.setattr(build.os, "cpu_count", lambda: 4)  # the same tiles on every machine

@@ -52,11 +52,18 @@ def lagged_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> np.ndarray
         ok = np.isfinite(a) & np.isfinite(b)
         if ok.sum() < least:
             continue
-        a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+        a, b = _unit(a[ok]), _unit(b[ok])  # r is scale-free; products of 1e155s overflowed (r 0), of 1e-200s
+        a, b = a - a.mean(), b - b.mean()  # underflowed (r NaN)
         denom = np.sqrt((a @ a) * (b @ b))
         if denom > 0:
             out[i] = (a @ b) / denom
     return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """*v* divided by its largest |value| (unchanged where that is 0)."""
+    top = np.abs(v).max()
+    return v / top if top > 0 else v
 
 
 def _lag_steps(steps: np.ndarray, lags: np.ndarray) -> np.ndarray:

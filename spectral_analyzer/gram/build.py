@@ -64,6 +64,7 @@ def _band_task(
     device: str,
     threads: int,
     crcs: np.ndarray,
+    commit: dict | None = None,
 ) -> dict[tuple[int, int], np.ndarray]:
     """Band rows r0..r1-1 of the tensor pieces in columns [start, stop).
 
@@ -82,6 +83,7 @@ def _band_task(
             raise StoreError(f"{path}: rewritten since this store was opened (its chunks now hold "
                              f"{store.chunk_size} parameters); open it again")
         store.expect_crcs(start // store.chunk_size, crcs)
+        store.expect_commit(commit)  # a chunk that does not match: told as a store rewritten since, where it was
         pieces = [(a - start, b - start) for _, a, b in segments]
         if dev.type == "cpu":
             ring = HostRing(store, start, stop, max_lag, BLOCK_ROWS, segments=pieces)
@@ -333,6 +335,7 @@ def _compute_rows(
         [
             dask.delayed(_band_task)(
                 path, store.storage_options, a, b, segs, t0, t1, max_lag, device, threads, crcs[:t1, a // c].copy(),
+                store.commit_record,
                 dask_key_name=f"_band_task-{tokenize(store.chain[t1 - 1], tensors, c, a, t0, t1, max_lag)}",
             )
             for a, b, segs in chunks
@@ -342,7 +345,9 @@ def _compute_rows(
     # each tile's rows summed over the chunks in one tree of their own, the same whatever the tiles (which
     # depend on L, memory_limit and the cores): a band built with other tiles, or extended, is bit-identical
     # where its tasks ran on as many torch threads each (1 wherever two tasks fit in memory; a lone task's
-    # multi-threaded GEMM may round its sums otherwise, measured 8e-15 relative)
+    # multi-threaded GEMM may round its sums otherwise, measured 8e-15 relative) and with the same L: MKL
+    # rounds a product by its width, which is the ring's L + 8 rows (a band of L 16 and one of L 20 differed
+    # by 1.4e-14 relative on chunks of 16K columns; products in fixed groups of 8 rows would not)
     total = _tree_sum([_tree_sum(tile) for tile in tasks])
     n_tasks = len(tiles) * len(chunks)
     bar = None
@@ -437,7 +442,7 @@ def build_band(
     cached, lag = found if found is not None else (None, max_lag)
     # From the start of the block holding the first row not cached: every row is then computed in
     # the same blocks of BLOCK_ROWS (and ring slots) as in a build from scratch, so the band is bit-identical to it
-    # (on as many torch threads per task: see _compute_rows).
+    # (on as many torch threads per task and the same L: see _compute_rows).
     start = 0 if cached is None else min(cached.shape[1], n)
     if start < n:
         start = start // BLOCK_ROWS * BLOCK_ROWS

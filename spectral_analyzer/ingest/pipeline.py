@@ -49,6 +49,7 @@ from ..errors import (
     StoreError,
     StoreExistsError,
     TiedWeightsWarning,
+    UnderflowWarning,
     UnreadWeightsWarning,
     printable,
 )
@@ -532,14 +533,24 @@ def _delta(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return (cur.to(dtype) - prev.to(dtype)).to(torch.float32)
 
 
-def _delta_into(out: torch.Tensor, cur: torch.Tensor, prev: torch.Tensor) -> None:
+def _delta_into(out: torch.Tensor, cur: torch.Tensor, prev: torch.Tensor) -> int:
     """``out[:] = _delta(cur, prev)`` for float32 *out*, without temporaries where the difference is
-    taken in float32 anyway (float16, bfloat16 and float32 sources): the same rounding, bit for bit."""
-    if torch.promote_types(torch.promote_types(cur.dtype, prev.dtype), torch.float32) == torch.float32:
+    taken in float32 anyway (float16, bfloat16 and float32 sources): the same rounding, bit for bit.
+
+    Returns how many differences float32 lost below its range: taken in float64, nonzero, and rounded
+    to a subnormal or to 0 (a float64 parameter moving by 1e-50 would read as frozen). Differences of
+    float32 values below its smallest normal number are exact."""
+    dtype = torch.promote_types(torch.promote_types(cur.dtype, prev.dtype), torch.float32)
+    if dtype == torch.float32:
         out.copy_(cur)
         out.sub_(prev)
-    else:
-        out.copy_(_delta(cur, prev))
+        return 0
+    wide = cur.to(dtype) - prev.to(dtype)
+    out.copy_(wide)
+    small = out.abs() < torch.finfo(torch.float32).tiny
+    if not bool(small.any()):
+        return 0
+    return int(((wide[small] != 0) & (out[small].to(dtype) != wide[small])).sum())
 
 
 def _may_overflow_float32(*dtypes: torch.dtype) -> bool:
@@ -1051,6 +1062,7 @@ def write_rows(
             )
         prev_step = last_step
         prev_checked = False
+        told_underflow = False
         if prev_reader is not None or not isinstance(prev, _StoredTheta):
             prev_signature = _signature(prev.tensors)
         elif prev_planned is not None and prev_planned.tensors is not None:
@@ -1093,6 +1105,7 @@ def write_rows(
                 else None
             )
             exact = True
+            underflows: list[tuple[str, int]] = []  # (tensor, its changes float32 lost below its range)
             values = [] if same_files is None and digests(i) is None else None
             for t in manifest:
                 b = reader.read(t.name)
@@ -1106,10 +1119,10 @@ def write_rows(
                         prev_verify.add(a.to(torch.float32).reshape(-1).numpy())
                 check = _may_overflow_float32(b.dtype, a.dtype)
                 b_flat, a_flat = b.reshape(-1), a.reshape(-1)
-                update = 0
+                update = lost = 0
                 for view, lo, hi in row.segments(b_flat.numel()):
                     out = torch.from_numpy(view)
-                    _delta_into(out, b_flat[lo:hi], a_flat[lo:hi])
+                    lost += _delta_into(out, b_flat[lo:hi], a_flat[lo:hi])
                     if check and not _all_finite(out):  # counted over the whole tensor
                         _check_float32(_delta(b_flat, a_flat), t.name, cur.checkpoint.label, cur.step,
                                        "values of its delta from the previous checkpoint")
@@ -1117,6 +1130,8 @@ def write_rows(
                         update = crc32c(view, update)
                 if t.name in updates:
                     updates[t.name].append(update)
+                if lost:
+                    underflows.append((t.name, lost))
                 del a, a_flat, b_flat
                 if last is not None:
                     b32 = b.to(torch.float32)  # finite: checked with b
@@ -1145,7 +1160,15 @@ def write_rows(
             if outlier is not None:
                 warnings.warn(outlier, OutlierDeltaWarning, stacklevel=3)
                 found_warnings.append(outlier)
-            if squares == 0 and same_files is None:
+            if underflows and not told_underflow:  # once an ingest: a run so small is so at every step
+                told_underflow = True
+                (name, n), more = underflows[0], f" (and {len(underflows) - 1} more tensors)" if len(underflows) > 1 else ""
+                message = (f"tensor {name!r} at step {cur.step} ({_shown(cur.checkpoint)}): {n} of its float64 changes "
+                           f"from step {prev_step}{more} are below float32's range (under 1.2e-38) and are stored as 0 "
+                           "or with fewer digits; scale the weights, or leave the tensor out (exclude=)")
+                warnings.warn(message, UnderflowWarning, stacklevel=3)
+                found_warnings.append(message)
+            if squares == 0 and same_files is None and not underflows:
                 message = (
                     f"checkpoints at steps {prev_step} ({prev_label}) and {cur.step} "
                     f"({cur.checkpoint.label}) have identical contents"

@@ -73,20 +73,20 @@ class CommitProtocol:
             try:
                 shape = self.array(name).shape
             except KeyError:
-                raise damaged(self.path, f"the '{name}' array is missing") from None
+                raise self._damaged(f"the '{name}' array is missing") from None
             if len(shape) != len(want) or any(s < w for s, w in zip(shape, want)) or (
                     len(want) == 2 and shape[1] != want[1]):
-                raise damaged(self.path, f"the '{name}' array has shape {shape}, the commit needs {want}")
+                raise self._damaged(f"the '{name}' array has shape {shape}, the commit needs {want}")
         if not verify:
             return
         base = generations.base_link(a["tensors"], self.chunk_size, a["base_step"], a["base_crc"])
         if generations.hex_of(base) != record["base"]:
-            raise damaged(self.path, "the manifest, chunking, base step or base checksums do not match the commit")
+            raise self._damaged("the manifest, chunking, base step or base checksums do not match the commit")
         head = self.chain[-1] if n else base
         if generations.hex_of(head) != record["chain"]:
-            raise damaged(self.path, f"the steps or chunk checksums of the {n} committed rows do not match the commit")
+            raise self._damaged(f"the steps or chunk checksums of the {n} committed rows do not match the commit")
         if record["head_step"] != int(self.checkpoint_steps[-1]):
-            raise damaged(self.path, f"the commit's last step {record['head_step']} is not the last row's step")
+            raise self._damaged(f"the commit's last step {record['head_step']} is not the last row's step")
 
     def reserve_rows(self, n_rows: int) -> None:
         """Size the row arrays for *n_rows* rows (data follows, commit after)."""

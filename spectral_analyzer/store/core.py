@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreRewrittenError
 from . import generations
 from .caches import BandCache, ResultCache, write_if_current
 from .chunks import DirectChunks, ZarrChunks
@@ -52,6 +52,7 @@ class Store(RowReading, CommitProtocol):
         self._crcs: np.ndarray | None = None
         self._chain: np.ndarray | None = None
         self._crc_columns: dict[int, np.ndarray] = {}
+        self._opened_record: dict[str, Any] | None = None  # a task's: the commit of the snapshot it works for
 
     # -- the location ---------------------------------------------------------
 
@@ -95,11 +96,16 @@ class Store(RowReading, CommitProtocol):
             raise
         except Exception as exc:  # noqa: BLE001 -- credentials, permissions, the network
             raise unreachable(where, exc) from None
-        attrs = group.attrs.asdict()
-        check_format(where, attrs)
-        store = cls(group, location, attrs)
-        store._check(verify)
-        return store
+        for attempt in range(3):  # rewritten by another process while it was being opened: opened again
+            check_format(where, attrs := group.attrs.asdict())
+            store = cls(group, location, attrs)
+            try:
+                store._check(verify)
+                return store
+            except StoreRewrittenError:
+                if attempt == 2:
+                    raise
+                group = location.open_group(mode)
 
     @classmethod
     def create(cls, location: Location, manifest: Sequence[TensorEntry], chunk_size: int,
@@ -166,10 +172,13 @@ class Store(RowReading, CommitProtocol):
             entries = [self._read_meta("sources", i + 1, i)[0] for i in indices]
         else:
             entries = self._read_meta("sources", max(indices) + 1)[list(indices)]
+        # not in the chain: read after another process rewrote the rows, they would describe that run's files
+        if (rewritten := self._rewritten("the sources of its checkpoints")) is not None:
+            raise rewritten
         try:
             return [json.loads(str(e)) for e in entries]
         except ValueError:
-            raise damaged(self.path, "the 'sources' array holds an entry that is not JSON") from None
+            raise self._damaged("the 'sources' array holds an entry that is not JSON") from None
 
     @property
     def checkpoint_steps(self) -> np.ndarray:

@@ -104,7 +104,9 @@ class Location:
     def of(cls, path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Location:
         text = str(path)
         if not is_url(text):
-            text = text.removeprefix("file://")
+            text = os.path.expanduser(text.removeprefix("file://"))  # ~ as a shell would (not done for env vars)
+            if os.path.basename(text.rstrip("/")) in (".", ".."):  # the folder itself: its siblings fell inside it
+                text = os.path.abspath(text)
         return cls(text, dict(storage_options) if storage_options else None)
 
     def __dask_tokenize__(self):
@@ -123,6 +125,9 @@ class Location:
         """``(fsspec filesystem, path inside it)``; a bucket itself is refused."""
         import fsspec
 
+        if self.is_remote and any(c in self.path for c in "*?["):  # fsspec globs: rm(run[1].zarr/x) hit run1.zarr/x
+            raise StoreError(f"{self.path}: a store URL cannot hold *, ? or [ (fsspec takes them as patterns, and "
+                             "would write or delete other stores' objects); name the store without them")
         try:
             fs, root = fsspec.core.url_to_fs(self.path, **(self.storage_options or {}))
         except ImportError as exc:  # the protocol's package (s3fs, gcsfs, ...) is not installed

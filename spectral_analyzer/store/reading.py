@@ -9,10 +9,11 @@ other difference is an error naming the row, the step and the chunk.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreRewrittenError
 from . import generations
 from .chunks import _Corrupt, DirectChunks, _Missing, _Unreadable, ZarrChunks, direct_layout
 from .layout import damaged
@@ -82,8 +83,8 @@ class RowReading:
         return int(self.steps[row]) if row < self.n_deltas else "?"
 
     def _bad_chunk(self, row: int, j: int, what: str) -> StoreError:
-        return StoreError(f"{self.path}: chunk {row}/{j} of deltas (the delta ending at step {self._step_of(row)}) "
-                          f"{what}")
+        return self._rewritten(f"chunk {row}/{j} of deltas") or StoreError(
+            f"{self.path}: chunk {row}/{j} of deltas (the delta ending at step {self._step_of(row)}) {what}")
 
     def _unreadable(self, what: str, exc: _Unreadable) -> StoreError:
         """A chunk file there but not readable: named, and not called damage (EIO may pass; a rerun may do)."""
@@ -163,18 +164,45 @@ class RowReading:
         return out
 
     def _damaged(self, what: str) -> StoreError:
-        """The store damaged, unless it was overwritten since this snapshot was opened (then said so)."""
-        if self._overwritten():
-            return StoreError(f"{self.path}: {what}: the store was overwritten since it was opened; open it again")
-        return damaged(self.path, what)
+        """The store damaged, unless it was rewritten since this snapshot was opened (then said so: a
+        healthy store is not to be ingested again)."""
+        return self._rewritten(what) or damaged(self.path, what)
 
-    def _overwritten(self) -> bool:
-        """Whether the store at the path now holds other checkpoints than this snapshot (``c_0`` differs)."""
+    def _rewritten(self, what: str) -> StoreError | None:
+        """The error for *what* where the store at the path no longer holds this snapshot's rows
+        (:meth:`_changed`), else None."""
+        change = self._changed()
+        if change is None:
+            return None
+        return StoreRewrittenError(f"{self.path}: {what}: the store was {change} since it was opened; open it again")
+
+    def _changed(self) -> str | None:
+        """How the store at the path no longer holds this snapshot's committed rows: ``"overwritten"``
+        (other checkpoints: ``c_0`` differs), ``"rewritten"`` (its rows truncated, or replaced by others
+        with the same first checkpoint), else None (the same commit, or rows appended after them)."""
+        snap = self._opened_record or self.commit_record or {}
         try:
             now = self.location.open_group("r").attrs.get("commit") or {}
         except Exception:  # noqa: BLE001 -- unreadable now: the damage is what to report
-            return False
-        return now.get("base") != (self.commit_record or {}).get("base")
+            return None
+        if now == snap:
+            return None
+        if now.get("base") != snap.get("base"):
+            return "overwritten"
+        n = int(snap.get("n_deltas") or 0)
+        try:
+            if int(now.get("n_deltas") or 0) < n:
+                return "rewritten"
+            if n and generations.hex_of(type(self).open(self.location, verify=False).chain[n - 1]) != snap["chain"]:
+                return "rewritten"
+        except Exception:  # noqa: BLE001 -- unreadable now: the damage is what to report
+            return None
+        return None
+
+    def expect_commit(self, record: dict[str, Any] | None) -> None:
+        """Hand a store opened for a task the commit record of the snapshot it works for: a chunk that
+        does not match is then told as the store rewritten since that snapshot, where it was."""
+        self._opened_record = record
 
     def read_base(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """float32 ``base[start:stop]`` (theta at the first checkpoint), checked, into *out* if given."""

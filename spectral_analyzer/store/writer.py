@@ -71,6 +71,9 @@ class StoreWriter:
         loc = self.location
         if (above := loc.enclosing_store()) is not None:  # it would be written into that store's arrays
             raise StoreError(f"{loc.path}: is inside the Zarr store {above}; put the store outside it")
+        if self.overwrite and not loc.is_remote and loc.holds_zarr_root() and _holds_cwd(loc.path):
+            raise StoreError(f"{loc.path}: holds the current directory, which an overwrite would remove; run the "
+                             "command from outside the store")
         self._fresh_folder = not loc.is_remote and not os.path.exists(loc.path)
         if (not loc.is_remote and not os.path.lexists(os.path.join(loc.path, LOCK_NAME)) and loc.occupied()
                 and not loc.holds_zarr_root()):
@@ -183,3 +186,12 @@ class StoreWriter:
                 self.location.clear(keep_lock=False)  # the folder only the lock made
         except OSError:
             pass
+
+
+def _holds_cwd(path: str) -> bool:
+    """Whether the current directory is the folder *path* or inside it."""
+    try:
+        here, there = os.path.realpath(os.getcwd()), os.path.realpath(path)
+    except OSError:  # the current directory was removed
+        return False
+    return here == there or here.startswith(there.rstrip(os.sep) + os.sep)

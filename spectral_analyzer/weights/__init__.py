@@ -354,15 +354,17 @@ def compute_grokking(
         if at.size and np.isfinite(g23[: at[-1] + 1]).any():
             last = at[-1]
             peak = int(np.nanargmax(g23[: last + 1]))
-            decline, peak_step, r_grok = g23[peak] / g23[last], int(steps[peak]), r[last]
+            with np.errstate(divide="ignore", invalid="ignore"):  # g23 of 0 at grokking: inf (0 / 0: NaN)
+                decline = g23[peak] / g23[last]
+            peak_step, r_grok = int(steps[peak]), r[last]
         elif at.size:  # no g23 (W <= 2): R at grokking all the same
             decline, peak_step, r_grok = np.nan, np.nan, r[at[-1]]
         else:
             decline, peak_step, r_grok = np.nan, np.nan, np.nan
-        r_early = float(np.nanmean(r[early])) if early.any() else np.nan
+        r_early = float(np.nanmean(r[early])) if (~np.isnan(r[early])).any() else np.nan
     else:
         decline, peak_step, r_grok = np.nan, np.nan, np.nan
-        r_early = float(np.nanmean(r))
+        r_early = float(np.nanmean(r)) if (~np.isnan(r)).any() else np.nan
     k = spectra["k_star"].values
     k = k[k > 0]
     k_mode = float(np.bincount(k).argmax()) if k.size else np.nan

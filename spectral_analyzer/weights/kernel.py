@@ -239,7 +239,22 @@ def singular_values(
         Bytes a batch may take on a GPU (:func:`batch_limit`); default half
         its free memory. (The cpu holds one matrix's Gram per thread.)
     """
-    device = resolve_device(device)
+    values = _values(matrices, resolve_device(device), top, budget)
+    return [_floored(v, m.shape) for v, m in zip(values, matrices)]
+
+
+def _floored(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """*values* (descending) with those at or below max(m, n) eps sigma_1, the rounding of a float64 SVD of
+    an (m, n) matrix, as 0: an exactly rank-deficient matrix's sigma_2 came out as 1e-16 sigma_1 or 0 by
+    its last bits, and sigma_1 / sigma_2 as 1e16 or inf from one step to the next (the spectra zero their
+    eigenvalues below W eps lambda_1 alike)."""
+    if values.size and values[0] > 0:
+        values = np.where(values > max(shape[-2:]) * np.finfo(np.float64).eps * values[0], values, 0.0)
+    return values
+
+
+def _values(matrices: list[np.ndarray], device: torch.device, top: int | None, budget: int | None
+            ) -> list[np.ndarray]:
     if budget is None and device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // 2
     out: list[np.ndarray | None] = [None] * len(matrices)
@@ -253,7 +268,7 @@ def singular_values(
                 rest.append(i)
             else:
                 out[i] = found.cpu().numpy()
-        for i, values in zip(rest, singular_values([matrices[i] for i in rest], device, budget=budget)):
+        for i, values in zip(rest, _values([matrices[i] for i in rest], device, None, budget)):
             out[i] = values[:top]
         return out  # type: ignore[return-value]
     if device.type == "cpu":
@@ -345,8 +360,10 @@ def matrix_stats(sigma: np.ndarray, frobenius2: np.ndarray | None = None) -> dic
     ``||W||_F^2`` is the sum of the squared singular values unless given (*frobenius2*: the top values only
     were computed).
     """
-    s1, s2 = sigma[..., 0], sigma[..., 1] if sigma.shape[-1] > 1 else np.full(sigma.shape[:-1], np.nan)
-    s3 = sigma[..., 2] if sigma.shape[-1] > 2 else np.full(sigma.shape[:-1], np.nan)
+    none = np.full(sigma.shape[:-1], np.nan)  # a value the rank lacks (a matrix with a side of 0: all NaN)
+    s1 = sigma[..., 0] if sigma.shape[-1] > 0 else none
+    s2 = sigma[..., 1] if sigma.shape[-1] > 1 else none
+    s3 = sigma[..., 2] if sigma.shape[-1] > 2 else none
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
             "sigma_ratio_12": s1 / s2,

@@ -1,0 +1,74 @@
+"""A store rewritten by another process (overwritten, or its rows truncated and recorded again) while a
+reader holds it or is opening it: told as rewritten, never as damage (a healthy store is not to be
+ingested again), and nothing of the other run is served as this one's."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_run
+
+import spectral_analyzer as sa
+import spectral_analyzer.store.core as core
+from spectral_analyzer.store import Store
+from spectral_analyzer.store.writer import StoreWriter
+
+
+@pytest.fixture
+def runs(tmp_path):
+    write_run(tmp_path / "a", 8, {"w": (6, 5), "v": (7,)}, seed=1)
+    write_run(tmp_path / "b", 8, {"w": (6, 5), "v": (7,)}, seed=2)
+    return tmp_path
+
+
+def test_sources_of_a_run_in_hand_after_an_overwrite_are_refused(runs):
+    """run.sources and run.provenance read the sources array at call time: after an overwrite they named
+    the other run's files as this run's."""
+    run = sa.ingest(runs / "a", runs / "s.zarr", progress=False)
+    assert "a" in run.sources[3]["label"].split("/")[-2:][0]
+    sa.ingest(runs / "b", runs / "s.zarr", progress=False, overwrite=True)
+    for read in (lambda: run.sources, lambda: run.provenance):
+        with pytest.raises(sa.StoreRewrittenError, match=r"s\.zarr: the sources of its checkpoints: the store was "
+                                                         r"(over|re)written since it was opened; open it again"):
+            read()
+
+
+def test_sources_of_a_run_in_hand_after_an_append_are_its_own(runs, tmp_path):
+    write_run(tmp_path / "c", 5, {"w": (6, 5), "v": (7,)}, seed=1)
+    run = sa.ingest(tmp_path / "c", runs / "s.zarr", progress=False)
+    write_run(tmp_path / "c", 8, {"w": (6, 5), "v": (7,)}, seed=1)  # the same run, three checkpoints later
+    sa.ingest(tmp_path / "c", runs / "s.zarr", progress=False)
+    assert [s["step"] for s in run.sources] == list(run.checkpoint_steps)
+
+
+def test_deltas_of_a_run_in_hand_after_an_overwrite_say_so(runs):
+    """A held run's lazy deltas said 'chunk 2/0 of deltas (the delta ending at step ...) is missing' or
+    'truncated'; its spectra named a step of the other run."""
+    run = sa.ingest(runs / "a", runs / "s.zarr", progress=False, chunk_size=16)
+    deltas = run.deltas
+    sa.ingest(runs / "b", runs / "s.zarr", progress=False, overwrite=True, chunk_size=16)
+    for read in (lambda: deltas.values, lambda: run.spectra(window=3, cache=False)):
+        with pytest.raises(sa.StoreRewrittenError, match=r"chunk \d+/\d+ of deltas: the store was (over|re)written "
+                                                         "since it was opened; open it again"):
+            read()
+
+
+def test_a_store_truncated_while_it_is_opened_is_opened_again(runs, monkeypatch):
+    """A reader that had read the root metadata when a recorder's resume truncated the rows was told 'the
+    store is damaged ... ingest the run again'."""
+    sa.ingest(runs / "a", runs / "s.zarr", progress=False)
+    real, calls = core.check_format, []
+
+    def truncated_meanwhile(*args, **kwargs):  # after the root metadata is read, before the arrays are
+        real(*args, **kwargs)
+        if not calls:
+            calls.append(1)
+            with StoreWriter(str(runs / "s.zarr")) as writer:
+                writer.existing.truncate(3)
+
+    monkeypatch.setattr(core, "check_format", truncated_meanwhile)
+    assert Store.open(str(runs / "s.zarr")).n_deltas == 3
+    monkeypatch.setattr(core, "check_format", real)
+    group = Store.open(str(runs / "s.zarr")).group
+    stale = {**group.attrs.asdict(), "commit": {**group.attrs["commit"], "n_deltas": 7}}
+    with pytest.raises(sa.StoreRewrittenError, match="rewritten since it was opened"):
+        Store(group, Store.open(str(runs / "s.zarr")).location, stale)._check(True)
