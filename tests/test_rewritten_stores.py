@@ -27,8 +27,8 @@ def test_sources_of_a_run_in_hand_after_an_overwrite_are_refused(runs):
     assert "a" in run.sources[3]["label"].split("/")[-2:][0]
     sa.ingest(runs / "b", runs / "s.zarr", progress=False, overwrite=True)
     for read in (lambda: run.sources, lambda: run.provenance):
-        with pytest.raises(sa.StoreRewrittenError, match=r"s\.zarr: the sources of its checkpoints: the store was "
-                                                         r"(over|re)written since it was opened; open it again"):
+        with pytest.raises(sa.StoreRewrittenError, match=r"s\.zarr: the sources of its checkpoints: "
+                                                         r"(over|re)written since this store was opened; open it again"):
             read()
 
 
@@ -47,8 +47,8 @@ def test_deltas_of_a_run_in_hand_after_an_overwrite_say_so(runs):
     deltas = run.deltas
     sa.ingest(runs / "b", runs / "s.zarr", progress=False, overwrite=True, chunk_size=16)
     for read in (lambda: deltas.values, lambda: run.spectra(window=3, cache=False)):
-        with pytest.raises(sa.StoreRewrittenError, match=r"chunk \d+/\d+ of deltas: the store was (over|re)written "
-                                                         "since it was opened; open it again"):
+        with pytest.raises(sa.StoreRewrittenError, match=r"chunk \d+/\d+ of deltas: (over|re)written "
+                                                         "since this store was opened; open it again"):
             read()
 
 
@@ -70,5 +70,5 @@ def test_a_store_truncated_while_it_is_opened_is_opened_again(runs, monkeypatch)
     monkeypatch.setattr(core, "check_format", real)
     group = Store.open(str(runs / "s.zarr")).group
     stale = {**group.attrs.asdict(), "commit": {**group.attrs["commit"], "n_deltas": 7}}
-    with pytest.raises(sa.StoreRewrittenError, match="rewritten since it was opened"):
+    with pytest.raises(sa.StoreRewrittenError, match="rewritten since this store was opened"):
         Store(group, Store.open(str(runs / "s.zarr")).location, stale)._check(True)

@@ -178,6 +178,6 @@ def test_base_of_a_snapshot_after_an_overwrite_by_another_run_says_so(tmp_path, 
     old = sa.open_run(path)
     sa.ingest(tmp_path / "two", path, chunk_size=chunk, overwrite=True)
     for read in (lambda: old.base.values, lambda: old.weight_spectra(cache=False)):
-        with pytest.raises(sa.StoreError, match="overwritten since it was opened") as caught:
+        with pytest.raises(sa.StoreError, match="overwritten since this store was opened") as caught:
             read()
         assert "damaged" not in str(caught.value) and "\n" not in str(caught.value)

@@ -36,14 +36,19 @@ import numpy as np
 import torch
 
 __all__ = [
-    "COL_BLOCK", "DEVICE_GROUP_COLS", "IN_PLACE_WIDTH", "MIN_WIDTH", "BandPlan", "band_entries", "band_plan", "band_products",
-    "band_rows", "ring_width",
+    "COL_BLOCK", "DEVICE_GROUP_COLS", "GROUP", "IN_PLACE_WIDTH", "MIN_WIDTH", "BandPlan", "band_entries", "band_plan",
+    "band_products", "band_rows", "ring_width",
 ]
 
 COL_BLOCK = 32768  # columns per piece; on cpu converted to float64 at a time (fits in cache)
 DEVICE_GROUP_COLS = 1 << 22  # padded columns of one group in the compact layout (in place: COL_BLOCK)
 MIN_WIDTH = 8  # remainders are padded to a power of two at least this wide
 IN_PLACE_WIDTH = 2048  # in place, remainders at least this wide are products of their own (no copy, no padding)
+# The products with the ring's rows are taken GROUP rows at a time: a BLAS rounds a product by its shape (MKL's
+# sums of a row with 24 rows and with 28 differed in the last bits, while the same rows in groups of 8 gave the
+# same bits wherever they lay), and the rows a block is multiplied with are L + 8: in groups of 8, with the halo
+# a multiple of 8 rows (gram.build), every band entry comes from a product of the same shape whatever L.
+GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,8 @@ def band_products(
         if y.dtype != torch.float64:
             y = y.to(torch.float64)
         y = y.view(n_rows, count, width)
-        return torch.bmm(take(y).transpose(0, 1), y.permute(1, 2, 0))
+        x = take(y).transpose(0, 1)
+        return torch.cat([torch.bmm(x, y[j : j + GROUP].permute(1, 2, 0)) for j in range(0, n_rows, GROUP)], dim=2)
 
     if plan.compact and plan.pieces:
         products = batched(0, len(plan.pieces), plan.pieces[0][2]).view(len(plan.pieces), n * n_rows)
@@ -277,7 +283,9 @@ def band_products(
             buf = torch.empty((n_rows, max(w for _, _, w in plan.pieces)), dtype=torch.float64, device=ring.device)
         for s, a, w in plan.pieces:
             y = rows(slice(a, a + w), None if buf is None else buf[:, :w])
-            out[s].addmm_(take(y), y.T)
+            x = take(y)
+            for j in range(0, n_rows, GROUP):
+                out[s, :, j : j + GROUP].addmm_(x, y[j : j + GROUP].T)
     for group in plan.groups:
         products = batched(group.start, len(group.segments), group.width)
         out.index_add_(0, group.segments, products)  # distinct segments: one addend each, in any order

@@ -174,7 +174,7 @@ class RowReading:
         change = self._changed()
         if change is None:
             return None
-        return StoreRewrittenError(f"{self.path}: {what}: the store was {change} since it was opened; open it again")
+        return StoreRewrittenError(f"{self.path}: {what}: {change} since this store was opened; open it again")
 
     def _changed(self) -> str | None:
         """How the store at the path no longer holds this snapshot's committed rows: ``"overwritten"``
