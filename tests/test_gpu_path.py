@@ -286,9 +286,8 @@ def _profiled_operations(fn) -> int:
 def test_operations_per_block_do_not_grow_with_the_tensors_in_a_chunk(layout):
     """A chunk of 65,536 columns cut into 1 to 4,096 tensors (equal and random widths): the operations of one
     block stay a handful on the device's compact float64 ring, and on the cpu's float32 ring a tensor costs
-    an operation of its own only when it is at least IN_PLACE_WIDTH wide (a product being one per GROUP ring
-    rows: a number that depends on L, not on the tensors). The products equal plain float64."""
-    from spectral_analyzer.gram.kernel import GROUP, IN_PLACE_WIDTH, band_entries, band_plan, band_products
+    an operation of its own only when it is at least IN_PLACE_WIDTH wide. The products equal plain float64."""
+    from spectral_analyzer.gram.kernel import IN_PLACE_WIDTH, band_entries, band_plan, band_products
     from spectral_analyzer.gram.ring import staged_slots
 
     n_cols, max_lag = 1 << 16, 16
@@ -314,12 +313,11 @@ def test_operations_per_block_do_not_grow_with_the_tensors_in_a_chunk(layout):
             out = torch.zeros((n, 8, n_slots), dtype=torch.float64)
             counts[kind, n] = _profiled_operations(lambda: band_products(ring, new, plan, out))
             widths = np.diff(edges)
-            g = -(-n_slots // GROUP)  # products with the ring's rows GROUP at a time: the same bits whatever L
-            if compact:  # pieces, and two per group, each product g of them
-                assert counts[kind, n] <= (g + 3) + (g + 2) * 13, (kind, n, counts[kind, n])
-            else:  # 1 + g per 32,768 columns of a wide tensor, g + 3 per group of small ones
+            if compact:
+                assert counts[kind, n] <= 3 + 2 * 13, (kind, n, counts[kind, n])  # pieces, and two per group
+            else:  # three per 32,768 columns of a wide tensor (copy, product, add), three per group of small ones
                 wide = sum(-(-int(w) // 32768) for w in widths if w >= IN_PLACE_WIDTH)
-                assert counts[kind, n] <= (1 + g) * wide + (g + 3) * 13, (kind, n, counts[kind, n])
+                assert counts[kind, n] <= 3 * wide + 3 * 13, (kind, n, counts[kind, n])
             got = band_entries(out.numpy(), new, np.arange(n_slots), max_lag)
             x = data.double().numpy()
             rows = np.array(new)
@@ -327,11 +325,10 @@ def test_operations_per_block_do_not_grow_with_the_tensors_in_a_chunk(layout):
                 a, b = segments[s]
                 want = np.stack([(x[rows, a:b] * x[rows - lag, a:b]).sum(axis=1) for lag in range(max_lag + 1)], 1)
                 np.testing.assert_allclose(got[s], want, rtol=1e-13, atol=1e-13 * np.abs(want).max())
-    g = -(-n_slots // GROUP)
     if compact:
-        assert max(counts.values()) <= (g + 3) + (g + 2) * 13 and counts["equal", 4096] <= counts["equal", 1] + g + 2
+        assert max(counts.values()) <= 3 + 2 * 13 and counts["equal", 4096] <= counts["equal", 1] + 2
     else:
-        assert counts["equal", 4096] <= counts["equal", 1] + g + 3 and counts["random", 4096] < 4096 // 8
+        assert counts["equal", 4096] <= counts["equal", 1] + 3 and counts["random", 4096] < 4096 // 8
 
 
 @cuda

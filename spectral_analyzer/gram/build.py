@@ -75,7 +75,6 @@ def _band_task(
     rows are the halo of each new block.
     """
     dev = resolve_device(device)
-    halo = _halo(max_lag)
     # torch's intra-op thread count is set in the worker's own thread, and restored after: the value set
     # there is also the default of threads started later (a user's, another library's)
     with torch_threads(threads):
@@ -87,23 +86,17 @@ def _band_task(
         store.expect_commit(commit)  # a chunk that does not match: told as a store rewritten since, where it was
         pieces = [(a - start, b - start) for _, a, b in segments]
         if dev.type == "cpu":
-            ring = HostRing(store, start, stop, halo, BLOCK_ROWS, segments=pieces)
+            ring = HostRing(store, start, stop, max_lag, BLOCK_ROWS, segments=pieces)
         else:
-            ring = StagedRing(store, start, stop, halo, BLOCK_ROWS, dev, segments=pieces)
-        rows = _ring_band(ring, r0, r1, max_lag, halo)
+            ring = StagedRing(store, start, stop, max_lag, BLOCK_ROWS, dev, segments=pieces)
+        rows = _ring_band(ring, r0, r1, max_lag)
     return {(t, r0): rows[s] for s, (t, _, _) in enumerate(segments)}
 
 
-def _halo(max_lag: int) -> int:
-    """The rows a task's ring holds before each block: L rounded up to whole blocks, so that the kernel's
-    products are all of GROUP rows (:data:`~.kernel.GROUP`) and a band entry has the same bits whatever L."""
-    return -(-max_lag // BLOCK_ROWS) * BLOCK_ROWS
-
-
-def _ring_band(ring: HostRing | StagedRing, r0: int, r1: int, max_lag: int, halo: int | None = None) -> np.ndarray:
+def _ring_band(ring: HostRing | StagedRing, r0: int, r1: int, max_lag: int) -> np.ndarray:
     """Band rows r0..r1-1 of the ring's segments (tensor pieces of its chunk), through *ring*.
 
-    The *halo* rows before r0 (default L) land first, then the rows r0..r1-1, BLOCK_ROWS at a
+    The L rows before r0 land first, then the rows r0..r1-1, BLOCK_ROWS at a
     time, in the order of :mod:`~spectral_analyzer.gram.ring`: block k + A
     lands (A = ``ring.ahead``), block k is computed, then block k + A + 1 is
     staged. On cuda the host thus reads block k + 2 from the disk while the
@@ -111,8 +104,8 @@ def _ring_band(ring: HostRing | StagedRing, r0: int, r1: int, max_lag: int, halo
     the device and are copied back once, at the end (or whenever
     :data:`PRODUCTS_BYTES` of them are held).
     """
-    before = range(max(0, r0 - (max_lag if halo is None else halo)), r0)
-    blocks = [before[i : i + BLOCK_ROWS] for i in range(0, len(before), BLOCK_ROWS)]
+    halo = range(max(0, r0 - max_lag), r0)
+    blocks = [halo[i : i + BLOCK_ROWS] for i in range(0, len(halo), BLOCK_ROWS)]
     blocks += [range(k, min(r1, k + BLOCK_ROWS)) for k in range(r0, r1, BLOCK_ROWS)]
 
     def block(j: int) -> range:
@@ -328,11 +321,11 @@ def _compute_rows(
         compact = torch.device(device).type != "cpu"  # the layout of a StagedRing's rows
         width = max(ring_width([(a - start, b - start) for _, a, b in segs], stop - start, compact)
                     for start, stop, segs in chunks)
-        workers, threads = local_workers(store.chunk_size, _halo(max_lag), memory_limit, device, store.is_remote, width)
+        workers, threads = local_workers(store.chunk_size, max_lag, memory_limit, device, store.is_remote, width)
     else:  # each task resolves the device on its worker, whose hardware may differ from this client's
         device = check_device(device)
         # the cluster's workers size themselves; only the number of row tiles depends on this
-        workers, threads = local_workers(store.chunk_size, _halo(max_lag), memory_limit)[0], 1
+        workers, threads = local_workers(store.chunk_size, max_lag, memory_limit)[0], 1
     tiles = _row_tiles(r0, r1, len(chunks), workers, max_lag)
     path = store.path if store.is_remote else os.path.abspath(store.path)  # workers may run elsewhere
     # names the tasks: the same generation of rows, columns and chunking give the same band
@@ -353,7 +346,7 @@ def _compute_rows(
     # depend on L, memory_limit and the cores): a band built with other tiles, or extended, is bit-identical
     # where its tasks ran on as many torch threads each (1 wherever two tasks fit in memory; a lone task's
     # multi-threaded GEMM may round its sums otherwise, measured 8e-15 relative), whatever L: the kernel's
-    # products are all of GROUP rows (kernel.GROUP), the halo rounded up to whole blocks (_halo)
+    # products take the ring's rows first, whose number does not change a product's bits (kernel.GROUP)
     total = _tree_sum([_tree_sum(tile) for tile in tasks])
     n_tasks = len(tiles) * len(chunks)
     bar = None

@@ -44,10 +44,12 @@ COL_BLOCK = 32768  # columns per piece; on cpu converted to float64 at a time (f
 DEVICE_GROUP_COLS = 1 << 22  # padded columns of one group in the compact layout (in place: COL_BLOCK)
 MIN_WIDTH = 8  # remainders are padded to a power of two at least this wide
 IN_PLACE_WIDTH = 2048  # in place, remainders at least this wide are products of their own (no copy, no padding)
-# The products with the ring's rows are taken GROUP rows at a time: a BLAS rounds a product by its shape (MKL's
-# sums of a row with 24 rows and with 28 differed in the last bits, while the same rows in groups of 8 gave the
-# same bits wherever they lay), and the rows a block is multiplied with are L + 8: in groups of 8, with the halo
-# a multiple of 8 rows (gram.build), every band entry comes from a product of the same shape whatever L.
+# A BLAS rounds a product by its shape: MKL's products of 8 new rows with 24 ring rows and with 28, taken as
+# new @ ring^T, differed in the last bits. Taken as ring @ new^T, the ring's rows first, the same entries have
+# the same bits whatever the number of ring rows (L + 8) and wherever the rows lie (measured for 2 to 56 rows,
+# 5,000 to 100,003 columns), as long as the new rows are the same GROUP: a band entry then has the same bits
+# whatever L. Blocks of new rows are GROUP rows from a multiple of GROUP (the last one of a run may be shorter,
+# and is recomputed whole when rows are appended: gram.build).
 GROUP = 8
 
 
@@ -270,12 +272,11 @@ def band_products(
         y = rows(slice(start, start + count * width))
         if y.dtype != torch.float64:
             y = y.to(torch.float64)
-        y = y.view(n_rows, count, width)
-        x = take(y).transpose(0, 1)
-        return torch.cat([torch.bmm(x, y[j : j + GROUP].permute(1, 2, 0)) for j in range(0, n_rows, GROUP)], dim=2)
+        y = y.view(n_rows, count, width)  # (count, R, n) products, the ring's rows first (see GROUP)
+        return torch.bmm(y.transpose(0, 1), take(y).permute(1, 2, 0)).transpose(1, 2)
 
     if plan.compact and plan.pieces:
-        products = batched(0, len(plan.pieces), plan.pieces[0][2]).view(len(plan.pieces), n * n_rows)
+        products = batched(0, len(plan.pieces), plan.pieces[0][2]).reshape(len(plan.pieces), n * n_rows)
         out.index_add_(0, plan.piece_segments, (plan.piece_sum @ products).view(-1, n, n_rows))
     elif plan.pieces:
         buf = None
@@ -283,9 +284,7 @@ def band_products(
             buf = torch.empty((n_rows, max(w for _, _, w in plan.pieces)), dtype=torch.float64, device=ring.device)
         for s, a, w in plan.pieces:
             y = rows(slice(a, a + w), None if buf is None else buf[:, :w])
-            x = take(y)
-            for j in range(0, n_rows, GROUP):
-                out[s, :, j : j + GROUP].addmm_(x, y[j : j + GROUP].T)
+            out[s].add_(torch.mm(y, take(y).T).T)  # the ring's rows first (see GROUP)
     for group in plan.groups:
         products = batched(group.start, len(group.segments), group.width)
         out.index_add_(0, group.segments, products)  # distinct segments: one addend each, in any order
