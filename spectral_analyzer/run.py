@@ -182,7 +182,10 @@ class Run:
             ``interval_factor`` (default 2: a :class:`MixedIntervalsWarning`,
             once, when a window's deltas span step intervals differing by
             more than this factor; None: no check), ``max_lag``,
-            ``null_draws``, ``device``, ``scheduler``, ``progress``, ``cache``.
+            ``null_draws``, ``device``, ``scheduler``, ``progress``, ``cache``
+            (False: this result is computed afresh and not stored; the band
+            under it is still taken from the store's band cache, whose rows
+            are checked against the store's generation).
 
         Returns
         -------

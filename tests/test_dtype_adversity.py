@@ -125,3 +125,89 @@ def test_a_float64_runs_rebuilt_weights_say_the_base_is_rounded(tmp_path):
         assert ("float32 base rounds" in ws.attrs["source"]) == (dtype == torch.float64)
     assert Store.open(str(tmp_path / "f64.zarr")).commit_record["base_exact"] is False
     assert Store.open(str(tmp_path / "f32.zarr")).commit_record["base_exact"] is True
+
+
+@pytest.mark.parametrize("later", [torch.float32, torch.bfloat16])
+def test_the_first_new_checkpoint_is_compared_with_the_stores_last_not_an_earlier_file(tmp_path, later):
+    """The store's last checkpoint (bfloat16, step 20) had its file deleted while an earlier one (float32,
+    step 10) stayed: the new one was compared with step 10, so a float32 step 30 was not told and a bfloat16
+    one was told a change that did not happen."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ws = _weights(4)
+    for k, dtype in enumerate((torch.float32, torch.float32, torch.bfloat16)):
+        save_file({"l.weight": torch.from_numpy(ws[k]).to(dtype)}, str(src / f"step_{10 * k}.safetensors"))
+    _told(sa.ingest, src, tmp_path / "r.zarr", progress=False)
+    (src / "step_20.safetensors").unlink()
+    save_file({"l.weight": torch.from_numpy(ws[3]).to(later)}, str(src / "step_30.safetensors"))
+    _, caught = _told(sa.ingest, src, tmp_path / "r.zarr", progress=False)
+    told = [str(w.message) for w in caught if issubclass(w.category, PrecisionChangeWarning)]
+    if later == torch.bfloat16:
+        assert told == []
+    else:
+        assert len(told) == 1 and "bfloat16 at step 20" in told[0] and "float32 at step 30" in told[0]
+
+
+def test_remote_checkpoints_are_each_compared_with_the_one_right_before(tmp_path):
+    """step_0.pt float32, step_10.pt bfloat16 (a pickle read late), step_20.safetensors float32: the upfront
+    comparison paired steps 0 and 20 and the change back at step 20 was never told."""
+    import io
+
+    from safetensors.torch import save
+
+    fs = fsspec.filesystem("memory")
+    ws = _weights(3)
+
+    def pickled(t):
+        buf = io.BytesIO()
+        torch.save({"l.weight": t}, buf)
+        return buf.getvalue()
+
+    fs.pipe("/dtypes-mixed/step_0.pt", pickled(torch.from_numpy(ws[0])))
+    fs.pipe("/dtypes-mixed/step_10.pt", pickled(torch.from_numpy(ws[1]).to(torch.bfloat16)))
+    fs.pipe("/dtypes-mixed/step_20.safetensors", save({"l.weight": torch.from_numpy(ws[2])}))
+    try:
+        _, caught = _told(sa.ingest, "memory:///dtypes-mixed", tmp_path / "r.zarr", progress=False)
+    finally:
+        fs.rm("/dtypes-mixed", recursive=True)
+    told = [str(w.message) for w in caught if issubclass(w.category, PrecisionChangeWarning)]
+    assert len(told) == 2
+    assert "float32 at step 0" in told[0] and "bfloat16 at step 10" in told[0]
+    assert "bfloat16 at step 10" in told[1] and "float32 at step 20" in told[1]
+
+
+def test_remote_pickles_tell_their_unread_weights_once(tmp_path):
+    fs = fsspec.filesystem("memory")
+    for k, w in enumerate(_weights(4)):
+        torch.save({"l.weight": torch.from_numpy(w), "q.weight": torch.ones(4, 4, dtype=torch.int8)}, tmp_path / "x.pt")
+        fs.pipe(f"/dtypes-unread/step_{k}.pt", (tmp_path / "x.pt").read_bytes())
+    try:
+        _, caught = _told(sa.ingest, "memory:///dtypes-unread", tmp_path / "r.zarr", progress=False)
+    finally:
+        fs.rm("/dtypes-unread", recursive=True)
+    assert len([w for w in caught if issubclass(w.category, UnreadWeightsWarning)]) == 1
+
+
+def test_a_weight_not_read_in_the_store_and_read_now_is_named_so(tmp_path):
+    model = torch.nn.Module()
+    model.l = torch.nn.Linear(4, 4)
+    model.q = torch.nn.Module()
+    model.q.register_buffer("weight", torch.ones(4, 4, dtype=torch.int8))
+    recorder = sa.Recorder(tmp_path / "r.zarr", model)
+    _told(recorder.step, 0)
+    _told(recorder.step, 1)
+    model.q.weight = torch.ones(4, 4)  # dequantised: read now
+    with pytest.raises(sa.InconsistentCheckpointsError, match=r"'q.weight' is int8 in .*r\.zarr, which is not read"):
+        _told(sa.Recorder(tmp_path / "r.zarr", model).step, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(2):
+        torch.save({"l.weight": torch.full((4, 4), float(k)), "q.weight": torch.ones(4, 4, dtype=torch.int8)},
+                   src / f"step_{k}.pt")
+    _told(sa.ingest, src, tmp_path / "s.zarr", progress=False)
+    for k in range(2):
+        (src / f"step_{k}.pt").unlink()
+    torch.save({"l.weight": torch.full((4, 4), 2.0), "q.weight": torch.ones(4, 4)}, src / "step_2.pt")
+    with pytest.raises(sa.StoreExistsError, match=r"'q.weight' is int8 in the store's checkpoints, which is not "
+                                                  r"read \(only floating-point tensors are\), but is read in these"):
+        sa.ingest(src, tmp_path / "s.zarr", progress=False)

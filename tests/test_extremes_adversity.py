@@ -108,3 +108,41 @@ def test_a_grokking_summary_with_g23_of_zero_at_grokking_is_quiet(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert float(run.grokking(window=3)["g23_decline"]) == np.inf
+
+
+def test_a_float64_recorder_tells_an_underflow_once():
+    """Told at every recorded step (and kept as many times in the store's warnings)."""
+    import tempfile
+    from pathlib import Path
+
+    model = torch.nn.Linear(4, 4).double()
+    with torch.no_grad():
+        model.bias.zero_()
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder = sa.Recorder(Path(tmp) / "r.zarr", model)
+        caught = []
+        for step in range(5):
+            with torch.no_grad():
+                model.bias.add_(1e-50)
+            with warnings.catch_warnings(record=True) as told:
+                warnings.simplefilter("always")
+                recorder.step(step)
+            caught += [w for w in told if issubclass(w.category, sa.UnderflowWarning)]
+        assert len(caught) == 1
+        assert len([m for m in Store.open(str(Path(tmp) / "r.zarr")).attrs["warnings"] if "float32's range" in m]) == 1
+
+
+def test_an_exactly_rank_deficient_attention_circuit_has_zeros_below_its_rounding():
+    """qk_sigma_1 / qk_sigma_2 and |lambda_1| / |lambda_2| of a rank-1 head were 1e16 and 4e15 by step."""
+    from spectral_analyzer.weights.attention import circuit_spectra
+
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(4, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    o = torch.randn(16, 4, dtype=torch.float64, generator=g)
+    u, w = torch.randn(4, 1, dtype=torch.float64, generator=g), torch.randn(1, 16, dtype=torch.float64, generator=g)
+    for step in range(4):
+        c = circuit_spectra(u @ (w + 0.1 * step), k, v, o, heads=1, kv_heads=1)
+        assert (c["qk_sigma"][0, 1:] == 0).all() and (c["qk_eig"][0, 1:] == 0).all()
+        assert (c["ov_sigma"][0] > 0).all()
+    full = circuit_spectra(torch.randn(4, 16, dtype=torch.float64, generator=g), k, v, o, heads=1, kv_heads=1)
+    assert (full["qk_sigma"] > 0).all() and (full["qk_eig"].abs() > 0).all()

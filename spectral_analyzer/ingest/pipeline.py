@@ -222,20 +222,23 @@ def _check_consistent(
             raise InconsistentCheckpointsError(f"tensor {name!r} appears in {label} but not in {ref_label}")
 
 
-def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned]) -> tuple[str | None, set[int]]:
+def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned], last_step: int | None = None
+                       ) -> tuple[str | None, set[int]]:
     """A message where a tensor's dtype changes between consecutive checkpoints (in step order) into one of
-    *new*, else None; and the steps of *new* compared so with the checkpoint before them (the others, whose
-    tensors or predecessor are not known before their rows are written, are compared by :func:`write_rows`).
+    *new*, else None; and the steps of *new* compared so with the checkpoint right before them (the others,
+    whose tensors or predecessor are not at hand before their rows are written, are compared by
+    :func:`write_rows`). *last_step*: the store's last step, the one the first new checkpoint follows.
 
     The deltas stay exact differences of the stored values, but the one across the change also holds the
     rounding of one precision into the other (float32 to bfloat16: about 2^-9 of each value), which can
     dwarf a training update and look like an event."""
-    known = [p for p in planned if p.tensors is not None]
     fresh = {id(p) for p in new}
     message, later, compared = None, [], set()
-    for a, b in zip(known, known[1:]):
-        if id(b) not in fresh:
-            continue
+    for a, b in zip(planned, planned[1:]):
+        if id(b) not in fresh or a.tensors is None or b.tensors is None:
+            continue  # a remote pickle not read yet: compared when its row is written
+        if id(a) not in fresh and a.step != last_step:
+            continue  # the store's last checkpoint is not at hand (its file gone): compared with its record
         compared.add(b.step)
         da, db = _signature(a.tensors), _signature(b.tensors)
         told = _precision_message(da, a.step, _shown(a.checkpoint), db, b.step, _shown(b.checkpoint))
@@ -533,6 +536,9 @@ def _delta(cur: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return (cur.to(dtype) - prev.to(dtype)).to(torch.float32)
 
 
+UNDERFLOW = "are below float32's range"  # in the message of an UnderflowWarning (told once a store per tensor)
+
+
 def _delta_into(out: torch.Tensor, cur: torch.Tensor, prev: torch.Tensor) -> int:
     """``out[:] = _delta(cur, prev)`` for float32 *out*, without temporaries where the difference is
     taken in float32 anyway (float16, bfloat16 and float32 sources): the same rounding, bit for bit.
@@ -633,8 +639,11 @@ def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Pl
         missing = sorted(set(stored) - set(wanted), key=natural_key)
         extra = sorted(set(wanted) - set(stored), key=natural_key)
         changed = sorted((n for n in set(stored) & set(wanted) if stored[n] != wanted[n]), key=natural_key)
+        unread = store.sources_at(store.n_deltas)[0].get("unread") or {} if extra else {}
         what = (
             f"tensor {missing[0]!r} is in the store but not in the checkpoints" if missing
+            else f"tensor {extra[0]!r} is {unread[extra[0]]} in the store's checkpoints, which is not read (only "
+            "floating-point tensors are), but is read in these" if extra and extra[0] in unread
             else f"tensor {extra[0]!r} is in the checkpoints but not in the store" if extra
             else f"tensor {changed[0]!r} has shape {stored[changed[0]]} in the store "
             f"but {wanted[changed[0]]} in the checkpoints"
@@ -803,12 +812,21 @@ def _ingest_source(
                 st.weights.create(match, [n for n, _ in shapes], max(min(s) for _, s in shapes),
                                   {t.name: packing[t.name] for t, _ in picked if t.name in packing})
 
+        told_unread = {n for q in new for n in q.unread}  # told before the rows (_warn_unread): not again
+        told_beside = {k for q in new for k in q.beside}
+
         def open_reader(p: _Planned):
             reader = open_checkpoint(p.checkpoint.files, p.checkpoint.label, keys)
             if p.tensors is None:  # a remote pickle, read for the first time: planned now as the others were
                 p.tensors, p.considered = reader.tensors, frozenset(reader.considered)
                 p.unread, p.beside = dict(reader.unread), dict(reader.beside)
-                _warn_unread([replace(p, checkpoint=replace(p.checkpoint, passed_over=()))])  # those told already
+                fresh_unread = {n: k for n, k in p.unread.items() if n not in told_unread}
+                fresh_beside = {k: n for k, n in p.beside.items() if k not in told_beside}
+                told_unread.update(fresh_unread)
+                told_beside.update(fresh_beside)
+                if fresh_unread or fresh_beside:  # what this one holds that none before it did
+                    _warn_unread([replace(p, checkpoint=replace(p.checkpoint, passed_over=()), unread=fresh_unread,
+                                          beside=fresh_beside)])
                 _check_consistent(first, planned[0].checkpoint.label, p, ref_unread=planned[0].unread)
                 if steps is None and _name_or_stored(p.checkpoint, reader.step_hint) != p.step:  # ordered by its name
                     raise StepError(f"{printable(p.checkpoint.label)}: its name says step {p.step} and the file "
@@ -823,7 +841,8 @@ def _ingest_source(
                                     "the ingest (a training still saving?); ingest again")
             return reader
 
-        precision, compared = _precision_changes(planned, new)
+        stored_last = st.last_checkpoint_step if st.commit_record else None
+        precision, compared = _precision_changes(planned, new, stored_last)
         if precision is not None:
             warnings.warn(precision, PrecisionChangeWarning, stacklevel=2)
         copy = _model_copy(manifest, planned[0].checkpoint.label) if st.commit_record is None else None  # told when the store is made
@@ -1062,7 +1081,6 @@ def write_rows(
             )
         prev_step = last_step
         prev_checked = False
-        told_underflow = False
         if prev_reader is not None or not isinstance(prev, _StoredTheta):
             prev_signature = _signature(prev.tensors)
         elif prev_planned is not None and prev_planned.tensors is not None:
@@ -1106,6 +1124,7 @@ def write_rows(
             )
             exact = True
             underflows: list[tuple[str, int]] = []  # (tensor, its changes float32 lost below its range)
+            lost_any = False
             values = [] if same_files is None and digests(i) is None else None
             for t in manifest:
                 b = reader.read(t.name)
@@ -1132,6 +1151,7 @@ def write_rows(
                     updates[t.name].append(update)
                 if lost:
                     underflows.append((t.name, lost))
+                    lost_any = True
                 del a, a_flat, b_flat
                 if last is not None:
                     b32 = b.to(torch.float32)  # finite: checked with b
@@ -1160,15 +1180,18 @@ def write_rows(
             if outlier is not None:
                 warnings.warn(outlier, OutlierDeltaWarning, stacklevel=3)
                 found_warnings.append(outlier)
-            if underflows and not told_underflow:  # once an ingest: a run so small is so at every step
-                told_underflow = True
-                (name, n), more = underflows[0], f" (and {len(underflows) - 1} more tensors)" if len(underflows) > 1 else ""
-                message = (f"tensor {name!r} at step {cur.step} ({_shown(cur.checkpoint)}): {n} of its float64 changes "
-                           f"from step {prev_step}{more} are below float32's range (under 1.2e-38) and are stored as 0 "
+            told = {n for n, _ in underflows if any(m.startswith(f"tensor {n!r} at step ") and UNDERFLOW in m
+                                                    for m in found_warnings)}
+            underflows = [u for u in underflows if u[0] not in told]  # once a store: so small at every step
+            if underflows:
+                (name, n), others = underflows[0], len(underflows) - 1
+                more = f" (and {others} more tensor{'s' * (others > 1)})" if others else ""
+                message = (f"tensor {name!r} at step {cur.step} ({_shown(cur.checkpoint)}): {n} of its float64 "
+                           f"changes from step {prev_step}{more} {UNDERFLOW} (under 1.2e-38) and are stored as 0 "
                            "or with fewer digits; scale the weights, or leave the tensor out (exclude=)")
                 warnings.warn(message, UnderflowWarning, stacklevel=3)
                 found_warnings.append(message)
-            if squares == 0 and same_files is None and not underflows:
+            if squares == 0 and same_files is None and not lost_any:
                 message = (
                     f"checkpoints at steps {prev_step} ({prev_label}) and {cur.step} "
                     f"({cur.checkpoint.label}) have identical contents"

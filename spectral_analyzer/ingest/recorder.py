@@ -209,7 +209,8 @@ class Recorder:
         with StoreWriter(self.path, self.storage_options, overwrite=overwrite, wait=self.wait) as writer:
             store = writer.existing
             if store is not None:
-                _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned)
+                _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned,
+                                  ref_unread=store.sources_at(store.n_deltas)[0].get("unread") or {})
                 last = store.last_checkpoint_step
                 if step <= last:
                     raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")

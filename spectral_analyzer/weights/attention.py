@@ -115,8 +115,14 @@ def circuit_spectra(
     {'qk_sigma': (2, 4), 'qk_eig': (2, 4), 'ov_sigma': (2, 4)}
     """
     q, k, v, o = head_factors(w_q, w_k, w_v, w_o, heads, kv_heads)
+    qk_sigma, ov_sigma = product_singular_values(q, k), product_singular_values(o, v)
+    # values at or below max(d_head, d_model) eps times the circuit's sigma_1 are its rounding, as 0 (as
+    # weights.kernel._floored: a rank-1 head's sigma_1/sigma_2 and |lambda_1|/|lambda_2| were 1e16 or 4e15
+    # from one step to the next); |lambda| <= sigma_1
+    limit = max(q.shape[-2:]) * torch.finfo(q.dtype).eps
+    qk_eig = product_eigenvalues(q, k)
     return {
-        "qk_sigma": product_singular_values(q, k),
-        "qk_eig": product_eigenvalues(q, k),
-        "ov_sigma": product_singular_values(o, v),
+        "qk_sigma": torch.where(qk_sigma > limit * qk_sigma[..., :1], qk_sigma, 0.0),
+        "qk_eig": torch.where(qk_eig.abs() > limit * qk_sigma[..., :1], qk_eig, 0.0),
+        "ov_sigma": torch.where(ov_sigma > limit * ov_sigma[..., :1], ov_sigma, 0.0),
     }
