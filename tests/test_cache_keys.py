@@ -183,6 +183,14 @@ def test_the_band_is_the_same_bits_whatever_L_on_wide_chunks(tmp_path):
     for lag in (20, 17, 29):
         shutil.rmtree(tmp_path / "r.zarr" / "gram", ignore_errors=True)
         np.testing.assert_array_equal(sa.open_run(run.path).band(max_lag=lag).values[..., :17], want)
+    # the widest piece of an odd width: its converted rows, of an odd stride, put the new rows at an address
+    # that depended on L
+    write_run(tmp_path / "odd", 30, {"c": (3001,)}, seed=3)
+    odd = sa.ingest(tmp_path / "odd", tmp_path / "odd.zarr", chunk_size=4096, progress=False)
+    want = _uncached_copy(tmp_path / "odd.zarr", tmp_path / "odd-fresh.zarr").band(max_lag=7).values
+    for lag in (8, 9, 23):
+        shutil.rmtree(tmp_path / "odd.zarr" / "gram", ignore_errors=True)
+        np.testing.assert_array_equal(sa.open_run(odd.path).band(max_lag=lag).values[..., :8], want)
 
 
 def test_a_band_cached_by_a_build_of_another_revision_is_not_served(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from conftest import write_run
 import spectral_analyzer as sa
 import spectral_analyzer.store.core as core
 from spectral_analyzer.store import Store
+from spectral_analyzer.store.reading import RowReading
 from spectral_analyzer.store.writer import StoreWriter
 
 
@@ -72,3 +73,52 @@ def test_a_store_truncated_while_it_is_opened_is_opened_again(runs, monkeypatch)
     stale = {**group.attrs.asdict(), "commit": {**group.attrs["commit"], "n_deltas": 7}}
     with pytest.raises(sa.StoreRewrittenError, match="rewritten since this store was opened"):
         Store(group, Store.open(str(runs / "s.zarr")).location, stale)._check(True)
+
+
+def test_damage_in_a_store_whose_record_lacks_head_step_is_damage(runs):
+    """The first format-3 stores committed no head_step (added in memory when opened): a damaged step value
+    was told as 'rewritten since this store was opened', after three opens."""
+    sa.ingest(runs / "a", runs / "s.zarr", progress=False)
+    group = Store.open(str(runs / "s.zarr"), "r+").group
+    record = dict(group.attrs["commit"])
+    record.pop("head_step")
+    group.attrs["commit"] = record
+    assert Store.open(str(runs / "s.zarr")).n_deltas == 7
+    steps = group["step"][:]
+    steps[2] += 1
+    group["step"][:] = steps
+    with pytest.raises(sa.StoreError, match="the store is damaged: the steps or chunk checksums"):
+        Store.open(str(runs / "s.zarr"))
+
+
+def test_a_store_gone_while_it_is_opened_again_is_a_one_line_error(runs, monkeypatch):
+    sa.ingest(runs / "a", runs / "s.zarr", progress=False)
+    real, calls = core.check_format, []
+
+    def truncated_meanwhile(*args, **kwargs):  # truncated by another process while it is opened
+        real(*args, **kwargs)
+        if not calls:
+            calls.append(1)
+            with StoreWriter(str(runs / "s.zarr")) as writer:
+                writer.existing.truncate(3)
+
+    changed = RowReading._changed
+
+    def then_gone(self):  # ... and its metadata replaced before it is opened again
+        found = changed(self)
+        if found:
+            (runs / "s.zarr" / "zarr.json").rename(runs / "zarr.json.moved")
+        return found
+
+    monkeypatch.setattr(core, "check_format", truncated_meanwhile)
+    monkeypatch.setattr(RowReading, "_changed", then_gone)
+    with pytest.raises(sa.StoreError, match=r"s\.zarr: not a spectral-analyzer store"):
+        Store.open(str(runs / "s.zarr"))
+
+
+def test_a_path_ending_in_dot_dot_through_a_symbolic_link_is_the_folder_above_its_target(runs, monkeypatch):
+    sa.ingest(runs / "a", runs / "s.zarr", progress=False)
+    (runs / "work").mkdir()
+    (runs / "work" / "d").symlink_to(runs / "s.zarr" / "deltas")
+    monkeypatch.chdir(runs / "work")
+    assert sa.open_run("d/..").n_deltas == 7

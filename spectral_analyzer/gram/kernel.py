@@ -281,7 +281,10 @@ def band_products(
     elif plan.pieces:
         buf = None
         if ring.dtype != torch.float64:
-            buf = torch.empty((n_rows, max(w for _, _, w in plan.pieces)), dtype=torch.float64, device=ring.device)
+            # rows of whole 64-byte lines: the new rows' address, after the halo's rows, would otherwise depend on
+            # L (an odd width), and MKL rounds by its operands' alignment
+            buf = torch.empty((n_rows, -(-max(w for _, _, w in plan.pieces) // 8) * 8), dtype=torch.float64,
+                              device=ring.device)
         for s, a, w in plan.pieces:
             y = rows(slice(a, a + w), None if buf is None else buf[:, :w])
             out[s].add_(torch.mm(y, take(y).T).T)  # the ring's rows first (see GROUP)

@@ -88,24 +88,22 @@ class Store(RowReading, CommitProtocol):
         where = location.path
         if not location.occupied():
             raise no_store(where)
-        try:
-            group = location.open_group(mode)
-        except _NOT_A_STORE as exc:
-            raise StoreError(f"{where}: not a spectral-analyzer store ({exc})") from None
-        except StoreError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- credentials, permissions, the network
-            raise unreachable(where, exc) from None
         for attempt in range(3):  # rewritten by another process while it was being opened: opened again
-            check_format(where, attrs := group.attrs.asdict())
-            store = cls(group, location, attrs)
             try:
-                store._check(verify)
+                group = location.open_group(mode)
+            except _NOT_A_STORE as exc:
+                raise StoreError(f"{where}: not a spectral-analyzer store ({exc})") from None
+            except StoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- credentials, permissions, the network
+                raise unreachable(where, exc) from None
+            check_format(where, attrs := group.attrs.asdict())
+            try:
+                (store := cls(group, location, attrs))._check(verify)
                 return store
             except StoreRewrittenError:
                 if attempt == 2:
                     raise
-                group = location.open_group(mode)
 
     @classmethod
     def create(cls, location: Location, manifest: Sequence[TensorEntry], chunk_size: int,

@@ -106,7 +106,7 @@ class Location:
         if not is_url(text):
             text = os.path.expanduser(text.removeprefix("file://"))  # ~ as a shell would (not done for env vars)
             if os.path.basename(text.rstrip("/")) in (".", ".."):  # the folder itself: its siblings fell inside it
-                text = os.path.abspath(text)
+                text = os.path.realpath(text)  # (.. of a symbolic link is the folder above its target)
         return cls(text, dict(storage_options) if storage_options else None)
 
     def __dask_tokenize__(self):

@@ -185,8 +185,8 @@ class RowReading:
             now = self.location.open_group("r").attrs.get("commit") or {}
         except Exception:  # noqa: BLE001 -- unreadable now: the damage is what to report
             return None
-        if now == snap:
-            return None
+        if all(now.get(k) == snap.get(k) for k in ("base", "chain", "n_deltas")):
+            return None  # the same commit (a record of the first format-3 stores gains head_step in memory)
         if now.get("base") != snap.get("base"):
             return "overwritten"
         n = int(snap.get("n_deltas") or 0)
