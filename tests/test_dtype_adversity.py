@@ -83,11 +83,17 @@ def test_remote_pickles_read_late_tell_a_change_of_precision(tmp_path):
     assert Store.open(str(tmp_path / "r.zarr")).attrs["warnings"] == told
 
 
-def test_a_recorder_tells_and_records_weights_of_no_float_dtype(tmp_path):
+def _quantised_model() -> torch.nn.Module:
+    """A linear layer beside an int8 weight (a quantised module's buffer)."""
     model = torch.nn.Module()
     model.l = torch.nn.Linear(4, 4)
     model.q = torch.nn.Module()
     model.q.register_buffer("weight", torch.ones(4, 4, dtype=torch.int8))
+    return model
+
+
+def test_a_recorder_tells_and_records_weights_of_no_float_dtype(tmp_path):
+    model = _quantised_model()
     recorder = sa.Recorder(tmp_path / "r.zarr", model)
     caught = []
     for step in range(3):
@@ -189,10 +195,7 @@ def test_remote_pickles_tell_their_unread_weights_once(tmp_path):
 
 
 def test_a_weight_not_read_in_the_store_and_read_now_is_named_so(tmp_path):
-    model = torch.nn.Module()
-    model.l = torch.nn.Linear(4, 4)
-    model.q = torch.nn.Module()
-    model.q.register_buffer("weight", torch.ones(4, 4, dtype=torch.int8))
+    model = _quantised_model()
     recorder = sa.Recorder(tmp_path / "r.zarr", model)
     _told(recorder.step, 0)
     _told(recorder.step, 1)
