@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..store import Store, TensorEntry
+from ..store.direct_io import aligned_zeros
 
 __all__ = ["GROUP_BYTES", "Scratch", "tensor_groups", "thetas"]
 
@@ -70,7 +71,9 @@ class Scratch:
         buf = self._buffers.get(key)
         if buf is None or buf.size < n or buf.dtype != dtype:
             self._buffers.pop(key, None)  # released before the larger one is allocated
-            buf = self._buffers[key] = np.empty(n, dtype=dtype)
+            # on a 64-byte boundary (numpy's start 16 bytes past one): the matrices in it are decomposed where
+            # they lie when their offsets are whole lines (kernel.aligned copies the others)
+            buf = self._buffers[key] = aligned_zeros((n,), dtype)
         return buf[:n]
 
 
