@@ -631,6 +631,11 @@ def _warn_unread(new: list[_Planned]) -> None:
             UnreadWeightsWarning, stacklevel=4)
 
 
+def stored_unread(store: Store) -> dict[str, str]:
+    """The weights of no float dtype (name: dtype) the store's last checkpoint held, as its source records."""
+    return store.sources_at(store.n_deltas)[0].get("unread") or {}
+
+
 def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Planned]) -> list[_Planned]:
     """Check that *planned* continues the run in *store*; return the new checkpoints."""
     stored = {t.name: tuple(t.shape) for t in store.manifest}
@@ -639,7 +644,7 @@ def _match_existing(store: Store, manifest: list[TensorEntry], planned: list[_Pl
         missing = sorted(set(stored) - set(wanted), key=natural_key)
         extra = sorted(set(wanted) - set(stored), key=natural_key)
         changed = sorted((n for n in set(stored) & set(wanted) if stored[n] != wanted[n]), key=natural_key)
-        unread = store.sources_at(store.n_deltas)[0].get("unread") or {} if extra else {}
+        unread = stored_unread(store) if extra else {}
         what = (
             f"tensor {missing[0]!r} is in the store but not in the checkpoints" if missing
             else f"tensor {extra[0]!r} is {unread[extra[0]]} in the store's checkpoints, which is not read (only "
@@ -1124,7 +1129,6 @@ def write_rows(
             )
             exact = True
             underflows: list[tuple[str, int]] = []  # (tensor, its changes float32 lost below its range)
-            lost_any = False
             values = [] if same_files is None and digests(i) is None else None
             for t in manifest:
                 b = reader.read(t.name)
@@ -1151,7 +1155,6 @@ def write_rows(
                     updates[t.name].append(update)
                 if lost:
                     underflows.append((t.name, lost))
-                    lost_any = True
                 del a, a_flat, b_flat
                 if last is not None:
                     b32 = b.to(torch.float32)  # finite: checked with b
@@ -1180,6 +1183,7 @@ def write_rows(
             if outlier is not None:
                 warnings.warn(outlier, OutlierDeltaWarning, stacklevel=3)
                 found_warnings.append(outlier)
+            lost_any = bool(underflows)
             told = {n for n, _ in underflows if any(m.startswith(f"tensor {n!r} at step ") and UNDERFLOW in m
                                                     for m in found_warnings)}
             underflows = [u for u in underflows if u[0] not in told]  # once a store: so small at every step

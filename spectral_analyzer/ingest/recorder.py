@@ -44,6 +44,7 @@ from .pipeline import (
     _Planned,
     _stored_is_exact,
     _warn_unread,
+    stored_unread,
     write_rows,
 )
 from .readers import CheckpointReader, KeyOptions, _add, skip_unread
@@ -210,7 +211,7 @@ class Recorder:
             store = writer.existing
             if store is not None:
                 _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned,
-                                  ref_unread=store.sources_at(store.n_deltas)[0].get("unread") or {})
+                                  ref_unread=stored_unread(store))
                 last = store.last_checkpoint_step
                 if step <= last:
                     raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
