@@ -80,6 +80,8 @@ def select_tensors(names: Sequence[str], params: str | Sequence[str] | None) -> 
     if params is None:
         return list(range(len(names)))
     globs = [params] if isinstance(params, str) else list(params)
+    if not globs:
+        raise SelectionError("params is an empty list; give None for every tensor")
     shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
     hits = [_matched(names, g) for g in globs]
     if not any(hits):

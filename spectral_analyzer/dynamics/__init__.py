@@ -11,7 +11,7 @@ from dask.base import tokenize
 
 from .._version import RESULTS_REVISION, __version__
 from ..attributes import windowed
-from ..groups import GROUPINGS, SelectionError, group_tensors
+from ..groups import GROUPINGS, SelectionError, group_tensors, select_tensors
 from ..spectra import (
     INTERVAL_FACTOR,
     WindowError,
@@ -132,6 +132,8 @@ def compute_dynamics(
     name = f"dynamics-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return noted(cached, mixed)
+    names = [t.name for t in store.manifest]
+    groups = group_tensors(names, select_tensors(names, params), group_by)  # refused before the pass
     band, lag, _, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
     band = band[:, rows]
     steps = store.steps[rows]
@@ -160,7 +162,6 @@ def compute_dynamics(
     with np.errstate(divide="ignore", invalid="ignore"):
         adiabatic = dc_norm / (eta * cur["gap"] ** 2)
 
-    groups = group_tensors(names, picked, group_by)
     partial = np.stack([window_grams(band[m].sum(axis=0), w + 1)[1][:, 1:, 1:] for m in groups.values()])
     energy = np.moveaxis(mode_energy(u_c, lam_c, partial), 0, -1)
 

@@ -6,7 +6,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import MetricError
-from ..spectra import step_offsets
+from ..spectra import SPECTRA_OPTIONS, step_offsets
 
 __all__ = ["MetricError", "correlate", "detrend", "lagged_correlation"]
 
@@ -145,6 +145,6 @@ def correlate(
         },
         coords={"series": names, "lag": lags},
     )
-    ds.attrs = {"metric": metric, "window": spectra.attrs.get("window"), "detrend": detrend_kind, "max_lag": max_lag,
-                "lag_unit": "windows (l > 0: the spectrum leads)"}
+    ds.attrs = {"metric": metric, **{k: spectra.attrs[k] for k in SPECTRA_OPTIONS if k in spectra.attrs},
+                "detrend": detrend_kind, "max_lag": max_lag, "lag_unit": "windows (l > 0: the spectrum leads)"}
     return ds

@@ -56,7 +56,19 @@ def step_range_label(store: Store, rows: slice) -> str:
     return f"{steps[rows.start]}..{steps[rows.stop]}"
 
 
+# The attributes of a spectra result that say which windows of which tensors it holds: a result derived from it
+# (correlations, the grokking summary) carries them too.
+SPECTRA_OPTIONS = ("window", "stride", "steps", "center", "params", "group_by")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_window(store: Store, window: int, stride: int = 1, rows: slice | None = None) -> None:
+    for name, value in (("window", window), ("stride", stride)):
+        if not _whole(value):  # 5.0 or "5" would index the band wrongly or fail deep inside
+            raise WindowError(f"{name} must be a whole number of deltas, not {value!r}")
     if window < 2:
         raise WindowError(f"window must be at least 2, got {window}")
     if stride < 1:
@@ -159,6 +171,8 @@ def compute_spectra(
     """Spectra of every window of *window* consecutive deltas; see :meth:`Run.spectra`."""
     rows = step_rows(store, steps)
     check_window(store, window, stride, rows)
+    if not _whole(null_draws) or null_draws < 1:
+        raise WindowError(f"null_draws must be a whole number of draws, 1 or more, not {null_draws!r}")
     mixed = warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop, stride), window,
                                  interval_factor)
     part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)

@@ -14,6 +14,7 @@ from ..errors import HeadCountError
 from ..groups import SelectionError
 from ..groups import matcher, natural_key, unmatched_glob
 from ..progress import progress_bar
+from ..spectra import SPECTRA_OPTIONS
 from ..steps import exact_in_float
 from ..store import Store, TensorEntry
 from ..attributes import describe
@@ -151,7 +152,9 @@ def compute_weight_spectra(
         frobenius2 = None
         source = "recorded at ingest from the source tensors"
     else:
-        names, sigma, frobenius2 = _reconstruct(store, picked, plan, packing, device, progress, top)
+        # sigma_2 and sigma_3 too, whatever top is: the ratios and gaps do not depend on how many values are kept
+        names, sigma, frobenius2 = _reconstruct(store, picked, plan, packing, device, progress,
+                                                max(top, 3) if top else None)
         source = "theta_i = base + sum_{k<=i} d_k, float64 accumulation of float32 deltas"
         if not base_is_exact(store):
             source += ("; the float32 base rounds the first checkpoint's float64 weights (each value to 2^-24 of "
@@ -393,7 +396,7 @@ def compute_grokking(
     ds.attrs = {
         "metric": metric,
         "threshold": threshold,
-        "window": spectra.attrs.get("window"),
+        **{k: spectra.attrs[k] for k in SPECTRA_OPTIONS if k in spectra.attrs},
         "wq": wq_name or "",
         "store": store.path,
         "spectral_analyzer_version": __version__,

@@ -1,0 +1,79 @@
+"""Options of the analyses, after a review that combined them: results derived from spectra say which spectra,
+a weights result's ratios do not depend on how many values it keeps, and options that cannot work are refused
+before the pass over the deltas, on one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, write_run
+
+import spectral_analyzer as sa
+from spectral_analyzer.errors import SelectionError, WindowError
+
+
+@pytest.fixture(scope="module")
+def wd1(tmp_path_factory):
+    return sa.ingest(FIXTURES / "grokking" / "wd1", tmp_path_factory.mktemp("wd1") / "s.zarr", progress=False)
+
+
+def test_correlations_and_the_grokking_summary_say_which_spectra_they_come_from(wd1):
+    """Two correlations of other steps, stride, tensors and centring had the same attributes (gap ratio's best
+    r 0.49 against -0.57), and so had two grokking summaries of other tensors: saved or exported, they could
+    not be told apart."""
+    whole = wd1.correlate("test_loss", window=5)
+    part = wd1.correlate("test_loss", window=5, steps="400..1600", stride=2, params="*attn*", center=True)
+    assert whole.attrs != part.attrs
+    spectra = wd1.spectra(window=5, steps="400..1600", stride=2, params="*attn*", center=True)
+    for key in ("window", "stride", "steps", "center", "params", "group_by"):
+        assert part.attrs[key] == spectra.attrs[key], key
+    assert part.attrs["max_lag"] == 10  # the correlation's own lags, not the band's
+    assert (part.attrs["params"], part.attrs["stride"], part.attrs["center"]) == ("*attn*", 2, 1)
+    g_all = wd1.grokking(metric="test_acc", window=5)
+    g_attn = wd1.grokking(metric="test_acc", window=5, params="*attn*")
+    assert (g_all.attrs["params"], g_attn.attrs["params"]) == ("", "*attn*")
+    assert g_all.attrs["steps"] == wd1.spectra(window=5).attrs["steps"]
+
+
+@pytest.mark.parametrize("top", [1, 2])
+def test_ratios_and_gaps_of_a_top_k_result_are_those_of_the_whole_spectrum(tmp_path, top):
+    """weights(top=1) rebuilt from the deltas gave NaN for sigma_1/sigma_2 and g12 (top=2: g23), where the same
+    checkpoints recorded at ingest gave numbers: the summaries depended on how the store was made."""
+    write_run(tmp_path / "ck", 5, {"q.weight": (12, 9), "b": (4,)})
+    for recorded in (None, ["q.weight"]):
+        run = sa.ingest(tmp_path / "ck", tmp_path / f"s{bool(recorded)}.zarr", progress=False, weights=recorded)
+        full, cut = run.weight_spectra("q.weight"), run.weight_spectra("q.weight", top=top)
+        assert cut.sizes["rank"] == top
+        for name in ("sigma_ratio_12", "g12", "g23"):
+            np.testing.assert_allclose(cut[name].values, full[name].values, rtol=1e-9, err_msg=name)
+        assert np.isfinite(cut["g23"].values).all()
+
+
+def test_a_grouping_that_cannot_work_is_refused_before_the_band_is_built(tmp_path):
+    """dynamics refused group_by="layer" on tensors without layers only after a full pass over the deltas
+    (the band was built and cached first); spectra refused it before."""
+    write_run(tmp_path / "ck", 6, {"embed.weight": (8, 4), "head.weight": (3, 4)})
+    run = sa.ingest(tmp_path / "ck", tmp_path / "s.zarr", progress=False)
+    with pytest.raises(SelectionError):
+        run.dynamics(window=3, params="embed*", group_by="layer")
+    assert not (tmp_path / "s.zarr" / "gram").exists()
+    with pytest.raises(SelectionError):
+        run.spectra(window=3, params="embed*", group_by="layer")
+    assert not (tmp_path / "s.zarr" / "gram").exists()
+
+
+@pytest.mark.parametrize("options", [{"null_draws": 0}, {"null_draws": -3}, {"null_draws": 2.5},
+                                     {"window": 3.0}, {"window": 2.5}, {"stride": 1.5}, {"stride": True}])
+def test_counts_that_are_no_whole_numbers_are_refused_on_one_line(wd1, options):
+    """null_draws=0 failed with a bare IndexError from np.quantile; window=5.0 and stride=1.5 with a TypeError
+    or an IndexError from inside the band."""
+    with pytest.raises((WindowError, SelectionError)) as err:
+        wd1.spectra(**{"window": 3, **options})
+    name = next(iter(options))
+    assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_empty_list_of_patterns_is_refused_by_name(wd1):
+    """params=[] said "no tensor matches  (tensors: ...)", naming nothing."""
+    with pytest.raises(SelectionError, match="params is an empty list"):
+        wd1.spectra(window=3, params=[])
