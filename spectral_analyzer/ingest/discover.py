@@ -63,6 +63,8 @@ __all__ = ["Checkpoint", "check_one_stage", "checkpoint_files", "discover", "nat
            "passed_over", "step_from_name"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# torch.save's files as timm and the PyTorch ImageNet example name them (a torch zip or pickle, not a tar)
+TORCH_TAR = (".pth.tar", ".pt.tar")
 NOT_WEIGHTS = (
     "optimizer*",
     "scheduler*",
@@ -82,7 +84,7 @@ _VERSION = re.compile(r"-v[0-9]+(?=(?:\.[A-Za-z]+)?$)")  # last-v1.ckpt: Lightni
 _PRECISION = re.compile(r"(?<![^\W_])(?:fp|bf|float|int)(?:4|8|16|32|64)(?![^\W_])", re.IGNORECASE)
 # A checkpoint compressed or archived (step_300.pt.gz, checkpoint-300.tar.zst): not read, so told
 _PACKED = re.compile(r"(?:\.(?:safetensors|pt|pth|bin|ckpt)\.(?:gz|bz2|xz|zst|lz4|zip|7z)"
-                     r"|\.(?:tar(?:\.(?:gz|bz2|xz|zst|lz4))?|tgz|zip|7z))$", re.IGNORECASE)
+                     r"|(?<!\.pth)(?<!\.pt)\.tar|\.(?:tar\.(?:gz|bz2|xz|zst|lz4)|tgz|zip|7z))$", re.IGNORECASE)
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.bin")
 
 
@@ -166,16 +168,17 @@ def _is_weight_file(path: Path) -> bool:
     """A file with a weight suffix that is not optimizer, scheduler or trainer state; a hidden file on local
     disk (``.name``: a copy being written, an editor's or a sync tool's) is no checkpoint. A weight suffix in
     other letters (``step_2.PT``) is refused: passed over, the run would lose that checkpoint in silence."""
+    suffix = next((t for t in TORCH_TAR if path.name.lower().endswith(t)), path.suffix.lower())
     if (
         isinstance(path, Path) and path.name.startswith(".")
         or not _present(path)
-        or path.suffix.lower() not in WEIGHT_SUFFIXES
+        or suffix not in (*WEIGHT_SUFFIXES, *TORCH_TAR)
         or any(fnmatch.fnmatch(path.name.lower(), g) for g in NOT_WEIGHTS)
     ):
         return False
-    if path.suffix not in WEIGHT_SUFFIXES:
+    if not path.name.endswith(suffix):
         raise CheckpointError(printable(f"{path}: a weight file's suffix in capitals; rename it "
-                                        f"{path.stem}{path.suffix.lower()} to read it"))
+                                        f"{path.name[:-len(suffix)]}{suffix} to read it"))
     return True
 
 

@@ -304,25 +304,61 @@ def _check_unchanged(checkpoint: Checkpoint) -> None:
             f.check_unchanged()
 
 
-def _tied(updates: Mapping[str, Sequence[int]], sizes: Mapping[str, int]) -> str | None:
-    """A message where tensors have the same update (the crc32c of each row's delta in *updates*) at every
-    step, not all zero, over two rows or more (one row's coincidence is no tie: a recorder writes one at a
-    time, and counts a tied weight once by its storage): one tied weight saved under two names, which the
-    run counts twice; else None."""
-    same: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for name, crcs in updates.items():
-        if len(crcs) >= 2 and any(c != zero_crc(sizes[name]) for c in crcs):
-            same.setdefault((sizes[name], tuple(crcs)), []).append(name)
-    pairs = [names for names in same.values() if len(names) > 1]
-    if not pairs:
-        return None
-    (first, *rest), more = pairs[0], f" (and {len(pairs) - 1} more such)" if len(pairs) > 1 else ""
-    twins = " and ".join(repr(n) for n in rest)
-    return printable(
-        f"tensors {first!r} and {twins}{more} have the same update at every step ingested: one tied weight saved "
-        "under each name (torch.distributed.checkpoint keeps both, as does a state dict cloned to save as "
-        "safetensors)? The run counts it once per name, so its updates weigh that much more in every Gram; if "
-        f"it is one weight, ingest again with exclude={rest[0]!r}")
+class _TieCandidates:
+    """Tensors that may be one tied weight saved under two names: for each tensor that shares its shape with
+    another, a running crc32c over its rows' update crcs, whether an update was nonzero, and the rows seen.
+
+    Kept in the commit record (``ties``, with the rows it covers), so that an append, or a run ingested one
+    checkpoint at a time, goes on comparing the whole run's updates; a tensor whose updates differ from every
+    other's once is dropped for good.
+    """
+
+    def __init__(self, manifest: Sequence[TensorEntry], record: Mapping[str, Any] | None):
+        self.sizes = {t.name: t.size for t in manifest}
+        record = record or {}
+        self.rows = int(record.get("n_deltas", 0))  # the rows the state is that of
+        kept = record.get("ties")
+        if kept is not None and kept.get("rows") == self.rows:
+            self.state = {n: list(v) for n, v in kept["tensors"].items()}
+        else:  # a new store, or one whose record keeps none for its rows: from the rows of this call
+            shapes: dict[tuple, list[str]] = {}
+            for t in manifest:
+                shapes.setdefault(tuple(t.shape), []).append(t.name)
+            self.state = {n: [0, 0, 0] for names in shapes.values() if len(names) > 1 for n in names}
+
+    def add(self, name: str, update: int) -> None:
+        """The update crc of *name* in the row being written."""
+        fold, nonzero, n = self.state[name]
+        self.state[name] = [crc32c(np.array([update], dtype="<u4").view(np.uint8), fold),
+                            int(nonzero or update != zero_crc(self.sizes[name])), n + 1]
+
+    def record(self) -> dict[str, Any]:
+        """The state after a row, the tensors that can no longer tie to another dropped."""
+        groups: dict[tuple, list[str]] = {}
+        for name, (fold, _, n) in self.state.items():
+            groups.setdefault((self.sizes[name], fold, n), []).append(name)
+        self.state = {n: self.state[n] for names in groups.values() if len(names) > 1 for n in names}
+        self.rows += 1
+        return {"rows": self.rows, "tensors": self.state}
+
+    def message(self) -> str | None:
+        """A message where tensors have the same update at every step, not all zero, over two rows or more (one
+        row's coincidence is no tie: a recorder writes one at a time, and counts a tied weight once by its
+        storage): one tied weight saved under two names, which the run counts twice; else None."""
+        same: dict[tuple, list[str]] = {}
+        for name, (fold, nonzero, n) in self.state.items():
+            if n >= 2 and nonzero:
+                same.setdefault((self.sizes[name], fold, n), []).append(name)
+        pairs = [names for names in same.values() if len(names) > 1]
+        if not pairs:
+            return None
+        (first, *rest), more = pairs[0], f" (and {len(pairs) - 1} more such)" if len(pairs) > 1 else ""
+        twins = " and ".join(repr(n) for n in rest)
+        return printable(
+            f"tensors {first!r} and {twins}{more} have the same update at every step ingested: one tied weight "
+            "saved under each name (torch.distributed.checkpoint keeps both, as does a state dict cloned to save as "
+            "safetensors)? The run counts it once per name, so its updates weigh that much more in every Gram; if "
+            f"it is one weight, ingest again with exclude={rest[0]!r}")
 
 
 _COPY_WORDS = {"ema", "teacher", "target", "momentum", "shadow", "swa", "averaged", "polyak"}
@@ -1093,12 +1129,9 @@ def write_rows(
         else:
             prev_signature = _recorded_signature(record, manifest)
         norms = DeltaNorms(_recent_norms(st, n0))
-        # the crc32c of each row's update of every tensor that shares its shape with another: two with the same
-        # update at every step are one tied weight saved under two names (told, as both are counted)
-        shapes: dict[tuple, list[str]] = {}
-        for t in manifest:
-            shapes.setdefault(tuple(t.shape), []).append(t.name)
-        updates = {n: [] for names in shapes.values() if len(names) > 1 for n in names}
+        # two tensors with the same update at every step are one tied weight saved under two names (told, as
+        # both are counted)
+        ties = _TieCandidates(manifest, record)
         st.reserve_rows(n0 + len(new) - start)
         for k, i in enumerate(range(start, len(new))):
             cur = new[i]
@@ -1149,10 +1182,10 @@ def write_rows(
                     if check and not _all_finite(out):  # counted over the whole tensor
                         _check_float32(_delta(b_flat, a_flat), t.name, cur.checkpoint.label, cur.step,
                                        "values of its delta from the previous checkpoint")
-                    if t.name in updates:
+                    if t.name in ties.state:
                         update = crc32c(view, update)
-                if t.name in updates:
-                    updates[t.name].append(update)
+                if t.name in ties.state:
+                    ties.add(t.name, update)
                 if lost:
                     underflows.append((t.name, lost))
                 del a, a_flat, b_flat
@@ -1210,13 +1243,13 @@ def write_rows(
                 found_warnings.append(message)
             if values is not None:
                 same_values.setdefault(tuple(values), (cur.step, _shown(cur.checkpoint)))
-            record = {**record, "n_deltas": r + 1}
+            record = {**record, "n_deltas": r + 1, "ties": ties.record()}
             if final:
                 record.update(last_slot=slot, last_step=cur.step, last_crc=last.crcs(), last_exact=exact,
                               last_dtypes=_dtype_runs(signature, manifest))
-                if (tied := _tied(updates, {t.name: t.size for t in manifest})) is not None:
+                if (tied := ties.message()) is not None and tied not in found_warnings:  # once a store
                     warnings.warn(tied, TiedWeightsWarning, stacklevel=3)
-                    found_warnings += [tied] if tied not in found_warnings else []
+                    found_warnings.append(tied)
             st.commit_rows(record, [cur.step], [crcs], warnings=found_warnings)
             record = st.commit_record
             prev, prev_label, prev_step = reader, cur.checkpoint.label, cur.step

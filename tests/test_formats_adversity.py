@@ -1,0 +1,101 @@
+"""How real runs save their parameters, after a review of them: a tied weight saved under two names ingested
+one checkpoint at a time, ``.pth.tar`` files, a tensor added mid-run left out, zero-size tensors, and names
+that torch.compile changes inside a model."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spectral_analyzer as sa
+from spectral_analyzer.errors import TiedWeightsWarning
+
+
+def _tied_run(folder: Path, n: int) -> list[Path]:
+    """Checkpoints whose embedding and head are one tied weight, cloned to save as safetensors (both kept)."""
+    gen = torch.Generator().manual_seed(3)
+    emb, other = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    folder.mkdir(parents=True)
+    paths = []
+    for k in range(n):
+        if k:
+            emb = emb + 1e-2 * torch.randn(6, 4, generator=gen)
+            other = other + 1e-2 * torch.randn(6, 4, generator=gen)
+        state = {"emb.weight": emb.clone(), "head.weight": emb.clone(), "other.weight": other.clone()}
+        paths.append(folder / f"step_{10 * k}.safetensors")
+        save_file(state, str(paths[-1]))
+    return paths
+
+
+def _ingest(src: Path, store: Path) -> list[type]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sa.ingest(src, store, progress=False)
+    return [w.category for w in caught]
+
+
+def test_a_tied_weight_is_told_when_the_run_is_ingested_one_checkpoint_at_a_time(tmp_path):
+    """Ingested at once, the tie was told and kept in the store; ingested after each save (one new checkpoint
+    an append), never: each call compared only its own rows, and a tie needs two."""
+    paths = _tied_run(tmp_path / "all", 5)
+    assert TiedWeightsWarning in _ingest(tmp_path / "all", tmp_path / "all.zarr")
+    whole = sa.open_run(tmp_path / "all.zarr")
+    told = [w for w in whole.warnings if "same update at every step" in w]
+    assert len(told) == 1 and "'emb.weight'" in told[0] and "'head.weight'" in told[0]
+
+    (tmp_path / "inc").mkdir()
+    seen = []
+    for k, path in enumerate(paths):
+        shutil.copy(path, tmp_path / "inc")
+        if k:
+            seen.append(TiedWeightsWarning in _ingest(tmp_path / "inc", tmp_path / "inc.zarr"))
+    assert seen == [False, True, False, False]  # from the second delta, once a store
+    inc = sa.open_run(tmp_path / "inc.zarr")
+    assert inc.warnings == told
+    np.testing.assert_array_equal(inc.deltas.values, whole.deltas.values)
+
+
+def test_tensors_whose_updates_differ_once_are_no_tie_whatever_comes_after(tmp_path):
+    """Equal updates after an unequal one are no tied weight: the comparison goes on across appends."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    a = torch.ones(5)
+    for k in range(5):
+        b = a.clone() if k != 1 else a + 1  # head differs at step 10's update only (and back at step 20)
+        save_file({"emb.weight": a.clone(), "head.weight": b}, str(folder / f"step_{10 * k}.safetensors"))
+        a = a + 0.5
+    (tmp_path / "inc").mkdir()
+    for k in range(5):
+        shutil.copy(folder / f"step_{10 * k}.safetensors", tmp_path / "inc")
+        if k:
+            assert TiedWeightsWarning not in _ingest(tmp_path / "inc", tmp_path / "s.zarr")
+    assert not sa.open_run(tmp_path / "s.zarr").warnings
+
+
+def test_pth_tar_files_are_torch_checkpoints_and_real_archives_are_still_told(tmp_path):
+    """timm and the PyTorch ImageNet example save checkpoint-N.pth.tar with torch.save (a torch zip, no tar):
+    they were called compressed or archived, told to be unpacked, and left out of the run."""
+    gen = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(5, 3, generator=gen)} for _ in range(3)]
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    for k, state in enumerate(states):
+        torch.save({"state_dict": state, "epoch": k}, folder / f"checkpoint-{k}.pth.tar")
+    run = sa.ingest(folder, tmp_path / "s.zarr", progress=False)
+    assert run.checkpoint_steps.tolist() == [0, 1, 2]
+    want = np.stack([(b["w"] - a["w"]).reshape(-1).numpy() for a, b in zip(states, states[1:])])
+    np.testing.assert_array_equal(run.deltas.values, want)
+
+    (folder / "checkpoint-3.tar").write_bytes(b"x" * 512)  # an archive is still told, not read
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"checkpoint-3\.tar: compressed or archived"):
+        sa.ingest(folder, tmp_path / "s2.zarr", progress=False)
+    (folder / "checkpoint-3.tar").unlink()
+    (folder / "checkpoint-3.PTH.TAR").write_bytes(b"x")
+    with pytest.raises(sa.CheckpointError, match=r"suffix in capitals; rename it checkpoint-3\.pth\.tar"):
+        sa.ingest(folder, tmp_path / "s3.zarr", progress=False)
