@@ -113,7 +113,12 @@ class Run:
         if entry is None:
             raise SelectionError(f"{self.path}: no tensor {tensor!r} in the store (see run.tensors)")
         arr = _checked(self._store, "deltas")[:, entry.offset : entry.offset + entry.size]
-        arr = arr.reshape((self.n_deltas, *entry.shape))
+        if entry.size == 0:  # dask reshapes no zero-size array into dimensions it does not merge or split
+            import dask.array as da
+
+            arr = da.zeros((self.n_deltas, *entry.shape), dtype=arr.dtype)
+        else:
+            arr = arr.reshape((self.n_deltas, *entry.shape))
         dims = ("step", *(f"dim_{i}" for i in range(len(entry.shape))))
         return xr.DataArray(arr, dims=dims, coords={"step": self.steps}, name=tensor)
 

@@ -99,3 +99,56 @@ def test_pth_tar_files_are_torch_checkpoints_and_real_archives_are_still_told(tm
     (folder / "checkpoint-3.PTH.TAR").write_bytes(b"x")
     with pytest.raises(sa.CheckpointError, match=r"suffix in capitals; rename it checkpoint-3\.pth\.tar"):
         sa.ingest(folder, tmp_path / "s3.zarr", progress=False)
+
+
+def test_a_parameter_added_during_the_run_can_be_left_out(tmp_path):
+    """A head added at step 20 was refused without a way out: exclude='head.*' was refused too, as matching
+    no tensor of the first checkpoint."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(1)
+    body = torch.arange(12.0).reshape(4, 3)
+    for k in range(4):
+        state = {"body.weight": body + k}
+        if k >= 2:
+            state.update({"head.weight": torch.randn(2, 4, generator=gen), "head.bias": torch.zeros(2)})
+        torch.save(state, folder / f"step_{10 * k}.pt")
+    with pytest.raises(sa.InconsistentCheckpointsError, match=r"appears in .*exclude='head\.(bias|weight)'"):
+        sa.ingest(folder, tmp_path / "s.zarr", progress=False)
+    run = sa.ingest(folder, tmp_path / "s.zarr", progress=False, exclude=["head.*"])
+    assert [t.name for t in run._store.manifest] == ["body.weight"]
+    np.testing.assert_array_equal(run.deltas.values, np.ones((3, 12), dtype=np.float32))
+    with pytest.raises(sa.SelectionError, match=r"pattern 'haed\.\*' matches no tensor of 4 checkpoints"):
+        sa.ingest(folder, tmp_path / "t.zarr", progress=False, exclude=["haed.*"])
+
+
+def test_a_weight_kept_under_another_name_is_named_in_the_refusal(tmp_path):
+    """torch.save keeps a tied weight under its first name, safetensors' save_model under another: the refusal
+    named the missing name only; and torch.compile of a submodule puts '_orig_mod.' inside the names."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    w, v = torch.ones(6, 4), torch.ones(2, 4)
+    torch.save({"wte.weight": w, "net.fc.weight": v}, folder / "step_0.pt")
+    torch.save({"lm_head.weight": w + 1, "net._orig_mod.fc.weight": v + 1}, folder / "step_1.pt")
+    with pytest.raises(sa.InconsistentCheckpointsError,
+                       match=r"'net\.fc\.weight' is in .* it has 'net\._orig_mod\.fc\.weight' of that shape instead"):
+        sa.ingest(folder, tmp_path / "s.zarr", progress=False)
+    torch.save({"lm_head.weight": w + 1, "net.fc.weight": v + 1}, folder / "step_1.pt")
+    with pytest.raises(sa.InconsistentCheckpointsError,
+                       match=r"'wte\.weight' is in .* it has 'lm_head\.weight' of that shape instead"):
+        sa.ingest(folder, tmp_path / "t.zarr", progress=False)
+
+
+def test_the_deltas_of_a_zero_size_tensor_are_an_empty_array(tmp_path):
+    """run.delta() of a (0, 4) tensor, which the store keeps in its manifest, failed inside dask's reshape."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    for k in range(3):
+        save_file({"w": torch.full((3,), float(k)), "prefix.bias": torch.zeros(0, 4)},
+                  str(folder / f"step_{k}.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sa.UnreadWeightsWarning)
+        run = sa.ingest(folder, tmp_path / "s.zarr", progress=False)
+    empty = run.delta("prefix.bias")
+    assert empty.shape == (2, 0, 4) and empty.values.size == 0
+    np.testing.assert_array_equal(run.delta("w").values, np.ones((2, 3), dtype=np.float32))

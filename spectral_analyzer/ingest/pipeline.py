@@ -205,7 +205,10 @@ def _check_consistent(
                 f"tensor {name!r} is {reference[name][1]} in {ref_label} but {other.unread[name]} in {label}, "
                 "which is not read (only floating-point tensors are)")
         if name not in here:
-            raise InconsistentCheckpointsError(f"tensor {name!r} is in {ref_label} but missing from {label}")
+            twins = [n for n in sorted(here, key=natural_key) if n not in reference and here[n][0] == reference[name][0]]
+            hint = (f"; it has {twins[0]!r} of that shape instead (one weight under another name: a tied weight "
+                    "kept under its other name, a prefix such as torch.compile's '_orig_mod.'?)") if twins else ""
+            raise InconsistentCheckpointsError(f"tensor {name!r} is in {ref_label} but missing from {label}{hint}")
         (shape, dtype), (shape2, dtype2) = reference[name], here[name]
         if shape != shape2:
             raise InconsistentCheckpointsError(
@@ -219,7 +222,8 @@ def _check_consistent(
                 f"tensor {name!r} is {ref_unread[name]} in {ref_label}, which is not read (only floating-point "
                 f"tensors are), but {here[name][1]} in {label}")
         if name not in reference:
-            raise InconsistentCheckpointsError(f"tensor {name!r} appears in {label} but not in {ref_label}")
+            raise InconsistentCheckpointsError(f"tensor {name!r} appears in {label} but not in {ref_label}; a "
+                                               f"parameter added during the run can be left out with exclude={name!r}")
 
 
 def _precision_changes(planned: Sequence[_Planned], new: Sequence[_Planned], last_step: int | None = None
@@ -775,10 +779,12 @@ def _ingest_source(
             f"{source.label}: include {list(include)} and exclude {list(exclude)} leave no floating-point tensor "
             f"in {planned[0].checkpoint.label}; check the patterns against its tensor names"
         )
-    if (unmatched := keys.unmatched(planned[0].considered)) is not None:
+    # against every checkpoint's names: exclude= leaves out a parameter added during the run
+    if (unmatched := keys.unmatched(frozenset().union(*(p.considered for p in planned)))) is not None:
+        where = planned[0].checkpoint.label if len(planned) == 1 else f"{len(planned)} checkpoints"
         raise SelectionError(printable(
-            f"{source.label}: the {unmatched[0]} pattern {unmatched[1]!r} matches no tensor of "
-            f"{planned[0].checkpoint.label}; check it against its tensor names"))
+            f"{source.label}: the {unmatched[0]} pattern {unmatched[1]!r} matches no tensor of {where}; check it "
+            "against their tensor names"))
     if (ambiguous := keys.ambiguous(planned[0].considered)) is not None:
         raise SelectionError(printable(f"{source.label}: {ambiguous} ({planned[0].checkpoint.label})"))
     first = _signature(planned[0].tensors)
