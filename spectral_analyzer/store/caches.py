@@ -175,6 +175,9 @@ class ResultCache:
             ds = coding.decode(ds)
             if {k: int(v) for k, v in committed["checksums"].items()} != coding.checksums(ds):
                 return None
+            # in the order computed: zarr lists the members in the folder's order, and exports keep this one
+            ds = xr.Dataset({k: ds.variables[k] for k in committed["order"]["data_vars"]},
+                            coords={k: ds.variables[k] for k in committed["order"]["coords"]}, attrs=ds.attrs)
         except Exception:  # noqa: BLE001 -- a damaged or partial result is no result: computed again
             return None
         return ds
@@ -195,7 +198,8 @@ class ResultCache:
             del results[key]
         encoded = coding.encode(ds)
         encoded.to_zarr(group.store, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
-        marker = {"identity": identity, "checksums": coding.checksums(ds)}
+        marker = {"identity": identity, "checksums": coding.checksums(ds),
+                  "order": {"data_vars": list(ds.data_vars), "coords": list(ds.coords)}}
         written = self.store.location.open_group("r+", path=f"results/{name}")
         written.attrs.put({**written.attrs.asdict(), "committed": marker})
 

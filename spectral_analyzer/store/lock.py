@@ -54,6 +54,19 @@ def _describe(location: Location, holder: dict | None) -> str:
     return f"{location.path}: being written by {who}; --wait (wait=True) to wait for it"
 
 
+def _replace_lock(path: str) -> None:
+    """Put a new, empty lock file at *path* (atomically: a writer that opens it meanwhile finds the old one
+    replaced after taking it, and takes the new one)."""
+    fresh = f"{path}.{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    os.close(fd)
+    try:
+        os.replace(fresh, path)
+    except BaseException:
+        os.unlink(fresh)
+        raise
+
+
 class WriterLock:
     """The writer lock of the store at *location*; ``acquire`` it, or use :func:`writer_lock`."""
 
@@ -70,7 +83,7 @@ class WriterLock:
         path = os.path.join(self.location.path, LOCK_NAME)
         import fcntl
 
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for every other file
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,6 +98,9 @@ class WriterLock:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
+            if same and os.fstat(fd).st_nlink > 1:  # a hard-linked copy's (cp -al, rsync --link-dest): its
+                _replace_lock(path)                     # writers would block this store's; each gets its own
+                same = False                            # (under this lock: no writer of this store holds it)
             if same:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(_holder()).encode(), 0)
