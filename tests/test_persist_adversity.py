@@ -85,3 +85,28 @@ def test_a_hard_linked_copy_has_a_lock_of_its_own(tmp_path):
     assert os.stat(tmp_path / "copy.zarr" / ".lock").st_nlink == 1
     assert not [f for f in os.listdir(tmp_path / "orig.zarr") if f.startswith(".lock.")]
     assert sa.open_run(tmp_path / "copy.zarr").n_deltas == 2
+
+
+def test_a_read_only_store_is_told_once_in_the_words_of_the_system(store, tmp_path, monkeypatch):
+    """From Python, each analysis of a read-only store warned twice (the band's cache and the result's), each
+    naming the store twice: '... cannot be written (s.zarr: cannot write the store ([Errno 30] ...))'."""
+    import errno
+    import shutil
+
+    path = tmp_path / "ro.zarr"
+    shutil.copytree(store, path)
+    real_open = os.open
+
+    def read_only(name, flags, *args, **kwargs):
+        if str(name).startswith(str(path)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(name))
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    run = sa.open_run(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.spectra(window=4)
+        run.dynamics(window=4)
+    told = [str(w.message) for w in caught if issubclass(w.category, sa.CacheWarning)]
+    assert told == [f"{path}: computed without caching: the store cannot be written (Read-only file system)"]

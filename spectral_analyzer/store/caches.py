@@ -23,6 +23,7 @@ The weight spectra recorded at ingest are weight_record.py.
 
 from __future__ import annotations
 
+import errno
 import uuid
 import warnings
 
@@ -220,7 +221,15 @@ def write_if_current(snapshot, write) -> bool:
     except StoreBusyError:
         return False
     except (OSError, StoreError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        warnings.warn(f"{snapshot.path}: computed without caching: the store cannot be written ({reason})",
-                      CacheWarning, stacklevel=4)
+        cause = exc if isinstance(exc, OSError) else exc.__context__  # the lock's StoreError wraps an OSError
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+        lasting = isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        if (snapshot.path, reason) not in _TOLD:  # a read-only store: once a store and process, not at every cache
+            if lasting:
+                _TOLD.add((snapshot.path, reason))
+            warnings.warn(f"{snapshot.path}: computed without caching: the store cannot be written ({reason})",
+                          CacheWarning, stacklevel=4)
         return False
+
+
+_TOLD: set[tuple[str, str]] = set()  # (store, reason) of the read-only stores told so
