@@ -45,6 +45,7 @@ folder at an fsspec URL, a hub revision), whose files are then
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -168,11 +169,11 @@ def _is_weight_file(path: Path) -> bool:
     """A file with a weight suffix that is not optimizer, scheduler or trainer state; a hidden file on local
     disk (``.name``: a copy being written, an editor's or a sync tool's) is no checkpoint. A weight suffix in
     other letters (``step_2.PT``) is refused: passed over, the run would lose that checkpoint in silence."""
-    suffix = next((t for t in TORCH_TAR if path.name.lower().endswith(t)), path.suffix.lower())
+    if isinstance(path, Path) and path.name.startswith(".") or not _present(path):
+        return False
+    suffix = next((t for t in TORCH_TAR if path.name.lower().endswith(t)), os.path.splitext(path.name)[1].lower())
     if (
-        isinstance(path, Path) and path.name.startswith(".")
-        or not _present(path)
-        or suffix not in (*WEIGHT_SUFFIXES, *TORCH_TAR)
+        suffix not in (*WEIGHT_SUFFIXES, *TORCH_TAR)
         or any(fnmatch.fnmatch(path.name.lower(), g) for g in NOT_WEIGHTS)
     ):
         return False
