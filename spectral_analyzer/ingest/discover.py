@@ -45,12 +45,11 @@ folder at an fsspec URL, a hub revision), whose files are then
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CheckpointError, NoCheckpointsError, StepError, UnreadWeightsWarning, printable
@@ -171,7 +170,7 @@ def _is_weight_file(path: Path) -> bool:
     other letters (``step_2.PT``) is refused: passed over, the run would lose that checkpoint in silence."""
     if isinstance(path, Path) and path.name.startswith(".") or not _present(path):
         return False
-    suffix = next((t for t in TORCH_TAR if path.name.lower().endswith(t)), os.path.splitext(path.name)[1].lower())
+    suffix = next((t for t in TORCH_TAR if path.name.lower().endswith(t)), PurePosixPath(path.name).suffix.lower())
     if (
         suffix not in (*WEIGHT_SUFFIXES, *TORCH_TAR)
         or any(fnmatch.fnmatch(path.name.lower(), g) for g in NOT_WEIGHTS)
