@@ -94,7 +94,9 @@ def _restore(out: Path) -> None:
     if aside.is_dir():
         # Each step may be cut short and done again: a file of the earlier output already put back (no longer
         # aside) stays; the new run's files go where the earlier output has one still aside, or has none.
-        earlier = set((aside / NAMES).read_text().split("\n")) if (aside / NAMES).exists() else set()
+        # no list: the restore was done but for removing the folder (the list goes last), so nothing in place
+        # is the new run's but what is still aside
+        earlier = set((aside / NAMES).read_text().split("\n")) if (aside / NAMES).exists() else set(WRITES)
         for name in os.listdir(out):
             new = name in WRITES and (name not in earlier or os.path.lexists(aside / name))
             if new or (name.endswith(".partial") and name not in (PREVIOUS, MOVING)):
@@ -106,7 +108,9 @@ def _restore(out: Path) -> None:
         aside.rmdir()
     if moving.is_dir():
         for name in os.listdir(moving):  # the rest of the earlier output is still in place
-            os.replace(moving / name, out / name)
+            if name != NAMES:  # the list of what was moved, written last: no file of the output
+                os.replace(moving / name, out / name)
+        (moving / NAMES).unlink(missing_ok=True)
         moving.rmdir()
 
 

@@ -133,6 +133,21 @@ def test_a_demo_overwrite_that_fails_leaves_the_earlier_output(tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         demo.run_demo(out, source=src, window=3, overwrite=True)
     assert contents() == earlier
+    # killed once the earlier output was back and its list of names removed, before the empty folder was:
+    # nothing is aside, and what is in place is the earlier output (it was all deleted as the new run's)
+    (out / demo.PREVIOUS).mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        demo.run_demo(out, source=src, window=3, overwrite=True)
+    assert contents() == earlier
+    # killed after listing what was moved aside, before the folder was renamed: the list does not come back
+    # with the files (a file the demo does not write, it refused every later overwrite)
+    (out / demo.MOVING).mkdir()
+    for name in demo.WRITES[:2]:
+        (out / name).rename(out / demo.MOVING / name)
+    (out / demo.MOVING / demo.NAMES).write_text("\n".join(demo.WRITES[:2]))
+    with pytest.raises(OSError, match="No space left"):
+        demo.run_demo(out, source=src, window=3, overwrite=True)
+    assert contents() == earlier
     # killed while removing the output an overwrite replaced: that half folder is never taken for an output
     (out / demo.DISCARDED).mkdir()
     (out / demo.DISCARDED / "report.html").write_text("half removed")
