@@ -204,7 +204,9 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
     ``overwrite``; every target is checked before anything is written. Each
     file is written beside its target and moved onto it once complete
     (:func:`replacing`): a full disk or a kill leaves the earlier file, or
-    none, never a part of one.
+    none, never a part of one; and never a table beside the events file of
+    another export (the earlier events file goes before the table is
+    replaced).
     """
     path = Path(path)
     targets = check_output(path, overwrite=overwrite, events="event" in ds.dims)
@@ -215,12 +217,17 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
                 ready.to_netcdf(tmp, engine="scipy")
             return path
         attrs = {k: _plain(v) for k, v in ds.attrs.items()}
-        with contextlib.ExitStack() as stack:  # both files complete before either replaces its target
-            tmp = [stack.enter_context(replacing(target)) for target in targets]
+        # both files complete before either replaces its target; then the table first (its context exits
+        # first), the earlier events removed before it: stopped between the renames, the folder holds one
+        # export's pair, or one file alone, never a table beside another export's events
+        with contextlib.ExitStack() as stack:
+            tmp = [stack.enter_context(replacing(target)) for target in reversed(targets)][::-1]
             _write_records(table(ds), tmp[0], path.suffix, attrs)
             if len(targets) > 1:  # the events table beside the per-step table
                 _write_records(events_table(ds), tmp[1], path.suffix, attrs,
                                ["run", *EVENT_COLUMNS] if "run" in ds.dims else list(EVENT_COLUMNS))
+                _fsync(tmp[1])
+                targets[1].unlink(missing_ok=True)
     except OSError as exc:
         raise ExportError(f"{exc.filename or path}: cannot write ({exc.strerror or exc})") from None
     return path
