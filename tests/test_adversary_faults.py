@@ -129,6 +129,11 @@ def _assert_no_partial_cache(path: Path, runs, what: str) -> None:
                 assert_identical(ds, runs.reference, what)
 
 
+def _temporaries(path: Path) -> list[str]:
+    """The temporary files of killed writes still in the store (a torn chunk of the band is a megabyte)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*.partial"))
+
+
 def _assert_one_line(message: str, path: Path) -> None:
     assert "\n" not in message and str(path) in message, message
 
@@ -162,6 +167,7 @@ def test_killed_while_caching(runs, tmp_path, scenario):
         np.testing.assert_array_equal(band, runs.band, err_msg=what)
         served = [store.read_result(p.name) for p in (path / "results").iterdir() if p.is_dir()]
         assert sum(ds is not None for ds in served) == 1, what
+        assert not _temporaries(path), (what, _temporaries(path))
         shutil.rmtree(path)
 
 
@@ -187,6 +193,7 @@ def test_killed_during_ingest(runs, tmp_path, scenario):
                 np.testing.assert_array_equal(run.deltas.values, want["deltas"][: run.n_deltas], err_msg=what)
         sa.ingest(runs.all, path, chunk_size=CHUNK)
         assert_same_contents(contents(path), want, what)
+        assert not _temporaries(path), (what, _temporaries(path))
         shutil.rmtree(path)
 
 
@@ -215,6 +222,7 @@ def test_killed_or_out_of_space_while_recording_weights(runs, tmp_path, scenario
         sa.ingest(runs.all, path, chunk_size=CHUNK, weights="a.w")
         assert_same_contents(contents(path), want, what)
         assert sa.open_run(path).weight_spectra("a.w", cache=False).attrs["source"].startswith("recorded"), what
+        assert not _temporaries(path), (what, _temporaries(path))
         shutil.rmtree(path)
     n = next(i + 1 for i, k in enumerate(keys) if "weights/" in k and i > len(keys) // 2)
     path = tmp_path / "full.zarr"
@@ -497,3 +505,27 @@ def test_full_disk_at_every_write_of_a_recorded_step(tmp_path):
     run = sa.open_run(tmp_path / "0.zarr")
     assert run.metrics["loss"].values.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert np.isnan(run.metrics["acc"].values[:3]).all() and run.metrics["acc"].values[3] == 0.5
+
+
+def test_a_result_write_killed_anywhere_leaves_nothing_that_lasts(runs, tmp_path):
+    """SIGKILL at every write of a result (whole or torn): the next result cached beside it (another analysis)
+    is told no warning and removes what the killed write left; results/ then holds committed results only."""
+    keys = count_writes(lambda: sa.open_run(_copy(runs.cached, tmp_path / "count.zarr")).spectra(window=WINDOW + 1))
+    points = [i + 1 for i, k in enumerate(keys) if "/results/" in k]
+    rng = np.random.default_rng(len(keys))  # its first writes (the folders made) and others drawn
+    for n in sorted({*points[:3], *rng.choice(points[3:], size=3, replace=False)}):
+        for torn in (False, True):
+            what = f"killed at write {n} of {len(keys)} ({keys[n - 1]}){' half-way' if torn else ''}"
+            path = _copy(runs.cached, tmp_path / f"{n}-{torn}.zarr")
+            assert run_child(spectra_child, str(path), [WINDOW + 1], n, torn) == KILLED, what
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sa.open_run(path).spectra(window=WINDOW + 2)
+            assert not caught, f"{what}: {[str(w.message) for w in caught]}"
+            store = Store.open(path)
+            left = sorted(os.listdir(path / "results"))
+            results = [name for name in left if name != "zarr.json"]
+            assert all(store.read_result(name) is not None for name in results), (what, left)
+            assert len(left) == 3, (what, left)  # its metadata, the cached result and the new one
+            assert not _temporaries(path), (what, _temporaries(path))
+            shutil.rmtree(path)

@@ -23,6 +23,7 @@ The weight spectra recorded at ingest are weight_record.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import uuid
 import warnings
@@ -35,6 +36,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from .._version import RESULTS_REVISION
 from ..errors import CacheWarning, StoreBusyError, StoreError
 from . import coding
+from .chunk_writes import remove_temporaries
 from .location import group_keys
 from .lock import writer_lock
 
@@ -188,21 +190,35 @@ class ResultCache:
         group = self.store.group
         try:
             results = group["results"] if "results" in group else group.create_group("results")
-            stale = [key for key in group_keys(results)
+            with warnings.catch_warnings():  # a folder a killed write left without its metadata: removed below
+                warnings.filterwarnings("ignore", message=r"Object at \S+ is not recognized")
+                keys = group_keys(results)
+            stale = [key for key in keys
                      if key == name or (results[key].attrs.get("committed") or {}).get("identity") != identity]
         except OSError:  # the store cannot be written (see Store.cache)
             raise
         except Exception:  # noqa: BLE001 -- unreadable metadata: no result there can be read, all go
             del group["results"]
-            results, stale = group.create_group("results"), []
+            results, keys, stale = group.create_group("results"), [], []
         for key in stale:
             del results[key]
+        self._remove_leftovers(set(keys) - set(stale))
         encoded = coding.encode(ds)
         encoded.to_zarr(group.store, group=f"results/{name}", mode="w", consolidated=False, zarr_format=3)
         marker = {"identity": identity, "checksums": coding.checksums(ds),
                   "order": {"data_vars": list(ds.data_vars), "coords": list(ds.coords)}}
         written = self.store.location.open_group("r+", path=f"results/{name}")
         written.attrs.put({**written.attrs.asdict(), "committed": marker})
+
+    def _remove_leftovers(self, keep: set[str]) -> None:
+        """Remove from ``results/`` what is neither its metadata nor a result in *keep*: what killed writes left
+        (a result's folder whose metadata was never written, zarr's temporary files). The writer lock is held."""
+        fs, root = self.store.location.filesystem()
+        folder = f"{root}/results"
+        fs.invalidate_cache(folder)
+        for entry in fs.ls(folder, detail=False):
+            if entry.rstrip("/").rsplit("/", 1)[-1] not in (*keep, "zarr.json"):
+                fs.rm(entry, recursive=True)
 
 
 def write_if_current(snapshot, write) -> bool:
@@ -217,6 +233,9 @@ def write_if_current(snapshot, write) -> bool:
                 return False
             current._chain, current._steps, current._crcs = snapshot._chain, snapshot._steps, snapshot._crcs
             write(current)
+            if not current.is_remote:  # what killed cache writes left (zarr rewrites the root's too); one that
+                with contextlib.suppress(OSError):  # cannot be removed stays for the next writer: it is cached
+                    remove_temporaries(current.path, ("gram", "results"))
             return True
     except StoreBusyError:
         return False

@@ -14,6 +14,7 @@ with the ones Zarr writes, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -22,7 +23,7 @@ import numpy as np
 from .crc import crc32c
 from .generations import zero_crc
 
-__all__ = ["put_file", "remove_file", "write_direct"]
+__all__ = ["put_file", "remove_file", "remove_temporaries", "write_direct"]
 
 
 def write_direct(folder: str, key: tuple[int, ...], data: np.ndarray, chunk_size: int) -> int:
@@ -90,3 +91,19 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
 
 
 _IOV_MAX = 1024
+
+
+def remove_temporaries(root: str, folders: tuple[str, ...] = ("",)) -> None:
+    """Remove the temporary files that killed writes left in *root* itself and under its *folders* ("": all of
+    it): Zarr's (``zarr.<hex>.partial`` beside ``zarr.json``, ``<chunk>.<hex>.partial``) and put_file's; no
+    other file in a store ends in ``.partial``. The caller holds the writer lock: no write is in flight."""
+    for name in os.listdir(root):
+        if name.endswith(".partial"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(root, name))
+    for folder in folders:
+        for at, _dirs, files in os.walk(os.path.join(root, folder)):
+            for name in files:
+                if name.endswith(".partial"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(at, name))

@@ -27,7 +27,6 @@ at their end.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import generations
-from .chunk_writes import write_direct
+from .chunk_writes import remove_temporaries, write_direct
 from .chunks import direct_layout
 from .layout import check_manifest, chunk_lengths, damaged
 
@@ -202,9 +201,4 @@ class CommitProtocol:
             for entry in os.listdir(folder) if os.path.isdir(folder) else ():
                 if entry.isascii() and entry.isdigit() and int(entry) >= n:  # "²".isdigit() too
                     shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
-            for name in ("deltas", "base", "last_theta"):  # a killed chunk write's temporary file
-                for root, _dirs, files in os.walk(os.path.join(self.path, name, "c")):
-                    for f in files:
-                        if f.endswith(".partial"):
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(os.path.join(root, f))
+            remove_temporaries(self.path)  # a killed write's temporary file, of a chunk or of metadata
