@@ -312,6 +312,21 @@ def test_weights_that_hold_no_values_are_told(tmp_path):
         sa.ingest(src, tmp_path / "r.zarr")
 
 
+def test_a_weight_of_a_zero_sized_dimension_is_no_placeholder(tmp_path):
+    """ZeRO-3's placeholders are shape (0,); a matrix with an empty dimension (a layer of no outputs, an empty
+    prompt table) was told to be one, with advice to gather a model that was whole."""
+    src = tmp_path / "run"
+    for step in (10, 20, 30):
+        folder = src / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"prompt.weight": torch.empty(0, 4), "norm.weight": torch.full((4,), step * 1.0)},
+                  str(folder / "model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = sa.ingest(src, tmp_path / "r.zarr")
+    assert run.delta("prompt.weight").shape == (2, 0, 4)
+
+
 @pytest.mark.parametrize("layout, where", [
     ("ema", "'ema_state_dict'"),  # the EMA copy saved beside the state dict
     ("nested", "'nested'"),  # top-level tensors with a second model nested among them

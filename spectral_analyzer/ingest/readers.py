@@ -252,8 +252,9 @@ def _add(reader: CheckpointReader, raw: str, info_shape, dtype, loader, keys: Ke
         return
     if not keys.selected(name):
         return
-    if name.endswith(("weight", "bias")) and math.prod(info_shape) == 0:  # a placeholder: DeepSpeed ZeRO-3's
-        reader.unread[name] = f"no values, shape {tuple(info_shape)}"  # save_pretrained without gathering
+    if name.endswith(("weight", "bias")) and tuple(info_shape) == (0,):  # a placeholder: DeepSpeed ZeRO-3's
+        reader.unread[name] = f"no values, shape {tuple(info_shape)}"  # save_pretrained without gathering (an
+        # empty dimension of a matrix, shape (0, 4), is a layer of that shape)
     if dtype not in _READABLE:
         raise CheckpointError(
             f"{origin}: tensor {name!r} has dtype {str(dtype).removeprefix('torch.')}, which cannot be read as "
