@@ -24,6 +24,8 @@ PINNED = {
         "weights": "7810a6d1e069765b"},
     6: {"spectra": "daa6ed51f20cdd59", "layers": "ead97bd3eaadc39b", "dynamics": "b6b75a7c3e63adae",
         "weights": "7810a6d1e069765b"},  # the shipped run's weights have full rank: no value changed
+    7: {"spectra": "daa6ed51f20cdd59", "layers": "ead97bd3eaadc39b", "dynamics": "b6b75a7c3e63adae",
+        "weights": "7810a6d1e069765b"},  # the shipped run has no ChatGLM layer and no collapsed matrix
 }
 
 

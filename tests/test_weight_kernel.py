@@ -86,6 +86,24 @@ def test_outliers_above_a_bulk_keep_the_bulk_s_leading_values_to_their_own_preci
         np.testing.assert_array_less(np.abs(got[:10] - ref[:10]), 1e-12 * ref[:10])
 
 
+@pytest.mark.parametrize("shape", [(179, 118), (118, 179), (300, 300)])
+def test_a_collapsed_matrix_keeps_its_refined_leading_values_on_top(shape):
+    """One value over a flat bulk 1.25e5 below it (a W_Q after grokking): the refined values were sorted
+    together with the unrefined tail, whose rounding lifts it, so bulk values 2.3e-7 too large (relative
+    to themselves: 8000 eps sigma_1) were reported as sigma_2 .. sigma_4. Values this far below sigma_1
+    are known to a few eps sigma_1 by any SVD (numpy's included), not to 1e-12 of themselves."""
+    rng = np.random.default_rng(5)
+    u, v = _basis(*shape, rng)
+    s = np.r_[1.0, np.full(min(shape) - 1, 8e-6)]
+    w = (u * s) @ v.T
+    (got,) = singular_values([w])
+    ref = np.linalg.svd(w, compute_uv=False)
+    np.testing.assert_array_less(np.abs(got - ref), TOLERANCE * ref[0])
+    bound = np.maximum(1e-12 * ref[:10], 8 * np.finfo(np.float64).eps * ref[0])
+    np.testing.assert_array_less(np.abs(got[:10] - ref[:10]), bound)
+    assert np.all(np.diff(got) <= 0)
+
+
 def test_matrices_of_one_shape_are_batched_and_of_others_kept_apart():
     rng = np.random.default_rng(3)
     matrices = [rng.standard_normal((40, 9)), rng.standard_normal((9, 40)), rng.standard_normal((40, 9)),

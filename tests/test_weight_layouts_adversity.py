@@ -67,17 +67,20 @@ def test_a_query_key_value_of_grouped_heads_stays_whole(model, tmp_path):
         run.attention_spectra()
 
 
-def test_chatglm2_multi_head_query_key_value_is_read_as_q_then_k_then_v():
-    """ChatGLM2 without grouped queries packs [q | k | v] (3E, E) as nanoGPT does; ChatGLM-6B, whose config
-    has no multi_query_attention, interleaves per head as GPT-NeoX does."""
+def test_chatglm_query_key_value_is_interleaved_per_head_unless_multi_query_attention():
+    """ChatGLM2 and 3 with multi_query_attention pack [q | k | v] (3E, E) one after another; with it false
+    their SelfAttention views the projection as (heads, 3 d_head) and splits the last axis in three, as
+    ChatGLM-6B (no such flag) and GPT-NeoX do. A false flag was read as [q | k | v]: every head's circuits
+    were of other rows than the model's."""
     shapes = {"l.self_attention.query_key_value.weight": (48, 16), "l.self_attention.dense.weight": (16, 16)}
-    v2 = {"model_type": "chatglm", "num_attention_heads": 4, "multi_query_attention": False}
-    (layer,) = find_attention_layers(shapes, config=v2)
-    assert layer.layout == "linear_packed" and interleaved_packing(shapes, v2) == {}
-    v1 = {"model_type": "chatglm", "num_attention_heads": 4}
-    (layer,) = find_attention_layers(shapes, config=v1)
-    assert layer.layout == "neox_packed"
-    assert interleaved_packing(shapes, v1) == {"l.self_attention.query_key_value.weight": 4}
+    mqa = {"model_type": "chatglm", "num_attention_heads": 4, "multi_query_attention": True}
+    (layer,) = find_attention_layers(shapes, config=mqa)
+    assert layer.layout == "linear_packed" and interleaved_packing(shapes, mqa) == {}
+    for config in ({"model_type": "chatglm", "num_attention_heads": 4, "multi_query_attention": False},
+                   {"model_type": "chatglm", "num_attention_heads": 4}):
+        (layer,) = find_attention_layers(shapes, config=config)
+        assert layer.layout == "neox_packed"
+        assert interleaved_packing(shapes, config) == {"l.self_attention.query_key_value.weight": 4}
 
 
 def test_chatglm2_query_key_value_ingested_is_read_as_q_then_k_then_v(tmp_path):
@@ -101,6 +104,28 @@ def test_chatglm2_query_key_value_ingested_is_read_as_q_then_k_then_v(tmp_path):
         qk = qkv[h * d : (h + 1) * d].T @ qkv[E + h * d : E + (h + 1) * d]
         want = np.linalg.svd(qk, compute_uv=False)[:d]
         np.testing.assert_allclose(got[h, :d], want, rtol=0, atol=1e-6 * want[0])
+
+
+def test_chatglm2_without_multi_query_attention_ingested_is_split_per_head(tmp_path):
+    """ChatGLM2's config class defaults multi_query_attention to false, and then the projection is
+    (heads, [q, k, v], d_head), as GPT-NeoX's: head 0's QK sigma was [23.66, 16.39, ...] (rows [q | k | v])
+    where the model's head 0 gives [19.68, 13.95, ...]."""
+    rng = np.random.default_rng(4)
+    E, H = 16, 4
+    d = E // H
+    p = "transformer.encoder.layers.0.self_attention"
+    tensors = {f"{p}.query_key_value.weight": rng.standard_normal((3 * E, E)),
+               f"{p}.dense.weight": rng.standard_normal((E, E))}
+    config = {"model_type": "chatglm", "num_attention_heads": H, "multi_query_attention": False,
+              "multi_query_group_num": 2, "kv_channels": d, "hidden_size": E}
+    run, last = _run(tmp_path, tensors, config)
+    per_head = last[f"{p}.query_key_value.weight"].reshape(H, 3, d, E)  # the model's view
+    got = run.attention_spectra()["qk_sigma"].values[-1, 0]
+    for h in range(H):
+        want = np.linalg.svd(per_head[h, 0].T @ per_head[h, 1], compute_uv=False)[:d]
+        np.testing.assert_allclose(got[h, :d], want, rtol=0, atol=1e-6 * want[0])
+    ws = run.weight_spectra(f"{p}.query_key_value.weight[q]")
+    _assert_svd(_sigma(ws, f"{p}.query_key_value.weight[q]"), per_head[:, 0].reshape(E, E))
 
 
 def _bigcode(rng, E: int = 32, H: int = 4):

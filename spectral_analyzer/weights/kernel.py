@@ -143,8 +143,11 @@ def _gram_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if bool(refine.any()):
         sub = batch[refine]
         lead = torch.linalg.eigh(gram[refine]).eigenvectors.flip(-1)[..., :top]
-        sigma[refine, :top] = torch.linalg.vector_norm(sub.mT @ lead if wide else sub @ lead, dim=-2)
-        sigma = sigma.sort(dim=-1, descending=True).values
+        head = torch.linalg.vector_norm(sub.mT @ lead if wide else sub @ lead, dim=-2)
+        head = head.sort(dim=-1, descending=True).values
+        # the unrefined values below are at most the refined top's last (the Gram's rounding lifts them:
+        # sorted with the refined ones, a bulk value 2e-7 too large had taken sigma_2's place)
+        sigma[refine] = torch.cat([head, torch.minimum(sigma[refine, top:], head[..., -1:])], dim=-1)
     return sigma, fallback
 
 

@@ -293,9 +293,11 @@ def _geometry(layer: AttentionLayer, shapes, heads: int, said: Mapping[str, int 
 
 
 def _sequential_qkv(config: Mapping) -> bool:
-    """Whether the model's ``query_key_value`` packs [q | k | v] one after another: ChatGLM2 and 3 (whose
-    configs say ``multi_query_attention``); ChatGLM-6B's, like GPT-NeoX's, interleaves them per head."""
-    return config.get("model_type") == "chatglm" and "multi_query_attention" in config
+    """Whether the model's ``query_key_value`` packs [q | k | v] one after another: ChatGLM2 and 3 with
+    ``multi_query_attention`` true. Without it (ChatGLM-6B, whose config has no such flag, and ChatGLM2 and 3
+    with it false: their ``SelfAttention`` views the projection as (heads, 3 d_head)) q, k and v are
+    interleaved per head, as GPT-NeoX's."""
+    return config.get("model_type") == "chatglm" and config.get("multi_query_attention") is True
 
 
 def interleaved_packing(shapes: Mapping[str, tuple[int, ...]], config: Mapping | None,
