@@ -68,6 +68,21 @@ def unmatched_glob(names: Sequence[str], globs: Sequence[str]) -> str | None:
     return next((g for g in globs if not any(map(matcher(names, [g]), names))), None)
 
 
+def some_names(names: Sequence[str], width: int = 200) -> str:
+    """*names* joined by ", ", whole names only, as many as fit *width* characters, then "and N more".
+
+    >>> some_names(["layers.9.attn", "layers.10.attn", "layers.11.attn"], width=30)
+    'layers.9.attn, layers.10.attn and 1 more'
+    """
+    shown: list[str] = []
+    for name in names:
+        if shown and len(", ".join([*shown, name])) > width:
+            break
+        shown.append(name)
+    rest = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {rest} more" if rest else "")
+
+
 def _matched(names: Sequence[str], glob: str) -> set[int]:
     """The tensors *glob* names (:func:`matcher`)."""
     hit = matcher(names, [glob])

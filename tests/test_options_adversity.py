@@ -73,6 +73,36 @@ def test_counts_that_are_no_whole_numbers_are_refused_on_one_line(wd1, options):
     assert name in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("call, options", [
+    ("weight_spectra", {"heads": -1}), ("weight_spectra", {"heads": 0}), ("weight_spectra", {"heads": True}),
+    ("weight_spectra", {"top": -3}), ("weight_spectra", {"top": 0}), ("weight_spectra", {"top": 2.5}),
+    ("attention_spectra", {"heads": -4}), ("attention_spectra", {"heads": 2.0}),
+])
+def test_head_and_value_counts_that_are_no_counts_are_refused_on_one_line(wd1, call, options):
+    """weight_spectra(heads=-1) split no head, dropped every attention matrix and cached the rest as the
+    answer; top=-3 kept no values; attention_spectra(heads=-4) failed inside numpy. (The CLI's options
+    take whole numbers of at least 1.)"""
+    with pytest.raises(SelectionError) as err:
+        getattr(wd1, call)(cache=False, **options)
+    name = next(iter(options))
+    assert f"{name} must be a whole number" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_refusal_lists_whole_names_only():
+    """The layers or matrices a refused pattern could have named were cut at 200 characters, mid-name
+    ('layers.9.self_attn, )' with layers.10 and on gone, unsaid)."""
+    from spectral_analyzer.groups import some_names
+
+    names = [f"model.layers.{i}.self_attn" for i in range(12)]
+    shown = some_names(names)
+    assert len(shown) <= 200 + len(" and 12 more")
+    listed, _, more = shown.partition(" and ")
+    assert all(n in names for n in listed.split(", "))
+    assert more == f"{12 - len(listed.split(', '))} more"
+    assert some_names(names[:2]) == "model.layers.0.self_attn, model.layers.1.self_attn"
+    assert some_names([]) == ""
+
+
 def test_an_empty_list_of_patterns_is_refused_by_name(wd1):
     """params=[] said "no tensor matches  (tensors: ...)", naming nothing."""
     with pytest.raises(SelectionError, match="params is an empty list"):

@@ -11,8 +11,7 @@ from dask.base import tokenize
 from .._version import RESULTS_REVISION, __version__
 from ..devices import resolve_device
 from ..errors import HeadCountError
-from ..groups import SelectionError
-from ..groups import matcher, natural_key, unmatched_glob
+from ..groups import SelectionError, matcher, natural_key, some_names, unmatched_glob
 from ..progress import progress_bar
 from ..spectra import SPECTRA_OPTIONS
 from ..steps import exact_in_float
@@ -23,7 +22,7 @@ from .esd import esd_summary
 from .circuits import compute_attention_spectra, model_config
 from .grok import compute_qk_grokking, grok_point
 from .kernel import matrix_stats, singular_values, split_heads, split_packed
-from .layouts import head_blocks, interleaved_packing
+from .layouts import check_count, head_blocks, interleaved_packing
 from .streaming import GROUP_BYTES, Scratch, tensor_groups, thetas
 
 __all__ = ["WQ_PATTERNS", "compute_attention_spectra", "compute_grokking", "compute_qk_grokking",
@@ -79,7 +78,7 @@ def select_weights(manifest: Sequence[TensorEntry], match, packing: Mapping[str,
     names = [n for t, parts in split for n in (t.name, *parts)]
     if globs is not None and (g := unmatched_glob(names, globs)) is not None:
         raise SelectionError(f"no 2-D weight matches {g!r}, one of the patterns {globs!r} (2-D weights: "
-                             f"{', '.join(t.name for t, _ in split)[:200]})")
+                             f"{some_names([t.name for t, _ in split])})")
     hit = None if globs is None else matcher(names, globs)
     picked = []
     for t, parts in split:
@@ -88,7 +87,7 @@ def select_weights(manifest: Sequence[TensorEntry], match, packing: Mapping[str,
         if parts:
             picked.append((t, parts))
     if not picked:
-        shown = ", ".join(t.name for t in expert_matrices(manifest))[:200] or "none"
+        shown = some_names([t.name for t in expert_matrices(manifest)]) or "none"
         raise SelectionError(f"no 2-D weight matches {globs!r} (2-D weights: {shown})")
     whole = {id(t) for t in manifest}  # the rest are experts' matrices, name[expert i]
     unique_names([(n, t.name if id(t) in whole else t.name.rsplit("[", 1)[0]) for t, parts in picked for n in parts],
@@ -132,6 +131,8 @@ def compute_weight_spectra(
     progress: bool = False,
 ) -> xr.Dataset:
     """Singular values of 2-D weights at every checkpoint; see :meth:`Run.weight_spectra`."""
+    check_count("top", top)
+    check_count("heads", heads)
     steps = store.checkpoint_steps
     # the model config says how packed attention tensors split into matrices (interleaved_packing); the weight
     # record, whether the singular values are those recorded at ingest (_from_record) or rebuilt from the rows,

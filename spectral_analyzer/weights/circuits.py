@@ -15,7 +15,7 @@ from ..store import Store
 from ..threads import one_thread_each, torch_threads
 from .attention import circuit_spectra
 from .kernel import aligned
-from .layouts import AttentionLayer, find_attention_layers, projections
+from .layouts import AttentionLayer, check_count, find_attention_layers, projections
 from .streaming import thetas
 
 __all__ = ["compute_attention_spectra", "model_config"]
@@ -36,6 +36,7 @@ def compute_attention_spectra(
     cache: bool = True,
 ) -> xr.Dataset:
     """QK and OV circuit spectra of every head of the attention layers; see :meth:`Run.attention_spectra`."""
+    check_count("heads", heads)
     config = model_config(store)
     key = tokenize("attention", layer, heads, config, store.results_identity, __version__, RESULTS_REVISION)
     name = f"attention-{key[:20]}"

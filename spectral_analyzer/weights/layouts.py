@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HeadCountError, SelectionError
-from ..groups import matcher, natural_key, unmatched_glob
+from ..groups import matcher, natural_key, some_names, unmatched_glob
 
-__all__ = ["AttentionLayer", "HEAD_FIELDS", "find_attention_layers", "head_blocks", "heads_from_config",
+__all__ = ["AttentionLayer", "HEAD_FIELDS", "check_count", "find_attention_layers", "head_blocks", "heads_from_config",
            "interleaved_packing", "projections", "select_layers"]
 
 HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads")  # a model config's head count (all that are set agree)
@@ -113,6 +113,14 @@ def _agreed(config: Mapping, fields: Sequence[str], what: str, origin: str) -> i
     return next(iter(found.values()), None)
 
 
+def check_count(name: str, value) -> None:
+    """Refuse a *value* of ``heads=`` or ``top=`` that is neither None nor a whole number of at least 1 (a
+    negative head count split nothing and dropped every attention matrix; ``top=-3`` kept no values)."""
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if value is not None and not (whole and value >= 1):
+        raise SelectionError(f"{name} must be a whole number of at least 1 (or None), not {value!r}")
+
+
 def heads_from_config(config: Mapping, origin: str = "") -> tuple[int | None, int | None]:
     """(heads, kv_heads) from a model config: :data:`HEAD_FIELDS` (refused where two of them disagree), and
     ``num_key_value_heads``."""
@@ -171,7 +179,7 @@ def select_layers(layers: Sequence[AttentionLayer], globs: str | Sequence[str] |
     names = [n for layer in layers for n in (layer.name, layer.query)]
     if (g := unmatched_glob(names, globs)) is not None:
         raise SelectionError(f"{where}no attention layer matches {g!r}, one of the patterns {globs!r} (layers: "
-                             f"{', '.join(layer.name for layer in layers)[:200]})")
+                             f"{some_names([layer.name for layer in layers])})")
     hit = matcher(names, globs)
     return [layer for layer in layers if hit(layer.name) or hit(layer.query)]
 
@@ -232,7 +240,7 @@ def find_attention_layers(
     chosen = select_layers([AttentionLayer(*c[:7], 0, 0, 0, 0) for c in found], match, where)
     if not chosen:
         raise SelectionError(f"{where}no attention layer matches {match!r} (layers: "
-                             f"{', '.join(c[0] for c in found)[:200]})")
+                             f"{some_names([c[0] for c in found])})")
     if heads:
         return [_geometry(layer, shapes, heads, {}, where) for layer in chosen]
     n_heads, config_kv = heads_from_config(config, origin)
