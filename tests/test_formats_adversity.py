@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import spectral_analyzer as sa
 from spectral_analyzer.errors import TiedWeightsWarning
@@ -152,3 +152,69 @@ def test_the_deltas_of_a_zero_size_tensor_are_an_empty_array(tmp_path):
     empty = run.delta("prefix.bias")
     assert empty.shape == (2, 0, 4) and empty.values.size == 0
     np.testing.assert_array_equal(run.delta("w").values, np.ones((2, 3), dtype=np.float32))
+
+
+def _lightning_run(folder: Path, steps=(3, 6, 9)) -> None:
+    """Lightning checkpoints epoch=0-step=S.ckpt, as ModelCheckpoint names them."""
+    folder.mkdir(parents=True)
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(5))
+    for step in steps:
+        w = w + 0.01 * torch.randn(4, 4, generator=torch.Generator().manual_seed(step))
+        torch.save({"epoch": 0, "global_step": step, "pytorch-lightning_version": "2.6.0",
+                    "state_dict": {"model.w": w.clone()}}, folder / f"epoch=0-step={step}.ckpt")
+
+
+@pytest.mark.parametrize("how", ["copy", "link"])
+def test_lightning_s_last_checkpoint_beside_the_one_it_copies_is_read_once_and_told(tmp_path, how):
+    """ModelCheckpoint(save_last=True) writes last.ckpt as a copy (or a link) of the newest checkpoint: every
+    such run was refused as 'duplicate step 9', with no way forward (--steps cannot part two files of one
+    step)."""
+    src = tmp_path / "run"
+    _lightning_run(src)
+    last = src / "last.ckpt"
+    if how == "copy":
+        shutil.copy(src / "epoch=0-step=9.ckpt", last)
+    else:
+        last.symlink_to("epoch=0-step=9.ckpt")
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"last\.ckpt: the same bytes as .*epoch=0-step=9\.ckpt"):
+        run = sa.ingest(src, tmp_path / "s.zarr")
+    assert list(run.checkpoint_steps) == [3, 6, 9]
+    assert [Path(s["label"]).name for s in run.sources] == [f"epoch=0-step={s}.ckpt" for s in (3, 6, 9)]
+    assert run.sources[-1]["copies"] == [str(last)]
+
+
+def test_two_checkpoints_of_one_step_that_differ_are_refused_with_the_way_forward(tmp_path):
+    """A last.ckpt of other weights at the newest checkpoint's step is no copy: which one is the run's is not
+    for the tool to guess."""
+    src = tmp_path / "run"
+    _lightning_run(src)
+    torch.save({"epoch": 0, "global_step": 9, "state_dict": {"model.w": torch.zeros(4, 4)}}, src / "last.ckpt")
+    with pytest.raises(sa.StepError, match=r"duplicate step 9: .*; move the one that is not this run's "
+                                           r"checkpoint of that step out of the folder$"):
+        sa.ingest(src, tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_the_trainer_s_final_save_beside_its_checkpoint_folders_is_told(tmp_path):
+    """trainer.save_model() at the end (step 130, past the last checkpoint-100/) or the best checkpoint reloaded
+    by load_best_model_at_end leaves model.safetensors at the top of the output folder; it, and a
+    final_model/ folder, were left out of the run without a word. A final save that is the last checkpoint's
+    bytes (the usual end of a run) loses nothing and is not told."""
+    src = tmp_path / "out"
+    gen = torch.Generator().manual_seed(2)
+    for where in ("checkpoint-50", "checkpoint-100", ".", "final_model", "best"):
+        (src / where).mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.randn(4, 4, generator=gen)}, str(src / where / "model.safetensors"))
+    shutil.copy(src / "checkpoint-50" / "model.safetensors", src / "best")  # a copy of a checkpoint: not told
+    (src / "runs").mkdir()  # TensorBoard's logs: no weights, not told
+    with pytest.warns(sa.UnreadWeightsWarning) as caught:
+        run = sa.ingest(src, tmp_path / "s.zarr")
+    assert list(run.checkpoint_steps) == [50, 100]
+    (told,) = [str(w.message) for w in caught if "beside the checkpoint folders" in str(w.message)]
+    assert told.startswith(f"{src}/model.safetensors and 1 more: ") and "not read" in told
+    shutil.rmtree(src / "final_model")  # and the final save is the last checkpoint's tensors, other metadata
+    save_file(load_file(src / "checkpoint-100" / "model.safetensors"), str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sa.ingest(src, tmp_path / "t.zarr")

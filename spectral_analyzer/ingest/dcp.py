@@ -21,7 +21,9 @@ Which tensors are the model's: where the saved state has a ``model`` (or
 (``pytorch_model_fsdp_0/``) and ``dcp.save({"model": ..., "optimizer": ...})``
 have, only its tensors, under their names inside it; otherwise (torchtitan,
 which saves the model's tensors at the top) every tensor except those under
-``optimizer``, ``lr_scheduler``, ``dataloader``, ``train_state`` and the like.
+``optimizer``, ``lr_scheduler``, ``dataloader``, ``train_state`` and the like. Weights left out with such
+an entry (a model's module named ``scaler`` above its own submodule) are
+told, as weights beside a pickle's state dict are.
 The nesting is read from the metadata's ``planner_data``; a checkpoint saved
 without it (``flatten_state_dict=False``) has only dotted names, and there a
 leading ``model.`` is taken for a container only when every floating tensor
@@ -148,8 +150,9 @@ def _spans_overlap(a: tuple, b: tuple) -> bool:
     return all(oa < ob + sb and ob < oa + sa for (oa, sa), (ob, sb) in zip(zip(*a), zip(*b)))
 
 
-def _model_names(md, path: Path) -> dict[str, str]:
-    """fqn -> the tensor's name in the model, for the tensors read (see the module's notes)."""
+def _model_names(md, path: Path, told: dict[str, int] | None = None) -> dict[str, str]:
+    """fqn -> the tensor's name in the model, for the tensors read (see the module's notes); *told* gets the
+    entries of the training state left out that hold weights, with how many."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     planner = md.planner_data if isinstance(md.planner_data, dict) else {}
@@ -171,22 +174,37 @@ def _model_names(md, path: Path) -> dict[str, str]:
                 guessed.add(fqn)
     # a training state's other entries, at any depth (PyTorch's recipe {"app": {"model", "optim"}}, Megatron's
     # chained_0.optimizer...) and in flat names ("optimizer.state.exp_avg..." saved as one key); never inside a
-    # model's container, nor a module so named that holds the parameter ("enc.scaler.weight")
-    def training_state(p: tuple[str, ...]) -> bool:
+    # model's container, nor a module so named that holds the parameter ("enc.scaler.weight"), nor one inside
+    # a model's list of blocks ("blocks.0.scaler.0.weight"), nor a parameter so named ("rng")
+    def training_state(p: tuple[str, ...]) -> str | None:
+        """The entry of the training state that holds *p* (``optimizer``, ``app.optim``), or None."""
         parts = [part for key in p for part in key.split(".")]
         end = next((i for i, part in enumerate(parts) if part in STATE_DICT_KEYS), len(parts))
         at = next((i for i, part in enumerate(parts[:end]) if part in NOT_MODEL), None)
-        return at is not None and not (at == len(parts) - 2 and parts[-1].endswith(("weight", "bias")))
+        if at is None or at >= len(parts) - 1 or any(part.isdigit() for part in parts[:at]) or (
+                at == len(parts) - 2 and parts[-1].endswith(("weight", "bias"))):
+            return None
+        return ".".join(parts[: at + 1])
 
-    paths = {fqn: p for fqn, p in paths.items() if not training_state(p)}
+    state = {fqn: entry for fqn, p in paths.items() if (entry := training_state(p)) is not None}
+    paths = {fqn: p for fqn, p in paths.items() if fqn not in state}
     weights = [fqn for fqn in paths if _floating(md.state_dict_metadata[fqn])]
+    names = {fqn: ".".join(p) for fqn, p in paths.items()}
     for container in STATE_DICT_KEYS:
         inside = {fqn: ".".join(p[1:]) for fqn, p in paths.items() if p[0] == container and len(p) > 1}
         # a guessed container holds every weight: else its "model." is part of flat names (HF's "model.norm.weight"
         # beside "lm_head.weight"), which are kept whole
         if inside and (not guessed & set(inside) or all(fqn in inside for fqn in weights)):
-            return inside
-    return {fqn: ".".join(p) for fqn, p in paths.items()}
+            names = inside
+            break
+    if told is not None:  # weights left out with the training state: not an optimizer's entry for a weight
+        kept = {*names, *names.values()}  # (optimizer.state.exp_avg.<name>, optim.state.<name>.exp_avg, ...)
+        for fqn, entry in state.items():
+            parts = fqn.split(".")
+            if fqn.endswith(("weight", "bias")) and _floating(md.state_dict_metadata[fqn]) and not any(
+                    ".".join(parts[i:]) in kept for i in range(1, len(parts))):
+                told[entry] = told.get(entry, 0) + 1
+    return names
 
 
 def _floating(entry) -> bool:
@@ -364,7 +382,10 @@ def _reader(md, meta: Path, files: Sequence[Path], label: str, keys: KeyOptions)
     reader = CheckpointReader(label, {})
     reader.step_hint = _stored_step_of(md, locations, on_disk, meta)
     read: list[_Chunks] = []
-    for fqn, name in _model_names(md, meta).items():
+    told: dict[str, int] = {}
+    names = _model_names(md, meta, told)
+    reader.beside.update({(meta.name, entry): n for entry, n in told.items()})
+    for fqn, name in names.items():
         entry = md.state_dict_metadata[fqn]
         dtype = getattr(entry.properties, "dtype", None)
         if not isinstance(dtype, torch.dtype):

@@ -44,10 +44,13 @@ folder at an fsspec URL, a hub revision), whose files are then
 
 from __future__ import annotations
 
+import filecmp
 import fnmatch
+import json
+import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -59,8 +62,8 @@ from .deepspeed import deepspeed_files
 from .readers import shard_files
 from .sources import RemoteFile, RemoteFolder
 
-__all__ = ["Checkpoint", "check_one_stage", "checkpoint_files", "discover", "natural_key", "order_by_step",
-           "passed_over", "step_from_name"]
+__all__ = ["Checkpoint", "check_one_stage", "checkpoint_files", "copies_of", "discover", "natural_key",
+           "order_by_step", "passed_over", "step_from_name"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # torch.save's files as timm and the PyTorch ImageNet example name them (a torch zip or pickle, not a tar)
@@ -328,6 +331,75 @@ def _top_level_files(folder: Path, numbered: bool) -> list[Path]:
     return chosen
 
 
+def _safetensors_body(path: Path) -> tuple[dict, int] | None:
+    """A safetensors file's tensor table (its ``__metadata__`` left out) and where its data starts; None
+    where the file is no such file."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                return None
+            table = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(table, dict):
+        return None
+    table.pop("__metadata__", None)
+    return table, 8 + n
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two weight files hold the same tensors: the same bytes, or, for safetensors, the same tensor
+    table and data whatever their metadata (``{"format": "pt"}`` in one of two saves of one model)."""
+    if not isinstance(b, Path):
+        return False
+    try:
+        if a.suffix == b.suffix == ".safetensors":
+            heads = _safetensors_body(a), _safetensors_body(b)
+            if None in heads or heads[0][0] != heads[1][0]:
+                return False
+            with open(a, "rb") as fa, open(b, "rb") as fb:
+                fa.seek(heads[0][1])
+                fb.seek(heads[1][1])
+                while (x := fa.read(1 << 20)) == fb.read(1 << 20):
+                    if not x:
+                        return True
+                return False
+        return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def _warn_final_model(src: Path | RemoteFolder, subdirs: Sequence[Path | RemoteFolder],
+                      found: Sequence[Checkpoint]) -> None:
+    """Tell the weights beside a run's ``checkpoint-<step>/`` folders that name no step and are not the bytes
+    of a checkpoint's file of their name: the HF Trainer's final save at a step past the last checkpoint,
+    the best checkpoint reloaded by ``load_best_model_at_end``, a ``final_model/`` folder. Their step cannot
+    be known: they are not read. (A final save equal to the last checkpoint, the usual case, loses nothing.)"""
+    saved: dict[str, list[Path | RemoteFile]] = {}
+    for f in (f for c in found for f in c.files):
+        saved.setdefault(f.name, []).append(f)
+
+    def lost(f) -> bool:  # a remote file: by the name its source gives its bytes, where it gives one
+        if isinstance(f, RemoteFile):
+            return f.content_id() is None or f.content_id() not in {g.content_id() for g in saved.get(f.name, ())}
+        return not any(_same_weights(f, g) for g in saved.get(f.name, ()))
+
+    def weights(folder) -> list:
+        return [f for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
+                if not f.is_dir() and _is_weight_file(f)]
+
+    left = [f.name for f in weights(src) if _NUMBER.search(_numbers_of(f.stem)) is None and lost(f)]
+    left += [f"{d.name}/" for d in subdirs if _NUMBER.search(d.name) is None and not d.name.startswith(".")
+             and any(map(lost, weights(d)))]
+    if left:
+        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+        warnings.warn(printable(
+            f"{src}/{left[0]}{more}: weights beside the checkpoint folders whose step no name gives (a final "
+            "save, or the best checkpoint reloaded at the end), not read; move them into a folder named by "
+            "their step to make them part of the run"), UnreadWeightsWarning, stacklevel=4)
+
+
 def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None) -> list[Checkpoint]:
     """List the checkpoints under *src*, in order of natural name.
 
@@ -361,6 +433,8 @@ def discover(src: str | Path | RemoteFolder, steps: Sequence[int] | None = None)
             raise refusal
     # beside checkpoint-<step>/ folders, files without a number are the final model (its shards, a copy in
     # another precision)
+    if found:
+        _warn_final_model(src, subdirs, found)
     for f in _top_level_files(src, numbered=bool(found)):
         found.append(Checkpoint(str(f), (f,), step_from_name(f.stem, label=str(f)) if named else None))
     packed = [f.name for f in sorted(src.iterdir(), key=lambda f: natural_key(f.name))
@@ -425,6 +499,36 @@ def check_one_stage(where: str, names: Sequence[str], hint: str = "select one st
             f"own start (in step order they would interleave); {hint}"))
 
 
+def _same_bytes(a: Sequence[Path | RemoteFile], b: Sequence[Path | RemoteFile]) -> bool:
+    """Whether two local checkpoints' files are the same bytes: one file through a link, or equal contents."""
+    if len(a) != len(b) or not all(isinstance(f, Path) for f in (*a, *b)):
+        return False
+    try:
+        return all(os.path.samefile(x, y) or filecmp.cmp(x, y, shallow=False) for x, y in zip(a, b))
+    except OSError:
+        return False
+
+
+def copies_of(checkpoints: Sequence[Checkpoint], from_contents: Collection[str]) -> dict[str, str]:
+    """Checkpoints that copy another: label of the copy -> label of the checkpoint it copies.
+
+    A copy's step was read from its contents (its label in *from_contents*: Lightning's ``last.ckpt``,
+    saved, or linked, beside the newest ``epoch=E-step=S.ckpt``), the other's from its name, and their
+    files are the same bytes. The copy is not read twice; two checkpoints of one step that are not such a
+    pair are refused by :func:`order_by_step`.
+    """
+    named: dict[int, Checkpoint] = {}
+    for c in checkpoints:
+        if c.label not in from_contents:
+            named.setdefault(c.step, c)
+    out = {}
+    for c in checkpoints:
+        if c.label in from_contents and (other := named.get(c.step)) is not None and _same_bytes(c.files,
+                                                                                                  other.files):
+            out[c.label] = other.label
+    return out
+
+
 def order_by_step(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
     """Sort by step, refusing missing, duplicate and out-of-range steps with the files named."""
     for c in checkpoints:
@@ -439,5 +543,6 @@ def order_by_step(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
     ordered = sorted(checkpoints, key=lambda c: c.step)
     for a, b in zip(ordered, ordered[1:]):
         if a.step == b.step:
-            raise StepError(f"duplicate step {a.step}: {a.label} and {b.label}")
+            raise StepError(printable(f"duplicate step {a.step}: {a.label} and {b.label}; move the one that is "
+                                      "not this run's checkpoint of that step out of the folder"))
     return ordered

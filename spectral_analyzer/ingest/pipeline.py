@@ -62,7 +62,7 @@ from ..threads import torch_threads
 from ..weights import ingest_packing, matrices_of, select_weights
 from ..weights.kernel import singular_values
 from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_norm
-from .discover import Checkpoint, has_step_word, natural_key, order_by_step
+from .discover import Checkpoint, copies_of, has_step_word, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
 from .readers import KeyOptions, TensorInfo, needs_download, open_checkpoint
 from .sources import RemoteFile, Source, is_remote, open_source
@@ -165,6 +165,14 @@ def _preflight(
         if not kept:
             raise SelectionError(f"{src}: the step selection '{selection}' keeps none of its checkpoints")
         planned = kept
+    copies = copies_of([p.checkpoint for p in planned], {c.label for c in checkpoints if c.step is None})
+    if copies:  # Lightning's last.ckpt beside the checkpoint it copies: read once, and told
+        (copy, original), more = next(iter(copies.items())), len(copies) - 1
+        warnings.warn(printable(f"{copy}: the same bytes as {original}, not read twice"
+                                f"{f' (and {more} more such)' if more else ''}"), UnreadWeightsWarning, stacklevel=3)
+        planned = [p if not (mine := [c for c, o in copies.items() if o == p.checkpoint.label]) else
+                   replace(p, checkpoint=replace(p.checkpoint, origin={**p.checkpoint.origin, "copies": mine}))
+                   for p in planned if p.checkpoint.label not in copies]  # the copies kept in provenance
     by_checkpoint = {id(p.checkpoint): p for p in planned}
     ordered = order_by_step([p.checkpoint for p in planned])
     return [by_checkpoint[id(c)] for c in ordered]
