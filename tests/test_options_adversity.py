@@ -4,6 +4,8 @@ before the pass over the deltas, on one line."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from conftest import FIXTURES, write_run
@@ -107,3 +109,21 @@ def test_an_empty_list_of_patterns_is_refused_by_name(wd1):
     """params=[] said "no tensor matches  (tensors: ...)", naming nothing."""
     with pytest.raises(SelectionError, match="params is an empty list"):
         wd1.spectra(window=3, params=[])
+
+
+@pytest.mark.parametrize("call, options", [("spectra", {"params": "nomatch"}),
+                                           ("spectra", {"params": "w*", "group_by": "nothing"}),
+                                           ("dynamics", {"params": "nomatch"})])
+def test_a_refused_selection_tells_nothing_of_the_windows_first(tmp_path, call, options):
+    """On unevenly spaced checkpoints, a selection refused in one line was preceded by a MixedIntervalsWarning
+    about the windows of a result never computed."""
+    src = tmp_path / "src"
+    write_run(src, 4, {"w": (6, 5)}, every=10)
+    write_run(src, 4, {"w": (6, 5)}, step0=100, every=100, seed=1)
+    run = sa.ingest(src, tmp_path / "s.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SelectionError):
+            getattr(run, call)(window=3, **options)
+    with pytest.warns(sa.MixedIntervalsWarning):
+        getattr(run, call)(window=3)

@@ -124,6 +124,8 @@ def compute_dynamics(
             f"{store.path}: dynamics with window {window} compare consecutive windows and need at least "
             f"{window + 1} deltas; {where} {n_rows}"
         )
+    names = [t.name for t in store.manifest]
+    groups = group_tensors(names, select_tensors(names, params), group_by)  # refused before anything is told
     mixed = warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop), window, interval_factor)
     options = (window, params, group_by, constant, lr, top_k, tau, factor, persistence, phase_fraction,
                effective_lag(window, max_lag))
@@ -132,8 +134,6 @@ def compute_dynamics(
     name = f"dynamics-{key[:20]}"
     if cache and (cached := store.read_result(name)) is not None:
         return noted(cached, mixed)
-    names = [t.name for t in store.manifest]
-    groups = group_tensors(names, select_tensors(names, params), group_by)  # refused before the pass
     band, lag, _, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
     band = band[:, rows]
     steps = store.steps[rows]

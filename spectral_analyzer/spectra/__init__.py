@@ -173,6 +173,10 @@ def compute_spectra(
     check_window(store, window, stride, rows)
     if not _whole(null_draws) or null_draws < 1:
         raise WindowError(f"null_draws must be a whole number of draws, 1 or more, not {null_draws!r}")
+    names = [t.name for t in store.manifest]  # a selection or grouping that cannot work is refused before
+    picked = select_tensors(names, params)     # anything is told of the windows or built
+    if group_by:
+        group_tensors(names, picked, group_by)
     mixed = warn_mixed_intervals(store, np.arange(rows.start + window - 1, rows.stop, stride), window,
                                  interval_factor)
     part = () if rows == slice(0, store.n_deltas) else (rows.start, rows.stop)
@@ -183,9 +187,6 @@ def compute_spectra(
         cached = store.read_result(name)
         if cached is not None:
             return noted(cached, mixed)
-    if group_by:  # an unknown grouping is refused before the pass over the deltas
-        names = [t.name for t in store.manifest]
-        group_tensors(names, select_tensors(names, params), group_by)
     band, lag, manifest, names, picked = band_for(store, window, params, max_lag, device, scheduler, progress)
     band = band[:, rows]
     steps = store.steps[rows]
