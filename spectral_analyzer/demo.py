@@ -48,17 +48,34 @@ def run_demo(output: str | os.PathLike = "spectral-demo", *, source: str | os.Pa
         raise NoCheckpointsError(
             f"{src}: no checkpoint folder here; pass a folder of checkpoints as the source"
         )
+    from .exporting import folder_lock, refuse_inside_store
+
     out = Path(output)
+    refuse_inside_store(out)  # before the folder is made
+    _check_replaceable(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    busy = f"{out}: another demo run is writing this folder; wait for it to end, or choose another folder"
+    with folder_lock(out, busy=busy):  # its own exports into out take the lock again
+        _check_replaceable(out, overwrite)
+        return _replace(src, out, window, overwrite)
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that is not empty unless *overwrite*, and one holding files the demo does not
+    write (a folder of the user's: never emptied for them)."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise StoreExistsError(f"{out}: exists and is not empty; pass overwrite to replace it")
         entries = {e.name for e in out.iterdir()}
         others = sorted(e for e in entries - set(WRITES) if not (e.startswith(".") and e.endswith(".partial")))
-        if others:  # a folder of the user's: never emptied for them
+        if others:
             shown = ", ".join(printable(e) for e in others[:3]) + (", ..." if len(others) > 3 else "")
             raise StoreExistsError(f"{out}: holds files the demo does not write ({shown}); overwrite replaces a "
                                    "demo's output only: choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _replace(src: Path, out: Path, window: int, overwrite: bool) -> dict[str, Path]:
+    """The demo's run into *out* (locked), the earlier output kept aside until it completes."""
     if overwrite:
         _restore(out)  # an earlier overwrite killed before it completed: its output comes back first
         moving = out / MOVING

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import xarray as xr
 from .errors import ExportError
 from .store.location import NAME_MAX, Location, sibling_name
 
-__all__ = ["ExportError", "check_output", "events_table", "export", "refuse_inside_store", "replacing", "table"]
+__all__ = ["ExportError", "check_output", "events_table", "export", "folder_lock", "refuse_inside_store", "replacing",
+           "table"]
 
 FORMATS = (".nc", ".csv", ".json")
 
@@ -94,6 +97,42 @@ def events_table(ds: xr.Dataset) -> list[dict]:
                               ds["event_value"].values)
         if np.isfinite(s)  # a run's padding, where another run has more events
     ]
+
+
+_HELD = threading.local()  # the folders this thread holds a lock on: (device, inode) -> depth
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, *, busy: str | None = None) -> Iterator[None]:
+    """An exclusive lock on *folder* while outputs are written into it: two processes (or threads) writing one
+    output file, or a table and its events file, go one after the other, never interleaved.
+
+    The lock is ``flock`` on the folder itself, so nothing is left in it; taken again by the thread that
+    holds it, it is held already. It waits for another writer, or with *busy* (a message) refuses at once
+    with an :class:`ExportError`. Where the filesystem has no ``flock`` (some network filesystems), the
+    writes go ahead unlocked.
+    """
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        held = getattr(_HELD, "folders", None)
+        if held is None:
+            held = _HELD.folders = {}
+        if not held.get(key):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+            except BlockingIOError:
+                raise ExportError(busy) from None
+            except OSError:  # ENOLCK, EINVAL: no flock on this filesystem
+                pass
+        held[key] = held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            held[key] -= 1
+    finally:
+        os.close(fd)  # (the lock goes with the last descriptor)
 
 
 @contextlib.contextmanager
@@ -206,31 +245,47 @@ def export(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) 
     (:func:`replacing`): a full disk or a kill leaves the earlier file, or
     none, never a part of one; and never a table beside the events file of
     another export (the earlier events file goes before the table is
-    replaced).
+    replaced; one beside a table of a Dataset without events is refused
+    unless ``overwrite``, and then removed). Two exports to one path at once
+    go one after the other (:func:`folder_lock`), the second checked again.
     """
     path = Path(path)
-    targets = check_output(path, overwrite=overwrite, events="event" in ds.dims)
+    events = "event" in ds.dims
+    check_output(path, overwrite=overwrite, events=events)
     try:
-        if path.suffix == ".nc":
-            ready = _netcdf_ready(ds, path)
-            with replacing(path) as tmp:
-                ready.to_netcdf(tmp, engine="scipy")
-            return path
-        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
-        # both files complete before either replaces its target; then the table first (its context exits
-        # first), the earlier events removed before it: stopped between the renames, the folder holds one
-        # export's pair, or one file alone, never a table beside another export's events
-        with contextlib.ExitStack() as stack:
-            tmp = [stack.enter_context(replacing(target)) for target in reversed(targets)][::-1]
-            _write_records(table(ds), tmp[0], path.suffix, attrs)
-            if len(targets) > 1:  # the events table beside the per-step table
-                _write_records(events_table(ds), tmp[1], path.suffix, attrs,
-                               ["run", *EVENT_COLUMNS] if "run" in ds.dims else list(EVENT_COLUMNS))
-                _fsync(tmp[1])
-                targets[1].unlink(missing_ok=True)
+        with folder_lock(path.parent):  # another export to this path goes before or after, not between
+            return _export(ds, path, check_output(path, overwrite=overwrite, events=events))
     except OSError as exc:
         raise ExportError(f"{exc.filename or path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _export(ds: xr.Dataset, path: Path, targets: list[Path]) -> Path:
+    """:func:`export` of *ds* to *targets* (checked, the folder locked)."""
+    if path.suffix == ".nc":
+        ready = _netcdf_ready(ds, path)
+        with replacing(path) as tmp:
+            ready.to_netcdf(tmp, engine="scipy")
+        return path
+    attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+    # both files complete before either replaces its target; then the table first (its context exits
+    # first), the earlier events removed before it: stopped between the renames, the folder holds one
+    # export's pair, or one file alone, never a table beside another export's events
+    with contextlib.ExitStack() as stack:
+        tmp = [stack.enter_context(replacing(target)) for target in reversed(targets)][::-1]
+        _write_records(table(ds), tmp[0], path.suffix, attrs)
+        if len(targets) > 1:  # the events table beside the per-step table
+            _write_records(events_table(ds), tmp[1], path.suffix, attrs,
+                           ["run", *EVENT_COLUMNS] if "run" in ds.dims else list(EVENT_COLUMNS))
+            _fsync(tmp[1])
+        # the earlier events file (of this export's table, or of an earlier export with events when this
+        # one has none) goes before the table is replaced
+        _events_beside(path).unlink(missing_ok=True)
     return path
+
+
+def _events_beside(path: Path) -> Path:
+    """Where a CSV or JSON export of a Dataset with events writes them: ``<stem>.events<suffix>``."""
+    return path.with_name(f"{path.stem}.events{path.suffix}")
 
 
 def refuse_inside_store(path: str | os.PathLike) -> None:
@@ -260,8 +315,15 @@ def check_output(
     if formats is not None and path.suffix not in formats:
         raise ExportError(f"{path}: unknown output format {path.suffix!r}; use one of {', '.join(formats)}")
     targets = [path]
-    if events and path.suffix != ".nc":  # netCDF keeps the events along its event dim
-        targets.append(path.with_name(f"{path.stem}.events{path.suffix}"))
+    paired = path.suffix in (".csv", ".json")  # netCDF keeps the events along its event dim
+    if events and paired:
+        targets.append(_events_beside(path))
+    elif paired and os.path.lexists(_events_beside(path)):  # another export's: the table would go beside it
+        if not overwrite:
+            raise ExportError(f"{_events_beside(path)}: the events of an earlier export to {path.name} are there; "
+                              "pass overwrite to replace that export (its events file is removed)")
+        if _events_beside(path).is_dir():
+            raise ExportError(f"{_events_beside(path)}: is a folder; give another file name")
     for target in targets:
         if len(os.fsencode(target.name)) > NAME_MAX:  # is_dir() itself would raise ENAMETOOLONG
             raise ExportError(f"{target}: its name is longer than the {NAME_MAX} bytes a file name may have; "

@@ -41,6 +41,7 @@ event files in the folder are never touched.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import socket
@@ -366,20 +367,32 @@ def export_tensorboard(
             raise ExportError(f"the {what} Dataset is of runs compared side by side; export each run's own "
                               "(sa.open_run(store).spectra(...)) into a folder of its own")
     logdir = Path(logdir)
-    previous = check_logdir(logdir, overwrite=overwrite)
-    try:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.summary.writer.record_writer import RecordWriter
-        from torch.utils.tensorboard.summary import scalar
+    check_logdir(logdir, overwrite=overwrite)
+    try:  # what _write_events takes, before anything is made
+        for module in ("tensorboard.compat.proto.event_pb2", "tensorboard.summary.writer.record_writer",
+                       "torch.utils.tensorboard.summary"):
+            importlib.import_module(module)
     except ImportError:
         raise ExportError(f"{logdir}: writing TensorBoard event files needs the tensorboard package: "
                           f"{INSTALL_HINT}") from None
-    from .exporting import replacing
+    from .exporting import folder_lock
 
     try:
         logdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"{logdir}: cannot create the folder ({exc.strerror or exc})") from None
+    with folder_lock(logdir):  # another export into logdir goes before or after: checked again
+        return _write_events(logdir, check_logdir(logdir, overwrite=overwrite), spectra, dynamics)
+
+
+def _write_events(logdir: Path, previous: list[Path], spectra: xr.Dataset, dynamics: xr.Dataset | None) -> Path:
+    """:func:`export_tensorboard`'s file, written into *logdir* (locked), then *previous* removed."""
+    from tensorboard.compat.proto.event_pb2 import Event  # (their absence told by the caller)
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    from torch.utils.tensorboard.summary import scalar
+
+    from .exporting import replacing
+
     written = _export_name(logdir)
     try:
         with replacing(written, label=TEMPORARY_LABEL) as tmp, open(tmp, "wb") as f:
