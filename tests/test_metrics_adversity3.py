@@ -4,10 +4,14 @@ that are not read, float steps beyond 2**53, and a threshold in percent on an ac
 
 from __future__ import annotations
 
+import json
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_run
 
 import spectral_analyzer as sa
 from spectral_analyzer.errors import MetricError, MetricsError
@@ -132,3 +136,40 @@ def test_a_trainer_state_at_the_top_that_extends_the_newest_checkpoints_is_taken
     (hf_copy / "trainer_state.json").write_text(json.dumps(stale))
     again = sa.ingest(hf_copy, tmp_path / "s.zarr")
     assert "final_accuracy" not in again.metrics and 1 not in again.metrics["step"].values
+
+
+@pytest.mark.parametrize("text", ["", "step,loss,acc\n", "step\n0\n10\n"])
+def test_a_metrics_file_with_no_values_is_refused_and_the_stored_ones_kept(tmp_path, text):
+    """An empty --metrics file, or a header alone (a log a restarted trainer has just created), was read as
+    no series; on an append it replaced the store's logged loss and accuracy with nothing."""
+    write_run(tmp_path / "src", 4, {"w": (5, 3)})
+    full = tmp_path / "full.csv"
+    full.write_text("step,loss,acc\n0,1.0,0.1\n10,0.9,0.2\n")
+    run = sa.ingest(tmp_path / "src", tmp_path / "s.zarr", metrics=full)
+    write_run(tmp_path / "src", 6, {"w": (5, 3)})
+    empty = tmp_path / "new.csv"
+    empty.write_text(text)
+    with pytest.raises(MetricsError, match=r"new\.csv: holds no logged values"):
+        sa.ingest(tmp_path / "src", tmp_path / "s.zarr", metrics=empty)
+    run = sa.open_run(tmp_path / "s.zarr")
+    assert list(run.checkpoint_steps) == [0, 10, 20, 30]
+    assert sorted(run.metrics) == ["acc", "loss"]
+
+
+def test_a_trainer_state_that_has_logged_nothing_keeps_the_stored_metrics(hf_copy, tmp_path):
+    """The newest checkpoint's trainer_state.json with an empty log_history (found, not given) is no training
+    log: the store's metrics stay."""
+    run = sa.ingest(hf_copy, tmp_path / "s.zarr")
+    before = {k: np.asarray(v) for k, v in run.metrics.items()}
+    assert before
+    last = max(hf_copy.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+    new = hf_copy / "checkpoint-40"
+    shutil.copytree(last, new)
+    state = json.loads((new / "trainer_state.json").read_text())
+    (new / "trainer_state.json").write_text(json.dumps({**state, "global_step": 40, "log_history": []}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the copied checkpoint: identical to the one before
+        run = sa.ingest(hf_copy, tmp_path / "s.zarr")
+    assert list(run.checkpoint_steps)[-1] == 40
+    after = {k: np.asarray(v) for k, v in run.metrics.items()}
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k], equal_nan=True) for k in after)

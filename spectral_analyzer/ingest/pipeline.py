@@ -39,6 +39,7 @@ from ..errors import (
     CheckpointError,
     DuplicateCheckpointWarning,
     InconsistentCheckpointsError,
+    MetricsError,
     ModelCopyWarning,
     NonFiniteError,
     OutlierDeltaWarning,
@@ -811,6 +812,11 @@ def _ingest_source(
     else:  # a remote source's metrics are given with metrics=
         metrics_path = None
     metric_table = read_metrics(metrics_path) if metrics_path is not None else None
+    if metric_table is not None and not metric_table[1]:  # no series: written, it would replace those stored
+        if metrics is not None:
+            raise MetricsError(printable(f"{metrics_path}: holds no logged values (an empty file, or a header "
+                                        "alone); give the run's training log, or leave metrics out"))
+        metric_table = None  # a trainer_state.json of a run that has logged nothing yet
 
     match = None if weights is None else ([weights] if isinstance(weights, str) else list(weights))
     with StoreWriter(path, storage_options, overwrite=overwrite, wait=wait) as writer:
