@@ -92,26 +92,50 @@ def test_recorder_refuses_going_back_and_other_models(tmp_path):
     assert np.allclose(run.deltas.values[-1][3:], 1.0) and not run.deltas.values[-1][:3].any()  # bias, then weight
 
 
-def test_resuming_between_recorded_steps_skips_to_after_the_store(tmp_path):
+def _resumed_between_rows(tmp_path, replay: float):
+    """Rows at 0..20 (weights += 0.5 a row), the model put back to its step-12 weights and resumed at 12, then
+    moved by *replay* a row (0.5: the training redone alike)."""
     model = torch.nn.Linear(3, 2)
     rec = sa.Recorder(tmp_path / "r.zarr", model, every=5, chunk_size=4)
+    at_10 = None
     for step in range(0, 21, 5):
         with torch.no_grad():
             model.weight += 0.5
+        if step == 10:
+            at_10 = {k: v.clone() for k, v in model.state_dict().items()}
         rec.step(step, loss=float(step))
     before = sa.open_run(tmp_path / "r.zarr").deltas.values
+    model.load_state_dict(at_10)  # the checkpoint at 12: the weights of 10, no row between
     again = sa.Recorder(tmp_path / "r.zarr", model, every=5, chunk_size=4)
     with pytest.warns(sa.RecordingWarning, match=r"resumed at step 12, before the store's last step 20, which holds no row"):
         again.resume(12)
-    for step in (15, 20, 25):
+    for step in (15, 20):
         with torch.no_grad():
-            model.weight += 0.25
+            model.weight += replay
         again.step(step, loss=-float(step))
+    return model, again, before
+
+
+def test_resuming_between_recorded_steps_goes_on_after_the_store_when_the_training_is_redone_alike(tmp_path):
+    model, again, before = _resumed_between_rows(tmp_path, 0.5)
+    with torch.no_grad():
+        model.weight += 0.25
+    again.step(25, loss=-25.0)
     run = sa.open_run(tmp_path / "r.zarr")
     assert list(run.checkpoint_steps) == [0, 5, 10, 15, 20, 25]
     assert np.array_equal(run.deltas.values[:4], before)
+    assert np.allclose(np.sort(run.deltas.values[4]), [0, 0, *[0.25] * 6])  # the weight's 6, not the bias
     assert list(run.metrics["step"].values) == [0, 5, 10, 15, 20, 25]
     assert run.metrics["loss"].sel(step=[10, 25]).values.tolist() == [10.0, -25.0]
+
+
+def test_resuming_between_recorded_steps_is_refused_where_the_training_is_not_redone_alike(tmp_path):
+    """The next delta after the store's last step came from the abandoned training's weights there: resumed
+    training that did not replay them (Lightning's mid-epoch resume, a checkpoint of another run) got a row
+    mixing two trajectories (30% off in a review's Lightning run), told only that steps were not recorded."""
+    with pytest.raises(sa.StepError, match=r"resumed before step 20 does not redo the one recorded"):
+        _resumed_between_rows(tmp_path, 0.25)
+    assert list(sa.open_run(tmp_path / "r.zarr").checkpoint_steps) == [0, 5, 10, 15, 20]
 
 
 def test_recorded_metrics_are_appended_and_late_ones_merged(tmp_path, monkeypatch):

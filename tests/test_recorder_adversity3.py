@@ -189,3 +189,25 @@ def test_a_refused_record_does_not_take_another_writers_row_for_its_own(tmp_path
                                             r"\(the store now ends at step 20\)"):
         rec.record(30)
     assert sa.open_run(path).checkpoint_steps.tolist() == [0, 10, 20]
+
+
+@pytest.mark.parametrize("at", [0, 10])
+def test_resumed_into_the_store_of_another_training_nothing_is_dropped(tmp_path, at):
+    """A training resumed from its own checkpoint at step 10 with the callback pointed at another run's store
+    (rows at 0..20): the store's rows after 10 were dropped and the other training's appended, the check
+    against the weights coming only after the truncation, when there was nothing left to check against."""
+    path = tmp_path / "r.zarr"
+    model = _model(0)
+    rec = sa.Recorder(path, model, every=10)
+    for s in range(0, 21):
+        _move(model, 0.01)
+        rec.step(s, loss=float(s))
+    rec.flush()
+    before = sa.open_run(path).deltas.values.copy()
+    other = _model(1)  # another training's weights at that step
+    with pytest.raises(sa.StepError, match=rf"resumed at step {at}, but the model's weights are not the ones"):
+        sa.Recorder(path, other, every=10).resume(at)
+    run = sa.open_run(path)
+    assert run.checkpoint_steps.tolist() == [0, 10, 20]
+    assert np.array_equal(run.deltas.values, before)
+    assert _losses(path) == {s: float(s) for s in range(0, 21)}

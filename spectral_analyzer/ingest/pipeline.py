@@ -680,6 +680,11 @@ def _warn_unread(new: list[_Planned]) -> None:
             UnreadWeightsWarning, stacklevel=4)
 
 
+def weights_crc(chunk_crcs: Sequence[int]) -> int:
+    """One checksum of a checkpoint's float32 weights: the crc32c of its chunks' crc32c values."""
+    return crc32c(np.asarray(chunk_crcs, dtype=np.uint32))
+
+
 def stored_unread(store: Store) -> dict[str, str]:
     """The weights of no float dtype (name: dtype) the store's last checkpoint held, as its source records."""
     return store.sources_at(store.n_deltas)[0].get("unread") or {}
@@ -1231,7 +1236,10 @@ def write_rows(
             st.write_row_meta(r, cur.step, crcs)
             squares = math.fsum(f.result()[1] for f in row.written)
             delta_norm = math.sqrt(squares)
-            st.write_source(r + 1, source_entry(i, delta_norm))
+            entry = source_entry(i, delta_norm)
+            if last is not None:  # what a resume to this step checks the model against, once later rows exist
+                entry["weights_crc"] = weights_crc(last.crcs())
+            st.write_source(r + 1, entry)
             outlier = norms.check(prev_step, cur.step, delta_norm, _shown(cur.checkpoint))
             if outlier is not None:
                 warnings.warn(outlier, OutlierDeltaWarning, stacklevel=3)

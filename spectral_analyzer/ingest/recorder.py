@@ -37,6 +37,7 @@ from .model_config import attention_config
 from .metrics import _check_names as _check_metric_names
 from .pipeline import (
     _check_consistent,
+    _check_finite,
     _check_names,
     _ChunkedRow,
     _crc_only,
@@ -45,6 +46,7 @@ from .pipeline import (
     _stored_is_exact,
     _warn_unread,
     stored_unread,
+    weights_crc,
     write_rows,
 )
 from .readers import CheckpointReader, KeyOptions, _add, skip_unread
@@ -111,7 +113,8 @@ class Recorder:
         self.wait = wait
         self._previous: CheckpointReader | None = None  # the model at the store's last step, when it was
         self._previous_at: tuple[int, str] | None = None  # that step and the store's commit chain then
-        self._skip_through: int | None = None  # after a resume: steps already in the store, not recorded again
+        self._skip_through: int | None = None  # after a resume between rows: the store's last step, not recorded again
+        self._diverged: str | None = None  # why recording cannot go on (a resumed training that differs)
         self._pending: dict[int, dict[str, float]] = {}  # logged, not yet in the store
         self._cut: int | None = None  # the store's series from this step on are superseded by this recorder's
         self._attempt: tuple[int, Any] | None = None  # step and commit chain of a record interrupted once committed
@@ -188,8 +191,13 @@ class Recorder:
         step = self._step(step)
         if self._silent():
             return
-        if self._skip_through is not None:
-            if step <= self._skip_through:
+        if self._diverged is not None:
+            raise StepError(self._diverged)
+        if self._skip_through is not None:  # resumed between rows: the store's rows up to its last are kept
+            if step < self._skip_through:
+                return
+            if step == self._skip_through:  # the next delta goes from the weights recorded here: the same?
+                self._check_replay(step)
                 return
             self._skip_through = None
         reader = self._snapshot(step)
@@ -288,11 +296,13 @@ class Recorder:
 
         Rows the store holds after *step* were recorded by the training being
         redone (a trainer resumed from an older checkpoint). When the store
-        has a row at *step* itself, those later rows are dropped, with a
-        warning, and recording continues from the model as it is now, exactly.
-        When the store holds rows after *step* but none at it, the store is
-        left as it is, with a warning, and steps up to its last one are not
-        recorded again. When it ends before *step* (or there is none) and
+        has a row at *step* itself, the model is checked against the weights
+        recorded there (where the row recorded their checksum), then those
+        later rows are dropped, with a warning, and recording continues from
+        the model as it is now, exactly. When the store holds rows after
+        *step* but none at it, the resume is refused, the store left as it is:
+        the next delta would go from the abandoned training's weights to the
+        resumed one's. When it ends before *step* (or there is none) and
         *step* is one it records (a multiple of ``every``), the model is
         recorded at *step* now: a training killed while recording that step,
         after saving the checkpoint it resumed from, lacks that row. The
@@ -308,7 +318,7 @@ class Recorder:
             return
         # A recorder that has recorded (a callback reused for a training resumed from a checkpoint) forgets
         # its snapshot, which is of the abandoned training, and what was logged after *step*.
-        self._previous = self._previous_at = self._skip_through = None
+        self._previous = self._previous_at = self._skip_through = self._diverged = None
         self._pending = {s: v for s, v in self._pending.items() if s <= step}
         self._continues = True
         if Store.exists(self.path, self.storage_options):
@@ -334,6 +344,8 @@ class Recorder:
             return
         if step in steps:
             keep = steps.index(step)
+            snapshot = self._snapshot(step)
+            self._check_at(snapshot, store, keep)  # before a row is dropped
             warnings.warn(
                 f"{self.path}: training resumed at step {step}: dropping the {len(steps) - 1 - keep} rows recorded "
                 f"after it (steps {steps[keep + 1]}..{steps[-1]}), which that training redoes",
@@ -341,16 +353,64 @@ class Recorder:
             )
             store.truncate(keep)
             self._cut = int(step) + 1
-            self._keep(self._checked(self._snapshot(step), store), store)
+            self._keep(self._checked(snapshot, store), store)
         else:
             warnings.warn(
                 f"{self.path}: training resumed at step {step}, before the store's last step {steps[-1]}, which "
-                f"holds no row at {step}: steps up to {steps[-1]} are not recorded again, and the metrics it "
-                f"holds after {step} are replaced by the ones the resumed training logs",
+                f"holds no row at {step}: steps up to {steps[-1]} are not recorded again (the model is checked "
+                f"against the weights recorded there when it gets there), and the metrics it holds after {step} "
+                "are replaced by the ones the resumed training logs",
                 RecordingWarning, stacklevel=2,
             )
             self._cut = int(step) + 1  # the abandoned training's metrics: the resumed one logs those steps again
-        self._skip_through = steps[-1] if step not in steps else None
+            self._skip_through = steps[-1]
+
+    def _check_replay(self, step: int) -> None:
+        """After a resume between rows, at the store's last step: refuse to go on if the resumed training's
+        weights are not the ones recorded there (a replay that differs: data order, dropout, a checkpoint
+        of another run), since every later delta would be taken from them."""
+        with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
+            store = writer.existing
+            if store is None or store.last_checkpoint_step != step:
+                raise StoreError(f"{self.path}: the store this recorder resumed changed under it (it no longer "
+                                 f"ends at step {step})")
+            record = store.commit_record
+            if record and record.get("last_crc") and record.get("last_step") == step:
+                row = self._crcs(self._snapshot(step), store)
+                if row != list(record["last_crc"]):
+                    self._diverged = (  # refused at every later record too, until resumed again
+                        f"{self.path}: the training resumed before step {step} does not redo the one recorded: its "
+                        "weights there are not the ones the store recorded (a replay that differs: data order, "
+                        "dropout; or a checkpoint of another run), and every later delta would be taken from the "
+                        "store's; resume from a checkpoint at a recorded step, or record into a new store")
+                    raise StepError(self._diverged)
+        self._skip_through = None
+
+    def _check_at(self, snapshot: CheckpointReader, store: Store, index: int) -> None:
+        """Refuse *snapshot*, the model at the store's checkpoint *index* (0 the base), if it is not the weights
+        the store recorded there: a training resumed from another run's checkpoint would have the store's rows
+        after it dropped, and its own appended to the rest. Rows that recorded no checksum of their weights
+        (written by ingest before the last checkpoint of an ingest, or by an earlier version) are not checked."""
+        expected = (weights_crc(store.attrs["base_crc"]) if index == 0
+                    else store.sources_at(index)[0].get("weights_crc"))
+        step = int(store.checkpoint_steps[index])
+        for t in store.manifest:  # NaN or Inf in the model: told as such, not as other weights
+            _check_finite(snapshot.read(t.name), t.name, snapshot.label, step)
+        if expected is not None and weights_crc(self._crcs(snapshot, store)) != expected:
+            raise StepError(
+                f"{self.path}: training resumed at step {store.checkpoint_steps[index]}, but the model's weights are "
+                "not the ones the store recorded at that step (resumed from another run's checkpoint, or one "
+                "saved in lower precision?); nothing was dropped; resume from that step's checkpoint, or record "
+                "into a new store"
+            )
+
+    @staticmethod
+    def _crcs(snapshot: CheckpointReader, store: Store) -> list[int]:
+        """The chunk crc32c values of *snapshot*'s weights in float32, as the store keeps a checkpoint's."""
+        row = _ChunkedRow(store.chunk_size, store.n_params, _crc_only)
+        for t in store.manifest:
+            row.add(snapshot.read(t.name).to(torch.float32).reshape(-1).numpy())
+        return row.crcs()
 
     def _checked(self, snapshot: CheckpointReader, store: Store) -> CheckpointReader:
         """*snapshot*, the model at the store's last step, checked against the store's copy of that step's
@@ -359,10 +419,7 @@ class Recorder:
         record = store.commit_record
         if not record or not record.get("last_crc") or record.get("last_step") != store.last_checkpoint_step:
             return snapshot  # no copy of this step's weights (rows after it dropped): nothing to check against
-        row = _ChunkedRow(store.chunk_size, store.n_params, _crc_only)
-        for t in store.manifest:
-            row.add(snapshot.read(t.name).to(torch.float32).reshape(-1).numpy())
-        if row.crcs() != list(record["last_crc"]):
+        if self._crcs(snapshot, store) != list(record["last_crc"]):
             raise StepError(
                 f"{self.path}: training resumed at step {store.last_checkpoint_step}, but the model's weights are "
                 "not the ones the store recorded at that step (resumed from another run's checkpoint, or one "
