@@ -136,12 +136,14 @@ def _scheduler(ctx, param, address: str | None):
     return client
 
 
-def _above(bound: float):
-    """A click callback that takes a finite number greater than *bound* (or None: the option not given)."""
+def _above(bound: float, or_equal: bool = False):
+    """A click callback that takes a finite number greater than *bound* (or equal to it, *or_equal*), or None
+    (the option not given)."""
 
     def check(ctx, param, value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and value > bound):
-            raise click.BadParameter(f"{value:g} is not a finite number greater than {bound:g}")
+        if value is not None and not (math.isfinite(value) and (value >= bound if or_equal else value > bound)):
+            raise click.BadParameter(f"{value:g} is not a finite number {'at least' if or_equal else 'greater than'} "
+                                     f"{bound:g}")
         return value
 
     return check
@@ -796,7 +798,7 @@ def demo(output, source, window, overwrite):
 @click.option("--operation", type=click.Choice(["add", "sub", "mul", "sq"]), default="add", show_default=True,
               help="Modular task: a+b, a-b, a*b or a^2+b^2 mod p.")
 @click.option("--p", "modulus", type=click.IntRange(min=2), default=97, show_default=True)
-@click.option("--weight-decay", type=float, default=1.0, show_default=True)
+@click.option("--weight-decay", type=float, default=1.0, show_default=True, callback=_above(0.0, or_equal=True))
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="[default: 6000 modular, 3000 dyck]")
 @click.option("--every", type=click.IntRange(min=1), default=100, show_default=True, help="Checkpoint interval.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -419,11 +419,15 @@ class Run:
         >>> run.grokking(metric="test_acc").g23_decline                          # doctest: +SKIP
         >>> run.grokking(operator="qk", heads=4).qk_gap_23_decline               # doctest: +SKIP
         """
+        if operator not in ("trajectory", "qk"):
+            raise ValueError(f"unknown operator {operator!r}; use 'trajectory' or 'qk'")
+        known = ("wq", "heads", "device") if operator == "qk" else ("params", "wq", "device")
+        if unknown := sorted(set(options) - set(known)):  # before any spectra are built
+            raise SelectionError(f"grokking (operator {operator!r}): unknown option {unknown[0]!r} (options: "
+                                 f"{', '.join(known)})")
         if operator == "qk":
             return describe(compute_qk_grokking(self._store, self.metrics, metric=metric, threshold=threshold,
                                                 **options))
-        if operator != "trajectory":
-            raise ValueError(f"unknown operator {operator!r}; use 'trajectory' or 'qk'")
         metrics = self.metrics
         grok_point(metrics, metric, threshold, self.path)  # a metric not logged, or a W_Q glob that matches
         find_wq(self._store, options.get("wq"))             # nothing, is refused before any band is built

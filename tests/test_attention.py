@@ -536,3 +536,13 @@ def test_recorder_keeps_a_transformers_models_config(tmp_path):
     recorder = sa.Recorder(tmp_path / "live.zarr", model)
     recorder.record(0)
     assert sa.open_run(tmp_path / "live.zarr").provenance["model_config"] == {"n_head": 2, "n_embd": 4}
+
+
+def test_an_infinite_early_qk_ratio_is_not_left_out_of_the_mean():
+    """A head of rank 1 before grokking (|lambda_2| = 0: ratio inf) had its qk_ratio_12_early taken from its
+    finite checkpoints alone (1.63 where the mean over the checkpoints before grokking is inf); NaN, a ratio
+    not defined, is still left out, as in the trajectory's R_early."""
+    from spectral_analyzer.weights.grok import _mean
+
+    got = _mean(np.array([[np.inf, 1.0, np.nan], [2.0, np.nan, np.nan], [4.0, 3.0, np.nan]]))
+    assert got[0] == np.inf and got[1] == 2.0 and np.isnan(got[2])

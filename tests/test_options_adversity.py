@@ -127,3 +127,29 @@ def test_a_refused_selection_tells_nothing_of_the_windows_first(tmp_path, call, 
             getattr(run, call)(window=3, **options)
     with pytest.warns(sa.MixedIntervalsWarning):
         getattr(run, call)(window=3)
+
+
+@pytest.mark.parametrize("operator, options", [("trajectory", {"steps": "0..200"}), ("trajectory", {"center": True}),
+                                               ("qk", {"params": "*attn*"})])
+def test_grokking_options_it_does_not_take_are_refused_before_any_work(wd1, operator, options):
+    """run.grokking(steps=...) ended in a TypeError from inside, after the spectra had been built."""
+    with pytest.raises(SelectionError, match=rf"unknown option '{next(iter(options))}' \(options: "):
+        wd1.grokking(metric="test_acc", operator=operator, **options)
+
+
+def test_a_stride_past_what_numpy_ranges_hold_is_refused_on_one_line(wd1):
+    """spectra --stride 99999999999999999999 ended in an IndexError traceback."""
+    with pytest.raises(WindowError, match="stride must be less than 2"):
+        wd1.spectra(window=3, stride=10**20)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5"])
+def test_train_example_refuses_a_weight_decay_that_is_no_finite_number_at_least_0(tmp_path, value):
+    """--weight-decay inf trained to NaN weights and reported success; nan and -5 gave torch's traceback."""
+    from click.testing import CliRunner
+
+    from spectral_analyzer.cli import main
+
+    result = CliRunner().invoke(main, ["train-example", str(tmp_path / "out"), "--weight-decay", value])
+    assert result.exit_code == 2 and "is not a finite number at least 0" in result.output
+    assert not (tmp_path / "out").exists()

@@ -73,6 +73,8 @@ def check_window(store: Store, window: int, stride: int = 1, rows: slice | None 
         raise WindowError(f"window must be at least 2, got {window}")
     if stride < 1:
         raise WindowError(f"stride must be at least 1, got {stride}")
+    if stride >= 2**62:  # (numpy's ranges of such strides are object arrays)
+        raise WindowError(f"stride must be less than 2**62, got {stride}")
     rows = slice(0, store.n_deltas) if rows is None else rows
     n = rows.stop - rows.start
     if n < window:

@@ -55,11 +55,13 @@ def grok_point(metrics: xr.Dataset, metric: str, threshold: float, origin: str) 
 
 
 def _mean(x: np.ndarray) -> np.ndarray:
-    """Mean over axis 0 of the finite values (NaN where there are none), without numpy's empty-slice warning."""
-    finite = np.isfinite(x)
-    count = finite.sum(axis=0)
+    """Mean over axis 0 of the values that are not NaN (NaN where there are none), without numpy's empty-slice
+    warning. An infinite ratio (|lambda_2| = 0) counts, as in the trajectory's R_early: left out, a head
+    collapsed to rank 1 before grokking had its early ratio taken from its other checkpoints alone."""
+    known = ~np.isnan(x)
+    count = known.sum(axis=0)
     with np.errstate(invalid="ignore"):
-        return np.where(count > 0, np.where(finite, x, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
+        return np.where(count > 0, np.where(known, x, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
 
 
 def compute_qk_grokking(
