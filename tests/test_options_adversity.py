@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from conftest import FIXTURES, write_run
 
 import spectral_analyzer as sa
@@ -153,3 +154,23 @@ def test_train_example_refuses_a_weight_decay_that_is_no_finite_number_at_least_
     result = CliRunner().invoke(main, ["train-example", str(tmp_path / "out"), "--weight-decay", value])
     assert result.exit_code == 2 and "is not a finite number at least 0" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_one_pattern_given_as_a_string_is_one_pattern(tmp_path):
+    """include / exclude / strip_prefix given as one string were taken letter by letter: exclude="b*" excluded
+    everything by its '*', and strip_prefix="model." stripped m, o, d, e, l and dots from the front of every
+    name ('model.layers.0.w' became 'ayers.0.w'), without a word."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for step in (0, 1, 2):
+        save_file({"model.layers.0.w": torch.full((4, 3), float(step)), "model.b": torch.ones(5) * step},
+                  str(src / f"step_{step}.safetensors"))
+    run = sa.ingest(src, tmp_path / "a.zarr", exclude="model.b")
+    assert run.tensors["tensor"].values.tolist() == ["model.layers.0.w"]
+    run = sa.ingest(src, tmp_path / "b.zarr", include="*layers*", strip_prefix="model.")
+    assert run.tensors["tensor"].values.tolist() == ["layers.0.w"]
+    model = torch.nn.Linear(3, 2)
+    sa.Recorder(tmp_path / "r.zarr", model, exclude="bias").record(0)
+    assert sa.open_run(tmp_path / "r.zarr").tensors["tensor"].values.tolist() == ["weight"]

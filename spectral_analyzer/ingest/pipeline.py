@@ -65,7 +65,7 @@ from ..weights.kernel import singular_values
 from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_norm
 from .discover import Checkpoint, copies_of, has_step_word, natural_key, order_by_step
 from .metrics import find_trainer_state, read_metrics
-from .readers import KeyOptions, TensorInfo, needs_download, open_checkpoint
+from .readers import KeyOptions, TensorInfo, needs_download, open_checkpoint, patterns
 from .sources import RemoteFile, Source, is_remote, open_source
 
 __all__ = ["ingest_store"]
@@ -784,7 +784,7 @@ def _ingest_source(
     storage_options: Mapping[str, Any] | None,
     wait: bool | float,
 ) -> str:
-    keys = KeyOptions(tuple(strip_prefix), lightning_prefix, tuple(include), tuple(exclude))
+    keys = KeyOptions(patterns(strip_prefix), lightning_prefix, patterns(include), patterns(exclude))
     selection = StepSelection.parse(select, every)
     found = source.checkpoints(steps)
     planned = _preflight(found, keys, selection, source.label, named=steps is None)

@@ -88,6 +88,15 @@ _SAFETENSORS_DTYPES = {
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
+def patterns(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """*value* as a tuple of patterns (globs, prefixes): one string is one pattern, not its characters
+    (``exclude="ema*"`` had excluded every tensor by its ``*``; ``strip_prefix="model."`` stripped the letters
+    m, o, d, e, l and dots from the front of every name)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @dataclass(frozen=True)
 class KeyOptions:
     """How tensor names are canonicalised and selected.

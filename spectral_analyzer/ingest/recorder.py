@@ -49,7 +49,7 @@ from .pipeline import (
     weights_crc,
     write_rows,
 )
-from .readers import CheckpointReader, KeyOptions, _add, skip_unread
+from .readers import CheckpointReader, KeyOptions, _add, _sharing, patterns, skip_unread
 
 __all__ = ["Recorder"]
 
@@ -106,7 +106,7 @@ class Recorder:
         self.path = str(store)
         self.model = model
         self.every = every
-        self.keys = KeyOptions(include=tuple(include), exclude=tuple(exclude))
+        self.keys = KeyOptions(include=patterns(include), exclude=patterns(exclude))
         self.chunk_size = chunk_size
         self.overwrite = overwrite
         self.storage_options = storage_options
@@ -154,6 +154,7 @@ class Recorder:
     def _snapshot(self, step: int) -> CheckpointReader:
         reader = CheckpointReader(f"{self.path} (recorded step {step})", {})
         seen_storage: set[tuple] = set()
+        views: dict[int, list[tuple[torch.Tensor, str]]] = {}  # storage: the tensors taken on it, with their names
         # ZeRO-3 parameters are empty placeholders; their state_dict() copies lose the mark DeepSpeed sets
         named = getattr(self.model, "named_parameters", None)
         partitioned = {n for n, p in named() if hasattr(p, "ds_shape")} if callable(named) else set()
@@ -182,8 +183,15 @@ class Recorder:
                 if ident in seen_storage:
                     continue
                 seen_storage.add(ident)
+                views.setdefault(ident[0], []).append((value, canonical))
             tensor = value.detach().to("cpu", copy=True)
             _add(reader, name, tensor.shape, tensor.dtype, tensor, self.keys, reader.label)
+        for on_one in views.values():  # as ingest refuses them in a file
+            if (shared := _sharing(on_one)) is not None:
+                raise CheckpointError(
+                    f"{reader.label}: tensors {shared[0]!r} and {shared[1]!r} are views of the same values (a packed "
+                    "parameter registered beside its slices?), which would be counted twice; leave one out with "
+                    f"exclude={shared[1]!r}")
         return reader
 
     def record(self, step: int) -> None:
