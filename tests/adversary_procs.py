@@ -401,7 +401,12 @@ def rewrite_rows_and_cache(path: str, resume_at: int, steps: int, seed: int, rea
     Waits for *go* first; sets *ready* once the band cache of the new rows is written.
     """
     go.wait(30)
-    model = toy_model(seed)
+    model = toy_model(0)  # the weights train_and_record reached at resume_at: the checkpoint resumed from
+    gen = torch.Generator().manual_seed(1)
+    for s in range(1, resume_at + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01 * (1 + s % 3))
     rec = sa.Recorder(path, model, wait=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sa.RecordingWarning)
