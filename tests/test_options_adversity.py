@@ -174,3 +174,16 @@ def test_one_pattern_given_as_a_string_is_one_pattern(tmp_path):
     model = torch.nn.Linear(3, 2)
     sa.Recorder(tmp_path / "r.zarr", model, exclude="bias").record(0)
     assert sa.open_run(tmp_path / "r.zarr").tensors["tensor"].values.tolist() == ["weight"]
+
+
+@pytest.mark.parametrize("options", [{"lr": 1e-320}, {"constant": 1e308}])
+def test_extreme_dynamics_options_give_their_values_without_numpy_s_warnings(wd1, options):
+    """--lr 1e-320 and --constant 1e308 printed numpy's multi-line overflow warnings with the source line; the
+    values themselves are inf (adiabatic) and 0 (alpha, clipped), as they are past float64's range."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ds = wd1.dynamics(window=5, **options)
+    if "lr" in options:
+        assert np.isposinf(ds["adiabatic"].values[np.isfinite(ds["gap"].values) & (ds["gap"].values > 0)]).all()
+    else:
+        assert (ds["alpha"].values[~np.isnan(ds["alpha"].values)] == 0).all()

@@ -159,7 +159,7 @@ def compute_dynamics(
         eta, lr_source = np.full(n, float(lr)), "given"
     else:
         eta, lr_source = learning_rate_at(store, step)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # past float64's range: inf, as it is
         adiabatic = dc_norm / (eta * cur["gap"] ** 2)
 
     partial = np.stack([window_grams(band[m].sum(axis=0), w + 1)[1][:, 1:, 1:] for m in groups.values()])

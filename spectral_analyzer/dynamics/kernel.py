@@ -69,7 +69,7 @@ def stability(lam: np.ndarray, dc_norm: np.ndarray, constant: float = 1.0) -> np
     diff[..., np.arange(w), np.arange(w)] = np.inf
     dlam = diff.min(axis=-1)
     moved = np.broadcast_to(dc_norm[..., None] > 0, dlam.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # -inf past float64's range: clipped to 0
         alpha = 1.0 - constant * dc_norm[..., None] / dlam
     return np.clip(np.where(dlam > 0, alpha, np.where(moved, 0.0, np.nan)), 0.0, 1.0)
 
