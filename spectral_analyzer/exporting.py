@@ -109,10 +109,16 @@ def folder_lock(folder: str | os.PathLike, *, busy: str | None = None) -> Iterat
 
     The lock is ``flock`` on the folder itself, so nothing is left in it; taken again by the thread that
     holds it, it is held already. It waits for another writer, or with *busy* (a message) refuses at once
-    with an :class:`ExportError`. Where the filesystem has no ``flock`` (some network filesystems), the
-    writes go ahead unlocked.
+    with an :class:`ExportError`. Where the filesystem has no ``flock`` (some network filesystems), or the
+    folder cannot be opened for reading (one written into but not listed), the writes go ahead unlocked.
     """
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except PermissionError:  # a folder one may write into but not list (a drop box): no lock to take
+        fd = None
+    if fd is None:
+        yield
+        return
     try:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
@@ -279,8 +285,14 @@ def _export(ds: xr.Dataset, path: Path, targets: list[Path]) -> Path:
             _fsync(tmp[1])
         # the earlier events file (of this export's table, or of an earlier export with events when this
         # one has none) goes before the table is replaced
-        _events_beside(path).unlink(missing_ok=True)
+        if _lexists(_events_beside(path)):
+            _events_beside(path).unlink()
     return path
+
+
+def _lexists(path: Path) -> bool:
+    """Whether something is at *path*; a name too long for the folder has nothing there."""
+    return len(os.fsencode(path.name)) <= NAME_MAX and os.path.lexists(path)
 
 
 def _events_beside(path: Path) -> Path:
@@ -318,12 +330,14 @@ def check_output(
     paired = path.suffix in (".csv", ".json")  # netCDF keeps the events along its event dim
     if events and paired:
         targets.append(_events_beside(path))
-    elif paired and os.path.lexists(_events_beside(path)):  # another export's: the table would go beside it
+    elif paired and _lexists(_events_beside(path)):  # another export's: the table would go beside it
+        events = _events_beside(path)
+        if not os.path.lexists(path) or events.is_dir():  # beside no table: not an export this one replaces
+            raise ExportError(f"{events}: is there without the table {path.name} it belongs to; move it, or "
+                              "choose another file name")
         if not overwrite:
-            raise ExportError(f"{_events_beside(path)}: the events of an earlier export to {path.name} are there; "
-                              "pass overwrite to replace that export (its events file is removed)")
-        if _events_beside(path).is_dir():
-            raise ExportError(f"{_events_beside(path)}: is a folder; give another file name")
+            raise ExportError(f"{events}: the events of an earlier export to {path.name} are there; pass "
+                              "overwrite to replace that export (its events file is removed)")
     for target in targets:
         if len(os.fsencode(target.name)) > NAME_MAX:  # is_dir() itself would raise ENAMETOOLONG
             raise ExportError(f"{target}: its name is longer than the {NAME_MAX} bytes a file name may have; "

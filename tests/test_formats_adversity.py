@@ -164,19 +164,23 @@ def _lightning_run(folder: Path, steps=(3, 6, 9)) -> None:
                     "state_dict": {"model.w": w.clone()}}, folder / f"epoch=0-step={step}.ckpt")
 
 
-@pytest.mark.parametrize("how", ["copy", "link"])
+@pytest.mark.parametrize("how", ["copy", "link", "saved again"])
 def test_lightning_s_last_checkpoint_beside_the_one_it_copies_is_read_once_and_told(tmp_path, how):
-    """ModelCheckpoint(save_last=True) writes last.ckpt as a copy (or a link) of the newest checkpoint: every
-    such run was refused as 'duplicate step 9', with no way forward (--steps cannot part two files of one
-    step)."""
+    """ModelCheckpoint(save_last=True) saves last.ckpt again at the newest checkpoint's step (its callbacks'
+    state differs, so do the bytes; save_last="link" links it): every such run was refused as 'duplicate
+    step 9', with no way forward (--steps cannot part two files of one step)."""
     src = tmp_path / "run"
     _lightning_run(src)
     last = src / "last.ckpt"
     if how == "copy":
         shutil.copy(src / "epoch=0-step=9.ckpt", last)
-    else:
+    elif how == "link":
         last.symlink_to("epoch=0-step=9.ckpt")
-    with pytest.warns(sa.UnreadWeightsWarning, match=r"last\.ckpt: the same bytes as .*epoch=0-step=9\.ckpt"):
+    else:
+        saved = torch.load(src / "epoch=0-step=9.ckpt", weights_only=True)
+        torch.save({**saved, "callbacks": {"ModelCheckpoint": {"last_model_path": str(last)}}}, last)
+        assert last.read_bytes() != (src / "epoch=0-step=9.ckpt").read_bytes()
+    with pytest.warns(sa.UnreadWeightsWarning, match=r"last\.ckpt: the same weights as .*epoch=0-step=9\.ckpt"):
         run = sa.ingest(src, tmp_path / "s.zarr")
     assert list(run.checkpoint_steps) == [3, 6, 9]
     assert [Path(s["label"]).name for s in run.sources] == [f"epoch=0-step={s}.ckpt" for s in (3, 6, 9)]
@@ -218,3 +222,23 @@ def test_the_trainer_s_final_save_beside_its_checkpoint_folders_is_told(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sa.ingest(src, tmp_path / "t.zarr")
+
+
+def test_a_folder_that_cannot_be_listed_beside_the_checkpoint_folders_is_no_obstacle(tmp_path, monkeypatch):
+    """lost+found (mode 700) at a volume's root beside checkpoint-<step>/: the look for a final save listed it,
+    and the ingest failed with PermissionError where it had read both checkpoints."""
+    src = tmp_path / "out"
+    for step in (10, 20):
+        (src / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({"w": torch.full((3,), float(step))}, str(src / f"checkpoint-{step}" / "model.safetensors"))
+    hidden = src / "lost+found"
+    hidden.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == hidden:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert list(sa.ingest(src, tmp_path / "s.zarr").checkpoint_steps) == [10, 20]

@@ -187,3 +187,10 @@ def test_extreme_dynamics_options_give_their_values_without_numpy_s_warnings(wd1
         assert np.isposinf(ds["adiabatic"].values[np.isfinite(ds["gap"].values) & (ds["gap"].values > 0)]).all()
     else:
         assert (ds["alpha"].values[~np.isnan(ds["alpha"].values)] == 0).all()
+
+
+def test_one_pattern_given_as_a_string_is_recorded_as_one(tmp_path):
+    """The selection took exclude='embed.weight' whole, but provenance recorded it letter by letter."""
+    run = sa.ingest(FIXTURES / "grokking" / "wd1", tmp_path / "s.zarr", exclude="embed.weight", strip_prefix="m.")
+    options = run.provenance["options"]
+    assert (options["exclude"], options["strip_prefix"], options["include"]) == (["embed.weight"], ["m."], [])

@@ -289,3 +289,24 @@ def test_recorder_patterns_that_match_nothing_are_refused(tmp_path):
             recorder.record(0)
         assert not (tmp_path / "r.zarr").exists()
     sa.Recorder(tmp_path / "r.zarr", model, every=1, exclude=["*num_batches_tracked"]).record(0)  # a buffer: found
+
+
+def test_resumed_between_rows_and_past_the_store_s_last_step_without_a_row_there_is_refused(tmp_path):
+    """Resumed at 12 with every=7 (rows at 0..20 every 5): the training never records at 20, where its
+    weights would be checked against the store's, and its row at 21 took its delta from the abandoned
+    training's weights at 20, unchecked."""
+    model = torch.nn.Linear(3, 2)
+    rec = sa.Recorder(tmp_path / "r.zarr", model, every=5, chunk_size=4)
+    for step in range(0, 21, 5):
+        with torch.no_grad():
+            model.weight += 0.5
+        rec.step(step)
+    again = sa.Recorder(tmp_path / "r.zarr", model, every=7, chunk_size=4)
+    with pytest.warns(sa.RecordingWarning, match="resumed at step 12"):
+        again.resume(12)
+    again.step(14)  # before the store's last step: not recorded again
+    with pytest.raises(sa.StepError, match=r"recorded no row there to check its weights"):
+        again.step(21)
+    with pytest.raises(sa.StepError, match=r"recorded no row there"):
+        again.step(28)
+    assert list(sa.open_run(tmp_path / "r.zarr").checkpoint_steps) == [0, 5, 10, 15, 20]

@@ -81,12 +81,42 @@ def test_an_export_without_events_removes_or_refuses_the_events_of_the_one_it_re
         sa.export(spectra, table)
     sa.export(spectra, table, overwrite=True)
     assert table.exists() and not events.exists()
-    table.unlink()  # an events file alone: a table written now would go beside it
+    table.unlink()  # an events file beside no table: not an export this one replaces, with overwrite or not
     sa.export(dynamics, tmp_path / f"z{suffix}")
     os.replace(tmp_path / f"z.events{suffix}", events)
-    with pytest.raises(sa.ExportError, match="pass overwrite"):
-        sa.export(spectra, table)
+    for overwrite in (False, True):
+        with pytest.raises(sa.ExportError, match="is there without the table"):
+            sa.export(spectra, table, overwrite=overwrite)
     assert not table.exists() and events.exists()
+
+
+def test_a_table_whose_events_name_would_be_too_long_is_written(tmp_path, results):
+    """A name within 7 bytes of the longest a file may have: '<stem>.events.csv' is too long to exist, and
+    the removal of an earlier events file there failed the export (File name too long)."""
+    spectra, _ = results
+    path = tmp_path / ("s" * 250 + ".csv")
+    sa.export(spectra, path)
+    sa.export(spectra, path, overwrite=True)
+    assert path.exists()
+
+
+def test_an_export_into_a_folder_it_may_write_but_not_list_goes_ahead(tmp_path, results, monkeypatch):
+    """A drop-box folder (write and search, no read): the folder lock cannot open it, and the export failed
+    with 'Permission denied' where it had been written. (Opening the folder is refused here as it is to a user
+    without read permission; root reads any folder.)"""
+    spectra, _ = results
+    box = tmp_path / "box"
+    box.mkdir()
+    real = os.open
+
+    def no_read(path, flags, *args, **kwargs):
+        if os.fspath(path) == os.fspath(box) and flags & getattr(os, "O_DIRECTORY", 0):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(exporting.os, "open", no_read)
+    sa.export(spectra, box / "out.csv")
+    assert (box / "out.csv").exists()
 
 
 HOLD = """

@@ -50,7 +50,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -63,7 +63,7 @@ from .readers import shard_files
 from .sources import RemoteFile, RemoteFolder
 
 __all__ = ["Checkpoint", "check_one_stage", "checkpoint_files", "copies_of", "discover", "natural_key",
-           "order_by_step", "passed_over", "step_from_name"]
+           "order_by_step", "passed_over", "same_bytes", "step_from_name"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # torch.save's files as timm and the PyTorch ImageNet example name them (a torch zip or pickle, not a tar)
@@ -386,8 +386,11 @@ def _warn_final_model(src: Path | RemoteFolder, subdirs: Sequence[Path | RemoteF
         return not any(_same_weights(f, g) for g in saved.get(f.name, ()))
 
     def weights(folder) -> list:
-        return [f for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
-                if not f.is_dir() and _is_weight_file(f)]
+        try:
+            return [f for f in sorted(folder.iterdir(), key=lambda f: natural_key(f.name))
+                    if not f.is_dir() and _is_weight_file(f)]
+        except OSError:  # a folder of no checkpoint that cannot be listed (lost+found): nothing to tell of
+            return []
 
     left = [f.name for f in weights(src) if _NUMBER.search(_numbers_of(f.stem)) is None and lost(f)]
     left += [f"{d.name}/" for d in subdirs if _NUMBER.search(d.name) is None and not d.name.startswith(".")
@@ -499,7 +502,7 @@ def check_one_stage(where: str, names: Sequence[str], hint: str = "select one st
             f"own start (in step order they would interleave); {hint}"))
 
 
-def _same_bytes(a: Sequence[Path | RemoteFile], b: Sequence[Path | RemoteFile]) -> bool:
+def same_bytes(a: Sequence[Path | RemoteFile], b: Sequence[Path | RemoteFile]) -> bool:
     """Whether two local checkpoints' files are the same bytes: one file through a link, or equal contents."""
     if len(a) != len(b) or not all(isinstance(f, Path) for f in (*a, *b)):
         return False
@@ -509,22 +512,24 @@ def _same_bytes(a: Sequence[Path | RemoteFile], b: Sequence[Path | RemoteFile]) 
         return False
 
 
-def copies_of(checkpoints: Sequence[Checkpoint], from_contents: Collection[str]) -> dict[str, str]:
+def copies_of(checkpoints: Sequence[Checkpoint], from_contents: Collection[str],
+              same: Callable[[Checkpoint, Checkpoint], bool] | None = None) -> dict[str, str]:
     """Checkpoints that copy another: label of the copy -> label of the checkpoint it copies.
 
     A copy's step was read from its contents (its label in *from_contents*: Lightning's ``last.ckpt``,
-    saved, or linked, beside the newest ``epoch=E-step=S.ckpt``), the other's from its name, and their
-    files are the same bytes. The copy is not read twice; two checkpoints of one step that are not such a
-    pair are refused by :func:`order_by_step`.
+    saved again, or linked, beside the newest ``epoch=E-step=S.ckpt``), the other's from its name, and
+    they hold the same weights: *same* (default: the same bytes; Lightning's second save differs in its
+    callbacks' state, so the ingest compares the tensors' values). The copy is not read twice; two
+    checkpoints of one step that are not such a pair are refused by :func:`order_by_step`.
     """
+    same = same or (lambda a, b: same_bytes(a.files, b.files))
     named: dict[int, Checkpoint] = {}
     for c in checkpoints:
         if c.label not in from_contents:
             named.setdefault(c.step, c)
     out = {}
     for c in checkpoints:
-        if c.label in from_contents and (other := named.get(c.step)) is not None and _same_bytes(c.files,
-                                                                                                  other.files):
+        if c.label in from_contents and (other := named.get(c.step)) is not None and same(c, other):
             out[c.label] = other.label
     return out
 

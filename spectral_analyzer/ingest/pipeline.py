@@ -63,7 +63,7 @@ from ..threads import torch_threads
 from ..weights import ingest_packing, matrices_of, select_weights
 from ..weights.kernel import singular_values
 from .anomalies import OUTLIER_HISTORY, DeltaNorms, identical_message, squared_norm
-from .discover import Checkpoint, copies_of, has_step_word, natural_key, order_by_step
+from .discover import Checkpoint, copies_of, has_step_word, natural_key, order_by_step, same_bytes
 from .metrics import find_trainer_state, read_metrics
 from .readers import KeyOptions, TensorInfo, needs_download, open_checkpoint, patterns
 from .sources import RemoteFile, Source, is_remote, open_source
@@ -119,6 +119,20 @@ class _Planned:
     beside: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (file, key): weights outside its state dict
 
 
+def _same_values(a: Checkpoint, b: Checkpoint, keys: KeyOptions) -> bool:
+    """Whether two local checkpoints hold the same tensors, bit for bit (read one tensor at a time)."""
+    if is_remote(a.files) or is_remote(b.files):
+        return False
+    ra, rb = open_checkpoint(a.files, a.label, keys), open_checkpoint(b.files, b.label, keys)
+    if _signature(ra.tensors) != _signature(rb.tensors):
+        return False
+    for name in ra.tensors:
+        x, y = ra.read(name), rb.read(name)
+        if not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+            return False
+    return True
+
+
 def _name_or_stored(c: Checkpoint, stored: int | None) -> int:
     """The step of *c*, named by its name, where the file stores *stored* (see :func:`_preflight`)."""
     if stored is None or stored == c.step:
@@ -166,10 +180,11 @@ def _preflight(
         if not kept:
             raise SelectionError(f"{src}: the step selection '{selection}' keeps none of its checkpoints")
         planned = kept
-    copies = copies_of([p.checkpoint for p in planned], {c.label for c in checkpoints if c.step is None})
+    copies = copies_of([p.checkpoint for p in planned], {c.label for c in checkpoints if c.step is None},
+                       lambda a, b: same_bytes(a.files, b.files) or _same_values(a, b, keys))
     if copies:  # Lightning's last.ckpt beside the checkpoint it copies: read once, and told
         (copy, original), more = next(iter(copies.items())), len(copies) - 1
-        warnings.warn(printable(f"{copy}: the same bytes as {original}, not read twice"
+        warnings.warn(printable(f"{copy}: the same weights as {original}, not read twice"
                                 f"{f' (and {more} more such)' if more else ''}"), UnreadWeightsWarning, stacklevel=3)
         planned = [p if not (mine := [c for c, o in copies.items() if o == p.checkpoint.label]) else
                    replace(p, checkpoint=replace(p.checkpoint, origin={**p.checkpoint.origin, "copies": mine}))
@@ -784,7 +799,9 @@ def _ingest_source(
     storage_options: Mapping[str, Any] | None,
     wait: bool | float,
 ) -> str:
-    keys = KeyOptions(patterns(strip_prefix), lightning_prefix, patterns(include), patterns(exclude))
+    # a string is one pattern, in the selection and in provenance alike
+    include, exclude, strip_prefix = patterns(include), patterns(exclude), patterns(strip_prefix)
+    keys = KeyOptions(strip_prefix, lightning_prefix, include, exclude)
     selection = StepSelection.parse(select, every)
     found = source.checkpoints(steps)
     planned = _preflight(found, keys, selection, source.label, named=steps is None)

@@ -207,7 +207,12 @@ class Recorder:
             if step == self._skip_through:  # the next delta goes from the weights recorded here: the same?
                 self._check_replay(step)
                 return
-            self._skip_through = None
+            # past it without having been there (another every, the last step): those weights unchecked
+            self._diverged = (
+                f"{self.path}: the training resumed before step {self._skip_through} (the store's last) recorded "
+                f"no row there to check its weights against the store's, and step {step} would take its delta "
+                "from them; resume from a checkpoint at a recorded step, or record into a new store")
+            raise StepError(self._diverged)
         reader = self._snapshot(step)
         pending, cut = dict(self._pending), self._cut
         try:
