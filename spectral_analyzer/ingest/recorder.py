@@ -350,7 +350,9 @@ class Recorder:
     def _resume(self, store: Store, step: int) -> None:
         steps = store.checkpoint_steps.tolist()
         if steps and steps[-1] == step:  # the model holds the store's last checkpoint: deltas from it exactly
-            self._keep(self._checked(self._snapshot(step), store), store)
+            snapshot = self._snapshot(step)
+            self._verified(snapshot, store, len(steps) - 1)
+            self._keep(snapshot, store)
             self._cut = int(step) + 1
             return
         if not steps or steps[-1] < step:
@@ -358,7 +360,7 @@ class Recorder:
         if step in steps:
             keep = steps.index(step)
             snapshot = self._snapshot(step)
-            self._check_at(snapshot, store, keep)  # before a row is dropped
+            self._verified(snapshot, store, keep)  # before a row is dropped
             warnings.warn(
                 f"{self.path}: training resumed at step {step}: dropping the {len(steps) - 1 - keep} rows recorded "
                 f"after it (steps {steps[keep + 1]}..{steps[-1]}), which that training redoes",
@@ -366,7 +368,7 @@ class Recorder:
             )
             store.truncate(keep)
             self._cut = int(step) + 1
-            self._keep(self._checked(snapshot, store), store)
+            self._keep(snapshot, store)
         else:
             warnings.warn(
                 f"{self.path}: training resumed at step {step}, before the store's last step {steps[-1]}, which "
@@ -381,41 +383,58 @@ class Recorder:
     def _check_replay(self, step: int) -> None:
         """After a resume between rows, at the store's last step: refuse to go on if the resumed training's
         weights are not the ones recorded there (a replay that differs: data order, dropout, a checkpoint
-        of another run), since every later delta would be taken from them."""
+        of another run), since every later delta would be taken from them; else go on from them exactly."""
         with StoreWriter(self.path, self.storage_options, wait=self.wait) as writer:
             store = writer.existing
             if store is None or store.last_checkpoint_step != step:
                 raise StoreError(f"{self.path}: the store this recorder resumed changed under it (it no longer "
                                  f"ends at step {step})")
-            record = store.commit_record
-            if record and record.get("last_crc") and record.get("last_step") == step:
-                row = self._crcs(self._snapshot(step), store)
-                if row != list(record["last_crc"]):
-                    self._diverged = (  # refused at every later record too, until resumed again
-                        f"{self.path}: the training resumed before step {step} does not redo the one recorded: its "
-                        "weights there are not the ones the store recorded (a replay that differs: data order, "
-                        "dropout; or a checkpoint of another run), and every later delta would be taken from the "
-                        "store's; resume from a checkpoint at a recorded step, or record into a new store")
-                    raise StepError(self._diverged)
+            snapshot = self._snapshot(step)
+            try:
+                verified = self._verified(snapshot, store, store.n_deltas)
+            except StepError:
+                verified = False
+            if not verified:
+                self._diverged = (  # refused at every later record too, until resumed again
+                    f"{self.path}: the training resumed before step {step} does not redo the one recorded, or "
+                    "cannot be checked to: its weights there are not the ones the store recorded (a replay that "
+                    "differs: data order, dropout; or a checkpoint of another run), and every later delta would be "
+                    "taken from the store's; resume from a checkpoint at a recorded step, or record into a new store")
+                raise StepError(self._diverged)
+            self._keep(snapshot, store)  # the next delta from these weights, exactly (float64 models too)
         self._skip_through = None
 
-    def _check_at(self, snapshot: CheckpointReader, store: Store, index: int) -> None:
-        """Refuse *snapshot*, the model at the store's checkpoint *index* (0 the base), if it is not the weights
-        the store recorded there: a training resumed from another run's checkpoint would have the store's rows
-        after it dropped, and its own appended to the rest. Rows that recorded no checksum of their weights
-        (written by ingest before the last checkpoint of an ingest, or by an earlier version) are not checked."""
-        expected = (weights_crc(store.attrs["base_crc"]) if index == 0
-                    else store.sources_at(index)[0].get("weights_crc"))
+    def _verified(self, snapshot: CheckpointReader, store: Store, index: int) -> bool:
+        """Whether *snapshot*, the model at the store's checkpoint *index* (0 the base), is checked to hold the
+        weights the store recorded there (their float32 chunks' checksums): True, or False where the store
+        kept no checksum of that checkpoint's weights (a row an ingest wrote before its last, or a store of an
+        earlier version). Weights of other tensors, shapes or dtypes, NaN or Inf, or other values are refused:
+        a training resumed from another run's checkpoint (or one saved in lower precision) would have the
+        store's later rows dropped, or its next delta taken from weights the store's rows do not sum to."""
         step = int(store.checkpoint_steps[index])
+        planned = _Planned(Checkpoint(snapshot.label, (), step), step, snapshot.tensors, unread=dict(snapshot.unread))
+        _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned,
+                          ref_unread=stored_unread(store))
         for t in store.manifest:  # NaN or Inf in the model: told as such, not as other weights
             _check_finite(snapshot.read(t.name), t.name, snapshot.label, step)
-        if expected is not None and weights_crc(self._crcs(snapshot, store)) != expected:
+        record = store.commit_record or {}
+        crcs = None
+        if index == store.n_deltas and record.get("last_crc") and record.get("last_step") == step:
+            crcs = self._crcs(snapshot, store)
+            same = crcs == list(record["last_crc"])
+        else:
+            expected = (weights_crc(store.attrs["base_crc"]) if index == 0
+                        else store.sources_at(index)[0].get("weights_crc"))
+            if expected is None:
+                return False
+            same = weights_crc(self._crcs(snapshot, store)) == expected
+        if not same:
             raise StepError(
-                f"{self.path}: training resumed at step {store.checkpoint_steps[index]}, but the model's weights are "
-                "not the ones the store recorded at that step (resumed from another run's checkpoint, or one "
-                "saved in lower precision?); nothing was dropped; resume from that step's checkpoint, or record "
-                "into a new store"
+                f"{self.path}: training resumed at step {step}, but the model's weights are not the ones the store "
+                "recorded at that step (resumed from another run's checkpoint, or one saved in lower precision?); "
+                "nothing was dropped; resume from that step's checkpoint, or record into a new store"
             )
+        return True
 
     @staticmethod
     def _crcs(snapshot: CheckpointReader, store: Store) -> list[int]:
@@ -424,21 +443,6 @@ class Recorder:
         for t in store.manifest:
             row.add(snapshot.read(t.name).to(torch.float32).reshape(-1).numpy())
         return row.crcs()
-
-    def _checked(self, snapshot: CheckpointReader, store: Store) -> CheckpointReader:
-        """*snapshot*, the model at the store's last step, checked against the store's copy of that step's
-        weights (its chunks' checksums, in float32): a training resumed from another run's checkpoint, or from
-        one saved in lower precision, would take the next delta from weights the store's rows do not sum to."""
-        record = store.commit_record
-        if not record or not record.get("last_crc") or record.get("last_step") != store.last_checkpoint_step:
-            return snapshot  # no copy of this step's weights (rows after it dropped): nothing to check against
-        if self._crcs(snapshot, store) != list(record["last_crc"]):
-            raise StepError(
-                f"{self.path}: training resumed at step {store.last_checkpoint_step}, but the model's weights are "
-                "not the ones the store recorded at that step (resumed from another run's checkpoint, or one "
-                "saved in lower precision?); resume from that step's checkpoint, or record into a new store"
-            )
-        return snapshot
 
     def log(self, step: int, /, **metrics: float) -> None:
         """Keep *metrics* as logged at *step*; they are written with the next record, or by :meth:`flush`.
