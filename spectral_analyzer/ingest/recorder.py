@@ -231,8 +231,7 @@ class Recorder:
         with StoreWriter(self.path, self.storage_options, overwrite=overwrite, wait=self.wait) as writer:
             store = writer.existing
             if store is not None:
-                _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned,
-                                  ref_unread=stored_unread(store))
+                self._check_tensors(planned, store)
                 last = store.last_checkpoint_step
                 if step <= last:
                     raise StepError(f"{self.path}: step {step} is not after the store's last step {last}")
@@ -412,9 +411,8 @@ class Recorder:
         a training resumed from another run's checkpoint (or one saved in lower precision) would have the
         store's later rows dropped, or its next delta taken from weights the store's rows do not sum to."""
         step = int(store.checkpoint_steps[index])
-        planned = _Planned(Checkpoint(snapshot.label, (), step), step, snapshot.tensors, unread=dict(snapshot.unread))
-        _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned,
-                          ref_unread=stored_unread(store))
+        self._check_tensors(_Planned(Checkpoint(snapshot.label, (), step), step, snapshot.tensors,
+                                     unread=dict(snapshot.unread)), store)
         for t in store.manifest:  # NaN or Inf in the model: told as such, not as other weights
             _check_finite(snapshot.read(t.name), t.name, snapshot.label, step)
         record = store.commit_record or {}
@@ -435,6 +433,11 @@ class Recorder:
                 "nothing was dropped; resume from that step's checkpoint, or record into a new store"
             )
         return True
+
+    def _check_tensors(self, planned: _Planned, store: Store) -> None:
+        """Refuse a snapshot whose tensors, shapes or dtypes are not the store's, on one line."""
+        _check_consistent({t.name: (tuple(t.shape), t.dtype) for t in store.manifest}, self.path, planned,
+                          ref_unread=stored_unread(store))
 
     @staticmethod
     def _crcs(snapshot: CheckpointReader, store: Store) -> list[int]:
